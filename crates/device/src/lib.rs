@@ -1,0 +1,1 @@
+//! Where bytes go: load targets (filled by the loader issue).

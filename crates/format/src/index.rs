@@ -1,0 +1,179 @@
+//! `model.safetensors.index.json`: which shard holds which tensor.
+//!
+//! The index is produced by other tools and trusted by nobody here: shard paths must stay
+//! inside the checkpoint directory, and [`ShardIndex::check`] compares it with the shards'
+//! own headers so that a stale or hand-edited index is caught before any data is read.
+
+use crate::error::{FormatError, Result};
+use crate::header::Header;
+use serde::Deserialize;
+use serde_json::{Map, Value};
+use std::collections::BTreeMap;
+use std::path::{Component, Path};
+
+/// The conventional file name of the index of a sharded checkpoint.
+pub const INDEX_FILE_NAME: &str = "model.safetensors.index.json";
+
+/// A parsed index file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ShardIndex {
+    /// `metadata.total_size`: the sum of all tensors' byte lengths, if declared.
+    pub total_size: Option<u64>,
+    /// The whole `metadata` object, `total_size` included, as written.
+    pub metadata: Map<String, Value>,
+    /// Tensor name to shard file (relative to the index's directory).
+    pub weight_map: BTreeMap<String, String>,
+}
+
+#[derive(Deserialize)]
+struct RawIndex {
+    #[serde(default)]
+    metadata: Option<Map<String, Value>>,
+    weight_map: BTreeMap<String, String>,
+}
+
+impl ShardIndex {
+    /// Parses an index file's bytes and checks that every shard path is a plain relative
+    /// path inside the directory.
+    pub fn parse(bytes: &[u8]) -> Result<ShardIndex> {
+        let raw: RawIndex = serde_json::from_slice(bytes).map_err(|e| FormatError::IndexJson {
+            message: e.to_string(),
+        })?;
+        let metadata = raw.metadata.unwrap_or_default();
+        let total_size = match metadata.get("total_size") {
+            None | Some(Value::Null) => None,
+            Some(v) => Some(parse_total_size(v).ok_or_else(|| FormatError::IndexJson {
+                message: format!("metadata.total_size must be a non-negative integer, found {v}"),
+            })?),
+        };
+        for shard in raw.weight_map.values() {
+            if !is_plain_relative(shard) {
+                return Err(FormatError::IndexShardPath {
+                    shard: shard.clone(),
+                });
+            }
+        }
+        Ok(ShardIndex {
+            total_size,
+            metadata,
+            weight_map: raw.weight_map,
+        })
+    }
+
+    /// Builds an index from shard headers, as a writer of a sharded checkpoint would.
+    pub fn from_shards<'a, I>(shards: I) -> ShardIndex
+    where
+        I: IntoIterator<Item = (&'a str, &'a Header)>,
+    {
+        let mut weight_map = BTreeMap::new();
+        let mut total = 0u64;
+        for (shard, header) in shards {
+            for t in header.tensors() {
+                total += t.byte_len();
+                weight_map.insert(t.name.clone(), shard.to_string());
+            }
+        }
+        let mut metadata = Map::new();
+        metadata.insert("total_size".into(), Value::from(total));
+        ShardIndex {
+            total_size: Some(total),
+            metadata,
+            weight_map,
+        }
+    }
+
+    /// The index as pretty-printed JSON, as `transformers` writes it.
+    pub fn to_json(&self) -> String {
+        let mut obj = Map::new();
+        obj.insert("metadata".into(), Value::Object(self.metadata.clone()));
+        obj.insert(
+            "weight_map".into(),
+            Value::Object(
+                self.weight_map
+                    .iter()
+                    .map(|(k, v)| (k.clone(), Value::from(v.as_str())))
+                    .collect(),
+            ),
+        );
+        serde_json::to_string_pretty(&Value::Object(obj)).expect("JSON values serialize")
+    }
+
+    /// The distinct shard files, sorted.
+    pub fn shards(&self) -> Vec<&str> {
+        let mut shards: Vec<&str> = self.weight_map.values().map(String::as_str).collect();
+        shards.sort_unstable();
+        shards.dedup();
+        shards
+    }
+
+    /// Checks the index against the headers of its shards, given as `(shard name as in the
+    /// index, header)`: every indexed shard is present, every indexed tensor is in the shard
+    /// the index names, every shard tensor is indexed to that shard, and `total_size` (when
+    /// declared) equals the tensors' bytes.
+    pub fn check(&self, shards: &[(&str, &Header)]) -> Result<()> {
+        let find = |name: &str| shards.iter().find(|(s, _)| *s == name).map(|(_, h)| *h);
+        // Shards are few; look each one up once per distinct name rather than per tensor.
+        let mut last: Option<(&str, Option<&Header>)> = None;
+        for (tensor, shard) in &self.weight_map {
+            let header = match last {
+                Some((s, h)) if s == shard => h,
+                _ => {
+                    let h = find(shard);
+                    last = Some((shard, h));
+                    h
+                }
+            };
+            let Some(header) = header else {
+                return Err(FormatError::IndexMissingShard {
+                    tensor: tensor.clone(),
+                    shard: shard.clone(),
+                });
+            };
+            if header.get(tensor).is_none() {
+                return Err(FormatError::IndexTensorNotInShard {
+                    tensor: tensor.clone(),
+                    shard: shard.clone(),
+                });
+            }
+        }
+        let mut actual = 0u64;
+        for (shard, header) in shards {
+            for t in header.tensors() {
+                actual += t.byte_len();
+                match self.weight_map.get(&t.name) {
+                    Some(s) if s == shard => {}
+                    other => {
+                        return Err(FormatError::ShardTensorNotInIndex {
+                            tensor: t.name.clone(),
+                            shard: shard.to_string(),
+                            indexed_shard: other.cloned(),
+                        });
+                    }
+                }
+            }
+        }
+        match self.total_size {
+            Some(declared) if declared != actual => {
+                Err(FormatError::IndexTotalSize { declared, actual })
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+fn parse_total_size(v: &Value) -> Option<u64> {
+    if let Some(n) = v.as_u64() {
+        return Some(n);
+    }
+    // Some writers emit it as a float (e.g. `1234.0`); accept it only when it is integral.
+    let f = v.as_f64()?;
+    (f >= 0.0 && f.fract() == 0.0 && f < u64::MAX as f64).then_some(f as u64)
+}
+
+fn is_plain_relative(shard: &str) -> bool {
+    !shard.is_empty()
+        && !shard.contains('\\')
+        && Path::new(shard)
+            .components()
+            .all(|c| matches!(c, Component::Normal(_)))
+}

@@ -1,0 +1,1 @@
+//! Where bytes come from: readable byte sources (filled by the loader issue).

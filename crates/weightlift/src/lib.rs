@@ -1,0 +1,1 @@
+//! weightlift: fast safetensors checkpoint loading.
