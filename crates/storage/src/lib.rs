@@ -13,9 +13,9 @@ mod direct;
 mod mmap;
 mod pread;
 
-pub use aligned::AlignedBuf;
-pub use auto::{AutoPolicy, FsKind, Residency};
-pub use direct::DirectSource;
+pub use aligned::{AlignedBuf, PAGE};
+pub use auto::{fs_kind, residency, AutoPolicy, FsKind, Residency};
+pub use direct::{DirectSource, BOUNCE_LEN};
 pub use mmap::MmapSource;
 pub use pread::PreadSource;
 
@@ -198,9 +198,9 @@ pub(crate) fn eof_error(path: &Path, offset: u64, len: usize, got: u64) -> io::E
         format!(
             "{}: file ended at byte {} while reading bytes {}..{} (was it truncated?)",
             path.display(),
-            offset + got,
+            offset.saturating_add(got),
             offset,
-            offset + len as u64
+            offset.saturating_add(len as u64)
         ),
     )
 }

@@ -1,0 +1,219 @@
+//! The automatic backend choice, per file.
+//!
+//! The rule, in order:
+//! 1. On a network or FUSE filesystem (NFS, SMB/CIFS, Lustre, Ceph, 9P, AFS, GPFS, BeeGFS,
+//!    GlusterFS and anything over FUSE, by `statfs` magic): buffered `pread` with large
+//!    requests. Never mmap there (each 4 KiB fault is a round trip), and not `O_DIRECT`
+//!    (support and semantics vary by server).
+//! 2. In memory (tmpfs, ramfs): buffered `pread`; there is no device to bypass.
+//! 3. When at least [`AutoPolicy::cached_fraction`] of the file's pages are in the page
+//!    cache (`mincore` over a mapping that is never read): buffered `pread`, which copies
+//!    from the cache at memory speed where `O_DIRECT` would read the disk again.
+//! 4. Otherwise, files of at least [`AutoPolicy::direct_min_bytes`]: `O_DIRECT`; smaller
+//!    ones: buffered `pread`.
+//!
+//! mmap is never chosen automatically: it is no faster than `pread` for whole-checkpoint
+//! loads and it crashes the process if the file is truncated. Pick a backend explicitly to
+//! override the rule.
+
+use crate::BackendKind;
+use memmap2::Mmap;
+use std::ffi::CString;
+use std::fs::File;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+/// Thresholds of the automatic choice.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AutoPolicy {
+    /// Cold files at least this large are read with `O_DIRECT`.
+    pub direct_min_bytes: u64,
+    /// Files with at least this fraction of pages cached are read buffered.
+    pub cached_fraction: f64,
+}
+
+impl Default for AutoPolicy {
+    fn default() -> AutoPolicy {
+        AutoPolicy {
+            direct_min_bytes: 64 << 20,
+            cached_fraction: 0.5,
+        }
+    }
+}
+
+/// What kind of filesystem a file lives on, as far as the backend choice cares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FsKind {
+    /// A local block-device filesystem (ext4, xfs, btrfs, ...).
+    Local,
+    /// Memory-backed (tmpfs, ramfs).
+    Memory,
+    /// Network or FUSE; the name says which.
+    Network(&'static str),
+}
+
+/// Classifies the filesystem holding `path` by its `statfs` magic number.
+pub fn fs_kind(path: &Path) -> io::Result<FsKind> {
+    let c_path = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))?;
+    let mut st = std::mem::MaybeUninit::<libc::statfs>::uninit();
+    // SAFETY: `c_path` is a valid NUL-terminated string and `st` points to writable memory
+    // the size of `statfs`, which the call fills on success.
+    let rc = unsafe { libc::statfs(c_path.as_ptr(), st.as_mut_ptr()) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: statfs returned 0, so it initialised the whole struct.
+    let magic = unsafe { st.assume_init() }.f_type as u64 & 0xffff_ffff;
+    Ok(classify_magic(magic))
+}
+
+fn classify_magic(magic: u64) -> FsKind {
+    match magic {
+        0x6969 => FsKind::Network("nfs"),
+        0x517b => FsKind::Network("smb"),
+        0xff53_4d42 => FsKind::Network("cifs"),
+        0xfe53_4d42 => FsKind::Network("smb2"),
+        0x6573_5546 => FsKind::Network("fuse"),
+        0x0bd0_0bd0 => FsKind::Network("lustre"),
+        0x00c3_6400 => FsKind::Network("ceph"),
+        0x0102_1997 => FsKind::Network("9p"),
+        0x5346_414f | 0x6b41_4653 => FsKind::Network("afs"),
+        0x4750_4653 => FsKind::Network("gpfs"),
+        0x1983_0326 => FsKind::Network("beegfs"),
+        0x7375_7245 => FsKind::Network("coda"),
+        0x564c => FsKind::Network("ncp"),
+        0x0116_1970 => FsKind::Network("gfs2"),
+        0x0102_1994 | 0x8584_58f6 => FsKind::Memory,
+        _ => FsKind::Local,
+    }
+}
+
+/// How much of a file is in the page cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Residency {
+    /// Pages in the page cache.
+    pub resident_pages: u64,
+    /// Pages in the file.
+    pub total_pages: u64,
+}
+
+impl Residency {
+    /// Resident fraction (1.0 for an empty file).
+    pub fn fraction(&self) -> f64 {
+        if self.total_pages == 0 {
+            1.0
+        } else {
+            self.resident_pages as f64 / self.total_pages as f64
+        }
+    }
+}
+
+/// Counts the file's pages in the page cache with `mincore`, like `fincore`. The mapping
+/// is never read, so this costs no I/O and cannot fault.
+pub fn residency(path: &Path) -> io::Result<Residency> {
+    let file = File::open(path)?;
+    let len = file.metadata()?.len();
+    let page = 4096u64;
+    let total_pages = len.div_ceil(page);
+    if len == 0 {
+        return Ok(Residency {
+            resident_pages: 0,
+            total_pages: 0,
+        });
+    }
+    // SAFETY: the mapping is only passed to mincore, never dereferenced, so a concurrent
+    // truncation or modification of the file cannot affect memory we read.
+    let map = unsafe { Mmap::map(&file)? };
+    const CHUNK_PAGES: usize = 1 << 18; // 1 GiB of file per call
+    let mut vec = vec![0u8; CHUNK_PAGES.min(total_pages as usize)];
+    let mut resident = 0u64;
+    let mut page_index = 0usize;
+    while (page_index as u64) < total_pages {
+        let pages = CHUNK_PAGES.min(total_pages as usize - page_index);
+        let start = page_index * page as usize;
+        let bytes = (pages * page as usize).min(map.len() - start);
+        // SAFETY: `start..start + bytes` lies inside the live mapping (page-aligned start),
+        // and `vec` has room for one byte per page of that range.
+        let rc = unsafe {
+            libc::mincore(
+                map.as_ptr().add(start) as *mut libc::c_void,
+                bytes,
+                vec.as_mut_ptr().cast(),
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        resident += vec[..pages].iter().filter(|&&b| b & 1 == 1).count() as u64;
+        page_index += pages;
+    }
+    Ok(Residency {
+        resident_pages: resident,
+        total_pages,
+    })
+}
+
+/// Applies the rule (module docs) to `path`; returns the backend and the reason.
+pub(crate) fn choose(path: &Path, policy: &AutoPolicy) -> io::Result<(BackendKind, String)> {
+    let len = std::fs::metadata(path)?.len();
+    match fs_kind(path).unwrap_or(FsKind::Local) {
+        FsKind::Network(name) => {
+            return Ok((BackendKind::Pread, format!("auto: on {name}, a network filesystem")));
+        }
+        FsKind::Memory => return Ok((BackendKind::Pread, "auto: in memory (tmpfs)".into())),
+        FsKind::Local => {}
+    }
+    let cached = residency(path).map(|r| r.fraction()).unwrap_or(0.0);
+    let pct = (cached * 100.0).round();
+    if cached >= policy.cached_fraction {
+        Ok((BackendKind::Pread, format!("auto: {pct}% in the page cache")))
+    } else if len >= policy.direct_min_bytes {
+        Ok((
+            BackendKind::Direct,
+            format!("auto: cold ({pct}% cached) and {} MiB", len >> 20),
+        ))
+    } else {
+        Ok((BackendKind::Pread, format!("auto: small ({len} bytes)")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+
+    #[test]
+    fn classifies_network_filesystems() {
+        assert_eq!(classify_magic(0x6969), FsKind::Network("nfs"));
+        assert_eq!(classify_magic(0x6573_5546), FsKind::Network("fuse"));
+        assert_eq!(classify_magic(0x0102_1994), FsKind::Memory);
+        assert_eq!(classify_magic(0xef53), FsKind::Local); // ext4
+        assert_eq!(fs_kind(Path::new("/dev/shm")).unwrap(), FsKind::Memory);
+    }
+
+    #[test]
+    fn residency_sees_cache_state() {
+        let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+        let path = dir.path().join("f");
+        let mut f = File::create(&path).unwrap();
+        f.write_all(&vec![1u8; 1 << 20]).unwrap();
+        f.sync_all().unwrap();
+        let _ = std::fs::read(&path).unwrap();
+        let warm = residency(&path).unwrap();
+        assert_eq!(warm.total_pages, 256);
+        assert!(warm.fraction() > 0.9, "{warm:?}");
+        // SAFETY: plain syscall on an open descriptor.
+        unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        let cold = residency(&path).unwrap();
+        assert!(cold.fraction() < 0.1, "{cold:?}");
+        let (kind, why) = choose(&path, &AutoPolicy { direct_min_bytes: 1, cached_fraction: 0.5 }).unwrap();
+        assert_eq!(kind, BackendKind::Direct, "{why}");
+        let _ = std::fs::read(&path).unwrap();
+        let (kind, why) = choose(&path, &AutoPolicy::default()).unwrap();
+        assert_eq!(kind, BackendKind::Pread);
+        assert!(why.contains("page cache"), "{why}");
+    }
+}
