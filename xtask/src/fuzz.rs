@@ -65,19 +65,28 @@ pub(crate) fn run(args: &FuzzArgs) -> Result<(), String> {
             cmd.env("RUSTC_BOOTSTRAP", "1");
         }
     }
-    cmd.arg(target).arg(&corpus).arg(&seeds).arg("--").arg(format!(
-        "-max_total_time={}",
-        args.seconds
-    ));
+    cmd.arg(target)
+        .arg(&corpus)
+        .arg(&seeds)
+        .arg("--")
+        .arg(format!("-max_total_time={}", args.seconds));
     if args.jobs > 1 {
         cmd.arg(format!("-fork={}", args.jobs));
     }
-    eprintln!("xtask: fuzzing {target} for {} s (new inputs go to {})", args.seconds, corpus.display());
-    let status = cmd.status().map_err(|e| format!("running cargo fuzz: {e}"))?;
+    eprintln!(
+        "xtask: fuzzing {target} for {} s (new inputs go to {})",
+        args.seconds,
+        corpus.display()
+    );
+    let status = cmd
+        .status()
+        .map_err(|e| format!("running cargo fuzz: {e}"))?;
     if status.success() {
         Ok(())
     } else {
-        Err(format!("cargo fuzz exited with {status}; crashing inputs are under fuzz/artifacts/{target}"))
+        Err(format!(
+            "cargo fuzz exited with {status}; crashing inputs are under fuzz/artifacts/{target}"
+        ))
     }
 }
 

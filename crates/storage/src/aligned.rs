@@ -32,7 +32,10 @@ impl AlignedBuf {
             // A hint only: where THP is off the kernel ignores it or says no, which is fine.
             let _ = map.advise(memmap2::Advice::HugePage);
         }
-        Ok(AlignedBuf { map: Some(map), len })
+        Ok(AlignedBuf {
+            map: Some(map),
+            len,
+        })
     }
 
     /// Length in bytes.

@@ -160,7 +160,10 @@ pub(crate) fn choose(path: &Path, policy: &AutoPolicy) -> io::Result<(BackendKin
     let len = std::fs::metadata(path)?.len();
     match fs_kind(path).unwrap_or(FsKind::Local) {
         FsKind::Network(name) => {
-            return Ok((BackendKind::Pread, format!("auto: on {name}, a network filesystem")));
+            return Ok((
+                BackendKind::Pread,
+                format!("auto: on {name}, a network filesystem"),
+            ));
         }
         FsKind::Memory => return Ok((BackendKind::Pread, "auto: in memory (tmpfs)".into())),
         FsKind::Local => {}
@@ -168,7 +171,10 @@ pub(crate) fn choose(path: &Path, policy: &AutoPolicy) -> io::Result<(BackendKin
     let cached = residency(path).map(|r| r.fraction()).unwrap_or(0.0);
     let pct = (cached * 100.0).round();
     if cached >= policy.cached_fraction {
-        Ok((BackendKind::Pread, format!("auto: {pct}% in the page cache")))
+        Ok((
+            BackendKind::Pread,
+            format!("auto: {pct}% in the page cache"),
+        ))
     } else if len >= policy.direct_min_bytes {
         Ok((
             BackendKind::Direct,
@@ -209,7 +215,14 @@ mod tests {
         unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
         let cold = residency(&path).unwrap();
         assert!(cold.fraction() < 0.1, "{cold:?}");
-        let (kind, why) = choose(&path, &AutoPolicy { direct_min_bytes: 1, cached_fraction: 0.5 }).unwrap();
+        let (kind, why) = choose(
+            &path,
+            &AutoPolicy {
+                direct_min_bytes: 1,
+                cached_fraction: 0.5,
+            },
+        )
+        .unwrap();
         assert_eq!(kind, BackendKind::Direct, "{why}");
         let _ = std::fs::read(&path).unwrap();
         let (kind, why) = choose(&path, &AutoPolicy::default()).unwrap();

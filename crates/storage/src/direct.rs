@@ -10,13 +10,13 @@
 
 use crate::aligned::{AlignedBuf, PAGE};
 use crate::pread::read_exact_at;
-use crate::{eof_error, BackendKind, ByteSource};
+use crate::{BackendKind, ByteSource, eof_error};
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Size of each bounce buffer: the largest single `O_DIRECT` read.
 pub const BOUNCE_LEN: usize = 8 << 20;
@@ -45,7 +45,10 @@ impl DirectSource {
 
     /// Opens with a custom way of opening the `O_DIRECT` descriptor (tests use it to
     /// simulate a filesystem that refuses `O_DIRECT`).
-    fn open_with(path: &Path, open_direct: impl FnOnce(&Path) -> io::Result<File>) -> io::Result<DirectSource> {
+    fn open_with(
+        path: &Path,
+        open_direct: impl FnOnce(&Path) -> io::Result<File>,
+    ) -> io::Result<DirectSource> {
         let buffered = File::open(path)?;
         let len = buffered.metadata()?.len();
         let direct = match open_direct(path) {
@@ -76,13 +79,21 @@ impl DirectSource {
 
     /// Reads `offset..offset + total` in order, handing each contiguous piece to `sink`.
     /// Returns `Ok(false)` when `O_DIRECT` was refused before any byte was delivered.
-    fn read_direct(&self, direct: &File, offset: u64, total: usize, sink: &mut dyn FnMut(&[u8])) -> io::Result<bool> {
+    fn read_direct(
+        &self,
+        direct: &File,
+        offset: u64,
+        total: usize,
+        sink: &mut dyn FnMut(&[u8]),
+    ) -> io::Result<bool> {
         let end = offset + total as u64;
         let mut bounce = self.take_bounce()?;
         let result = (|| {
             let mut window = offset & !(PAGE as u64 - 1);
             while window < end {
-                let want = (end - window).next_multiple_of(PAGE as u64).min(BOUNCE_LEN as u64) as usize;
+                let want = (end - window)
+                    .next_multiple_of(PAGE as u64)
+                    .min(BOUNCE_LEN as u64) as usize;
                 let buf = &mut bounce.as_mut_slice()[..want];
                 let mut got = 0usize;
                 while got < want {
@@ -96,7 +107,11 @@ impl DirectSource {
                             }
                         }
                         Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                        Err(e) if is_refusal(&e) && window == offset & !(PAGE as u64 - 1) && got == 0 => {
+                        Err(e)
+                            if is_refusal(&e)
+                                && window == offset & !(PAGE as u64 - 1)
+                                && got == 0 =>
+                        {
                             return Ok(false);
                         }
                         Err(e) => return Err(e),
@@ -105,14 +120,22 @@ impl DirectSource {
                 let from = offset.max(window);
                 let to = end.min(window + want as u64);
                 if window + (got as u64) < to {
-                    return Err(eof_error(&self.path, offset, total, (window + got as u64).saturating_sub(offset)));
+                    return Err(eof_error(
+                        &self.path,
+                        offset,
+                        total,
+                        (window + got as u64).saturating_sub(offset),
+                    ));
                 }
                 sink(&buf[(from - window) as usize..(to - window) as usize]);
                 window += want as u64;
             }
             Ok(true)
         })();
-        self.bounces.lock().unwrap_or_else(|p| p.into_inner()).push(bounce);
+        self.bounces
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(bounce);
         result
     }
 
@@ -125,11 +148,21 @@ impl DirectSource {
     }
 
     /// Runs a read directly, or buffered where `O_DIRECT` is unavailable or refused now.
-    fn read(&self, offset: u64, total: usize, sink: &mut dyn FnMut(&[u8]), buffered: &mut dyn FnMut(&File) -> io::Result<()>) -> io::Result<()> {
+    fn read(
+        &self,
+        offset: u64,
+        total: usize,
+        sink: &mut dyn FnMut(&[u8]),
+        buffered: &mut dyn FnMut(&File) -> io::Result<()>,
+    ) -> io::Result<()> {
         if total == 0 {
             return Ok(());
         }
-        if let Some(direct) = self.direct.as_ref().filter(|_| !self.refused.load(Ordering::Relaxed)) {
+        if let Some(direct) = self
+            .direct
+            .as_ref()
+            .filter(|_| !self.refused.load(Ordering::Relaxed))
+        {
             if self.read_direct(direct, offset, total, sink)? {
                 return Ok(());
             }
@@ -145,7 +178,10 @@ impl DirectSource {
 }
 
 fn is_refusal(e: &io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::EINVAL) | Some(libc::EOPNOTSUPP))
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EINVAL) | Some(libc::EOPNOTSUPP)
+    )
 }
 
 impl ByteSource for DirectSource {
@@ -235,7 +271,15 @@ mod tests {
         let (_d, path, data) = file_of(len);
         let src = DirectSource::open(&path).unwrap();
         assert!(src.is_direct());
-        for (off, n) in [(0, 1), (1, 4095), (4095, 2), (4096, 4096), (777, BOUNCE_LEN + 9999), (len - 3, 3), (len - 5000, 5000)] {
+        for (off, n) in [
+            (0, 1),
+            (1, 4095),
+            (4095, 2),
+            (4096, 4096),
+            (777, BOUNCE_LEN + 9999),
+            (len - 3, 3),
+            (len - 5000, 5000),
+        ] {
             let mut buf = vec![0; n];
             src.read_exact_at(off as u64, &mut buf).unwrap();
             assert!(buf == data[off..off + n], "range {off}+{n}");
@@ -243,7 +287,8 @@ mod tests {
         let mut a = vec![0u8; 5000];
         let mut b = vec![0u8; 0];
         let mut c = vec![0u8; BOUNCE_LEN];
-        src.read_scatter_at(333, &mut [&mut b, &mut a, &mut c]).unwrap();
+        src.read_scatter_at(333, &mut [&mut b, &mut a, &mut c])
+            .unwrap();
         assert!(a == data[333..5333]);
         assert!(c == data[5333..5333 + BOUNCE_LEN]);
     }
@@ -255,7 +300,12 @@ mod tests {
         let mut buf = vec![0; 200];
         let err = src.read_exact_at(9_900, &mut buf).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
-        std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(4096).unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(4096)
+            .unwrap();
         let err = src.read_exact_at(4000, &mut buf).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof, "{err}");
     }
@@ -263,7 +313,9 @@ mod tests {
     #[test]
     fn refused_o_direct_falls_back_to_buffered_reads() {
         let (_d, path, data) = file_of(50_000);
-        let src = DirectSource::open_with(&path, |_| Err(io::Error::from_raw_os_error(libc::EINVAL))).unwrap();
+        let src =
+            DirectSource::open_with(&path, |_| Err(io::Error::from_raw_os_error(libc::EINVAL)))
+                .unwrap();
         assert!(!src.is_direct());
         assert_eq!(src.kind(), BackendKind::Pread);
         let mut buf = vec![0; 1000];
@@ -274,7 +326,9 @@ mod tests {
         src.read_scatter_at(3, &mut [&mut a, &mut b]).unwrap();
         assert!(a == data[3..10] && b == data[10..19]);
         // Other open errors are not refusals: they propagate.
-        let err = DirectSource::open_with(&path, |_| Err(io::Error::from_raw_os_error(libc::EACCES))).unwrap_err();
+        let err =
+            DirectSource::open_with(&path, |_| Err(io::Error::from_raw_os_error(libc::EACCES)))
+                .unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::EACCES));
     }
 }

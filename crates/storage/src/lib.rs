@@ -14,8 +14,8 @@ mod mmap;
 mod pread;
 
 pub use aligned::{AlignedBuf, PAGE};
-pub use auto::{fs_kind, residency, AutoPolicy, FsKind, Residency};
-pub use direct::{DirectSource, BOUNCE_LEN};
+pub use auto::{AutoPolicy, FsKind, Residency, fs_kind, residency};
+pub use direct::{BOUNCE_LEN, DirectSource};
 pub use mmap::MmapSource;
 pub use pread::PreadSource;
 
@@ -184,7 +184,10 @@ pub fn open(path: &Path, backend: Backend) -> io::Result<Opened> {
         BackendKind::Direct => Arc::new(DirectSource::open(path)?),
     };
     let reason = if source.kind() != kind {
-        format!("{reason}; fell back to {} (O_DIRECT refused)", source.kind())
+        format!(
+            "{reason}; fell back to {} (O_DIRECT refused)",
+            source.kind()
+        )
     } else {
         reason
     };

@@ -4,7 +4,7 @@
 //! filesystems every 4 KiB page fault is a round trip, and a file truncated under the
 //! mapping crashes the process with `SIGBUS` (hence the `unsafe` constructor).
 
-use crate::{eof_error, BackendKind, ByteSource};
+use crate::{BackendKind, ByteSource, eof_error};
 use memmap2::{Advice, Mmap};
 use std::fs::File;
 use std::io;
@@ -46,12 +46,20 @@ impl ByteSource for MmapSource {
 
     fn read_exact_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         let start = usize::try_from(offset).unwrap_or(usize::MAX);
-        match start.checked_add(buf.len()).and_then(|end| self.map.get(start..end)) {
+        match start
+            .checked_add(buf.len())
+            .and_then(|end| self.map.get(start..end))
+        {
             Some(src) => {
                 buf.copy_from_slice(src);
                 Ok(())
             }
-            None => Err(eof_error(&self.path, offset, buf.len(), self.len().saturating_sub(offset))),
+            None => Err(eof_error(
+                &self.path,
+                offset,
+                buf.len(),
+                self.len().saturating_sub(offset),
+            )),
         }
     }
 

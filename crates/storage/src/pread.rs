@@ -2,7 +2,7 @@
 //! read that lands one large request in many tensors' buffers with one system call per
 //! 1024 buffers.
 
-use crate::{eof_error, BackendKind, ByteSource};
+use crate::{BackendKind, ByteSource, eof_error};
 use std::fs::File;
 use std::io::{self, IoSliceMut};
 use std::os::fd::AsRawFd;
@@ -96,7 +96,12 @@ impl ByteSource for PreadSource {
 }
 
 /// `pread` until `buf` is full, retrying interrupted and short reads.
-pub(crate) fn read_exact_at(file: &File, path: &Path, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+pub(crate) fn read_exact_at(
+    file: &File,
+    path: &Path,
+    offset: u64,
+    buf: &mut [u8],
+) -> io::Result<()> {
     let mut done = 0usize;
     while done < buf.len() {
         match file.read_at(&mut buf[done..], offset + done as u64) {

@@ -1,1 +1,45 @@
-//! weightlift: fast safetensors checkpoint loading.
+//! weightlift: load safetensors checkpoints as fast as the storage delivers.
+//!
+//! Open a checkpoint (one file, a directory of shards, or an index file); every header is
+//! read and validated up front. Then load it whole (or filtered) into owned memory with
+//! planned, coalesced, parallel reads, read single tensors or slices on demand, or map it
+//! for zero-copy views.
+//!
+//! ```no_run
+//! use weightlift::{Checkpoint, LoadOptions};
+//!
+//! let ckpt = Checkpoint::open("model/")?;
+//! let state = ckpt.load(&LoadOptions::default().prefix("model.layers.0."))?;
+//! for t in &state {
+//!     println!("{} {} {:?}", t.name(), t.dtype(), t.shape());
+//! }
+//! let rows = ckpt.get_slice("lm_head.weight", &[0..1024])?;
+//! # Ok::<(), weightlift::Error>(())
+//! ```
+
+mod checkpoint;
+mod convert;
+mod error;
+mod lazy;
+mod load;
+mod plan;
+mod progress;
+mod slice;
+mod tensor;
+
+pub use checkpoint::{Checkpoint, OpenOptions, Shard};
+pub use error::{Error, Result};
+pub use lazy::MappedCheckpoint;
+pub use load::{DEFAULT_REQUEST_SIZE, Filter, LoadOptions};
+pub use progress::{Progress, ProgressFn};
+pub use tensor::{Element, StateDict, Tensor, TensorView};
+
+pub use weightlift_device::Device;
+pub use weightlift_format as format;
+pub use weightlift_format::Dtype;
+pub use weightlift_storage::{AutoPolicy, Backend, BackendKind};
+
+/// Opens `path` and loads every tensor into CPU memory with default options.
+pub fn load(path: impl AsRef<std::path::Path>) -> Result<StateDict> {
+    Checkpoint::open(path)?.load(&LoadOptions::default())
+}

@@ -1,0 +1,153 @@
+//! The CPU target: owned, page-aligned host memory that reads land in directly.
+
+use crate::{Device, DeviceError, Region, Target, check_ranges};
+use memmap2::{MmapMut, MmapOptions};
+use std::ops::Range;
+
+/// Allocations at least this large ask for transparent huge pages: filling fresh memory
+/// costs a page fault per page, and 2 MiB pages make that 512 times rarer.
+const HUGE_PAGE_MIN: u64 = 4 << 20;
+
+/// Owned, page-aligned host memory (an anonymous map: zeroed lazily by the kernel, no
+/// up-front touch of every page).
+#[derive(Debug)]
+pub struct HostBuffer {
+    map: Option<MmapMut>,
+}
+
+impl HostBuffer {
+    /// Allocates `len` bytes.
+    pub fn new(len: u64) -> Result<HostBuffer, DeviceError> {
+        if len == 0 {
+            return Ok(HostBuffer { map: None });
+        }
+        let err = |reason: String| DeviceError::Alloc {
+            bytes: len,
+            device: "cpu".into(),
+            reason,
+        };
+        let len_usize =
+            usize::try_from(len).map_err(|_| err("larger than the address space".into()))?;
+        let map = MmapOptions::new()
+            .len(len_usize)
+            .map_anon()
+            .map_err(|e| err(e.to_string()))?;
+        #[cfg(target_os = "linux")]
+        if len >= HUGE_PAGE_MIN {
+            // A hint: where transparent huge pages are disabled the kernel ignores it.
+            let _ = map.advise(memmap2::Advice::HugePage);
+        }
+        Ok(HostBuffer { map: Some(map) })
+    }
+
+    /// The bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        self.map.as_deref().unwrap_or(&[])
+    }
+
+    /// The bytes, mutably.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        self.map.as_deref_mut().unwrap_or(&mut [])
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.as_slice().len()
+    }
+
+    /// Whether the buffer is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Loads into host memory.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CpuTarget;
+
+/// A region of a [`HostBuffer`]: the final memory itself.
+#[derive(Debug)]
+pub struct CpuRegion<'a> {
+    bytes: &'a mut [u8],
+}
+
+impl Target for CpuTarget {
+    type Alloc = HostBuffer;
+    type Memory = HostBuffer;
+    type Region<'a> = CpuRegion<'a>;
+
+    fn device(&self) -> Device {
+        Device::Cpu
+    }
+
+    fn allocate(&self, bytes: u64) -> Result<HostBuffer, DeviceError> {
+        HostBuffer::new(bytes)
+    }
+
+    fn regions<'a>(
+        &'a self,
+        alloc: &'a mut HostBuffer,
+        ranges: &[Range<u64>],
+    ) -> Result<Vec<CpuRegion<'a>>, DeviceError> {
+        let mut rest = alloc.as_mut_slice();
+        check_ranges(ranges, rest.len() as u64)?;
+        let mut consumed = 0u64;
+        let mut out = Vec::with_capacity(ranges.len());
+        for r in ranges {
+            // Safe splitting: each region is carved off the front of what is left.
+            let (_, tail) = std::mem::take(&mut rest).split_at_mut((r.start - consumed) as usize);
+            let (bytes, tail) = tail.split_at_mut((r.end - r.start) as usize);
+            out.push(CpuRegion { bytes });
+            rest = tail;
+            consumed = r.end;
+        }
+        Ok(out)
+    }
+
+    fn finish(&self, alloc: HostBuffer) -> Result<HostBuffer, DeviceError> {
+        Ok(alloc)
+    }
+}
+
+impl Region for CpuRegion<'_> {
+    fn len(&self) -> u64 {
+        self.bytes.len() as u64
+    }
+
+    fn fill<E: From<DeviceError>>(
+        &mut self,
+        fill: impl FnOnce(&mut [u8]) -> Result<(), E>,
+    ) -> Result<(), E> {
+        fill(self.bytes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn regions_fill_their_own_bytes() {
+        let t = CpuTarget;
+        let mut alloc = t.allocate(10_000).unwrap();
+        assert_eq!(alloc.as_slice().as_ptr() as usize % 4096, 0);
+        let mut regions = t
+            .regions(&mut alloc, &[0..10, 64..100, 5000..10_000])
+            .unwrap();
+        for (i, r) in regions.iter_mut().enumerate() {
+            r.fill(|buf| {
+                buf.fill(i as u8 + 1);
+                Ok::<(), DeviceError>(())
+            })
+            .unwrap();
+        }
+        let mem = t.finish(alloc).unwrap();
+        let s = mem.as_slice();
+        assert!(s[..10].iter().all(|&b| b == 1));
+        assert!(s[10..64].iter().all(|&b| b == 0));
+        assert!(s[64..100].iter().all(|&b| b == 2));
+        assert!(s[5000..].iter().all(|&b| b == 3));
+        assert!(t.regions(&mut t.allocate(10).unwrap(), &[0..11]).is_err());
+        assert!(t.allocate(0).unwrap().is_empty());
+    }
+}

@@ -1,0 +1,319 @@
+//! Opening a checkpoint: one file, a directory of shards (with or without an index), or an
+//! index file. Every header is read and validated up front, in parallel, and an index is
+//! checked against the shards before any tensor byte is read.
+
+use crate::error::{Error, Result};
+use rayon::prelude::*;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use weightlift_format::{
+    FormatError, Header, INDEX_FILE_NAME, PREFIX_LEN, ShardIndex, TensorInfo,
+    header_len_from_prefix,
+};
+use weightlift_storage::{Backend, BackendKind, ByteSource};
+
+/// How to open a checkpoint.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct OpenOptions {
+    /// Which storage backend reads the files (default: chosen per file).
+    pub backend: Backend,
+}
+
+/// One safetensors file of a checkpoint.
+#[derive(Debug)]
+pub struct Shard {
+    pub(crate) path: PathBuf,
+    pub(crate) name: String,
+    pub(crate) header: Header,
+    pub(crate) source: Arc<dyn ByteSource>,
+    pub(crate) backend_reason: String,
+}
+
+impl Shard {
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The name as the index (or directory listing) gives it, relative to the checkpoint
+    /// directory.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The validated header.
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    /// The backend that reads this file.
+    pub fn backend(&self) -> BackendKind {
+        self.source.kind()
+    }
+
+    /// Why that backend was chosen.
+    pub fn backend_reason(&self) -> &str {
+        &self.backend_reason
+    }
+
+    pub(crate) fn source(&self) -> &dyn ByteSource {
+        &*self.source
+    }
+}
+
+/// An open checkpoint: validated headers of all its shards, files open for reading.
+#[derive(Debug)]
+pub struct Checkpoint {
+    path: PathBuf,
+    index: Option<(PathBuf, ShardIndex)>,
+    shards: Vec<Shard>,
+    /// (shard, tensor position) of every tensor, sorted by name.
+    by_name: Vec<(u32, u32)>,
+}
+
+impl Checkpoint {
+    /// Opens `path` with the default options.
+    pub fn open(path: impl AsRef<Path>) -> Result<Checkpoint> {
+        Checkpoint::open_with(path, &OpenOptions::default())
+    }
+
+    /// Opens `path`: a `.safetensors` file, a directory of shards, or an index file.
+    pub fn open_with(path: impl AsRef<Path>, options: &OpenOptions) -> Result<Checkpoint> {
+        let path = path.as_ref();
+        let meta = std::fs::metadata(path).map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            context: "opening the checkpoint",
+            source,
+        })?;
+        let (index, shard_names, dir) = if meta.is_dir() {
+            let index_path = path.join(INDEX_FILE_NAME);
+            if index_path.is_file() {
+                let index = read_index(&index_path)?;
+                let names = index.shards().into_iter().map(String::from).collect();
+                (Some((index_path, index)), names, path.to_path_buf())
+            } else {
+                (None, list_shards(path)?, path.to_path_buf())
+            }
+        } else if path.extension().is_some_and(|e| e == "json") {
+            let index = read_index(path)?;
+            let names = index.shards().into_iter().map(String::from).collect();
+            let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+            (Some((path.to_path_buf(), index)), names, dir)
+        } else {
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+            (None, vec![name], dir)
+        };
+
+        let backend = options.backend;
+        let shards: Vec<Shard> = shard_names
+            .into_par_iter()
+            .map(|name| open_shard(dir.join(&name), name, backend, index.is_some()))
+            .collect::<Result<_>>()?;
+
+        if let Some((index_path, index)) = &index {
+            let pairs: Vec<(&str, &Header)> = shards
+                .iter()
+                .map(|s| (s.name.as_str(), &s.header))
+                .collect();
+            index.check(&pairs).map_err(|source| Error::Format {
+                path: index_path.clone(),
+                source,
+            })?;
+        }
+
+        let mut by_name: Vec<(u32, u32)> = shards
+            .iter()
+            .enumerate()
+            .flat_map(|(s, shard)| (0..shard.header.len() as u32).map(move |t| (s as u32, t)))
+            .collect();
+        let name_of = |&(s, t): &(u32, u32)| {
+            shards[s as usize].header.tensors()[t as usize]
+                .name
+                .as_str()
+        };
+        by_name.par_sort_unstable_by(|a, b| name_of(a).cmp(name_of(b)));
+        if let Some(w) = by_name
+            .windows(2)
+            .find(|w| name_of(&w[0]) == name_of(&w[1]))
+        {
+            return Err(Error::DuplicateTensor {
+                tensor: name_of(&w[0]).to_string(),
+                first: shards[w[0].0 as usize].path.clone(),
+                second: shards[w[1].0 as usize].path.clone(),
+            });
+        }
+
+        Ok(Checkpoint {
+            path: path.to_path_buf(),
+            index,
+            shards,
+            by_name,
+        })
+    }
+
+    /// The path the checkpoint was opened from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The shards, in the index's (or the directory's) name order.
+    pub fn shards(&self) -> &[Shard] {
+        &self.shards
+    }
+
+    /// The index file and its contents, when the checkpoint has one.
+    pub fn index(&self) -> Option<(&Path, &ShardIndex)> {
+        self.index.as_ref().map(|(p, i)| (p.as_path(), i))
+    }
+
+    /// Number of tensors in all shards.
+    pub fn len(&self) -> usize {
+        self.by_name.len()
+    }
+
+    /// Whether the checkpoint holds no tensor.
+    pub fn is_empty(&self) -> bool {
+        self.by_name.is_empty()
+    }
+
+    /// Total bytes of tensor data in all shards.
+    pub fn data_bytes(&self) -> u64 {
+        self.shards.iter().map(|s| s.header.data_len()).sum()
+    }
+
+    /// Every tensor with its shard, shard by shard in file order.
+    pub fn tensors(&self) -> impl Iterator<Item = (&Shard, &TensorInfo)> + '_ {
+        self.shards
+            .iter()
+            .flat_map(|s| s.header.tensors().iter().map(move |t| (s, t)))
+    }
+
+    /// Tensor names in sorted order.
+    pub fn names(&self) -> impl ExactSizeIterator<Item = &str> + '_ {
+        self.by_name.iter().map(|&(s, t)| {
+            self.shards[s as usize].header.tensors()[t as usize]
+                .name
+                .as_str()
+        })
+    }
+
+    /// Finds a tensor by name.
+    pub fn info(&self, name: &str) -> Option<(&Shard, &TensorInfo)> {
+        self.locate(name)
+            .map(|(s, t)| (&self.shards[s], &self.shards[s].header.tensors()[t]))
+    }
+
+    /// (shard, position) of a tensor.
+    pub(crate) fn locate(&self, name: &str) -> Option<(usize, usize)> {
+        self.by_name
+            .binary_search_by(|&(s, t)| {
+                self.shards[s as usize].header.tensors()[t as usize]
+                    .name
+                    .as_str()
+                    .cmp(name)
+            })
+            .ok()
+            .map(|i| (self.by_name[i].0 as usize, self.by_name[i].1 as usize))
+    }
+}
+
+fn read_index(path: &Path) -> Result<ShardIndex> {
+    let bytes = std::fs::read(path).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        context: "reading the index file",
+        source,
+    })?;
+    ShardIndex::parse(&bytes).map_err(|source| Error::Format {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn list_shards(dir: &Path) -> Result<Vec<String>> {
+    let io_err = |source| Error::Io {
+        path: dir.to_path_buf(),
+        context: "listing the directory",
+        source,
+    };
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(io_err)? {
+        let entry = entry.map_err(io_err)?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.ends_with(".safetensors") && !name.starts_with('.') {
+            names.push(name);
+        }
+    }
+    if names.is_empty() {
+        return Err(Error::NoShards {
+            path: dir.to_path_buf(),
+        });
+    }
+    names.sort();
+    Ok(names)
+}
+
+/// First read of a file: usually covers the whole header, so one request suffices.
+const HEADER_PROBE: u64 = 64 << 10;
+
+fn open_shard(path: PathBuf, name: String, backend: Backend, from_index: bool) -> Result<Shard> {
+    let opened = weightlift_storage::open(&path, backend).map_err(|source| Error::Io {
+        path: path.clone(),
+        context: if from_index {
+            "opening a shard listed in the index"
+        } else {
+            "opening the file"
+        },
+        source,
+    })?;
+    let header = read_header(&*opened.source).map_err(|e| match e {
+        HeaderError::Format(source) => Error::Format {
+            path: path.clone(),
+            source,
+        },
+        HeaderError::Io(source) => Error::Io {
+            path: path.clone(),
+            context: "reading the header",
+            source,
+        },
+    })?;
+    Ok(Shard {
+        path,
+        name,
+        header,
+        source: opened.source,
+        backend_reason: opened.reason,
+    })
+}
+
+enum HeaderError {
+    Format(FormatError),
+    Io(std::io::Error),
+}
+
+/// Reads and validates a header through a byte source, checking every length against the
+/// source's real length before allocating for it.
+fn read_header(source: &dyn ByteSource) -> std::result::Result<Header, HeaderError> {
+    let len = source.len();
+    if len < PREFIX_LEN {
+        return Err(HeaderError::Format(FormatError::HeaderTooSmall { len }));
+    }
+    let mut head = vec![0u8; len.min(HEADER_PROBE) as usize];
+    source
+        .read_exact_at(0, &mut head)
+        .map_err(HeaderError::Io)?;
+    let prefix: [u8; 8] = head[..8].try_into().expect("at least 8 bytes");
+    let header_len = header_len_from_prefix(prefix, len).map_err(HeaderError::Format)?;
+    let end = (PREFIX_LEN + header_len) as usize;
+    if end > head.len() {
+        let have = head.len();
+        head.resize(end, 0);
+        source
+            .read_exact_at(have as u64, &mut head[have..])
+            .map_err(HeaderError::Io)?;
+    }
+    Header::parse(&head[PREFIX_LEN as usize..end], len).map_err(HeaderError::Format)
+}

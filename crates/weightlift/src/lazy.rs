@@ -1,0 +1,182 @@
+//! On-demand access without loading the whole checkpoint: one tensor, a slice of one
+//! (reading only its byte runs), or zero-copy views into memory-mapped shards.
+
+use crate::checkpoint::Checkpoint;
+use crate::error::{Error, Result};
+use crate::slice;
+use crate::tensor::{Storage, Tensor, TensorView};
+use memmap2::Mmap;
+use std::ops::Range;
+use std::sync::Arc;
+use weightlift_device::HostBuffer;
+
+impl Checkpoint {
+    /// Reads one tensor into owned memory.
+    pub fn get(&self, name: &str) -> Result<Tensor> {
+        let (shard, info) = self
+            .info(name)
+            .ok_or_else(|| Error::NotFound(name.to_string()))?;
+        self.get_slice(name, &[]).or_else(|e| match e {
+            // Sub-byte dtypes cannot be sliced, but the whole tensor can be read.
+            Error::InvalidSlice { .. } => {
+                let mut buf = HostBuffer::new(info.byte_len())?;
+                shard
+                    .source()
+                    .read_exact_at(
+                        shard.header().data_start() + info.data_offsets.0,
+                        buf.as_mut_slice(),
+                    )
+                    .map_err(|source| Error::Read {
+                        path: shard.path().to_path_buf(),
+                        tensor: name.to_string(),
+                        source,
+                    })?;
+                Ok(Tensor {
+                    name: info.name.clone(),
+                    dtype: info.dtype,
+                    shape: info.shape.clone(),
+                    byte_len: info.byte_len() as usize,
+                    storage: Storage::Host {
+                        memory: Arc::new(buf),
+                        offset: 0,
+                    },
+                })
+            }
+            other => Err(other),
+        })
+    }
+
+    /// Reads the sub-block `ranges` of a tensor: one range per leading dimension (missing
+    /// trailing dimensions are taken whole), e.g. `&[0..rows, c0..c1]` for a column shard
+    /// of a matrix. Reads only the bytes of the slice: one run per contiguous block.
+    pub fn get_slice(&self, name: &str, ranges: &[Range<usize>]) -> Result<Tensor> {
+        let (shard, info) = self
+            .info(name)
+            .ok_or_else(|| Error::NotFound(name.to_string()))?;
+        let bits = info.dtype.bits();
+        if bits % 8 != 0 {
+            return Err(Error::InvalidSlice {
+                tensor: name.to_string(),
+                reason: format!("{} elements are not byte-addressable", info.dtype),
+            });
+        }
+        let plan = slice::plan(&info.shape, ranges, bits as u64 / 8).map_err(|reason| {
+            Error::InvalidSlice {
+                tensor: name.to_string(),
+                reason,
+            }
+        })?;
+        let total: u64 = plan.runs.iter().map(|r| r.1).sum();
+        let mut buf = HostBuffer::new(total)?;
+        let base = shard.header().data_start() + info.data_offsets.0;
+        let mut out = buf.as_mut_slice();
+        for &(offset, len) in &plan.runs {
+            let (dst, rest) = std::mem::take(&mut out).split_at_mut(len as usize);
+            out = rest;
+            shard
+                .source()
+                .read_exact_at(base + offset, dst)
+                .map_err(|source| Error::Read {
+                    path: shard.path().to_path_buf(),
+                    tensor: name.to_string(),
+                    source,
+                })?;
+        }
+        Ok(Tensor {
+            name: info.name.clone(),
+            dtype: info.dtype,
+            shape: plan.shape,
+            byte_len: total as usize,
+            storage: Storage::Host {
+                memory: Arc::new(buf),
+                offset: 0,
+            },
+        })
+    }
+
+    /// Maps every shard for zero-copy access. Views borrow the returned value, which
+    /// borrows the checkpoint: the compiler rejects any view that outlives either.
+    ///
+    /// # Safety
+    ///
+    /// No shard may be truncated or modified while the mapping lives: a truncated file
+    /// raises `SIGBUS` on access, and a modified one changes bytes that views hand out as
+    /// immutable.
+    pub unsafe fn map(&self) -> Result<MappedCheckpoint<'_>> {
+        let maps = self
+            .shards()
+            .iter()
+            .map(|s| {
+                let io = |source| Error::Io {
+                    path: s.path().to_path_buf(),
+                    context: "memory-mapping the file",
+                    source,
+                };
+                let file = std::fs::File::open(s.path()).map_err(io)?;
+                // SAFETY: the caller promises the files are not truncated or modified while
+                // the mapping lives (this function's contract).
+                let map = unsafe { Mmap::map(&file) }.map_err(io)?;
+                if (map.len() as u64) < s.header().file_len() {
+                    return Err(Error::Io {
+                        path: s.path().to_path_buf(),
+                        context: "memory-mapping the file",
+                        source: std::io::Error::new(
+                            std::io::ErrorKind::UnexpectedEof,
+                            format!(
+                                "file is {} bytes, its header needs {}",
+                                map.len(),
+                                s.header().file_len()
+                            ),
+                        ),
+                    });
+                }
+                Ok(map)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(MappedCheckpoint {
+            checkpoint: self,
+            maps,
+        })
+    }
+}
+
+/// A checkpoint whose shards are memory-mapped; hands out zero-copy [`TensorView`]s.
+#[derive(Debug)]
+pub struct MappedCheckpoint<'a> {
+    checkpoint: &'a Checkpoint,
+    maps: Vec<Mmap>,
+}
+
+impl MappedCheckpoint<'_> {
+    /// A zero-copy view of the tensor called `name`.
+    pub fn view(&self, name: &str) -> Result<TensorView<'_>> {
+        let (s, t) = self
+            .checkpoint
+            .locate(name)
+            .ok_or_else(|| Error::NotFound(name.to_string()))?;
+        Ok(self.view_at(s, t))
+    }
+
+    /// Views of every tensor, shard by shard in file order.
+    pub fn views(&self) -> impl Iterator<Item = TensorView<'_>> + '_ {
+        self.checkpoint
+            .shards()
+            .iter()
+            .enumerate()
+            .flat_map(move |(s, shard)| (0..shard.header().len()).map(move |t| self.view_at(s, t)))
+    }
+
+    fn view_at(&self, s: usize, t: usize) -> TensorView<'_> {
+        let shard = &self.checkpoint.shards()[s];
+        let info = &shard.header().tensors()[t];
+        let start = (shard.header().data_start() + info.data_offsets.0) as usize;
+        let end = (shard.header().data_start() + info.data_offsets.1) as usize;
+        TensorView {
+            name: &info.name,
+            dtype: info.dtype,
+            shape: &info.shape,
+            // In bounds: `map` checked each file is at least as long as its header says.
+            bytes: &self.maps[s][start..end],
+        }
+    }
+}

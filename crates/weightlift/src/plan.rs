@@ -1,0 +1,176 @@
+//! The read plan: which file bytes go where, built from the headers alone.
+//!
+//! Selected tensors of a shard are taken in file order and given aligned slots in one
+//! allocation per shard. Runs of neighbouring tensors are coalesced into requests of about
+//! `request_size` bytes; a tensor larger than that is split across requests, so large and
+//! small tensors alike become a few large reads. A request never spans a gap left by a
+//! tensor that was not selected: only selected bytes are read. Per tensor, planning does a
+//! constant amount of arithmetic and pushes one or a few [`Piece`]s; nothing is quadratic.
+
+use crate::checkpoint::Checkpoint;
+use std::ops::Range;
+use weightlift_device::SlotLayout;
+use weightlift_format::Dtype;
+
+/// A run of one tensor's bytes inside one request.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Piece {
+    /// Position of the tensor in its [`ShardPlan::tensors`].
+    pub slot: u32,
+    /// Length of this run in the file.
+    pub len: u64,
+    /// Where the run's (possibly converted) bytes go in the shard's allocation.
+    pub dst: u64,
+    /// Length at the destination (differs from `len` under dtype conversion).
+    pub dst_len: u64,
+}
+
+/// One contiguous read of a file.
+#[derive(Debug, Clone)]
+pub(crate) struct Request {
+    /// Position of the shard in [`ReadPlan::shards`].
+    pub shard_plan: u32,
+    /// Absolute file offset.
+    pub file_offset: u64,
+    /// Bytes to read.
+    pub len: u64,
+    /// The pieces, in file order, as a range of [`ReadPlan::pieces`].
+    pub pieces: Range<u32>,
+    /// The destination range in the shard's allocation (pieces plus alignment padding).
+    pub dst: Range<u64>,
+}
+
+/// The part of the plan for one shard.
+#[derive(Debug, Clone)]
+pub(crate) struct ShardPlan {
+    /// Position of the shard in the checkpoint.
+    pub shard: usize,
+    /// Selected tensors (positions in the header), in file order.
+    pub tensors: Vec<u32>,
+    /// The dtype each selected tensor has after loading.
+    pub out_dtypes: Vec<Dtype>,
+    /// Slots of the selected tensors in the shard's allocation.
+    pub layout: SlotLayout,
+    /// This shard's requests, as a range of [`ReadPlan::requests`].
+    pub requests: Range<usize>,
+    /// Bytes read from this shard.
+    pub bytes: u64,
+}
+
+/// The whole plan of a load.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct ReadPlan {
+    pub shards: Vec<ShardPlan>,
+    pub requests: Vec<Request>,
+    pub pieces: Vec<Piece>,
+    pub bytes: u64,
+}
+
+/// Byte length of `elements` after conversion: (numerator, denominator) of dst/src sizes.
+fn ratio(from: Dtype, to: Dtype) -> (u64, u64) {
+    (to.bits() as u64, from.bits() as u64)
+}
+
+impl ReadPlan {
+    /// Plans reads of the selected tensors: `selected[i]` lists positions (in file order)
+    /// of tensors of shard `i`; `convert` maps a tensor's dtype to the dtype to load it as.
+    pub(crate) fn build(
+        ckpt: &Checkpoint,
+        selected: Vec<Vec<u32>>,
+        request_size: u64,
+        convert: impl Fn(Dtype) -> Dtype,
+    ) -> ReadPlan {
+        // Splits inside a tensor fall on multiples of 8 bytes: whole elements of every
+        // byte-sized dtype, so converted pieces never cut an element.
+        let request_size = request_size.max(4096).next_multiple_of(8);
+        let mut plan = ReadPlan::default();
+        for (shard_index, tensors) in selected.into_iter().enumerate() {
+            if tensors.is_empty() {
+                continue;
+            }
+            let shard = &ckpt.shards()[shard_index];
+            let infos = shard.header().tensors();
+            let data_start = shard.header().data_start();
+            let out_dtypes: Vec<Dtype> = tensors
+                .iter()
+                .map(|&t| convert(infos[t as usize].dtype))
+                .collect();
+            let layout = SlotLayout::new(tensors.iter().zip(&out_dtypes).map(|(&t, &out)| {
+                let info = &infos[t as usize];
+                let (num, den) = ratio(info.dtype, out);
+                info.byte_len() * num / den
+            }));
+            let shard_plan = plan.shards.len() as u32;
+            let first_request = plan.requests.len();
+            let mut current: Option<Request> = None;
+            let mut bytes = 0u64;
+            for (slot, &t) in tensors.iter().enumerate() {
+                let info = &infos[t as usize];
+                let (num, den) = ratio(info.dtype, out_dtypes[slot]);
+                let start = data_start + info.data_offsets.0;
+                let len = info.byte_len();
+                bytes += len;
+                let mut done = 0u64;
+                while done < len {
+                    let at = start + done;
+                    let contiguous = current
+                        .as_ref()
+                        .is_some_and(|r| r.file_offset + r.len == at && r.len < request_size);
+                    if !contiguous {
+                        if let Some(r) = current.take() {
+                            plan.requests.push(r);
+                        }
+                        let piece = plan.pieces.len() as u32;
+                        current = Some(Request {
+                            shard_plan,
+                            file_offset: at,
+                            len: 0,
+                            pieces: piece..piece,
+                            dst: 0..0,
+                        });
+                    }
+                    let r = current.as_mut().expect("a request is open");
+                    let left = len - done;
+                    let room = request_size - r.len;
+                    let mut take = left.min(room);
+                    if take < left {
+                        take -= take % 8;
+                        if take == 0 {
+                            // Less than an element's worth of room: start a new request.
+                            plan.requests.push(current.take().expect("open"));
+                            continue;
+                        }
+                    }
+                    let dst = layout.offset(slot) + done * num / den;
+                    let dst_len = take * num / den;
+                    if r.pieces.is_empty() {
+                        r.dst = dst..dst;
+                    }
+                    plan.pieces.push(Piece {
+                        slot: slot as u32,
+                        len: take,
+                        dst,
+                        dst_len,
+                    });
+                    r.pieces.end += 1;
+                    r.len += take;
+                    r.dst.end = dst + dst_len;
+                    done += take;
+                }
+            }
+            if let Some(r) = current.take() {
+                plan.requests.push(r);
+            }
+            plan.bytes += bytes;
+            plan.shards.push(ShardPlan {
+                shard: shard_index,
+                tensors,
+                out_dtypes,
+                layout,
+                requests: first_request..plan.requests.len(),
+                bytes,
+            });
+        }
+        plan
+    }
+}

@@ -1,0 +1,203 @@
+//! Loaded tensors, the state dict that owns them, and borrowed views.
+
+use crate::error::{Error, Result};
+use std::sync::Arc;
+use weightlift_device::HostBuffer;
+use weightlift_format::Dtype;
+
+/// An element type with a safetensors dtype, for typed views.
+pub trait Element: bytemuck::Pod {
+    /// The dtype whose elements are `Self`.
+    const DTYPE: Dtype;
+}
+
+macro_rules! elements {
+    ($($t:ty => $d:ident),* $(,)?) => {
+        $(impl Element for $t { const DTYPE: Dtype = Dtype::$d; })*
+    };
+}
+
+elements!(
+    u8 => U8, i8 => I8, u16 => U16, i16 => I16, u32 => U32, i32 => I32,
+    u64 => U64, i64 => I64, f32 => F32, f64 => F64,
+    half::f16 => F16, half::bf16 => BF16,
+);
+
+/// Where a tensor's bytes are.
+#[derive(Debug, Clone)]
+pub(crate) enum Storage {
+    /// In host memory shared with the other tensors of the same allocation.
+    Host {
+        memory: Arc<HostBuffer>,
+        offset: usize,
+    },
+    /// Nowhere: a meta tensor has a dtype and a shape only.
+    Meta,
+}
+
+/// A loaded tensor: name, dtype, shape and (unless meta) its bytes, which it keeps alive.
+#[derive(Debug, Clone)]
+pub struct Tensor {
+    pub(crate) name: String,
+    pub(crate) dtype: Dtype,
+    pub(crate) shape: Vec<usize>,
+    pub(crate) byte_len: usize,
+    pub(crate) storage: Storage,
+}
+
+impl Tensor {
+    /// The name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The element type.
+    pub fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+
+    /// The dimensions.
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    /// Number of elements.
+    pub fn num_elements(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// Size of the data in bytes (also for a meta tensor, which holds none).
+    pub fn byte_len(&self) -> usize {
+        self.byte_len
+    }
+
+    /// Whether this is a meta tensor (no bytes).
+    pub fn is_meta(&self) -> bool {
+        matches!(self.storage, Storage::Meta)
+    }
+
+    /// The raw little-endian bytes; `None` for a meta tensor.
+    pub fn bytes(&self) -> Option<&[u8]> {
+        match &self.storage {
+            Storage::Host { memory, offset } => {
+                Some(&memory.as_slice()[*offset..*offset + self.byte_len])
+            }
+            Storage::Meta => None,
+        }
+    }
+
+    /// A borrowed view of the tensor; `None` for a meta tensor.
+    pub fn view(&self) -> Option<TensorView<'_>> {
+        Some(TensorView {
+            name: &self.name,
+            dtype: self.dtype,
+            shape: &self.shape,
+            bytes: self.bytes()?,
+        })
+    }
+
+    /// The elements as a typed slice (the dtype must be `T`'s).
+    pub fn as_slice<T: Element>(&self) -> Result<&[T]> {
+        match self.view() {
+            Some(v) => v.as_slice(),
+            None => Err(Error::TypedView {
+                tensor: self.name.clone(),
+                reason: "a meta tensor has no data".into(),
+            }),
+        }
+    }
+}
+
+/// A borrowed tensor: from a loaded [`Tensor`], or zero-copy from a memory-mapped file.
+#[derive(Debug, Clone, Copy)]
+pub struct TensorView<'a> {
+    /// The name.
+    pub name: &'a str,
+    /// The element type.
+    pub dtype: Dtype,
+    /// The dimensions.
+    pub shape: &'a [usize],
+    /// The raw little-endian bytes.
+    pub bytes: &'a [u8],
+}
+
+impl<'a> TensorView<'a> {
+    /// The elements as a typed slice. Fails when the dtype is not `T`'s or when the bytes
+    /// are not aligned for `T` (possible for views into files whose data is misaligned;
+    /// loaded tensors are always 64-byte aligned).
+    pub fn as_slice<T: Element>(&self) -> Result<&'a [T]> {
+        if self.dtype != T::DTYPE {
+            return Err(Error::TypedView {
+                tensor: self.name.to_string(),
+                reason: format!("is {}, not {}", self.dtype, T::DTYPE),
+            });
+        }
+        bytemuck::try_cast_slice(self.bytes).map_err(|e| Error::TypedView {
+            tensor: self.name.to_string(),
+            reason: format!("cannot view as {}: {e:?}", T::DTYPE),
+        })
+    }
+}
+
+/// Loaded tensors by name. Owns their memory (shared per shard allocation: memory is freed
+/// when the last tensor of an allocation is dropped).
+#[derive(Debug, Clone, Default)]
+pub struct StateDict {
+    tensors: Vec<Tensor>,
+    by_name: Vec<u32>,
+}
+
+impl StateDict {
+    pub(crate) fn new(tensors: Vec<Tensor>) -> StateDict {
+        let mut by_name: Vec<u32> = (0..tensors.len() as u32).collect();
+        by_name.sort_unstable_by(|&a, &b| tensors[a as usize].name.cmp(&tensors[b as usize].name));
+        StateDict { tensors, by_name }
+    }
+
+    /// The tensor called `name`.
+    pub fn get(&self, name: &str) -> Option<&Tensor> {
+        self.by_name
+            .binary_search_by(|&i| self.tensors[i as usize].name.as_str().cmp(name))
+            .ok()
+            .map(|i| &self.tensors[self.by_name[i] as usize])
+    }
+
+    /// Number of tensors.
+    pub fn len(&self) -> usize {
+        self.tensors.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.tensors.is_empty()
+    }
+
+    /// Tensors in load order (shard by shard, file order).
+    pub fn iter(&self) -> std::slice::Iter<'_, Tensor> {
+        self.tensors.iter()
+    }
+
+    /// Tensors in name order.
+    pub fn iter_sorted(&self) -> impl ExactSizeIterator<Item = &Tensor> + '_ {
+        self.by_name.iter().map(|&i| &self.tensors[i as usize])
+    }
+
+    /// Sum of the tensors' byte lengths.
+    pub fn byte_len(&self) -> u64 {
+        self.tensors.iter().map(|t| t.byte_len as u64).sum()
+    }
+
+    /// Takes the tensors out, in load order.
+    pub fn into_tensors(self) -> Vec<Tensor> {
+        self.tensors
+    }
+}
+
+impl<'a> IntoIterator for &'a StateDict {
+    type Item = &'a Tensor;
+    type IntoIter = std::slice::Iter<'a, Tensor>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.tensors.iter()
+    }
+}
