@@ -305,8 +305,8 @@ fn unselected_bytes_stay_out_of_the_page_cache() {
         let (shard, info) = ckpt.info(name).unwrap();
         let start = shard.header().data_start() + info.data_offsets.0 + (2 << 20);
         let len = 4u64 << 20;
-        let map = unsafe { memmap_pages(&f, start, len) };
-        map
+        
+        unsafe { memmap_pages(&f, start, len) }
     };
     assert!(resident("t1") > 0.9);
     assert!(resident("t4") > 0.9);

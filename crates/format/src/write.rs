@@ -90,7 +90,7 @@ impl Layout {
             offset = end;
         }
         json.push('}');
-        while json.len() % 8 != 0 {
+        while !json.len().is_multiple_of(8) {
             json.push(' ');
         }
         let mut header = Vec::with_capacity(PREFIX_LEN as usize + json.len());

@@ -9,11 +9,13 @@
 
 mod aligned;
 mod auto;
+mod baseline;
 mod direct;
 mod mmap;
 mod pread;
 
 pub use aligned::{AlignedBuf, PAGE};
+pub use baseline::{evict, raw_read, Eviction};
 pub use auto::{AutoPolicy, FsKind, Residency, fs_kind, residency};
 pub use direct::{BOUNCE_LEN, DirectSource};
 pub use mmap::MmapSource;

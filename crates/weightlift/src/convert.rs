@@ -56,7 +56,7 @@ mod tests {
         let mut back = vec![0u8; values.len() * 4];
         convert(Dtype::F16, Dtype::F32, &f16_bytes, &mut back);
         assert_eq!(back, f32_bytes);
-        let mut bf = vec![0u8; 4];
+        let mut bf = [0u8; 4];
         convert(Dtype::F32, Dtype::BF16, &1.5f32.to_le_bytes(), &mut bf[..2]);
         assert_eq!(bf16::from_le_bytes([bf[0], bf[1]]).to_f32(), 1.5);
         assert_eq!(converted(Dtype::I32, Dtype::F32), Dtype::I32);

@@ -141,6 +141,19 @@ impl Checkpoint {
 }
 
 /// A checkpoint whose shards are memory-mapped; hands out zero-copy [`TensorView`]s.
+///
+/// A view cannot outlive the mapping (nor the mapping the checkpoint); this does not
+/// compile:
+///
+/// ```compile_fail,E0597
+/// let view = {
+///     let ckpt = weightlift::Checkpoint::open("model.safetensors").unwrap();
+///     // SAFETY: the file is not modified while mapped.
+///     let mapped = unsafe { ckpt.map() }.unwrap();
+///     mapped.view("w").unwrap()
+/// };
+/// println!("{:?}", view.bytes);
+/// ```
 #[derive(Debug)]
 pub struct MappedCheckpoint<'a> {
     checkpoint: &'a Checkpoint,

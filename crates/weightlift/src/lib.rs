@@ -25,6 +25,7 @@ mod load;
 mod plan;
 mod progress;
 mod slice;
+pub mod synthetic;
 mod tensor;
 
 pub use checkpoint::{Checkpoint, OpenOptions, Shard};

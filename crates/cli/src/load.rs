@@ -1,0 +1,94 @@
+//! `weightlift load`: load a checkpoint and say how fast it went.
+
+use crate::common::{human_bytes, peak_rss, print, thousands, BackendArg};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde_json::json;
+use std::path::PathBuf;
+use std::time::Instant;
+use weightlift::{Checkpoint, Device, LoadOptions, OpenOptions};
+
+#[derive(clap::Args)]
+#[command(after_help = "Examples:\n  weightlift load model/\n  weightlift load model/ --backend direct --threads 8\n  \
+    weightlift load model/ --device meta --json\n\n\
+    With --backend mmap the files must not be modified or truncated during the load.")]
+pub(crate) struct Args {
+    /// A .safetensors file, a directory of shards, or an index file.
+    path: PathBuf,
+    /// Storage backend.
+    #[arg(long, value_enum, default_value_t = BackendArg::Auto)]
+    backend: BackendArg,
+    /// Where tensors go: cpu, meta (shapes only) or cuda:N.
+    #[arg(long, default_value = "cpu", value_parser = |s: &str| s.parse::<Device>())]
+    device: Device,
+    /// Loader threads (default: number of CPUs, at least 4).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Size of one coalesced read, e.g. 16MiB.
+    #[arg(long, value_parser = crate::common::parse_size)]
+    request_size: Option<u64>,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+pub(crate) fn run(args: &Args) -> Result<(), String> {
+    let start = Instant::now();
+    let ckpt = Checkpoint::open_with(&args.path, &OpenOptions { backend: args.backend.backend() }).map_err(|e| e.to_string())?;
+    let open_secs = start.elapsed().as_secs_f64();
+    let mut options = LoadOptions::default().device(args.device);
+    if let Some(t) = args.threads {
+        options = options.threads(t);
+    }
+    if let Some(r) = args.request_size {
+        options = options.request_size(r);
+    }
+    // Drawn on stderr only when it is a terminal; piped runs get no bar.
+    let bar = ProgressBar::with_draw_target(Some(ckpt.data_bytes()), ProgressDrawTarget::stderr());
+    bar.set_style(
+        ProgressStyle::with_template("{bar:40} {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} eta {eta}")
+            .expect("valid template"),
+    );
+    if args.device != Device::Meta {
+        let b = bar.clone();
+        options = options.progress(move |p| b.set_position(p.bytes_done));
+    }
+    let state = ckpt.load(&options).map_err(|e| e.to_string())?;
+    bar.finish_and_clear();
+    let secs = start.elapsed().as_secs_f64();
+    let bytes = if args.device == Device::Meta { 0 } else { state.byte_len() };
+    let gbps = bytes as f64 / secs / 1e9;
+    let peak = peak_rss().unwrap_or(0);
+    let files: Vec<_> = ckpt
+        .shards()
+        .iter()
+        .map(|s| json!({"path": s.path().display().to_string(), "backend": s.backend().name(), "reason": s.backend_reason()}))
+        .collect();
+    if args.json {
+        let out = json!({
+            "path": args.path.display().to_string(),
+            "device": args.device.to_string(),
+            "seconds": secs,
+            "open_seconds": open_secs,
+            "bytes": bytes,
+            "gbps": gbps,
+            "tensors": state.len(),
+            "peak_rss_bytes": peak,
+            "files": files,
+        });
+        return print(&format!("{out}\n"));
+    }
+    let mut out = format!(
+        "loaded {} tensors, {} to {} in {:.3} s ({:.2} GB/s; headers {:.3} s)\npeak memory {}\n",
+        thousands(state.len() as u64),
+        human_bytes(bytes),
+        args.device,
+        secs,
+        gbps,
+        open_secs,
+        human_bytes(peak)
+    );
+    for s in ckpt.shards() {
+        out.push_str(&format!("  {}: {} ({})\n", s.name(), s.backend(), s.backend_reason()));
+    }
+    print(&out)
+}
