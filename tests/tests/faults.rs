@@ -2,8 +2,11 @@
 //! panic, never a partial result passed off as complete.
 
 use std::path::Path;
-use weightlift::{format::{FormatError, ShardIndex}, Backend, Checkpoint, Error, LoadOptions, OpenOptions};
-use weightlift_tests::{dense, disk_tempdir, moe, split, write_file, write_sharded, Spec};
+use weightlift::{
+    Backend, Checkpoint, Error, LoadOptions, OpenOptions,
+    format::{FormatError, ShardIndex},
+};
+use weightlift_tests::{Spec, dense, disk_tempdir, moe, split, write_file, write_sharded};
 
 fn sharded(dir: &Path) -> Vec<std::path::PathBuf> {
     write_sharded(dir, &split(moe(2, 4, 32, 16), 3), true)
@@ -13,7 +16,10 @@ fn sharded(dir: &Path) -> Vec<std::path::PathBuf> {
 fn truncated_shard() {
     let dir = disk_tempdir();
     let files = sharded(dir.path());
-    let f = std::fs::OpenOptions::new().write(true).open(&files[1]).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&files[1])
+        .unwrap();
     let len = f.metadata().unwrap().len();
     f.set_len(len - 10).unwrap();
     let err = Checkpoint::open(dir.path()).unwrap_err();
@@ -22,7 +28,10 @@ fn truncated_shard() {
         "{err}"
     );
     let msg = err.to_string();
-    assert!(msg.contains("model-00002-of-00003.safetensors") && msg.contains("truncated"), "{msg}");
+    assert!(
+        msg.contains("model-00002-of-00003.safetensors") && msg.contains("truncated"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -31,7 +40,10 @@ fn missing_shard() {
     let files = sharded(dir.path());
     std::fs::remove_file(&files[2]).unwrap();
     let err = Checkpoint::open(dir.path()).unwrap_err();
-    assert!(matches!(&err, Error::Io { path, .. } if path == &files[2]), "{err}");
+    assert!(
+        matches!(&err, Error::Io { path, .. } if path == &files[2]),
+        "{err}"
+    );
     assert!(err.to_string().contains("listed in the index"), "{err}");
 }
 
@@ -41,14 +53,21 @@ fn index_names_a_tensor_the_shard_lacks() {
     sharded(dir.path());
     let index_path = dir.path().join("model.safetensors.index.json");
     let text = std::fs::read_to_string(&index_path).unwrap();
-    let text = text.replacen("\"weight_map\": {", "\"weight_map\": {\n    \"ghost.weight\": \"model-00001-of-00003.safetensors\",", 1);
+    let text = text.replacen(
+        "\"weight_map\": {",
+        "\"weight_map\": {\n    \"ghost.weight\": \"model-00001-of-00003.safetensors\",",
+        1,
+    );
     std::fs::write(&index_path, text).unwrap();
     let err = Checkpoint::open(dir.path()).unwrap_err();
     assert!(
         matches!(&err, Error::Format { source: FormatError::IndexTensorNotInShard { tensor, .. }, .. } if tensor == "ghost.weight"),
         "{err}"
     );
-    assert!(err.to_string().contains("model.safetensors.index.json"), "{err}");
+    assert!(
+        err.to_string().contains("model.safetensors.index.json"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -59,11 +78,20 @@ fn shard_holds_a_tensor_the_index_lacks_or_misplaces() {
     let text = std::fs::read_to_string(&index_path).unwrap();
     let mut index = ShardIndex::parse(text.as_bytes()).unwrap();
     let moved = index.weight_map.keys().next().unwrap().clone();
-    index.weight_map.insert(moved, "model-00003-of-00003.safetensors".into());
+    index
+        .weight_map
+        .insert(moved, "model-00003-of-00003.safetensors".into());
     std::fs::write(&index_path, index.to_json()).unwrap();
     let err = Checkpoint::open(dir.path()).unwrap_err();
     assert!(
-        matches!(&err, Error::Format { source: FormatError::IndexTensorNotInShard { .. } | FormatError::ShardTensorNotInIndex { .. }, .. }),
+        matches!(
+            &err,
+            Error::Format {
+                source: FormatError::IndexTensorNotInShard { .. }
+                    | FormatError::ShardTensorNotInIndex { .. },
+                ..
+            }
+        ),
         "{err}"
     );
 }
@@ -77,7 +105,16 @@ fn total_size_mismatch() {
     let text = text.replacen("\"total_size\": ", "\"total_size\": 1", 1);
     std::fs::write(&index_path, text).unwrap();
     let err = Checkpoint::open(dir.path()).unwrap_err();
-    assert!(matches!(&err, Error::Format { source: FormatError::IndexTotalSize { .. }, .. }), "{err}");
+    assert!(
+        matches!(
+            &err,
+            Error::Format {
+                source: FormatError::IndexTotalSize { .. },
+                ..
+            }
+        ),
+        "{err}"
+    );
 }
 
 #[test]
@@ -86,16 +123,34 @@ fn index_shard_path_escaping_the_directory() {
     let index_path = dir.path().join("model.safetensors.index.json");
     std::fs::write(&index_path, r#"{"weight_map":{"a":"../../etc/passwd"}}"#).unwrap();
     let err = Checkpoint::open(dir.path()).unwrap_err();
-    assert!(matches!(&err, Error::Format { source: FormatError::IndexShardPath { .. }, .. }), "{err}");
+    assert!(
+        matches!(
+            &err,
+            Error::Format {
+                source: FormatError::IndexShardPath { .. },
+                ..
+            }
+        ),
+        "{err}"
+    );
 }
 
 #[test]
 fn duplicate_tensor_across_shards_without_index() {
     let dir = disk_tempdir();
-    write_file(&dir.path().join("a.safetensors"), &[Spec::new("w", weightlift::Dtype::F32, &[2])]);
-    write_file(&dir.path().join("b.safetensors"), &[Spec::new("w", weightlift::Dtype::F32, &[2])]);
+    write_file(
+        &dir.path().join("a.safetensors"),
+        &[Spec::new("w", weightlift::Dtype::F32, &[2])],
+    );
+    write_file(
+        &dir.path().join("b.safetensors"),
+        &[Spec::new("w", weightlift::Dtype::F32, &[2])],
+    );
     let err = Checkpoint::open(dir.path()).unwrap_err();
-    assert!(matches!(&err, Error::DuplicateTensor { tensor, .. } if tensor == "w"), "{err}");
+    assert!(
+        matches!(&err, Error::DuplicateTensor { tensor, .. } if tensor == "w"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -105,12 +160,27 @@ fn unreadable_file() {
     // run as root, so permission bits would not stop the read.
     std::fs::create_dir(dir.path().join("model.safetensors")).unwrap();
     let err = Checkpoint::open(dir.path()).unwrap_err();
-    assert!(matches!(&err, Error::Io { context: "reading the header", .. }), "{err}");
+    assert!(
+        matches!(
+            &err,
+            Error::Io {
+                context: "reading the header",
+                ..
+            }
+        ),
+        "{err}"
+    );
     assert!(err.to_string().contains("model.safetensors"), "{err}");
     // A directory with nothing to load.
     let empty = disk_tempdir();
-    assert!(matches!(Checkpoint::open(empty.path()), Err(Error::NoShards { .. })));
-    assert!(matches!(Checkpoint::open(empty.path().join("nope.safetensors")), Err(Error::Io { .. })));
+    assert!(matches!(
+        Checkpoint::open(empty.path()),
+        Err(Error::NoShards { .. })
+    ));
+    assert!(matches!(
+        Checkpoint::open(empty.path().join("nope.safetensors")),
+        Err(Error::Io { .. })
+    ));
 }
 
 #[test]
@@ -123,7 +193,10 @@ fn garbage_file_names_file_and_rule() {
     bytes.extend_from_slice(&[0; 4]);
     std::fs::write(&path, bytes).unwrap();
     let msg = Checkpoint::open(&path).unwrap_err().to_string();
-    assert!(msg.contains("bad.safetensors") && msg.contains("\"w\"") && msg.contains("needs 8"), "{msg}");
+    assert!(
+        msg.contains("bad.safetensors") && msg.contains("\"w\"") && msg.contains("needs 8"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -135,10 +208,19 @@ fn file_shrinking_during_the_load_is_an_error_not_garbage() {
         let ckpt = Checkpoint::open_with(&path, &OpenOptions { backend }).unwrap();
         let (_, last) = ckpt.tensors().last().map(|(s, t)| (s, t.clone())).unwrap();
         let file_len = ckpt.shards()[0].header().file_len();
-        std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(file_len - 100).unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(file_len - 100)
+            .unwrap();
         let err = ckpt.load(&LoadOptions::default()).unwrap_err();
         match &err {
-            Error::Read { path: p, tensor, source } => {
+            Error::Read {
+                path: p,
+                tensor,
+                source,
+            } => {
                 assert_eq!(p, &path);
                 assert_eq!(tensor, &last.name, "names the tensor cut short");
                 assert_eq!(source.kind(), std::io::ErrorKind::UnexpectedEof);
@@ -152,4 +234,3 @@ fn file_shrinking_during_the_load_is_an_error_not_garbage() {
         assert!(matches!(ckpt.get(&last.name), Err(Error::Read { .. })));
     }
 }
-

@@ -18,7 +18,9 @@ enum ProfileArg {
 }
 
 #[derive(clap::Args)]
-#[command(after_help = "Examples:\n  weightlift demo\n  weightlift demo --size 2GiB --profile dense --runs 5")]
+#[command(
+    after_help = "Examples:\n  weightlift demo\n  weightlift demo --size 2GiB --profile dense --runs 5"
+)]
 pub(crate) struct Args {
     /// Checkpoint size (default: 1 GiB, less where memory or disk is short).
     #[arg(long, value_parser = parse_size)]
@@ -60,13 +62,16 @@ pub(crate) fn run(args: &Args) -> Result<(), String> {
 
     let raw = |paths: &[PathBuf]| -> Result<f64, String> {
         let t = Instant::now();
-        weightlift_storage::raw_read(paths, threads, 16 << 20).map_err(|e| format!("raw read: {e}"))?;
+        weightlift_storage::raw_read(paths, threads, 16 << 20)
+            .map_err(|e| format!("raw read: {e}"))?;
         Ok(t.elapsed().as_secs_f64())
     };
     let load = || -> Result<(f64, String), String> {
         let t = Instant::now();
         let ckpt = Checkpoint::open(&dir).map_err(|e| e.to_string())?;
-        let state = ckpt.load(&LoadOptions::default()).map_err(|e| e.to_string())?;
+        let state = ckpt
+            .load(&LoadOptions::default())
+            .map_err(|e| e.to_string())?;
         let secs = t.elapsed().as_secs_f64();
         drop(state);
         let backends: Vec<&str> = ckpt.shards().iter().map(|s| s.backend().name()).collect();
@@ -75,7 +80,8 @@ pub(crate) fn run(args: &Args) -> Result<(), String> {
     let evict_all = || -> Result<f64, String> {
         let mut resident = 0.0;
         for p in &paths {
-            let (_, r) = weightlift_storage::evict(p).map_err(|e| format!("{}: evicting: {e}", p.display()))?;
+            let (_, r) = weightlift_storage::evict(p)
+                .map_err(|e| format!("{}: evicting: {e}", p.display()))?;
             resident += r.fraction() / paths.len() as f64;
         }
         Ok(resident)
@@ -146,19 +152,25 @@ fn cache_dir() -> PathBuf {
 fn suitable_size(dir: &Path) -> u64 {
     let mut size: u64 = 1 << 30;
     if let Some(avail) = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
-        let line = m.lines().find(|l| l.starts_with("MemAvailable:"))?.to_string();
+        let line = m
+            .lines()
+            .find(|l| l.starts_with("MemAvailable:"))?
+            .to_string();
         line.split_whitespace().nth(1)?.parse::<u64>().ok()
     }) {
         size = size.min(avail * 1024 / 4);
     }
-    let probe = dir.ancestors().find(|p| p.exists()).unwrap_or(Path::new("/"));
+    let probe = dir
+        .ancestors()
+        .find(|p| p.exists())
+        .unwrap_or(Path::new("/"));
     if let Ok(c) = std::ffi::CString::new(probe.as_os_str().as_encoded_bytes()) {
         let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
         // SAFETY: `c` is NUL-terminated and `st` points to writable memory of the right size.
         if unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) } == 0 {
             // SAFETY: statvfs returned 0, so it filled the struct.
             let st = unsafe { st.assume_init() };
-            size = size.min(st.f_bavail as u64 * st.f_frsize as u64 / 4);
+            size = size.min(st.f_bavail * st.f_frsize / 4);
         }
     }
     size.max(64 << 20)
@@ -167,9 +179,18 @@ fn suitable_size(dir: &Path) -> u64 {
 /// Generates the checkpoint into `dir` unless a complete one is there already.
 fn ensure_checkpoint(dir: &Path, profile: Profile, size: u64) -> Result<Vec<PathBuf>, String> {
     if let Ok(ckpt) = Checkpoint::open(dir) {
-        return Ok(ckpt.shards().iter().map(|s| s.path().to_path_buf()).collect());
+        return Ok(ckpt
+            .shards()
+            .iter()
+            .map(|s| s.path().to_path_buf())
+            .collect());
     }
-    eprintln!("generating a {} {} checkpoint in {} (once)...", human_bytes(size), profile.name(), dir.display());
+    eprintln!(
+        "generating a {} {} checkpoint in {} (once)...",
+        human_bytes(size),
+        profile.name(),
+        dir.display()
+    );
     // Generate beside the final place and rename, so an interrupted run leaves no half
     // checkpoint where the next run would look.
     let partial = dir.with_extension("partial");
@@ -178,5 +199,9 @@ fn ensure_checkpoint(dir: &Path, profile: Profile, size: u64) -> Result<Vec<Path
     let _ = std::fs::remove_dir_all(dir);
     std::fs::rename(&partial, dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let ckpt = Checkpoint::open(dir).map_err(|e| e.to_string())?;
-    Ok(ckpt.shards().iter().map(|s| s.path().to_path_buf()).collect())
+    Ok(ckpt
+        .shards()
+        .iter()
+        .map(|s| s.path().to_path_buf())
+        .collect())
 }

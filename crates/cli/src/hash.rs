@@ -3,9 +3,9 @@
 //! Shards are loaded one at a time, so memory stays at one shard's tensors however large
 //! the checkpoint; hashing runs in parallel over the tensors.
 
-use crate::common::{print, BackendArg};
+use crate::common::{BackendArg, print};
 use rayon::prelude::*;
-use serde_json::{json, Map};
+use serde_json::{Map, json};
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
@@ -13,8 +13,10 @@ use std::sync::Arc;
 use weightlift::{Checkpoint, LoadOptions, OpenOptions};
 
 #[derive(clap::Args)]
-#[command(after_help = "Examples:\n  weightlift hash model/\n  weightlift hash model.safetensors --json > hashes.json\n  \
-    diff <(weightlift hash a/) <(weightlift hash b/)")]
+#[command(
+    after_help = "Examples:\n  weightlift hash model/\n  weightlift hash model.safetensors --json > hashes.json\n  \
+    diff <(weightlift hash a/) <(weightlift hash b/)"
+)]
 pub(crate) struct Args {
     /// A .safetensors file, a directory of shards, or an index file.
     path: PathBuf,
@@ -27,10 +29,23 @@ pub(crate) struct Args {
 }
 
 pub(crate) fn run(args: &Args) -> Result<(), String> {
-    let ckpt = Checkpoint::open_with(&args.path, &OpenOptions { backend: args.backend.backend() }).map_err(|e| e.to_string())?;
+    let ckpt = Checkpoint::open_with(
+        &args.path,
+        &OpenOptions {
+            backend: args.backend.backend(),
+        },
+    )
+    .map_err(|e| e.to_string())?;
     let mut hashes: BTreeMap<String, (String, Vec<usize>, String)> = BTreeMap::new();
     for shard in ckpt.shards() {
-        let names: Arc<HashSet<String>> = Arc::new(shard.header().tensors().iter().map(|t| t.name.clone()).collect());
+        let names: Arc<HashSet<String>> = Arc::new(
+            shard
+                .header()
+                .tensors()
+                .iter()
+                .map(|t| t.name.clone())
+                .collect(),
+        );
         let state = ckpt
             .load(&LoadOptions::default().filter(move |n| names.contains(n)))
             .map_err(|e| e.to_string())?;
@@ -40,7 +55,12 @@ pub(crate) fn run(args: &Args) -> Result<(), String> {
             .map(|t| {
                 let digest = Sha256::digest(t.bytes().unwrap_or_default());
                 let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
-                (t.name().to_string(), t.dtype().to_string(), t.shape().to_vec(), hex)
+                (
+                    t.name().to_string(),
+                    t.dtype().to_string(),
+                    t.shape().to_vec(),
+                    hex,
+                )
             })
             .collect();
         for (name, dtype, shape, hex) in digests {
@@ -50,7 +70,9 @@ pub(crate) fn run(args: &Args) -> Result<(), String> {
     if args.json {
         let tensors: Map<String, serde_json::Value> = hashes
             .into_iter()
-            .map(|(name, (dtype, shape, sha))| (name, json!({"dtype": dtype, "shape": shape, "sha256": sha})))
+            .map(|(name, (dtype, shape, sha))| {
+                (name, json!({"dtype": dtype, "shape": shape, "sha256": sha}))
+            })
             .collect();
         return print(&format!("{}\n", json!({ "tensors": tensors })));
     }

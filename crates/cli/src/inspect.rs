@@ -1,14 +1,16 @@
 //! `weightlift inspect`: what a checkpoint holds, from its headers alone.
 
 use crate::common::{human_bytes, print, table, thousands};
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value, json};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use weightlift::{Checkpoint, Dtype, OpenOptions};
 
 #[derive(clap::Args)]
-#[command(after_help = "Examples:\n  weightlift inspect model/\n  weightlift inspect model/ --filter 'model.layers.0.*'\n  \
-    weightlift inspect model.safetensors --json | jq '.tensors | length'")]
+#[command(
+    after_help = "Examples:\n  weightlift inspect model/\n  weightlift inspect model/ --filter 'model.layers.0.*'\n  \
+    weightlift inspect model.safetensors --json | jq '.tensors | length'"
+)]
 pub(crate) struct Args {
     /// A .safetensors file, a directory of shards, or an index file.
     path: PathBuf,
@@ -27,7 +29,8 @@ pub(crate) fn run(args: &Args) -> Result<(), String> {
         .map(glob::Pattern::new)
         .transpose()
         .map_err(|e| format!("invalid --filter pattern: {e}"))?;
-    let ckpt = Checkpoint::open_with(&args.path, &OpenOptions::default()).map_err(|e| e.to_string())?;
+    let ckpt =
+        Checkpoint::open_with(&args.path, &OpenOptions::default()).map_err(|e| e.to_string())?;
     let keep = |name: &str| pattern.as_ref().is_none_or(|p| p.matches(name));
 
     let mut metadata = Map::new();
@@ -100,7 +103,13 @@ pub(crate) fn run(args: &Args) -> Result<(), String> {
     out.push_str("\ndtypes:\n");
     let rows: Vec<Vec<String>> = per_dtype
         .iter()
-        .map(|(d, (n, b))| vec![format!("  {d}"), format!("{} tensors", thousands(*n)), human_bytes(*b)])
+        .map(|(d, (n, b))| {
+            vec![
+                format!("  {d}"),
+                format!("{} tensors", thousands(*n)),
+                human_bytes(*b),
+            ]
+        })
         .collect();
     out.push_str(&table(&rows));
     if !metadata.is_empty() {
@@ -110,9 +119,19 @@ pub(crate) fn run(args: &Args) -> Result<(), String> {
         }
     }
     out.push_str("\ntensors:\n");
-    let mut rows = vec![vec!["  NAME".to_string(), "DTYPE".into(), "SHAPE".into(), "SIZE".into()]];
+    let mut rows = vec![vec![
+        "  NAME".to_string(),
+        "DTYPE".into(),
+        "SHAPE".into(),
+        "SIZE".into(),
+    ]];
     rows.extend(listed.iter().map(|(_, t)| {
-        vec![format!("  {}", t.name), t.dtype.to_string(), format!("{:?}", t.shape), human_bytes(t.byte_len())]
+        vec![
+            format!("  {}", t.name),
+            t.dtype.to_string(),
+            format!("{:?}", t.shape),
+            human_bytes(t.byte_len()),
+        ]
     }));
     out.push_str(&table(&rows));
     print(&out)

@@ -1,6 +1,6 @@
 //! `weightlift load`: load a checkpoint and say how fast it went.
 
-use crate::common::{human_bytes, peak_rss, print, thousands, BackendArg};
+use crate::common::{BackendArg, human_bytes, peak_rss, print, thousands};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::json;
 use std::path::PathBuf;
@@ -8,9 +8,11 @@ use std::time::Instant;
 use weightlift::{Checkpoint, Device, LoadOptions, OpenOptions};
 
 #[derive(clap::Args)]
-#[command(after_help = "Examples:\n  weightlift load model/\n  weightlift load model/ --backend direct --threads 8\n  \
+#[command(
+    after_help = "Examples:\n  weightlift load model/\n  weightlift load model/ --backend direct --threads 8\n  \
     weightlift load model/ --device meta --json\n\n\
-    With --backend mmap the files must not be modified or truncated during the load.")]
+    With --backend mmap the files must not be modified or truncated during the load."
+)]
 pub(crate) struct Args {
     /// A .safetensors file, a directory of shards, or an index file.
     path: PathBuf,
@@ -26,6 +28,10 @@ pub(crate) struct Args {
     /// Size of one coalesced read, e.g. 16MiB.
     #[arg(long, value_parser = crate::common::parse_size)]
     request_size: Option<u64>,
+    /// Ask for transparent huge pages for the loaded tensors (fewer page faults; can stall
+    /// in memory compaction where THP defrag is "madvise").
+    #[arg(long)]
+    huge_pages: bool,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -33,9 +39,17 @@ pub(crate) struct Args {
 
 pub(crate) fn run(args: &Args) -> Result<(), String> {
     let start = Instant::now();
-    let ckpt = Checkpoint::open_with(&args.path, &OpenOptions { backend: args.backend.backend() }).map_err(|e| e.to_string())?;
+    let ckpt = Checkpoint::open_with(
+        &args.path,
+        &OpenOptions {
+            backend: args.backend.backend(),
+        },
+    )
+    .map_err(|e| e.to_string())?;
     let open_secs = start.elapsed().as_secs_f64();
-    let mut options = LoadOptions::default().device(args.device);
+    let mut options = LoadOptions::default()
+        .device(args.device)
+        .huge_pages(args.huge_pages);
     if let Some(t) = args.threads {
         options = options.threads(t);
     }
@@ -45,8 +59,10 @@ pub(crate) fn run(args: &Args) -> Result<(), String> {
     // Drawn on stderr only when it is a terminal; piped runs get no bar.
     let bar = ProgressBar::with_draw_target(Some(ckpt.data_bytes()), ProgressDrawTarget::stderr());
     bar.set_style(
-        ProgressStyle::with_template("{bar:40} {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} eta {eta}")
-            .expect("valid template"),
+        ProgressStyle::with_template(
+            "{bar:40} {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} eta {eta}",
+        )
+        .expect("valid template"),
     );
     if args.device != Device::Meta {
         let b = bar.clone();
@@ -55,7 +71,11 @@ pub(crate) fn run(args: &Args) -> Result<(), String> {
     let state = ckpt.load(&options).map_err(|e| e.to_string())?;
     bar.finish_and_clear();
     let secs = start.elapsed().as_secs_f64();
-    let bytes = if args.device == Device::Meta { 0 } else { state.byte_len() };
+    let bytes = if args.device == Device::Meta {
+        0
+    } else {
+        state.byte_len()
+    };
     let gbps = bytes as f64 / secs / 1e9;
     let peak = peak_rss().unwrap_or(0);
     let files: Vec<_> = ckpt
@@ -88,7 +108,12 @@ pub(crate) fn run(args: &Args) -> Result<(), String> {
         human_bytes(peak)
     );
     for s in ckpt.shards() {
-        out.push_str(&format!("  {}: {} ({})\n", s.name(), s.backend(), s.backend_reason()));
+        out.push_str(&format!(
+            "  {}: {} ({})\n",
+            s.name(),
+            s.backend(),
+            s.backend_reason()
+        ));
     }
     print(&out)
 }

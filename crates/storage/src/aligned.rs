@@ -1,8 +1,7 @@
 //! Page-aligned, lazily zeroed host memory from anonymous maps.
 //!
-//! Anonymous maps give 4096-byte alignment (what `O_DIRECT` needs and more than the 64 bytes
-//! tensors need), cost nothing until touched, and can ask for transparent huge pages, which
-//! cut the page faults of filling fresh memory 512-fold.
+//! Anonymous maps give 4096-byte alignment (what `O_DIRECT` needs) and cost nothing until
+//! touched. Bounce buffers are reused, so their first-touch cost is paid once.
 
 use memmap2::{MmapMut, MmapOptions};
 use std::io;
@@ -17,9 +16,6 @@ pub struct AlignedBuf {
 /// Alignment of every [`AlignedBuf`].
 pub const PAGE: usize = 4096;
 
-/// Buffers at least this large ask for transparent huge pages.
-const HUGE_PAGE_MIN: usize = 4 << 20;
-
 impl AlignedBuf {
     /// Allocates `len` zeroed bytes (zeroed lazily by the kernel on first touch).
     pub fn zeroed(len: usize) -> io::Result<AlignedBuf> {
@@ -27,11 +23,6 @@ impl AlignedBuf {
             return Ok(AlignedBuf { map: None, len: 0 });
         }
         let map = MmapOptions::new().len(len).map_anon()?;
-        #[cfg(target_os = "linux")]
-        if len >= HUGE_PAGE_MIN {
-            // A hint only: where THP is off the kernel ignores it or says no, which is fine.
-            let _ = map.advise(memmap2::Advice::HugePage);
-        }
         Ok(AlignedBuf {
             map: Some(map),
             len,

@@ -1,7 +1,7 @@
 //! The yardsticks a loader is measured against: a raw sequential read of the same bytes,
 //! and evicting files from the page cache (verified) for cold-cache measurements.
 
-use crate::auto::{residency, Residency};
+use crate::auto::{Residency, residency};
 use std::fs::File;
 use std::io::{self, Read};
 use std::os::fd::AsRawFd;
@@ -18,7 +18,9 @@ pub fn raw_read(paths: &[PathBuf], threads: usize, buf_len: usize) -> io::Result
         let mut total = 0u64;
         loop {
             let i = next.fetch_add(1, Ordering::Relaxed);
-            let Some(path) = paths.get(i) else { return Ok(total) };
+            let Some(path) = paths.get(i) else {
+                return Ok(total);
+            };
             let mut f = File::open(path)?;
             loop {
                 match f.read(&mut buf) {
@@ -32,7 +34,10 @@ pub fn raw_read(paths: &[PathBuf], threads: usize, buf_len: usize) -> io::Result
     };
     std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads.max(1)).map(|_| s.spawn(worker)).collect();
-        handles.into_iter().map(|h| h.join().expect("reader thread")).sum()
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("reader thread"))
+            .sum()
     })
 }
 

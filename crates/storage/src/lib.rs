@@ -15,8 +15,8 @@ mod mmap;
 mod pread;
 
 pub use aligned::{AlignedBuf, PAGE};
-pub use baseline::{evict, raw_read, Eviction};
 pub use auto::{AutoPolicy, FsKind, Residency, fs_kind, residency};
+pub use baseline::{Eviction, evict, raw_read};
 pub use direct::{BOUNCE_LEN, DirectSource};
 pub use mmap::MmapSource;
 pub use pread::PreadSource;

@@ -65,6 +65,9 @@ pub struct LoadOptions {
     pub convert_to: Option<Dtype>,
     /// Called after every completed read.
     pub progress: Option<ProgressFn>,
+    /// Ask for transparent huge pages for CPU memory (see
+    /// [`weightlift_device::HostBuffer::with_huge_pages`] for when it helps and hurts).
+    pub huge_pages: bool,
 }
 
 impl Default for LoadOptions {
@@ -76,6 +79,7 @@ impl Default for LoadOptions {
             filter: Filter::All,
             convert_to: None,
             progress: None,
+            huge_pages: false,
         }
     }
 }
@@ -89,6 +93,7 @@ impl fmt::Debug for LoadOptions {
             .field("filter", &self.filter)
             .field("convert_to", &self.convert_to)
             .field("progress", &self.progress.as_ref().map(|_| ".."))
+            .field("huge_pages", &self.huge_pages)
             .finish()
     }
 }
@@ -127,6 +132,12 @@ impl LoadOptions {
     /// Converts F16/BF16/F32 tensors to `dtype` (one of those three) while loading.
     pub fn convert_to(mut self, dtype: Dtype) -> Self {
         self.convert_to = Some(dtype);
+        self
+    }
+
+    /// Asks for transparent huge pages for CPU memory.
+    pub fn huge_pages(mut self, on: bool) -> Self {
+        self.huge_pages = on;
         self
     }
 
@@ -175,7 +186,10 @@ impl Checkpoint {
             Device::Meta => Ok(self.meta_tensors(&selected, convert_fn)),
             Device::Cpu => {
                 let plan = ReadPlan::build(self, selected, options.request_size, convert_fn);
-                let memories = self.run(&plan, &CpuTarget, options)?;
+                let target = CpuTarget {
+                    huge_pages: options.huge_pages,
+                };
+                let memories = self.run(&plan, &target, options)?;
                 Ok(self.host_tensors(&plan, memories))
             }
             Device::Cuda(_) => Err(Error::Device(DeviceError::Unavailable {

@@ -9,7 +9,7 @@
 
 use crate::error::{Error, Result};
 use std::path::{Path, PathBuf};
-use weightlift_format::{Dtype, Layout, ShardIndex, INDEX_FILE_NAME};
+use weightlift_format::{Dtype, INDEX_FILE_NAME, Layout, ShardIndex};
 
 /// The shape of a synthetic checkpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -43,7 +43,11 @@ pub struct SyntheticTensor {
 
 impl SyntheticTensor {
     fn new(name: String, shape: &[usize]) -> SyntheticTensor {
-        SyntheticTensor { name, dtype: Dtype::BF16, shape: shape.to_vec() }
+        SyntheticTensor {
+            name,
+            dtype: Dtype::BF16,
+            shape: shape.to_vec(),
+        }
     }
 
     /// Bytes of data.
@@ -61,7 +65,9 @@ pub fn layout(profile: Profile, bytes: u64) -> Vec<SyntheticTensor> {
 }
 
 fn layer_count(bytes: u64, fixed: u64, per_layer: u64) -> usize {
-    (bytes.saturating_sub(fixed) as f64 / per_layer as f64).round().max(1.0) as usize
+    (bytes.saturating_sub(fixed) as f64 / per_layer as f64)
+        .round()
+        .max(1.0) as usize
 }
 
 fn moe_layout(bytes: u64) -> Vec<SyntheticTensor> {
@@ -83,16 +89,28 @@ fn moe_layout(bytes: u64) -> Vec<SyntheticTensor> {
             SyntheticTensor::new(format!("{p}.mlp.gate.weight"), &[experts, h]),
         ];
         for e in 0..experts {
-            t.push(SyntheticTensor::new(format!("{p}.mlp.experts.{e}.gate_proj.weight"), &[inter, h]));
-            t.push(SyntheticTensor::new(format!("{p}.mlp.experts.{e}.up_proj.weight"), &[inter, h]));
-            t.push(SyntheticTensor::new(format!("{p}.mlp.experts.{e}.down_proj.weight"), &[h, inter]));
+            t.push(SyntheticTensor::new(
+                format!("{p}.mlp.experts.{e}.gate_proj.weight"),
+                &[inter, h],
+            ));
+            t.push(SyntheticTensor::new(
+                format!("{p}.mlp.experts.{e}.up_proj.weight"),
+                &[inter, h],
+            ));
+            t.push(SyntheticTensor::new(
+                format!("{p}.mlp.experts.{e}.down_proj.weight"),
+                &[h, inter],
+            ));
         }
         t
     };
     let per_layer: u64 = layer(0).iter().map(SyntheticTensor::byte_len).sum();
     let fixed = (2 * vocab * h * 2 + h * 2) as u64;
     let layers = layer_count(bytes, fixed, per_layer);
-    let mut out = vec![SyntheticTensor::new("model.embed_tokens.weight".into(), &[vocab, h])];
+    let mut out = vec![SyntheticTensor::new(
+        "model.embed_tokens.weight".into(),
+        &[vocab, h],
+    )];
     (0..layers).for_each(|l| out.extend(layer(l)));
     out.push(SyntheticTensor::new("model.norm.weight".into(), &[h]));
     out.push(SyntheticTensor::new("lm_head.weight".into(), &[vocab, h]));
@@ -118,7 +136,10 @@ fn dense_layout(bytes: u64) -> Vec<SyntheticTensor> {
     let per_layer: u64 = layer(0).iter().map(SyntheticTensor::byte_len).sum();
     let fixed = (2 * vocab * h * 2 + h * 2) as u64;
     let layers = layer_count(bytes, fixed, per_layer);
-    let mut out = vec![SyntheticTensor::new("model.embed_tokens.weight".into(), &[vocab, h])];
+    let mut out = vec![SyntheticTensor::new(
+        "model.embed_tokens.weight".into(),
+        &[vocab, h],
+    )];
     (0..layers).for_each(|l| out.extend(layer(l)));
     out.push(SyntheticTensor::new("model.norm.weight".into(), &[h]));
     out.push(SyntheticTensor::new("lm_head.weight".into(), &[vocab, h]));
@@ -132,7 +153,11 @@ const SHARD_BYTES: u64 = 512 << 20;
 /// shards named like `transformers` names them (at least two) and
 /// `model.safetensors.index.json`. Returns the shard paths. Each file is written atomically.
 pub fn generate(dir: &Path, profile: Profile, bytes: u64) -> Result<Vec<PathBuf>> {
-    let io = |path: &Path, source| Error::Io { path: path.to_path_buf(), context: "writing a synthetic checkpoint", source };
+    let io = |path: &Path, source| Error::Io {
+        path: path.to_path_buf(),
+        context: "writing a synthetic checkpoint",
+        source,
+    };
     std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
     let tensors = layout(profile, bytes);
     let total: u64 = tensors.iter().map(SyntheticTensor::byte_len).sum();
@@ -150,7 +175,11 @@ pub fn generate(dir: &Path, profile: Profile, bytes: u64) -> Result<Vec<PathBuf>
         filled += t.byte_len();
     }
     let n = groups.len();
-    let mut index = ShardIndex { total_size: Some(total), metadata: Default::default(), weight_map: Default::default() };
+    let mut index = ShardIndex {
+        total_size: Some(total),
+        metadata: Default::default(),
+        weight_map: Default::default(),
+    };
     index.metadata.insert("total_size".into(), total.into());
     let mut paths = Vec::with_capacity(n);
     let mut meta = weightlift_format::Metadata::new();
@@ -158,8 +187,16 @@ pub fn generate(dir: &Path, profile: Profile, bytes: u64) -> Result<Vec<PathBuf>
     for (s, group) in groups.iter().enumerate() {
         let name = format!("model-{:05}-of-{n:05}.safetensors", s + 1);
         let path = dir.join(&name);
-        let layout = Layout::new(group.iter().map(|(_, t)| (t.name.as_str(), t.dtype, t.shape.as_slice())), Some(&meta))
-            .map_err(|source| Error::Format { path: path.clone(), source })?;
+        let layout = Layout::new(
+            group
+                .iter()
+                .map(|(_, t)| (t.name.as_str(), t.dtype, t.shape.as_slice())),
+            Some(&meta),
+        )
+        .map_err(|source| Error::Format {
+            path: path.clone(),
+            source,
+        })?;
         weightlift_format::write_file_with(&path, |w| {
             w.write_all(layout.header_bytes())?;
             let mut buf = Vec::new();
@@ -171,7 +208,10 @@ pub fn generate(dir: &Path, profile: Profile, bytes: u64) -> Result<Vec<PathBuf>
             }
             Ok(())
         })
-        .map_err(|source| Error::Format { path: path.clone(), source })?;
+        .map_err(|source| Error::Format {
+            path: path.clone(),
+            source,
+        })?;
         for (_, t) in group {
             index.weight_map.insert(t.name.clone(), name.clone());
         }
@@ -179,7 +219,10 @@ pub fn generate(dir: &Path, profile: Profile, bytes: u64) -> Result<Vec<PathBuf>
     }
     let index_path = dir.join(INDEX_FILE_NAME);
     weightlift_format::write_file_with(&index_path, |w| w.write_all(index.to_json().as_bytes()))
-        .map_err(|source| Error::Format { path: index_path.clone(), source })?;
+        .map_err(|source| Error::Format {
+            path: index_path.clone(),
+            source,
+        })?;
     Ok(paths)
 }
 
@@ -207,8 +250,14 @@ mod tests {
         let moe = layout(Profile::Moe, 1 << 30);
         let bytes: u64 = moe.iter().map(SyntheticTensor::byte_len).sum();
         assert!((19_000..24_000).contains(&moe.len()), "{}", moe.len());
-        assert!((bytes as f64 / (1u64 << 30) as f64 - 1.0).abs() < 0.03, "{bytes}");
-        assert!(moe.iter().any(|t| t.name == "model.layers.0.mlp.experts.127.down_proj.weight"));
+        assert!(
+            (bytes as f64 / (1u64 << 30) as f64 - 1.0).abs() < 0.03,
+            "{bytes}"
+        );
+        assert!(
+            moe.iter()
+                .any(|t| t.name == "model.layers.0.mlp.experts.127.down_proj.weight")
+        );
         let dense = layout(Profile::Dense, 1 << 30);
         let dbytes: u64 = dense.iter().map(SyntheticTensor::byte_len).sum();
         assert!((200..500).contains(&dense.len()), "{}", dense.len());

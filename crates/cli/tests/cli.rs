@@ -1,0 +1,245 @@
+//! The `weightlift` binary, run as a user would, on checkpoints written by the test.
+
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use std::path::Path;
+use std::process::{Command, Output};
+use weightlift_tests::{Spec, all_dtypes, disk_tempdir, moe, split, write_file, write_sharded};
+
+fn weightlift(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_weightlift"))
+        .args(args)
+        .output()
+        .expect("run weightlift")
+}
+
+fn ok_json(args: &[&str]) -> Value {
+    let out = weightlift(args);
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(
+        text.trim_end().lines().count(),
+        1,
+        "exactly one JSON object: {text}"
+    );
+    serde_json::from_str(&text).unwrap()
+}
+
+fn sharded(dir: &Path) -> Vec<Vec<Spec>> {
+    let shards = split(moe(2, 3, 16, 8), 2);
+    write_sharded(dir, &shards, true);
+    shards
+}
+
+#[test]
+fn inspect_json_matches_what_was_written() {
+    let dir = disk_tempdir();
+    let shards = sharded(dir.path());
+    let v = ok_json(&["inspect", dir.path().to_str().unwrap(), "--json"]);
+    let files = v["files"].as_array().unwrap();
+    assert_eq!(files.len(), 2);
+    for f in files {
+        let path = f["path"].as_str().unwrap();
+        let len = std::fs::metadata(path).unwrap().len();
+        assert_eq!(
+            f["header_bytes"].as_u64().unwrap() + f["data_bytes"].as_u64().unwrap(),
+            len
+        );
+    }
+    assert_eq!(v["metadata"], serde_json::json!({"format": "pt"}));
+    let tensors = v["tensors"].as_array().unwrap();
+    let all: Vec<&Spec> = shards.iter().flatten().collect();
+    assert_eq!(tensors.len(), all.len());
+    let mut total = 0;
+    let mut params = 0;
+    for (shard_no, shard) in shards.iter().enumerate() {
+        let file = format!("model-{:05}-of-00002.safetensors", shard_no + 1);
+        for spec in shard {
+            let t = tensors
+                .iter()
+                .find(|t| t["name"] == spec.name.as_str())
+                .unwrap();
+            assert_eq!(t["dtype"], spec.dtype.name());
+            assert_eq!(t["shape"], serde_json::json!(spec.shape));
+            assert_eq!(t["file"], file.as_str());
+            let offs = t["data_offsets"].as_array().unwrap();
+            assert_eq!(
+                offs[1].as_u64().unwrap() - offs[0].as_u64().unwrap(),
+                spec.data.len() as u64
+            );
+            total += spec.data.len() as u64;
+            params += spec.shape.iter().product::<usize>() as u64;
+        }
+    }
+    assert_eq!(v["total_bytes"].as_u64().unwrap(), total);
+    assert_eq!(v["parameters"].as_u64().unwrap(), params);
+    // File order: offsets increase within each file.
+    for w in tensors.windows(2) {
+        if w[0]["file"] == w[1]["file"] {
+            assert!(w[0]["data_offsets"][1].as_u64() <= w[1]["data_offsets"][0].as_u64());
+        }
+    }
+}
+
+#[test]
+fn inspect_text_and_filter() {
+    let dir = disk_tempdir();
+    sharded(dir.path());
+    let index = dir.path().join("model.safetensors.index.json");
+    let out = weightlift(&[
+        "inspect",
+        index.to_str().unwrap(),
+        "--filter",
+        "*.experts.1.*",
+    ]);
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("2 files, 6 tensors"), "{text}");
+    assert!(text.contains("model.layers.0.mlp.experts.1.up_proj.weight"));
+    assert!(!text.contains("experts.0."));
+    assert!(text.contains("format = pt"));
+    let v = ok_json(&[
+        "inspect",
+        index.to_str().unwrap(),
+        "--filter",
+        "*.experts.1.*",
+        "--json",
+    ]);
+    assert_eq!(v["tensors"].as_array().unwrap().len(), 6);
+}
+
+#[test]
+fn hash_equals_sha256_of_the_written_bytes_on_every_backend() {
+    let dir = disk_tempdir();
+    let path = dir.path().join("m.safetensors");
+    let specs = all_dtypes();
+    write_file(&path, &specs);
+    for backend in ["auto", "pread", "direct", "mmap"] {
+        let v = ok_json(&[
+            "hash",
+            path.to_str().unwrap(),
+            "--backend",
+            backend,
+            "--json",
+        ]);
+        let tensors = v["tensors"].as_object().unwrap();
+        assert_eq!(tensors.len(), specs.len());
+        for s in &specs {
+            let t = &tensors[&s.name];
+            let hex: String = Sha256::digest(&s.data)
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            assert_eq!(t["sha256"], hex.as_str(), "{backend}: {}", s.name);
+            assert_eq!(t["dtype"], s.dtype.name());
+            assert_eq!(t["shape"], serde_json::json!(s.shape));
+        }
+    }
+    let text = String::from_utf8(weightlift(&["hash", path.to_str().unwrap()]).stdout).unwrap();
+    assert_eq!(text.lines().count(), specs.len());
+}
+
+#[test]
+fn load_reports_what_it_loaded() {
+    let dir = disk_tempdir();
+    let shards = sharded(dir.path());
+    let count = shards.iter().flatten().count();
+    let bytes: usize = shards.iter().flatten().map(|s| s.data.len()).sum();
+    let v = ok_json(&[
+        "load",
+        dir.path().to_str().unwrap(),
+        "--json",
+        "--threads",
+        "3",
+        "--backend",
+        "direct",
+    ]);
+    assert_eq!(v["tensors"].as_u64().unwrap(), count as u64);
+    assert_eq!(v["bytes"].as_u64().unwrap(), bytes as u64);
+    assert!(v["peak_rss_bytes"].as_u64().unwrap() > 0);
+    assert_eq!(v["files"].as_array().unwrap().len(), 2);
+    assert_eq!(v["files"][0]["backend"], "direct");
+    let v = ok_json(&[
+        "load",
+        dir.path().to_str().unwrap(),
+        "--json",
+        "--device",
+        "meta",
+    ]);
+    assert_eq!(v["tensors"].as_u64().unwrap(), count as u64);
+    let out = weightlift(&["load", dir.path().to_str().unwrap()]);
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains(&format!("loaded {count} tensors")), "{text}");
+}
+
+#[test]
+fn bad_input_is_one_line_and_exit_code_1() {
+    let dir = disk_tempdir();
+    let path = dir.path().join("broken.safetensors");
+    std::fs::write(&path, b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":{\"dtype\":").unwrap();
+    for cmd in ["inspect", "hash", "load"] {
+        let out = weightlift(&[cmd, path.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(1), "{cmd}");
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(
+            err.contains("broken.safetensors") && err.contains("header"),
+            "{err}"
+        );
+        assert!(!err.contains("panicked"));
+    }
+    let out = weightlift(&["load", dir.path().join("missing").to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let good = dir.path().join("good.safetensors");
+    write_file(
+        &good,
+        &[Spec::new("w", weightlift_format::Dtype::F32, &[4])],
+    );
+    let out = weightlift(&["load", good.to_str().unwrap(), "--device", "cuda:0"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cuda:0"));
+    // Usage errors: exit code 2.
+    assert_eq!(weightlift(&["load"]).status.code(), Some(2));
+    assert_eq!(
+        weightlift(&["load", "x", "--device", "tpu"]).status.code(),
+        Some(2)
+    );
+    assert_eq!(weightlift(&["frobnicate"]).status.code(), Some(2));
+}
+
+#[test]
+fn demo_runs_on_a_small_checkpoint_and_reuses_it() {
+    let dir = disk_tempdir();
+    let args = [
+        "demo",
+        "--size",
+        "48MiB",
+        "--runs",
+        "1",
+        "--dir",
+        dir.path().to_str().unwrap(),
+    ];
+    let out = weightlift(&args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.contains("moe profile") && text.contains("weightlift / raw"),
+        "{text}"
+    );
+    assert!(text.contains("warm") && text.contains("cold"), "{text}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("generating"));
+    let again = weightlift(&args);
+    assert!(again.status.success());
+    assert!(
+        !String::from_utf8_lossy(&again.stderr).contains("generating"),
+        "cached"
+    );
+}
