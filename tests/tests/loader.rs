@@ -224,7 +224,6 @@ fn slices_equal_the_corresponding_elements() {
             );
         }
     }
-    #[allow(clippy::single_range_in_vec_init)] // one range: slice along dimension 0
     let err = ckpt.get_slice("m", &[0..7]).unwrap_err();
     assert!(matches!(err, Error::InvalidSlice { .. }), "{err}");
     assert!(err.to_string().contains("\"m\""));
