@@ -1,6 +1,8 @@
 //! `cargo xtask`: project tasks that need more than `cargo test`.
 
+mod bench;
 mod fuzz;
+mod plot;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -17,12 +19,19 @@ struct Cli {
 enum Task {
     /// Fuzz the header parser (and the index parser) with cargo-fuzz / libFuzzer.
     Fuzz(fuzz::FuzzArgs),
+    /// Time weightlift against a raw read and the reference crate on the same bytes.
+    Bench(bench::BenchArgs),
+    /// One measurement of the bench, in its own process (used by `bench`).
+    #[command(hide = true)]
+    BenchOne(bench::OneArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.task {
         Task::Fuzz(args) => fuzz::run(&args),
+        Task::Bench(args) => bench::run(&args),
+        Task::BenchOne(args) => bench::run_one(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

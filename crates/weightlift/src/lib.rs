@@ -35,6 +35,7 @@ pub use load::{DEFAULT_REQUEST_SIZE, Filter, LoadOptions};
 pub use progress::{Progress, ProgressFn};
 pub use tensor::{Element, StateDict, Tensor, TensorView};
 
+pub use weightlift_device as device;
 pub use weightlift_device::Device;
 pub use weightlift_format as format;
 pub use weightlift_format::Dtype;
