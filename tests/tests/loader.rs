@@ -109,6 +109,14 @@ fn single_file_all_dtypes() {
     write_file(&path, &all_dtypes());
     check_all(&path, std::slice::from_ref(&path), 4096);
     check_all(&path, std::slice::from_ref(&path), 16 << 20);
+    // Sub-byte tensors read whole, but cannot be sliced (elements are not byte-addressable).
+    let ckpt = Checkpoint::open(&path).unwrap();
+    let expected = reference(std::slice::from_ref(&path));
+    for name in ["t.f4", "t.f6_e2m3", "t.f6_e3m2"] {
+        assert!(ckpt.get(name).unwrap().bytes().unwrap() == &expected[name].2[..]);
+        let err = ckpt.get_slice(name, &[0..1]).unwrap_err();
+        assert!(err.to_string().contains("not byte-addressable"), "{err}");
+    }
 }
 
 #[test]

@@ -13,37 +13,7 @@ use weightlift_device::HostBuffer;
 impl Checkpoint {
     /// Reads one tensor into owned memory.
     pub fn get(&self, name: &str) -> Result<Tensor> {
-        let (shard, info) = self
-            .info(name)
-            .ok_or_else(|| Error::NotFound(name.to_string()))?;
-        self.get_slice(name, &[]).or_else(|e| match e {
-            // Sub-byte dtypes cannot be sliced, but the whole tensor can be read.
-            Error::InvalidSlice { .. } => {
-                let mut buf = HostBuffer::new(info.byte_len())?;
-                shard
-                    .source()
-                    .read_exact_at(
-                        shard.header().data_start() + info.data_offsets.0,
-                        buf.as_mut_slice(),
-                    )
-                    .map_err(|source| Error::Read {
-                        path: shard.path().to_path_buf(),
-                        tensor: name.to_string(),
-                        source,
-                    })?;
-                Ok(Tensor {
-                    name: info.name.clone(),
-                    dtype: info.dtype,
-                    shape: info.shape.clone(),
-                    byte_len: info.byte_len() as usize,
-                    storage: Storage::Host {
-                        memory: Arc::new(buf),
-                        offset: 0,
-                    },
-                })
-            }
-            other => Err(other),
-        })
+        self.get_slice(name, &[])
     }
 
     /// Reads the sub-block `ranges` of a tensor: one range per leading dimension (missing
@@ -53,19 +23,24 @@ impl Checkpoint {
         let (shard, info) = self
             .info(name)
             .ok_or_else(|| Error::NotFound(name.to_string()))?;
-        let bits = info.dtype.bits();
-        if bits % 8 != 0 {
+        let plan = if ranges.is_empty() {
+            // The whole tensor: one run, for every dtype (sub-byte ones included).
+            slice::SlicePlan {
+                shape: info.shape.clone(),
+                runs: vec![(0, info.byte_len())],
+            }
+        } else if info.dtype.bits() % 8 != 0 {
             return Err(Error::InvalidSlice {
                 tensor: name.to_string(),
                 reason: format!("{} elements are not byte-addressable", info.dtype),
             });
-        }
-        let plan = slice::plan(&info.shape, ranges, bits as u64 / 8).map_err(|reason| {
-            Error::InvalidSlice {
+        } else {
+            let elem = info.dtype.bits() as u64 / 8;
+            slice::plan(&info.shape, ranges, elem).map_err(|reason| Error::InvalidSlice {
                 tensor: name.to_string(),
                 reason,
-            }
-        })?;
+            })?
+        };
         let total: u64 = plan.runs.iter().map(|r| r.1).sum();
         let mut buf = HostBuffer::new(total)?;
         let base = shard.header().data_start() + info.data_offsets.0;

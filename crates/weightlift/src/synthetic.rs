@@ -64,10 +64,26 @@ pub fn layout(profile: Profile, bytes: u64) -> Vec<SyntheticTensor> {
     }
 }
 
-fn layer_count(bytes: u64, fixed: u64, per_layer: u64) -> usize {
-    (bytes.saturating_sub(fixed) as f64 / per_layer as f64)
+/// Embedding, as many whole layers as fit `bytes` (at least one), final norm and LM head.
+fn assemble(
+    bytes: u64,
+    vocab: usize,
+    h: usize,
+    layer: impl Fn(usize) -> Vec<SyntheticTensor>,
+) -> Vec<SyntheticTensor> {
+    let per_layer: u64 = layer(0).iter().map(SyntheticTensor::byte_len).sum();
+    let fixed = (2 * vocab * h * 2 + h * 2) as u64;
+    let layers = (bytes.saturating_sub(fixed) as f64 / per_layer as f64)
         .round()
-        .max(1.0) as usize
+        .max(1.0) as usize;
+    let mut out = vec![SyntheticTensor::new(
+        "model.embed_tokens.weight".into(),
+        &[vocab, h],
+    )];
+    (0..layers).for_each(|l| out.extend(layer(l)));
+    out.push(SyntheticTensor::new("model.norm.weight".into(), &[h]));
+    out.push(SyntheticTensor::new("lm_head.weight".into(), &[vocab, h]));
+    out
 }
 
 fn moe_layout(bytes: u64) -> Vec<SyntheticTensor> {
@@ -104,17 +120,7 @@ fn moe_layout(bytes: u64) -> Vec<SyntheticTensor> {
         }
         t
     };
-    let per_layer: u64 = layer(0).iter().map(SyntheticTensor::byte_len).sum();
-    let fixed = (2 * vocab * h * 2 + h * 2) as u64;
-    let layers = layer_count(bytes, fixed, per_layer);
-    let mut out = vec![SyntheticTensor::new(
-        "model.embed_tokens.weight".into(),
-        &[vocab, h],
-    )];
-    (0..layers).for_each(|l| out.extend(layer(l)));
-    out.push(SyntheticTensor::new("model.norm.weight".into(), &[h]));
-    out.push(SyntheticTensor::new("lm_head.weight".into(), &[vocab, h]));
-    out
+    assemble(bytes, vocab, h, layer)
 }
 
 fn dense_layout(bytes: u64) -> Vec<SyntheticTensor> {
@@ -133,17 +139,7 @@ fn dense_layout(bytes: u64) -> Vec<SyntheticTensor> {
             SyntheticTensor::new(format!("{p}.mlp.down_proj.weight"), &[h, inter]),
         ]
     };
-    let per_layer: u64 = layer(0).iter().map(SyntheticTensor::byte_len).sum();
-    let fixed = (2 * vocab * h * 2 + h * 2) as u64;
-    let layers = layer_count(bytes, fixed, per_layer);
-    let mut out = vec![SyntheticTensor::new(
-        "model.embed_tokens.weight".into(),
-        &[vocab, h],
-    )];
-    (0..layers).for_each(|l| out.extend(layer(l)));
-    out.push(SyntheticTensor::new("model.norm.weight".into(), &[h]));
-    out.push(SyntheticTensor::new("lm_head.weight".into(), &[vocab, h]));
-    out
+    assemble(bytes, vocab, h, layer)
 }
 
 /// Target size of one shard.
