@@ -185,7 +185,8 @@ impl Checkpoint {
         match options.device {
             Device::Meta => Ok(self.meta_tensors(&selected, convert_fn)),
             Device::Cpu => {
-                let plan = ReadPlan::build(self, selected, options.request_size, convert_fn);
+                let headers: Vec<_> = self.shards().iter().map(|s| s.header()).collect();
+                let plan = ReadPlan::build(&headers, selected, options.request_size, convert_fn);
                 let target = CpuTarget {
                     huge_pages: options.huge_pages,
                 };

@@ -7,10 +7,9 @@
 //! tensor that was not selected: only selected bytes are read. Per tensor, planning does a
 //! constant amount of arithmetic and pushes one or a few [`Piece`]s; nothing is quadratic.
 
-use crate::checkpoint::Checkpoint;
 use std::ops::Range;
 use weightlift_device::SlotLayout;
-use weightlift_format::Dtype;
+use weightlift_format::{Dtype, Header};
 
 /// A run of one tensor's bytes inside one request.
 #[derive(Debug, Clone, Copy)]
@@ -75,7 +74,7 @@ impl ReadPlan {
     /// Plans reads of the selected tensors: `selected[i]` lists positions (in file order)
     /// of tensors of shard `i`; `convert` maps a tensor's dtype to the dtype to load it as.
     pub(crate) fn build(
-        ckpt: &Checkpoint,
+        headers: &[&Header],
         selected: Vec<Vec<u32>>,
         request_size: u64,
         convert: impl Fn(Dtype) -> Dtype,
@@ -88,9 +87,9 @@ impl ReadPlan {
             if tensors.is_empty() {
                 continue;
             }
-            let shard = &ckpt.shards()[shard_index];
-            let infos = shard.header().tensors();
-            let data_start = shard.header().data_start();
+            let header = headers[shard_index];
+            let infos = header.tensors();
+            let data_start = header.data_start();
             let out_dtypes: Vec<Dtype> = tensors
                 .iter()
                 .map(|&t| convert(infos[t as usize].dtype))
@@ -172,5 +171,141 @@ impl ReadPlan {
             });
         }
         plan
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Property tests of the planner on arbitrary headers, selections, request sizes and
+    //! conversions: every selected byte is read exactly once and lands in its slot; nothing
+    //! else is read; requests are contiguous and bounded; destinations are disjoint.
+
+    use super::*;
+    use crate::convert::converted;
+    use proptest::prelude::*;
+    use weightlift_format::{TensorRef, serialize};
+
+    fn header(tensors: &[(Dtype, Vec<usize>)]) -> Header {
+        let names: Vec<String> = (0..tensors.len()).map(|i| format!("t{i:03}")).collect();
+        let data: Vec<Vec<u8>> = tensors
+            .iter()
+            .map(|(d, s)| vec![0u8; d.byte_len(s.iter().product()).unwrap()])
+            .collect();
+        let refs: Vec<TensorRef> = tensors
+            .iter()
+            .zip(&names)
+            .zip(&data)
+            .map(|(((dtype, shape), name), data)| TensorRef {
+                name,
+                dtype: *dtype,
+                shape,
+                data,
+            })
+            .collect();
+        Header::from_file_bytes(&serialize(&refs, None).unwrap()).unwrap()
+    }
+
+    fn shard() -> impl Strategy<Value = Vec<(Dtype, Vec<usize>, bool)>> {
+        let dtype = prop::sample::select(vec![
+            Dtype::U8,
+            Dtype::BF16,
+            Dtype::F16,
+            Dtype::F32,
+            Dtype::I64,
+            Dtype::F4,
+        ]);
+        // Up to ~24 KiB per tensor, so that 4 KiB requests split tensors.
+        let shape = prop::collection::vec(0usize..48, 0..3).prop_map(|mut s| {
+            s.push(2);
+            s
+        });
+        prop::collection::vec((dtype, shape, any::<bool>()), 0..24)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+
+        #[test]
+        fn plans_read_every_selected_byte_once_and_nothing_else(
+            shards in prop::collection::vec(shard(), 1..4),
+            request_size in 1u64..40_000,
+            to in prop::option::of(prop::sample::select(vec![Dtype::F32, Dtype::BF16, Dtype::F16])),
+        ) {
+            let headers: Vec<Header> = shards
+                .iter()
+                .map(|s| header(&s.iter().map(|(d, sh, _)| (*d, sh.clone())).collect::<Vec<_>>()))
+                .collect();
+            // Selection by name: the writer reorders tensors, so map names back.
+            let selected: Vec<Vec<u32>> = headers
+                .iter()
+                .zip(&shards)
+                .map(|(h, s)| {
+                    h.tensors()
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, t)| s[t.name[1..].parse::<usize>().unwrap()].2)
+                        .map(|(i, _)| i as u32)
+                        .collect()
+                })
+                .collect();
+            let refs: Vec<&Header> = headers.iter().collect();
+            let convert = |d: Dtype| to.map_or(d, |to| converted(d, to));
+            let plan = ReadPlan::build(&refs, selected.clone(), request_size, convert);
+            let effective = request_size.max(4096).next_multiple_of(8);
+
+            let mut expected_bytes = 0;
+            for (shard, picks) in selected.iter().enumerate() {
+                let sp = plan.shards.iter().find(|sp| sp.shard == shard);
+                let Some(sp) = sp else {
+                    prop_assert!(picks.is_empty());
+                    continue;
+                };
+                prop_assert_eq!(&sp.tensors, picks);
+                let h = &headers[shard];
+                let infos = h.tensors();
+                // Bytes of each selected tensor seen so far, in file order.
+                let mut seen = vec![0u64; picks.len()];
+                let mut last_dst_end = 0;
+                for r in &plan.requests[sp.requests.clone()] {
+                    prop_assert!(r.len > 0 && r.len <= effective);
+                    prop_assert!(r.dst.start >= last_dst_end && r.dst.end <= sp.layout.total());
+                    last_dst_end = r.dst.end;
+                    let mut at = r.file_offset;
+                    let mut dst_at = r.dst.start;
+                    let mut sum = 0;
+                    for p in &plan.pieces[r.pieces.start as usize..r.pieces.end as usize] {
+                        let slot = p.slot as usize;
+                        let info = &infos[sp.tensors[slot] as usize];
+                        let out = sp.out_dtypes[slot];
+                        prop_assert_eq!(out, convert(info.dtype));
+                        let start = h.data_start() + info.data_offsets.0;
+                        // The piece is the next unread part of its tensor, contiguous in the file.
+                        prop_assert_eq!(at, start + seen[slot]);
+                        if seen[slot] > 0 {
+                            prop_assert_eq!(seen[slot] % 8, 0, "splits fall on 8-byte boundaries");
+                        }
+                        let (num, den) = (out.bits() as u64, info.dtype.bits() as u64);
+                        prop_assert_eq!(p.dst, sp.layout.offset(slot) + seen[slot] * num / den);
+                        prop_assert_eq!(p.dst_len, p.len * num / den);
+                        prop_assert!(p.dst >= dst_at);
+                        prop_assert_eq!(sp.layout.offset(slot) % 64, 0);
+                        seen[slot] += p.len;
+                        prop_assert!(seen[slot] <= info.byte_len());
+                        at += p.len;
+                        dst_at = p.dst + p.dst_len;
+                        sum += p.len;
+                    }
+                    prop_assert_eq!(sum, r.len);
+                    prop_assert_eq!(dst_at, r.dst.end);
+                    prop_assert!(at <= h.file_len());
+                }
+                for (slot, &t) in picks.iter().enumerate() {
+                    prop_assert_eq!(seen[slot], infos[t as usize].byte_len(), "tensor read completely");
+                    expected_bytes += infos[t as usize].byte_len();
+                }
+            }
+            prop_assert_eq!(plan.bytes, expected_bytes);
+            prop_assert_eq!(plan.requests.iter().map(|r| r.len).sum::<u64>(), expected_bytes);
+        }
     }
 }
