@@ -9,8 +9,8 @@
 //! warning and continues with buffered reads.
 
 use crate::aligned::{AlignedBuf, PAGE};
-use crate::pread::read_exact_at;
-use crate::{BackendKind, ByteSource, eof_error};
+use crate::pread::{advise, read_exact_at};
+use crate::{AccessPattern, BackendKind, ByteSource, eof_error};
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
@@ -240,6 +240,11 @@ impl ByteSource for DirectSource {
             }
         }
         Ok(())
+    }
+
+    fn hint(&self, pattern: AccessPattern) {
+        // Only the buffered fallback goes through the page cache.
+        advise(&self.buffered, pattern);
     }
 
     fn kind(&self) -> BackendKind {

@@ -56,10 +56,24 @@ pub trait ByteSource: Send + Sync + fmt::Debug {
     /// Which backend serves the reads.
     fn kind(&self) -> BackendKind;
 
+    /// Tells the source how the coming reads will go, so it can tune the kernel's readahead.
+    /// A hint only; the default does nothing.
+    fn hint(&self, _pattern: AccessPattern) {}
+
     /// The whole source as memory, when it is memory-mapped (for zero-copy views).
     fn mapped(&self) -> Option<&[u8]> {
         None
     }
+}
+
+/// How a load will read a source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccessPattern {
+    /// Most of the file, front to back: deep readahead pays.
+    Sequential,
+    /// Selected ranges with gaps: readahead would read bytes nobody asked for (kernel
+    /// readahead ran 20+ MiB past 16 MiB requests here), so it is turned off.
+    Sparse,
 }
 
 /// The backend a [`ByteSource`] actually uses.

@@ -4,7 +4,7 @@
 //! filesystems every 4 KiB page fault is a round trip, and a file truncated under the
 //! mapping crashes the process with `SIGBUS` (hence the `unsafe` constructor).
 
-use crate::{BackendKind, ByteSource, eof_error};
+use crate::{AccessPattern, BackendKind, ByteSource, eof_error};
 use memmap2::{Advice, Mmap};
 use std::fs::File;
 use std::io;
@@ -65,6 +65,13 @@ impl ByteSource for MmapSource {
 
     fn kind(&self) -> BackendKind {
         BackendKind::Mmap
+    }
+
+    fn hint(&self, pattern: AccessPattern) {
+        let _ = self.map.advise(match pattern {
+            AccessPattern::Sequential => Advice::Sequential,
+            AccessPattern::Sparse => Advice::Random,
+        });
     }
 
     fn mapped(&self) -> Option<&[u8]> {

@@ -2,7 +2,7 @@
 //! read that lands one large request in many tensors' buffers with one system call per
 //! 1024 buffers.
 
-use crate::{BackendKind, ByteSource, eof_error};
+use crate::{AccessPattern, BackendKind, ByteSource, eof_error};
 use std::fs::File;
 use std::io::{self, IoSliceMut};
 use std::os::fd::AsRawFd;
@@ -25,11 +25,7 @@ impl PreadSource {
     pub fn open(path: &Path) -> io::Result<PreadSource> {
         let file = File::open(path)?;
         let len = file.metadata()?.len();
-        // Requests are large and sequential within themselves: ask for deeper readahead.
-        // SAFETY: plain syscall on a valid, open file descriptor; no memory is passed.
-        unsafe {
-            libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_SEQUENTIAL);
-        }
+        advise(&file, AccessPattern::Sequential);
         Ok(PreadSource {
             file,
             path: path.to_path_buf(),
@@ -92,6 +88,23 @@ impl ByteSource for PreadSource {
 
     fn kind(&self) -> BackendKind {
         BackendKind::Pread
+    }
+
+    fn hint(&self, pattern: AccessPattern) {
+        advise(&self.file, pattern);
+    }
+}
+
+/// Sets the kernel's readahead for `file`: deep for sequential loads, none for sparse
+/// ones (large requests still go to the device as large reads).
+pub(crate) fn advise(file: &File, pattern: AccessPattern) {
+    let advice = match pattern {
+        AccessPattern::Sequential => libc::POSIX_FADV_SEQUENTIAL,
+        AccessPattern::Sparse => libc::POSIX_FADV_RANDOM,
+    };
+    // SAFETY: plain syscall on a valid, open file descriptor; no memory is passed.
+    unsafe {
+        libc::posix_fadvise(file.as_raw_fd(), 0, 0, advice);
     }
 }
 

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use weightlift_device::{CpuTarget, Device, DeviceError, HostBuffer, Region, Target};
 use weightlift_format::Dtype;
+use weightlift_storage::AccessPattern;
 
 /// Default size of one coalesced read (tuned with `cargo xtask bench`).
 pub const DEFAULT_REQUEST_SIZE: u64 = 16 << 20;
@@ -265,6 +266,16 @@ impl Checkpoint {
                 threads,
                 reason: e.to_string(),
             })?;
+        for sp in &plan.shards {
+            let header = self.shards()[sp.shard].header();
+            // Under half of the shard selected: keep the kernel from reading the rest ahead.
+            let pattern = if sp.bytes * 2 < header.data_len() {
+                AccessPattern::Sparse
+            } else {
+                AccessPattern::Sequential
+            };
+            self.shards()[sp.shard].source().hint(pattern);
+        }
         let mut allocs = plan
             .shards
             .iter()
