@@ -38,6 +38,12 @@ pub(crate) struct BenchArgs {
     /// Loader threads for weightlift and reference-rayon (default: weightlift's default).
     #[arg(long)]
     threads: Option<usize>,
+    /// Run only contenders whose names contain one of these (raw is always run).
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+    /// Coalesced read size for weightlift, e.g. 16MiB (default: the library's).
+    #[arg(long, value_parser = parse_size)]
+    request_size: Option<u64>,
     /// Write the records as a JSON array to this file.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -187,6 +193,12 @@ pub(crate) fn run(args: &BenchArgs) -> Result<(), String> {
     if python {
         contenders.push(Contender::Python);
     }
+    // The first two (raw) always run: every ratio is relative to them.
+    let mut kept = 0;
+    contenders.retain(|c| {
+        kept += 1;
+        kept <= 2 || args.only.is_empty() || args.only.iter().any(|o| c.name().contains(o.as_str()))
+    });
 
     let mut records: Vec<Value> = Vec::new();
     for profile_name in &args.profiles {
@@ -224,7 +236,7 @@ pub(crate) fn run(args: &BenchArgs) -> Result<(), String> {
                             max_resident = max_resident.max(r.fraction());
                         }
                     }
-                    samples[i].push(measure_in_child(c, &dir, threads)?);
+                    samples[i].push(measure_in_child(c, &dir, threads, args.request_size)?);
                 }
             }
             if cold {
@@ -240,8 +252,12 @@ pub(crate) fn run(args: &BenchArgs) -> Result<(), String> {
             // "raw" is the better of the one-thread and many-thread reads.
             let best_raw = if medians[0] <= medians[1] { 0 } else { 1 };
             let raw = medians[best_raw];
-            let reference = medians[2].min(medians[3]);
-            debug_assert!(matches!(contenders[4], Contender::FreshMemory));
+            let reference = contenders
+                .iter()
+                .zip(&medians)
+                .filter(|(c, _)| matches!(c, Contender::Reference { .. }))
+                .map(|(_, m)| *m)
+                .fold(f64::NAN, f64::min);
             let named = std::iter::once((best_raw, "raw".to_string()))
                 .chain(contenders.iter().enumerate().map(|(i, c)| (i, c.name())));
             for (i, name) in named {
@@ -318,8 +334,14 @@ fn peak_rss() -> u64 {
 
 /// Runs one measurement in a fresh process, so that its peak RSS is its own and no
 /// allocator state carries over between contenders.
-fn measure_in_child(c: &Contender, dir: &Path, threads: usize) -> Result<Sample, String> {
+fn measure_in_child(
+    c: &Contender,
+    dir: &Path,
+    threads: usize,
+    request_size: Option<u64>,
+) -> Result<Sample, String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let request_size = request_size.unwrap_or(weightlift::DEFAULT_REQUEST_SIZE);
     let out = Command::new(exe)
         .args([
             "bench-one",
@@ -327,6 +349,8 @@ fn measure_in_child(c: &Contender, dir: &Path, threads: usize) -> Result<Sample,
             &c.name(),
             "--threads",
             &threads.to_string(),
+            "--request-size",
+            &request_size.to_string(),
         ])
         .arg("--dir")
         .arg(dir)
@@ -358,6 +382,8 @@ pub(crate) struct OneArgs {
     dir: PathBuf,
     #[arg(long)]
     threads: usize,
+    #[arg(long)]
+    request_size: u64,
 }
 
 pub(crate) fn run_one(args: &OneArgs) -> Result<(), String> {
@@ -372,7 +398,14 @@ pub(crate) fn run_one(args: &OneArgs) -> Result<(), String> {
     let bytes = ckpt.data_bytes();
     drop(ckpt);
     reset_peak_rss();
-    let sample = measure(&c, &args.dir, &paths, args.threads, bytes)?;
+    let sample = measure(
+        &c,
+        &args.dir,
+        &paths,
+        args.threads,
+        args.request_size,
+        bytes,
+    )?;
     println!("{} {}", sample.secs, sample.peak_rss);
     Ok(())
 }
@@ -382,6 +415,7 @@ fn measure(
     dir: &Path,
     paths: &[PathBuf],
     threads: usize,
+    request_size: u64,
     bytes: u64,
 ) -> Result<Sample, String> {
     reset_peak_rss();
@@ -424,7 +458,9 @@ fn measure(
                 },
             )
             .map_err(|e| e.to_string())?;
-            let opts = LoadOptions::default().threads(threads);
+            let opts = LoadOptions::default()
+                .threads(threads)
+                .request_size(request_size);
             match *target {
                 "cpu" => {
                     let state = ckpt.load(&opts).map_err(|e| e.to_string())?;
