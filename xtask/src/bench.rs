@@ -176,20 +176,13 @@ pub(crate) fn run(args: &BenchArgs) -> Result<(), String> {
         Contender::Reference { rayon: true },
         Contender::FreshMemory,
     ];
-    for b in ["mmap", "pread", "direct", "auto"] {
-        contenders.push(Contender::Weightlift {
-            backend: b,
-            target: "cpu",
-        });
+    // Every backend x target. For `view` and `meta` the backend only reads the headers
+    // (views map the files themselves; meta reads no data).
+    for target in ["cpu", "view", "meta"] {
+        for backend in ["mmap", "pread", "direct", "auto"] {
+            contenders.push(Contender::Weightlift { backend, target });
+        }
     }
-    contenders.push(Contender::Weightlift {
-        backend: "mmap",
-        target: "view",
-    });
-    contenders.push(Contender::Weightlift {
-        backend: "auto",
-        target: "meta",
-    });
     if python {
         contenders.push(Contender::Python);
     }
