@@ -77,10 +77,14 @@ fn shard_holds_a_tensor_the_index_lacks_or_misplaces() {
     let index_path = dir.path().join("model.safetensors.index.json");
     let text = std::fs::read_to_string(&index_path).unwrap();
     let mut index = ShardIndex::parse(text.as_bytes()).unwrap();
-    let moved = index.weight_map.keys().next().unwrap().clone();
-    index
+    let last_shard = "model-00003-of-00003.safetensors";
+    let moved = index
         .weight_map
-        .insert(moved, "model-00003-of-00003.safetensors".into());
+        .iter()
+        .find(|(_, shard)| shard.as_str() != last_shard)
+        .map(|(name, _)| name.clone())
+        .unwrap();
+    index.weight_map.insert(moved, last_shard.into());
     std::fs::write(&index_path, index.to_json()).unwrap();
     let err = Checkpoint::open(dir.path()).unwrap_err();
     assert!(

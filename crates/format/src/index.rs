@@ -8,7 +8,7 @@ use crate::error::{FormatError, Result};
 use crate::header::Header;
 use serde::Deserialize;
 use serde_json::{Map, Value};
-use std::collections::BTreeMap;
+use std::collections::HashMap;
 use std::path::{Component, Path};
 
 /// The conventional file name of the index of a sharded checkpoint.
@@ -21,15 +21,17 @@ pub struct ShardIndex {
     pub total_size: Option<u64>,
     /// The whole `metadata` object, `total_size` included, as written.
     pub metadata: Map<String, Value>,
-    /// Tensor name to shard file (relative to the index's directory).
-    pub weight_map: BTreeMap<String, String>,
+    /// Tensor name to shard file (relative to the index's directory). A hash map: a
+    /// checkpoint has tens of thousands of entries and is only ever looked up by name
+    /// ([`ShardIndex::to_json`] writes them sorted).
+    pub weight_map: HashMap<String, String>,
 }
 
 #[derive(Deserialize)]
 struct RawIndex {
     #[serde(default)]
     metadata: Option<Map<String, Value>>,
-    weight_map: BTreeMap<String, String>,
+    weight_map: HashMap<String, String>,
 }
 
 impl ShardIndex {
@@ -65,7 +67,7 @@ impl ShardIndex {
     where
         I: IntoIterator<Item = (&'a str, &'a Header)>,
     {
-        let mut weight_map = BTreeMap::new();
+        let mut weight_map = HashMap::new();
         let mut total = 0u64;
         for (shard, header) in shards {
             for t in header.tensors() {
@@ -86,11 +88,13 @@ impl ShardIndex {
     pub fn to_json(&self) -> String {
         let mut obj = Map::new();
         obj.insert("metadata".into(), Value::Object(self.metadata.clone()));
+        let mut entries: Vec<(&String, &String)> = self.weight_map.iter().collect();
+        entries.sort_unstable();
         obj.insert(
             "weight_map".into(),
             Value::Object(
-                self.weight_map
-                    .iter()
+                entries
+                    .into_iter()
                     .map(|(k, v)| (k.clone(), Value::from(v.as_str())))
                     .collect(),
             ),
@@ -111,35 +115,13 @@ impl ShardIndex {
     /// the index names, every shard tensor is indexed to that shard, and `total_size` (when
     /// declared) equals the tensors' bytes.
     pub fn check(&self, shards: &[(&str, &Header)]) -> Result<()> {
-        let find = |name: &str| shards.iter().find(|(s, _)| *s == name).map(|(_, h)| *h);
-        // Shards are few; look each one up once per distinct name rather than per tensor.
-        let mut last: Option<(&str, Option<&Header>)> = None;
-        for (tensor, shard) in &self.weight_map {
-            let header = match last {
-                Some((s, h)) if s == shard => h,
-                _ => {
-                    let h = find(shard);
-                    last = Some((shard, h));
-                    h
-                }
-            };
-            let Some(header) = header else {
-                return Err(FormatError::IndexMissingShard {
-                    tensor: tensor.clone(),
-                    shard: shard.clone(),
-                });
-            };
-            if header.get(tensor).is_none() {
-                return Err(FormatError::IndexTensorNotInShard {
-                    tensor: tensor.clone(),
-                    shard: shard.clone(),
-                });
-            }
-        }
+        // Every shard tensor is indexed to its own shard (one hash lookup each)...
         let mut actual = 0u64;
+        let mut count = 0usize;
         for (shard, header) in shards {
             for t in header.tensors() {
                 actual += t.byte_len();
+                count += 1;
                 match self.weight_map.get(&t.name) {
                     Some(s) if s == shard => {}
                     other => {
@@ -152,11 +134,43 @@ impl ShardIndex {
                 }
             }
         }
+        // ...so the shard tensors map one-to-one onto index entries, and equal counts mean
+        // every entry is covered. Only when they differ, find the entry to blame.
+        if count != self.weight_map.len() {
+            return Err(self.uncovered_entry(shards));
+        }
         match self.total_size {
             Some(declared) if declared != actual => {
                 Err(FormatError::IndexTotalSize { declared, actual })
             }
             _ => Ok(()),
+        }
+    }
+
+    /// The error for an index entry no shard covers: its shard is missing, or lacks it.
+    fn uncovered_entry(&self, shards: &[(&str, &Header)]) -> FormatError {
+        let mut entries: Vec<(&String, &String)> = self.weight_map.iter().collect();
+        entries.sort_unstable();
+        for (tensor, shard) in entries {
+            match shards.iter().find(|(s, _)| s == shard) {
+                None => {
+                    return FormatError::IndexMissingShard {
+                        tensor: tensor.clone(),
+                        shard: shard.clone(),
+                    };
+                }
+                Some((_, header)) if header.get(tensor).is_none() => {
+                    return FormatError::IndexTensorNotInShard {
+                        tensor: tensor.clone(),
+                        shard: shard.clone(),
+                    };
+                }
+                Some(_) => {}
+            }
+        }
+        // Not reachable when called as `check` does; an error rather than a panic all the same.
+        FormatError::IndexJson {
+            message: "the index lists tensors its shards do not hold".into(),
         }
     }
 }

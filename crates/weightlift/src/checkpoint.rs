@@ -4,6 +4,7 @@
 
 use crate::error::{Error, Result};
 use rayon::prelude::*;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use weightlift_format::{
@@ -67,8 +68,7 @@ pub struct Checkpoint {
     path: PathBuf,
     index: Option<(PathBuf, ShardIndex)>,
     shards: Vec<Shard>,
-    /// (shard, tensor position) of every tensor, sorted by name.
-    by_name: Vec<(u32, u32)>,
+    tensor_count: usize,
 }
 
 impl Checkpoint {
@@ -125,33 +125,30 @@ impl Checkpoint {
             })?;
         }
 
-        let mut by_name: Vec<(u32, u32)> = shards
-            .iter()
-            .enumerate()
-            .flat_map(|(s, shard)| (0..shard.header.len() as u32).map(move |t| (s as u32, t)))
-            .collect();
-        let name_of = |&(s, t): &(u32, u32)| {
-            shards[s as usize].header.tensors()[t as usize]
-                .name
-                .as_str()
-        };
-        by_name.par_sort_unstable_by(|a, b| name_of(a).cmp(name_of(b)));
-        if let Some(w) = by_name
-            .windows(2)
-            .find(|w| name_of(&w[0]) == name_of(&w[1]))
-        {
-            return Err(Error::DuplicateTensor {
-                tensor: name_of(&w[0]).to_string(),
-                first: shards[w[0].0 as usize].path.clone(),
-                second: shards[w[1].0 as usize].path.clone(),
-            });
+        // With an index, `check` proved names unique across shards. Without one, look for
+        // a name in two shards (each header already rejects repeats within itself).
+        if index.is_none() && shards.len() > 1 {
+            let mut seen: HashMap<&str, usize> =
+                HashMap::with_capacity(shards.iter().map(|s| s.header.len()).sum());
+            for (i, shard) in shards.iter().enumerate() {
+                for t in shard.header.tensors() {
+                    if let Some(first) = seen.insert(&t.name, i) {
+                        return Err(Error::DuplicateTensor {
+                            tensor: t.name.clone(),
+                            first: shards[first].path.clone(),
+                            second: shard.path.clone(),
+                        });
+                    }
+                }
+            }
         }
+        let tensor_count = shards.iter().map(|s| s.header.len()).sum();
 
         Ok(Checkpoint {
             path: path.to_path_buf(),
             index,
             shards,
-            by_name,
+            tensor_count,
         })
     }
 
@@ -172,12 +169,12 @@ impl Checkpoint {
 
     /// Number of tensors in all shards.
     pub fn len(&self) -> usize {
-        self.by_name.len()
+        self.tensor_count
     }
 
     /// Whether the checkpoint holds no tensor.
     pub fn is_empty(&self) -> bool {
-        self.by_name.is_empty()
+        self.tensor_count == 0
     }
 
     /// Total bytes of tensor data in all shards.
@@ -192,13 +189,11 @@ impl Checkpoint {
             .flat_map(|s| s.header.tensors().iter().map(move |t| (s, t)))
     }
 
-    /// Tensor names in sorted order.
-    pub fn names(&self) -> impl ExactSizeIterator<Item = &str> + '_ {
-        self.by_name.iter().map(|&(s, t)| {
-            self.shards[s as usize].header.tensors()[t as usize]
-                .name
-                .as_str()
-        })
+    /// Tensor names, sorted (built on each call).
+    pub fn names(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self.tensors().map(|(_, t)| t.name.as_str()).collect();
+        names.sort_unstable();
+        names
     }
 
     /// Finds a tensor by name.
@@ -207,17 +202,13 @@ impl Checkpoint {
             .map(|(s, t)| (&self.shards[s], &self.shards[s].header.tensors()[t]))
     }
 
-    /// (shard, position) of a tensor.
+    /// (shard, position) of a tensor: a binary search in each shard's own name index
+    /// (shards are few; no checkpoint-wide index to build at open).
     pub(crate) fn locate(&self, name: &str) -> Option<(usize, usize)> {
-        self.by_name
-            .binary_search_by(|&(s, t)| {
-                self.shards[s as usize].header.tensors()[t as usize]
-                    .name
-                    .as_str()
-                    .cmp(name)
-            })
-            .ok()
-            .map(|i| (self.by_name[i].0 as usize, self.by_name[i].1 as usize))
+        self.shards
+            .iter()
+            .enumerate()
+            .find_map(|(s, shard)| shard.header.position(name).map(|t| (s, t)))
     }
 }
 
