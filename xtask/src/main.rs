@@ -21,6 +21,15 @@ enum Task {
     Fuzz(fuzz::FuzzArgs),
     /// Time weightlift against a raw read and the reference crate on the same bytes.
     Bench(bench::BenchArgs),
+    /// Redraw the bench's SVG from a saved `--json` file.
+    Plot {
+        /// Records written by `bench --json`.
+        #[arg(long)]
+        json: PathBuf,
+        /// Where to write the SVG.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// One measurement of the bench, in its own process (used by `bench`).
     #[command(hide = true)]
     BenchOne(bench::OneArgs),
@@ -32,6 +41,16 @@ fn main() -> ExitCode {
         Task::Fuzz(args) => fuzz::run(&args),
         Task::Bench(args) => bench::run(&args),
         Task::BenchOne(args) => bench::run_one(&args),
+        Task::Plot { json, out } => std::fs::read_to_string(&json)
+            .map_err(|e| format!("{}: {e}", json.display()))
+            .and_then(|text| {
+                serde_json::from_str::<Vec<serde_json::Value>>(&text)
+                    .map_err(|e| format!("{}: {e}", json.display()))
+            })
+            .and_then(|records| {
+                std::fs::write(&out, plot::svg(&records))
+                    .map_err(|e| format!("{}: {e}", out.display()))
+            }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
