@@ -75,11 +75,11 @@ pub(crate) fn run(args: &Args) -> Result<(), String> {
     }
 
     let mut out = format!(
-        "{}: {} file{}, {} tensors, {} parameters, {}\n",
+        "{}: {} file{}, {}, {} parameters, {}\n",
         args.path.display(),
         ckpt.shards().len(),
         if ckpt.shards().len() == 1 { "" } else { "s" },
-        thousands(listed.len() as u64),
+        tensors(listed.len() as u64),
         thousands(parameters),
         human_bytes(total_bytes)
     );
@@ -93,7 +93,7 @@ pub(crate) fn run(args: &Args) -> Result<(), String> {
         .map(|s| {
             vec![
                 format!("  {}", s.name()),
-                format!("{} tensors", thousands(s.header().len() as u64)),
+                tensors(s.header().len() as u64),
                 format!("header {}", human_bytes(s.header().data_start())),
                 format!("data {}", human_bytes(s.header().data_len())),
             ]
@@ -103,13 +103,7 @@ pub(crate) fn run(args: &Args) -> Result<(), String> {
     out.push_str("\ndtypes:\n");
     let rows: Vec<Vec<String>> = per_dtype
         .iter()
-        .map(|(d, (n, b))| {
-            vec![
-                format!("  {d}"),
-                format!("{} tensors", thousands(*n)),
-                human_bytes(*b),
-            ]
-        })
+        .map(|(d, (n, b))| vec![format!("  {d}"), tensors(*n), human_bytes(*b)])
         .collect();
     out.push_str(&table(&rows));
     if !metadata.is_empty() {
@@ -135,4 +129,9 @@ pub(crate) fn run(args: &Args) -> Result<(), String> {
     }));
     out.push_str(&table(&rows));
     print(&out)
+}
+
+/// `1 tensor`, `12,345 tensors`.
+fn tensors(n: u64) -> String {
+    format!("{} tensor{}", thousands(n), if n == 1 { "" } else { "s" })
 }

@@ -199,6 +199,8 @@ fn bad_input_is_one_line_and_exit_code_1() {
         &good,
         &[Spec::new("w", weightlift_format::Dtype::F32, &[4])],
     );
+    let text = String::from_utf8(weightlift(&["inspect", good.to_str().unwrap()]).stdout).unwrap();
+    assert!(text.contains(": 1 file, 1 tensor, 4 parameters"), "{text}");
     let out = weightlift(&["load", good.to_str().unwrap(), "--device", "cuda:0"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cuda:0"));
