@@ -14,6 +14,12 @@ pub(crate) fn converted(dtype: Dtype, to: Dtype) -> Dtype {
     }
 }
 
+/// Byte length of `bytes` bytes of `from` elements once converted to `to`. Exact for whole
+/// elements, which is all the loader ever converts.
+pub(crate) fn converted_len(bytes: u64, from: Dtype, to: Dtype) -> u64 {
+    bytes * to.bits() as u64 / from.bits() as u64
+}
+
 /// Whether `to` is a dtype conversions can produce.
 pub(crate) fn is_conversion_target(to: Dtype) -> bool {
     matches!(to, Dtype::F16 | Dtype::BF16 | Dtype::F32)

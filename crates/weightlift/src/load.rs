@@ -210,16 +210,11 @@ impl Checkpoint {
         for (shard, picks) in self.shards().iter().zip(selected) {
             for &i in picks {
                 let info = &shard.header().tensors()[i as usize];
-                let dtype = convert_fn(info.dtype);
-                let byte_len =
-                    (info.byte_len() * dtype.bits() as u64 / info.dtype.bits() as u64) as usize;
-                tensors.push(Tensor {
-                    name: info.name.clone(),
-                    dtype,
-                    shape: info.shape.clone(),
-                    byte_len,
-                    storage: Storage::Meta,
-                });
+                tensors.push(Tensor::from_info(
+                    info,
+                    convert_fn(info.dtype),
+                    Storage::Meta,
+                ));
             }
         }
         StateDict::new(tensors)
@@ -231,19 +226,15 @@ impl Checkpoint {
             let memory = Arc::new(memory);
             let infos = self.shards()[sp.shard].header().tensors();
             for (slot, &t) in sp.tensors.iter().enumerate() {
-                let info = &infos[t as usize];
-                let dtype = sp.out_dtypes[slot];
-                tensors.push(Tensor {
-                    name: info.name.clone(),
-                    dtype,
-                    shape: info.shape.clone(),
-                    byte_len: (info.byte_len() * dtype.bits() as u64 / info.dtype.bits() as u64)
-                        as usize,
-                    storage: Storage::Host {
-                        memory: Arc::clone(&memory),
-                        offset: sp.layout.offset(slot) as usize,
-                    },
-                });
+                let storage = Storage::Host {
+                    memory: Arc::clone(&memory),
+                    offset: sp.layout.offset(slot) as usize,
+                };
+                tensors.push(Tensor::from_info(
+                    &infos[t as usize],
+                    sp.out_dtypes[slot],
+                    storage,
+                ));
             }
         }
         StateDict::new(tensors)

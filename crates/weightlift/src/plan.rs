@@ -7,6 +7,7 @@
 //! tensor that was not selected: only selected bytes are read. Per tensor, planning does a
 //! constant amount of arithmetic and pushes one or a few [`Piece`]s; nothing is quadratic.
 
+use crate::convert::converted_len;
 use std::ops::Range;
 use weightlift_device::SlotLayout;
 use weightlift_format::{Dtype, Header};
@@ -65,11 +66,6 @@ pub(crate) struct ReadPlan {
     pub bytes: u64,
 }
 
-/// Byte length of `elements` after conversion: (numerator, denominator) of dst/src sizes.
-fn ratio(from: Dtype, to: Dtype) -> (u64, u64) {
-    (to.bits() as u64, from.bits() as u64)
-}
-
 impl ReadPlan {
     /// Plans reads of the selected tensors: `selected[i]` lists positions (in file order)
     /// of tensors of shard `i`; `convert` maps a tensor's dtype to the dtype to load it as.
@@ -96,8 +92,7 @@ impl ReadPlan {
                 .collect();
             let layout = SlotLayout::new(tensors.iter().zip(&out_dtypes).map(|(&t, &out)| {
                 let info = &infos[t as usize];
-                let (num, den) = ratio(info.dtype, out);
-                info.byte_len() * num / den
+                converted_len(info.byte_len(), info.dtype, out)
             }));
             let shard_plan = plan.shards.len() as u32;
             let first_request = plan.requests.len();
@@ -105,7 +100,7 @@ impl ReadPlan {
             let mut bytes = 0u64;
             for (slot, &t) in tensors.iter().enumerate() {
                 let info = &infos[t as usize];
-                let (num, den) = ratio(info.dtype, out_dtypes[slot]);
+                let (from, to) = (info.dtype, out_dtypes[slot]);
                 let start = data_start + info.data_offsets.0;
                 let len = info.byte_len();
                 bytes += len;
@@ -140,8 +135,8 @@ impl ReadPlan {
                             continue;
                         }
                     }
-                    let dst = layout.offset(slot) + done * num / den;
-                    let dst_len = take * num / den;
+                    let dst = layout.offset(slot) + converted_len(done, from, to);
+                    let dst_len = converted_len(take, from, to);
                     if r.pieces.is_empty() {
                         r.dst = dst..dst;
                     }

@@ -1,9 +1,10 @@
 //! Loaded tensors, the state dict that owns them, and borrowed views.
 
+use crate::convert::converted_len;
 use crate::error::{Error, Result};
 use std::sync::Arc;
 use weightlift_device::HostBuffer;
-use weightlift_format::Dtype;
+use weightlift_format::{Dtype, TensorInfo};
 
 /// An element type with a safetensors dtype, for typed views.
 pub trait Element: bytemuck::Pod {
@@ -46,6 +47,17 @@ pub struct Tensor {
 }
 
 impl Tensor {
+    /// The tensor a header entry becomes when loaded as `dtype` into `storage`.
+    pub(crate) fn from_info(info: &TensorInfo, dtype: Dtype, storage: Storage) -> Tensor {
+        Tensor {
+            name: info.name.clone(),
+            dtype,
+            shape: info.shape.clone(),
+            byte_len: converted_len(info.byte_len(), info.dtype, dtype) as usize,
+            storage,
+        }
+    }
+
     /// The name.
     pub fn name(&self) -> &str {
         &self.name
