@@ -1,5 +1,7 @@
 //! Checkpoints for tests: small, deterministic, written with weightlift-format's writer.
 
+pub mod servers;
+
 use std::path::{Path, PathBuf};
 use weightlift_format::{Dtype, INDEX_FILE_NAME, ShardIndex, TensorRef};
 

@@ -209,7 +209,7 @@ fn file_shrinking_during_the_load_is_an_error_not_garbage() {
         let dir = disk_tempdir();
         let path = dir.path().join("m.safetensors");
         write_file(&path, &dense(2, 256));
-        let ckpt = Checkpoint::open_with(&path, &OpenOptions { backend }).unwrap();
+        let ckpt = Checkpoint::open_with(&path, &OpenOptions::backend(backend)).unwrap();
         let (_, last) = ckpt.tensors().last().map(|(s, t)| (s, t.clone())).unwrap();
         let file_len = ckpt.shards()[0].header().file_len();
         std::fs::OpenOptions::new()

@@ -42,7 +42,7 @@ fn backends() -> Vec<(&'static str, Backend)> {
 fn check_all(open_path: &Path, files: &[std::path::PathBuf], request_size: u64) {
     let expected = reference(files);
     for (bname, backend) in backends() {
-        let ckpt = Checkpoint::open_with(open_path, &OpenOptions { backend }).unwrap();
+        let ckpt = Checkpoint::open_with(open_path, &OpenOptions::backend(backend)).unwrap();
         assert_eq!(ckpt.len(), expected.len(), "{bname}");
 
         // cpu: owned buffers.
@@ -176,13 +176,7 @@ fn slices_equal_the_corresponding_elements() {
         Spec::new("v", Dtype::I64, &[9]),
     ];
     write_file(&path, &specs);
-    let ckpt = Checkpoint::open_with(
-        &path,
-        &OpenOptions {
-            backend: Backend::direct(),
-        },
-    )
-    .unwrap();
+    let ckpt = Checkpoint::open_with(&path, &OpenOptions::backend(Backend::direct())).unwrap();
     for spec in &specs {
         let elem = spec.dtype.bits() / 8;
         let shape = &spec.shape;
@@ -298,13 +292,7 @@ fn unselected_bytes_stay_out_of_the_page_cache() {
     // SAFETY: plain syscall on an open descriptor.
     unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
     assert!(weightlift_storage::residency(&path).unwrap().fraction() < 0.05);
-    let ckpt = Checkpoint::open_with(
-        &path,
-        &OpenOptions {
-            backend: Backend::pread(),
-        },
-    )
-    .unwrap();
+    let ckpt = Checkpoint::open_with(&path, &OpenOptions::backend(Backend::pread())).unwrap();
     let state = ckpt
         .load(&LoadOptions::default().filter(|n| n == "t1" || n == "t5"))
         .unwrap();

@@ -444,13 +444,8 @@ fn measure(
             std::hint::black_box(&owned);
         }
         Contender::Weightlift { backend: b, target } => {
-            let ckpt = Checkpoint::open_with(
-                dir,
-                &OpenOptions {
-                    backend: backend(b),
-                },
-            )
-            .map_err(|e| e.to_string())?;
+            let ckpt = Checkpoint::open_with(dir, &OpenOptions::backend(backend(b)))
+                .map_err(|e| e.to_string())?;
             let opts = LoadOptions::default()
                 .threads(threads)
                 .request_size(request_size);

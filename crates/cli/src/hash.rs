@@ -29,13 +29,8 @@ pub(crate) struct Args {
 }
 
 pub(crate) fn run(args: &Args) -> Result<(), String> {
-    let ckpt = Checkpoint::open_with(
-        &args.path,
-        &OpenOptions {
-            backend: args.backend.backend(),
-        },
-    )
-    .map_err(|e| e.to_string())?;
+    let ckpt = Checkpoint::open_with(&args.path, &OpenOptions::backend(args.backend.backend()))
+        .map_err(|e| e.to_string())?;
     let mut hashes: BTreeMap<String, (String, Vec<usize>, String)> = BTreeMap::new();
     for shard in ckpt.shards() {
         let names: Arc<HashSet<String>> = Arc::new(

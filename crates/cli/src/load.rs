@@ -39,13 +39,8 @@ pub(crate) struct Args {
 
 pub(crate) fn run(args: &Args) -> Result<(), String> {
     let start = Instant::now();
-    let ckpt = Checkpoint::open_with(
-        &args.path,
-        &OpenOptions {
-            backend: args.backend.backend(),
-        },
-    )
-    .map_err(|e| e.to_string())?;
+    let ckpt = Checkpoint::open_with(&args.path, &OpenOptions::backend(args.backend.backend()))
+        .map_err(|e| e.to_string())?;
     let open_secs = start.elapsed().as_secs_f64();
     let mut options = LoadOptions::default()
         .device(args.device)

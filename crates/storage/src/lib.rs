@@ -1,6 +1,6 @@
 //! Where checkpoint bytes come from: a small trait for positioned reads, and the backends
 //! that implement it for local files (mmap, `pread`, `pread` with `O_DIRECT`), with an
-//! automatic choice per file.
+//! automatic choice per file, and (feature `remote`) for HTTP(S) URLs and S3 objects.
 //!
 //! This crate knows nothing of tensors or devices: it reads byte ranges, exactly, or fails
 //! with an error that says which range and why. A read that meets the end of the file
@@ -13,6 +13,8 @@ mod baseline;
 mod direct;
 mod mmap;
 mod pread;
+#[cfg(feature = "remote")]
+pub mod remote;
 
 pub use aligned::{AlignedBuf, PAGE};
 pub use auto::{AutoPolicy, FsKind, Residency, fs_kind, residency};
@@ -85,6 +87,10 @@ pub enum BackendKind {
     Pread,
     /// Positioned reads with `O_DIRECT`, bypassing the page cache.
     Direct,
+    /// HTTP(S) range requests.
+    Http,
+    /// S3 ranged GETs (SigV4-presigned).
+    S3,
 }
 
 impl BackendKind {
@@ -94,6 +100,8 @@ impl BackendKind {
             BackendKind::Mmap => "mmap",
             BackendKind::Pread => "pread",
             BackendKind::Direct => "direct",
+            BackendKind::Http => "http",
+            BackendKind::S3 => "s3",
         }
     }
 }
@@ -198,6 +206,15 @@ pub fn open(path: &Path, backend: Backend) -> io::Result<Opened> {
         BackendKind::Mmap => Arc::new(unsafe { MmapSource::open(path)? }),
         BackendKind::Pread => Arc::new(PreadSource::open(path)?),
         BackendKind::Direct => Arc::new(DirectSource::open(path)?),
+        BackendKind::Http | BackendKind::S3 => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "{}: remote objects are opened with `remote::Remote`",
+                    path.display()
+                ),
+            ));
+        }
     };
     let reason = if source.kind() != kind {
         format!(

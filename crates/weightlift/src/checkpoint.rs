@@ -14,10 +14,25 @@ use weightlift_format::{
 use weightlift_storage::{Backend, BackendKind, ByteSource};
 
 /// How to open a checkpoint.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct OpenOptions {
-    /// Which storage backend reads the files (default: chosen per file).
+    /// Which storage backend reads local files (default: chosen per file).
     pub backend: Backend,
+    /// How URLs (`http://`, `https://`, `s3://`) are read.
+    #[cfg(feature = "remote")]
+    pub remote: weightlift_storage::remote::RemoteOptions,
+}
+
+impl OpenOptions {
+    /// Options with `backend` for local files.
+    // The other fields depend on cargo features.
+    #[allow(clippy::needless_update)]
+    pub fn backend(backend: Backend) -> OpenOptions {
+        OpenOptions {
+            backend,
+            ..OpenOptions::default()
+        }
+    }
 }
 
 /// One safetensors file of a checkpoint.
@@ -69,6 +84,8 @@ pub struct Checkpoint {
     index: Option<(PathBuf, ShardIndex)>,
     shards: Vec<Shard>,
     tensor_count: usize,
+    #[cfg(feature = "remote")]
+    pub(crate) remote: Option<weightlift_storage::remote::Remote>,
 }
 
 impl Checkpoint {
@@ -77,9 +94,20 @@ impl Checkpoint {
         Checkpoint::open_with(path, &OpenOptions::default())
     }
 
-    /// Opens `path`: a `.safetensors` file, a directory of shards, or an index file.
+    /// Opens `path`: a `.safetensors` file, a directory of shards, or an index file. With
+    /// the `remote` feature, `path` may also be an `http://`, `https://` or `s3://` URL of
+    /// any of those (a URL "directory" is a prefix: its index is fetched first; an S3 prefix
+    /// without one is listed, an HTTP one must hold `model.safetensors`).
     pub fn open_with(path: impl AsRef<Path>, options: &OpenOptions) -> Result<Checkpoint> {
         let path = path.as_ref();
+        if let Some(url) = path.to_str().filter(|p| is_url(p)) {
+            #[cfg(feature = "remote")]
+            return Checkpoint::open_url(url, options);
+            #[cfg(not(feature = "remote"))]
+            return Err(Error::InvalidOption(format!(
+                "{url}: this build of weightlift reads local files only (cargo feature `remote`)"
+            )));
+        }
         let meta = std::fs::metadata(path).map_err(|source| Error::Io {
             path: path.to_path_buf(),
             context: "opening the checkpoint",
@@ -113,7 +141,15 @@ impl Checkpoint {
             .into_par_iter()
             .map(|name| open_shard(dir.join(&name), name, backend, index.is_some()))
             .collect::<Result<_>>()?;
+        Checkpoint::assemble(path.to_path_buf(), index, shards)
+    }
 
+    /// Checks the shards against the index (or each other) and builds the checkpoint.
+    pub(crate) fn assemble(
+        path: PathBuf,
+        index: Option<(PathBuf, ShardIndex)>,
+        shards: Vec<Shard>,
+    ) -> Result<Checkpoint> {
         if let Some((index_path, index)) = &index {
             let pairs: Vec<(&str, &Header)> = shards
                 .iter()
@@ -145,10 +181,12 @@ impl Checkpoint {
         let tensor_count = shards.iter().map(|s| s.header.len()).sum();
 
         Ok(Checkpoint {
-            path: path.to_path_buf(),
+            path,
             index,
             shards,
             tensor_count,
+            #[cfg(feature = "remote")]
+            remote: None,
         })
     }
 
@@ -212,13 +250,25 @@ impl Checkpoint {
     }
 }
 
+/// Whether `path` is a URL this build can read.
+fn is_url(path: &str) -> bool {
+    ["http://", "https://", "s3://"].iter().any(|scheme| {
+        path.get(..scheme.len())
+            .is_some_and(|s| s.eq_ignore_ascii_case(scheme))
+    })
+}
+
 fn read_index(path: &Path) -> Result<ShardIndex> {
     let bytes = std::fs::read(path).map_err(|source| Error::Io {
         path: path.to_path_buf(),
         context: "reading the index file",
         source,
     })?;
-    ShardIndex::parse(&bytes).map_err(|source| Error::Format {
+    parse_index(path, &bytes)
+}
+
+pub(crate) fn parse_index(path: &Path, bytes: &[u8]) -> Result<ShardIndex> {
+    ShardIndex::parse(bytes).map_err(|source| Error::Format {
         path: path.to_path_buf(),
         source,
     })
@@ -248,7 +298,7 @@ fn list_shards(dir: &Path) -> Result<Vec<String>> {
 }
 
 /// First read of a file: usually covers the whole header, so one request suffices.
-const HEADER_PROBE: u64 = 64 << 10;
+pub(crate) const HEADER_PROBE: u64 = 64 << 10;
 
 fn open_shard(path: PathBuf, name: String, backend: Backend, from_index: bool) -> Result<Shard> {
     let opened = weightlift_storage::open(&path, backend).map_err(|source| Error::Io {
@@ -260,7 +310,7 @@ fn open_shard(path: PathBuf, name: String, backend: Backend, from_index: bool) -
         },
         source,
     })?;
-    let header = read_header(&*opened.source).map_err(|e| match e {
+    let header = read_header(&*opened.source, Vec::new()).map_err(|e| match e {
         HeaderError::Format(source) => Error::Format {
             path: path.clone(),
             source,
@@ -280,22 +330,28 @@ fn open_shard(path: PathBuf, name: String, backend: Backend, from_index: bool) -
     })
 }
 
-enum HeaderError {
+pub(crate) enum HeaderError {
     Format(FormatError),
     Io(std::io::Error),
 }
 
 /// Reads and validates a header through a byte source, checking every length against the
-/// source's real length before allocating for it.
-fn read_header(source: &dyn ByteSource) -> std::result::Result<Header, HeaderError> {
+/// source's real length before allocating for it. `head` holds the file's first bytes when
+/// the caller already has them (a remote open's first request), else it is empty.
+pub(crate) fn read_header(
+    source: &dyn ByteSource,
+    mut head: Vec<u8>,
+) -> std::result::Result<Header, HeaderError> {
     let len = source.len();
     if len < PREFIX_LEN {
         return Err(HeaderError::Format(FormatError::HeaderTooSmall { len }));
     }
-    let mut head = vec![0u8; len.min(HEADER_PROBE) as usize];
-    source
-        .read_exact_at(0, &mut head)
-        .map_err(HeaderError::Io)?;
+    if head.len() < PREFIX_LEN as usize {
+        head = vec![0u8; len.min(HEADER_PROBE) as usize];
+        source
+            .read_exact_at(0, &mut head)
+            .map_err(HeaderError::Io)?;
+    }
     let prefix: [u8; 8] = head[..8].try_into().expect("at least 8 bytes");
     let header_len = header_len_from_prefix(prefix, len).map_err(HeaderError::Format)?;
     let end = (PREFIX_LEN + header_len) as usize;

@@ -22,6 +22,8 @@ mod convert;
 mod error;
 mod lazy;
 mod load;
+#[cfg(feature = "remote")]
+mod open_url;
 mod plan;
 mod progress;
 mod slice;
@@ -40,6 +42,11 @@ pub use weightlift_device::Device;
 pub use weightlift_format as format;
 pub use weightlift_format::Dtype;
 pub use weightlift_storage::{AutoPolicy, Backend, BackendKind};
+/// Remote storage options and counters (feature `remote`).
+#[cfg(feature = "remote")]
+pub mod remote {
+    pub use weightlift_storage::remote::{RemoteOptions, RemoteStats, S3Config};
+}
 
 /// Opens `path` and loads every tensor into CPU memory with default options.
 pub fn load(path: impl AsRef<std::path::Path>) -> Result<StateDict> {

@@ -158,6 +158,15 @@ pub(crate) fn default_threads() -> usize {
 }
 
 impl Checkpoint {
+    /// Loader threads when the options leave it open.
+    fn default_threads(&self) -> usize {
+        #[cfg(feature = "remote")]
+        if let Some(threads) = self.remote_threads() {
+            return threads;
+        }
+        default_threads()
+    }
+
     /// Loads the selected tensors (all by default) onto the options' device.
     ///
     /// Either every selected tensor is returned, complete, or an error: nothing is returned
@@ -248,7 +257,7 @@ impl Checkpoint {
         target: &T,
         options: &LoadOptions,
     ) -> Result<Vec<T::Memory>> {
-        let threads = options.threads.unwrap_or_else(default_threads);
+        let threads = options.threads.unwrap_or_else(|| self.default_threads());
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .thread_name(|i| format!("weightlift-{i}"))

@@ -1,0 +1,545 @@
+//! The requests: ranged GETs with retries, body bytes streamed into the caller's buffers.
+
+use super::{Object, Remote, Validator};
+use std::io::{self, Read};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+use ureq::http::{Response, StatusCode};
+
+/// Why one attempt failed.
+pub(super) enum Failure {
+    /// Worth another attempt (timeouts, dropped connections, short bodies, 429, 5xx).
+    Retry {
+        error: io::Error,
+        /// The server's `Retry-After`.
+        after: Option<Duration>,
+        /// Part of the body arrived: the next attempt asks only for the rest.
+        progressed: bool,
+    },
+    /// Retrying cannot help (404, 403, a changed object, a malformed answer).
+    Fatal(io::Error),
+}
+
+impl Failure {
+    fn retry(error: io::Error) -> Failure {
+        Failure::Retry {
+            error,
+            after: None,
+            progressed: false,
+        }
+    }
+}
+
+/// Longest body accepted for a listing page.
+const MAX_LISTING: u64 = 16 << 20;
+
+impl Remote {
+    /// Runs `attempt` until it succeeds, fails for good, or runs out of retries.
+    pub(super) fn retrying<T>(
+        &self,
+        url: &str,
+        mut attempt: impl FnMut() -> Result<T, Failure>,
+    ) -> io::Result<T> {
+        let options = &self.inner.options;
+        let mut failures = 0u32;
+        loop {
+            let (error, after, progressed) = match attempt() {
+                Ok(value) => return Ok(value),
+                Err(Failure::Fatal(error)) => return Err(error),
+                Err(Failure::Retry {
+                    error,
+                    after,
+                    progressed,
+                }) => (error, after, progressed),
+            };
+            failures = if progressed { 1 } else { failures + 1 };
+            if failures > options.max_retries {
+                return Err(io::Error::new(
+                    error.kind(),
+                    format!("{url}: giving up after {failures} failed attempts: {error}"),
+                ));
+            }
+            self.inner.retries.fetch_add(1, Ordering::Relaxed);
+            let delay = after
+                .unwrap_or_else(|| backoff(options.backoff, failures))
+                .min(options.max_backoff);
+            log::debug!("{url}: {error}; retry {failures} in {delay:?}");
+            std::thread::sleep(delay);
+        }
+    }
+
+    /// Sends one GET for `object` (optionally a byte range, inclusive), and sorts out the
+    /// answers every caller retries the same way.
+    fn get(
+        &self,
+        object: &Object,
+        url: &str,
+        range: Option<(u64, u64)>,
+        if_match: Option<&str>,
+    ) -> Result<Response<ureq::Body>, Failure> {
+        let target = match object {
+            Object::Http(u) => u.clone(),
+            Object::S3 { bucket, key } => self
+                .s3_config()
+                .and_then(|c| c.presign_get(bucket, key))
+                .map_err(Failure::Fatal)?
+                .to_string(),
+        };
+        let mut request = self.inner.agent.get(&target);
+        if let Some((first, last)) = range {
+            request = request.header("Range", format!("bytes={first}-{last}"));
+        }
+        if let Some(etag) = if_match {
+            request = request.header("If-Match", etag);
+        }
+        self.inner.requests.fetch_add(1, Ordering::Relaxed);
+        let response = request.call().map_err(|e| transport_failure(url, e))?;
+        let status = response.status();
+        if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
+            return Err(Failure::Retry {
+                error: io::Error::other(format!("{url}: HTTP {status}")),
+                after: retry_after(&response),
+                progressed: false,
+            });
+        }
+        Ok(response)
+    }
+
+    /// First request to an object: its first `probe` bytes, its length and validator.
+    pub(super) fn probe(
+        &self,
+        object: &Object,
+        url: &str,
+        probe: u64,
+    ) -> io::Result<(u64, Validator, Vec<u8>)> {
+        self.retrying(url, || {
+            let _permit = self.inner.gate.acquire();
+            let mut response = self.get(object, url, Some((0, probe - 1)), None)?;
+            let validator = validator(&response);
+            let (len, body_len) = match response.status().as_u16() {
+                206 => {
+                    let (first, last, total) = content_range(&response).ok_or_else(|| {
+                        malformed(url, "a 206 answer without a valid Content-Range")
+                    })?;
+                    if first != 0 || last >= probe {
+                        return Err(malformed(
+                            url,
+                            "a Content-Range other than the one asked for",
+                        ));
+                    }
+                    (total, last + 1)
+                }
+                200 => {
+                    let total = response.body().content_length().ok_or_else(|| {
+                        malformed(url, "no length (neither Range nor Content-Length)")
+                    })?;
+                    (total, total.min(probe))
+                }
+                416 => {
+                    let total = unsatisfied_range_len(&response).unwrap_or(0);
+                    (total, 0)
+                }
+                _ => return Err(Failure::Fatal(status_error(url, &mut response))),
+            };
+            let mut head = vec![0u8; body_len as usize];
+            let mut reader = response.into_body().into_reader();
+            read_body(url, &mut reader, &mut head).map_err(|(error, _)| Failure::retry(error))?;
+            self.inner.bytes.fetch_add(body_len, Ordering::Relaxed);
+            Ok((len, validator.clone(), head))
+        })
+    }
+
+    /// A whole small object; `None` for 404.
+    pub(super) fn fetch_object(
+        &self,
+        object: &Object,
+        url: &str,
+        max_len: u64,
+    ) -> io::Result<Option<Vec<u8>>> {
+        self.retrying(url, || {
+            let _permit = self.inner.gate.acquire();
+            let mut response = self.get(object, url, None, None)?;
+            match response.status().as_u16() {
+                200 => {}
+                404 => return Ok(None),
+                _ => return Err(Failure::Fatal(status_error(url, &mut response))),
+            }
+            read_small(url, response, max_len).map(Some)
+        })
+    }
+
+    /// Fills `bufs` with the object's bytes from `offset`, re-requesting only what is
+    /// missing after a short body.
+    pub(super) fn read_range(
+        &self,
+        object: &Object,
+        url: &str,
+        offset: u64,
+        bufs: &mut [&mut [u8]],
+        expected: &Validator,
+    ) -> io::Result<()> {
+        let total: u64 = bufs.iter().map(|b| b.len() as u64).sum();
+        if total == 0 {
+            return Ok(());
+        }
+        let last = offset + total - 1;
+        // A weak ETag cannot be matched with If-Match (strong comparison): it is still
+        // compared below.
+        let if_match = expected.etag.as_deref().filter(|e| !e.starts_with("W/"));
+        let mut done = 0u64;
+        self.retrying(url, || {
+            let first = offset + done;
+            let _permit = self.inner.gate.acquire();
+            let mut response = self.get(object, url, Some((first, last)), if_match)?;
+            match response.status().as_u16() {
+                206 => {
+                    let (from, to, len) = content_range(&response).ok_or_else(|| {
+                        malformed(url, "a 206 answer without a valid Content-Range")
+                    })?;
+                    if len <= last {
+                        return Err(Failure::Fatal(shrunk(url, first, last, len)));
+                    }
+                    if from != first || to != last {
+                        return Err(malformed(
+                            url,
+                            "a Content-Range other than the one asked for",
+                        ));
+                    }
+                }
+                // A server that ignores Range sends the whole object: usable from byte 0.
+                200 if first == 0 => {}
+                200 => return Err(malformed(url, "the server ignores Range requests")),
+                412 => {
+                    return Err(Failure::Fatal(changed(
+                        url,
+                        expected,
+                        &Validator::default(),
+                    )));
+                }
+                416 => {
+                    let len = unsatisfied_range_len(&response).unwrap_or(0);
+                    return Err(Failure::Fatal(shrunk(url, first, last, len)));
+                }
+                _ => return Err(Failure::Fatal(status_error(url, &mut response))),
+            }
+            let got = validator(&response);
+            if !same_version(expected, &got) {
+                return Err(Failure::Fatal(changed(url, expected, &got)));
+            }
+            let mut reader = response.into_body().into_reader();
+            let before = done;
+            let result = fill_from(url, &mut reader, bufs, &mut done);
+            self.inner.bytes.fetch_add(done - before, Ordering::Relaxed);
+            result.map_err(|error| Failure::Retry {
+                error,
+                after: None,
+                progressed: done > before,
+            })
+        })
+    }
+
+    /// Lists an S3 prefix, page by page.
+    pub(super) fn list_s3(
+        &self,
+        url: &str,
+        bucket: &str,
+        prefix: &str,
+        suffix: &str,
+    ) -> io::Result<Vec<String>> {
+        let prefix = if prefix.is_empty() || prefix.ends_with('/') {
+            prefix.to_string()
+        } else {
+            format!("{prefix}/")
+        };
+        let config = self.s3_config()?;
+        let mut names = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let signed = config.presign_list(bucket, &prefix, token.as_deref())?;
+            let body = self.retrying(url, || {
+                let _permit = self.inner.gate.acquire();
+                let object = Object::Http(signed.to_string());
+                let mut response = self.get(&object, url, None, None)?;
+                if response.status() != StatusCode::OK {
+                    return Err(Failure::Fatal(status_error(url, &mut response)));
+                }
+                read_small(url, response, MAX_LISTING)
+            })?;
+            let text = String::from_utf8_lossy(&body);
+            let page = rusty_s3::actions::ListObjectsV2::parse_response(&text).map_err(|e| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("{url}: unreadable listing: {e}"),
+                )
+            })?;
+            for object in page.contents {
+                if let Some(name) = object.key.strip_prefix(&prefix)
+                    && name.ends_with(suffix)
+                    && !name.contains('/')
+                {
+                    names.push(name.to_string());
+                }
+            }
+            match page.next_continuation_token {
+                Some(next) => token = Some(next),
+                None => break,
+            }
+        }
+        names.sort();
+        Ok(names)
+    }
+}
+
+/// Exponential backoff with jitter: `base * 2^(n-1)`, times a factor in [0.5, 1.5).
+fn backoff(base: Duration, failures: u32) -> Duration {
+    let exp = base.saturating_mul(1u32 << failures.saturating_sub(1).min(16));
+    // Jitter without a random-number crate: the clock's nanoseconds are noise enough to
+    // keep many workers from retrying in lockstep.
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    exp.mul_f64(0.5 + f64::from(nanos % 1000) / 1000.0)
+}
+
+fn transport_failure(url: &str, error: ureq::Error) -> Failure {
+    let io_error = |kind| io::Error::new(kind, format!("{url}: {error}"));
+    match error {
+        ureq::Error::Io(_) | ureq::Error::ConnectionFailed | ureq::Error::Protocol(_) => {
+            Failure::retry(io_error(io::ErrorKind::ConnectionAborted))
+        }
+        ureq::Error::Timeout(_) => Failure::retry(io_error(io::ErrorKind::TimedOut)),
+        _ => Failure::Fatal(io_error(io::ErrorKind::Other)),
+    }
+}
+
+fn malformed(url: &str, what: &str) -> Failure {
+    Failure::Fatal(io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("{url}: the server sent {what}"),
+    ))
+}
+
+fn shrunk(url: &str, first: u64, last: u64, len: u64) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::UnexpectedEof,
+        format!(
+            "{url}: the object now has {len} bytes, ending before bytes {first}..{} (was it truncated or replaced?)",
+            last + 1
+        ),
+    )
+}
+
+fn changed(url: &str, expected: &Validator, got: &Validator) -> io::Error {
+    let show = |v: &Validator| {
+        v.etag
+            .clone()
+            .or_else(|| v.last_modified.clone())
+            .unwrap_or_else(|| "another version".into())
+    };
+    io::Error::other(format!(
+        "{url}: the object changed during the load (was {}, now {}); not mixing bytes of two versions",
+        show(expected),
+        show(got)
+    ))
+}
+
+/// A failure answer as an error: the status and the start of the body (S3 explains itself
+/// there).
+fn status_error(url: &str, response: &mut Response<ureq::Body>) -> io::Error {
+    let status = response.status();
+    let mut detail = String::new();
+    let _ = response
+        .body_mut()
+        .as_reader()
+        .take(512)
+        .read_to_string(&mut detail);
+    let detail = detail.split_whitespace().collect::<Vec<_>>().join(" ");
+    let kind = match status.as_u16() {
+        404 => io::ErrorKind::NotFound,
+        401 | 403 => io::ErrorKind::PermissionDenied,
+        _ => io::ErrorKind::Other,
+    };
+    let sep = if detail.is_empty() { "" } else { ": " };
+    io::Error::new(kind, format!("{url}: HTTP {status}{sep}{detail}"))
+}
+
+fn header<'a>(response: &'a Response<ureq::Body>, name: &str) -> Option<&'a str> {
+    response.headers().get(name).and_then(|v| v.to_str().ok())
+}
+
+fn validator(response: &Response<ureq::Body>) -> Validator {
+    Validator {
+        etag: header(response, "etag").map(str::to_string),
+        last_modified: header(response, "last-modified").map(str::to_string),
+    }
+}
+
+/// Same object version: ETags when both sides have one, else Last-Modified, else trust.
+fn same_version(expected: &Validator, got: &Validator) -> bool {
+    match (&expected.etag, &got.etag) {
+        (Some(a), Some(b)) => a.trim_start_matches("W/") == b.trim_start_matches("W/"),
+        _ => match (&expected.last_modified, &got.last_modified) {
+            (Some(a), Some(b)) => a == b,
+            _ => true,
+        },
+    }
+}
+
+fn retry_after(response: &Response<ureq::Body>) -> Option<Duration> {
+    header(response, "retry-after")?
+        .trim()
+        .parse::<u64>()
+        .ok()
+        .map(Duration::from_secs)
+}
+
+/// `Content-Range: bytes FIRST-LAST/TOTAL`.
+fn content_range(response: &Response<ureq::Body>) -> Option<(u64, u64, u64)> {
+    let value = header(response, "content-range")?.trim();
+    let rest = value.strip_prefix("bytes ")?;
+    let (range, total) = rest.split_once('/')?;
+    let (first, last) = range.split_once('-')?;
+    let (first, last, total) = (
+        first.trim().parse().ok()?,
+        last.trim().parse().ok()?,
+        total.trim().parse().ok()?,
+    );
+    (first <= last && last < total).then_some((first, last, total))
+}
+
+/// `Content-Range: bytes */TOTAL` of a 416 answer.
+fn unsatisfied_range_len(response: &Response<ureq::Body>) -> Option<u64> {
+    header(response, "content-range")?
+        .trim()
+        .strip_prefix("bytes */")?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Reads exactly `buf.len()` bytes; on failure, the error and how many arrived.
+fn read_body(url: &str, reader: &mut impl Read, buf: &mut [u8]) -> Result<(), (io::Error, usize)> {
+    let mut got = 0;
+    while got < buf.len() {
+        match reader.read(&mut buf[got..]) {
+            Ok(0) => {
+                return Err((
+                    io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        format!("{url}: the body ended after {got} of {} bytes", buf.len()),
+                    ),
+                    got,
+                ));
+            }
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err((io::Error::new(e.kind(), format!("{url}: {e}")), got)),
+        }
+    }
+    Ok(())
+}
+
+/// Streams the body into `bufs` from position `done` (counted across all of them),
+/// advancing `done` as bytes land.
+fn fill_from(
+    url: &str,
+    reader: &mut impl Read,
+    bufs: &mut [&mut [u8]],
+    done: &mut u64,
+) -> io::Result<()> {
+    let mut skip = *done;
+    for buf in bufs.iter_mut() {
+        let len = buf.len() as u64;
+        if skip >= len {
+            skip -= len;
+            continue;
+        }
+        let start = skip as usize;
+        skip = 0;
+        let result = read_body(url, reader, &mut buf[start..]);
+        match result {
+            Ok(()) => *done += len - start as u64,
+            Err((error, got)) => {
+                *done += got as u64;
+                return Err(error);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A small body, read whole, refusing more than `max_len` bytes.
+fn read_small(url: &str, response: Response<ureq::Body>, max_len: u64) -> Result<Vec<u8>, Failure> {
+    if let Some(len) = response.body().content_length()
+        && len > max_len
+    {
+        return Err(Failure::Fatal(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{url}: {len} bytes is more than the {max_len} accepted here"),
+        )));
+    }
+    let mut body = Vec::new();
+    response
+        .into_body()
+        .into_reader()
+        .take(max_len + 1)
+        .read_to_end(&mut body)
+        .map_err(|e| Failure::retry(io::Error::new(e.kind(), format!("{url}: {e}"))))?;
+    if body.len() as u64 > max_len {
+        return Err(Failure::Fatal(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{url}: more than the {max_len} bytes accepted here"),
+        )));
+    }
+    Ok(body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_with_jitter() {
+        let base = Duration::from_millis(100);
+        for n in 1..6 {
+            let d = backoff(base, n);
+            let nominal = base * (1 << (n - 1));
+            assert!(d >= nominal / 2 && d < nominal * 3 / 2, "{n}: {d:?}");
+        }
+        assert!(backoff(base, 60) > Duration::ZERO, "no overflow");
+    }
+
+    #[test]
+    fn versions_compare_by_etag_then_date() {
+        let v = |e: Option<&str>, d: Option<&str>| Validator {
+            etag: e.map(Into::into),
+            last_modified: d.map(Into::into),
+        };
+        assert!(same_version(
+            &v(Some("\"a\""), None),
+            &v(Some("W/\"a\""), None)
+        ));
+        assert!(!same_version(
+            &v(Some("\"a\""), Some("d")),
+            &v(Some("\"b\""), Some("d"))
+        ));
+        assert!(!same_version(&v(None, Some("d1")), &v(None, Some("d2"))));
+        assert!(same_version(&v(None, None), &v(Some("\"b\""), None)));
+    }
+
+    #[test]
+    fn fills_scattered_buffers_across_resumes() {
+        let data: Vec<u8> = (0..100u8).collect();
+        let (mut a, mut b, mut c) = (vec![0u8; 10], vec![0u8; 0], vec![0u8; 90]);
+        let mut bufs: Vec<&mut [u8]> = vec![&mut a, &mut b, &mut c];
+        let mut done = 0;
+        // The first body breaks off after 42 bytes; the second brings the rest.
+        let mut first = io::Read::chain(&data[..42], io::repeat(0).take(0));
+        assert!(fill_from("u", &mut first, &mut bufs, &mut done).is_err());
+        assert_eq!(done, 42);
+        let mut rest = &data[42..];
+        fill_from("u", &mut rest, &mut bufs, &mut done).unwrap();
+        assert_eq!(done, 100);
+        assert_eq!([&a[..], &c[..]].concat(), data);
+    }
+}

@@ -1,0 +1,358 @@
+//! Remote byte sources: objects behind `http://`/`https://` URLs, read with HTTP range
+//! requests, and `s3://bucket/key` objects, read with SigV4-presigned range requests.
+//!
+//! One [`Remote`] client serves every object of a checkpoint: it holds the connection pool,
+//! the retry policy, a gate that bounds the requests in flight, and request counters.
+//! Reads stream from the socket straight into the caller's buffers, so the bytes in flight
+//! are at most `max_in_flight` requests and nothing is buffered whole.
+//!
+//! Each object's validator (ETag, else Last-Modified) is recorded by the first request and
+//! checked on every later response (and sent as `If-Match`): an object replaced during a
+//! load is an error, never a mix of old and new bytes.
+
+mod client;
+mod s3;
+
+pub use s3::S3Config;
+
+use crate::{BackendKind, ByteSource};
+use std::fmt;
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::time::Duration;
+
+/// Whether `location` names a remote object (`http://`, `https://` or `s3://`).
+pub fn is_remote(location: &str) -> bool {
+    ["http://", "https://", "s3://"].iter().any(|scheme| {
+        location
+            .get(..scheme.len())
+            .is_some_and(|s| s.eq_ignore_ascii_case(scheme))
+    })
+}
+
+/// Joins a name to a remote "directory": `s3://b/models/x` + `a.safetensors` is
+/// `s3://b/models/x/a.safetensors`.
+pub fn join(base: &str, name: &str) -> String {
+    format!("{}/{}", base.trim_end_matches('/'), name)
+}
+
+/// How remote objects are read.
+#[derive(Debug, Clone)]
+pub struct RemoteOptions {
+    /// Most requests in flight at once, over all objects of the client (default 16).
+    pub max_in_flight: usize,
+    /// Retries of one request after a timeout, a dropped connection, a short body, 429 or
+    /// 5xx, before the read fails (default 8). A retry that made progress (received part of
+    /// the body) does not count against this.
+    pub max_retries: u32,
+    /// First retry delay, doubled per retry with jitter (default 100 ms). A server's
+    /// `Retry-After` takes precedence.
+    pub backoff: Duration,
+    /// Longest delay between retries (default 10 s).
+    pub max_backoff: Duration,
+    /// Connection timeout (default 10 s).
+    pub connect_timeout: Duration,
+    /// Longest wait for a response or for the next bytes of a body (default 60 s).
+    pub read_timeout: Duration,
+    /// Where and as whom to reach S3; `None` reads the usual AWS environment variables and
+    /// profile files on first use (see [`S3Config::from_env`]).
+    pub s3: Option<S3Config>,
+}
+
+impl Default for RemoteOptions {
+    fn default() -> RemoteOptions {
+        RemoteOptions {
+            max_in_flight: 16,
+            max_retries: 8,
+            backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(10),
+            read_timeout: Duration::from_secs(60),
+            s3: None,
+        }
+    }
+}
+
+/// Request counters of a [`Remote`] client.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RemoteStats {
+    /// HTTP requests sent (including retries).
+    pub requests: u64,
+    /// Requests that were retries.
+    pub retries: u64,
+    /// Body bytes received into callers' buffers.
+    pub bytes: u64,
+}
+
+/// A client for remote objects; cheap to clone (clones share the pool, gate and counters).
+#[derive(Clone)]
+pub struct Remote {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    agent: ureq::Agent,
+    options: RemoteOptions,
+    gate: Gate,
+    s3: OnceLock<Result<S3Config, String>>,
+    requests: AtomicU64,
+    retries: AtomicU64,
+    bytes: AtomicU64,
+}
+
+impl fmt::Debug for Remote {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Remote")
+            .field("options", &self.inner.options)
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+impl Remote {
+    /// A client with `options`.
+    pub fn new(options: RemoteOptions) -> Remote {
+        let max_in_flight = options.max_in_flight.max(1);
+        let config = ureq::Agent::config_builder()
+            // Status codes are interpreted here (retry 5xx/429, EOF on 416, ...).
+            .http_status_as_error(false)
+            .timeout_connect(Some(options.connect_timeout))
+            .timeout_recv_response(Some(options.read_timeout))
+            .timeout_per_read(Some(options.read_timeout))
+            .max_idle_connections(max_in_flight.max(10))
+            .max_idle_connections_per_host(max_in_flight)
+            .user_agent(concat!("weightlift/", env!("CARGO_PKG_VERSION")))
+            .build();
+        let s3 = OnceLock::new();
+        if let Some(config) = &options.s3 {
+            let _ = s3.set(Ok(config.clone()));
+        }
+        Remote {
+            inner: Arc::new(Inner {
+                agent: config.new_agent(),
+                gate: Gate::new(max_in_flight),
+                options,
+                s3,
+                requests: AtomicU64::new(0),
+                retries: AtomicU64::new(0),
+                bytes: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// The options the client was built with.
+    pub fn options(&self) -> &RemoteOptions {
+        &self.inner.options
+    }
+
+    /// Requests, retries and bytes so far.
+    pub fn stats(&self) -> RemoteStats {
+        RemoteStats {
+            requests: self.inner.requests.load(Ordering::Relaxed),
+            retries: self.inner.retries.load(Ordering::Relaxed),
+            bytes: self.inner.bytes.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Opens the object at `url` with one ranged request for its first `probe` bytes, which
+    /// also tells its length and validator. Returns the source and the bytes received (fewer
+    /// than `probe` only when the object is shorter).
+    pub fn open(&self, url: &str, probe: u64) -> io::Result<(RemoteSource, Vec<u8>)> {
+        let object = Object::parse(url)?;
+        let (len, validator, head) = self.probe(&object, url, probe.max(1))?;
+        let source = RemoteSource {
+            remote: self.clone(),
+            object,
+            url: url.to_string(),
+            len,
+            validator,
+        };
+        Ok((source, head))
+    }
+
+    /// The whole object at `url`, or `None` when there is no such object. Objects longer
+    /// than `max_len` are an error (this is for small files such as an index).
+    pub fn fetch(&self, url: &str, max_len: u64) -> io::Result<Option<Vec<u8>>> {
+        let object = Object::parse(url)?;
+        self.fetch_object(&object, url, max_len)
+    }
+
+    /// Names of the objects directly under the S3 prefix `url` whose names end with
+    /// `suffix`, relative to the prefix and sorted. Plain HTTP has no listing: that is an
+    /// `Unsupported` error.
+    pub fn list(&self, url: &str, suffix: &str) -> io::Result<Vec<String>> {
+        match Object::parse(url)? {
+            Object::Http(_) => Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                format!("{url}: HTTP servers cannot be listed"),
+            )),
+            Object::S3 { bucket, key } => self.list_s3(url, &bucket, &key, suffix),
+        }
+    }
+
+    fn s3_config(&self) -> io::Result<&S3Config> {
+        self.inner
+            .s3
+            .get_or_init(S3Config::from_env)
+            .as_ref()
+            .map_err(|e| io::Error::other(format!("S3 configuration: {e}")))
+    }
+}
+
+/// Where an object lives.
+#[derive(Debug, Clone)]
+enum Object {
+    Http(String),
+    S3 { bucket: String, key: String },
+}
+
+impl Object {
+    fn parse(url: &str) -> io::Result<Object> {
+        let invalid =
+            |why: &str| io::Error::new(io::ErrorKind::InvalidInput, format!("{url}: {why}"));
+        if !is_remote(url) {
+            return Err(invalid("not an http://, https:// or s3:// URL"));
+        }
+        if url
+            .get(..5)
+            .is_some_and(|s| s.eq_ignore_ascii_case("s3://"))
+        {
+            let rest = &url[5..];
+            let (bucket, key) = rest.split_once('/').unwrap_or((rest, ""));
+            if bucket.len() < 3 {
+                return Err(invalid(
+                    "an S3 URL is s3://BUCKET/KEY (bucket names have 3+ characters)",
+                ));
+            }
+            return Ok(Object::S3 {
+                bucket: bucket.to_string(),
+                key: key.to_string(),
+            });
+        }
+        url::Url::parse(url).map_err(|e| invalid(&e.to_string()))?;
+        Ok(Object::Http(url.to_string()))
+    }
+}
+
+/// What identifies one version of an object.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Validator {
+    etag: Option<String>,
+    last_modified: Option<String>,
+}
+
+/// A remote object opened for positioned reads.
+#[derive(Debug)]
+pub struct RemoteSource {
+    remote: Remote,
+    object: Object,
+    url: String,
+    len: u64,
+    validator: Validator,
+}
+
+impl RemoteSource {
+    /// The object's URL.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+}
+
+impl ByteSource for RemoteSource {
+    fn len(&self) -> u64 {
+        self.len
+    }
+
+    fn read_exact_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.read_scatter_at(offset, &mut [buf])
+    }
+
+    fn read_scatter_at(&self, offset: u64, bufs: &mut [&mut [u8]]) -> io::Result<()> {
+        let total: u64 = bufs.iter().map(|b| b.len() as u64).sum();
+        if offset.checked_add(total).is_none_or(|end| end > self.len) {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!(
+                    "{}: bytes {offset}..{} are past the end of the object ({} bytes)",
+                    self.url,
+                    offset.saturating_add(total),
+                    self.len
+                ),
+            ));
+        }
+        self.remote
+            .read_range(&self.object, &self.url, offset, bufs, &self.validator)
+    }
+
+    fn kind(&self) -> BackendKind {
+        match self.object {
+            Object::Http(_) => BackendKind::Http,
+            Object::S3 { .. } => BackendKind::S3,
+        }
+    }
+}
+
+/// A counting semaphore: at most `n` requests in flight.
+struct Gate {
+    free: Mutex<usize>,
+    freed: Condvar,
+}
+
+struct Permit<'a>(&'a Gate);
+
+impl Gate {
+    fn new(n: usize) -> Gate {
+        Gate {
+            free: Mutex::new(n),
+            freed: Condvar::new(),
+        }
+    }
+
+    fn acquire(&self) -> Permit<'_> {
+        let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
+        while *free == 0 {
+            free = self.freed.wait(free).unwrap_or_else(|e| e.into_inner());
+        }
+        *free -= 1;
+        Permit(self)
+    }
+}
+
+impl Drop for Permit<'_> {
+    fn drop(&mut self) {
+        *self.0.free.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        self.0.freed.notify_one();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recognises_remote_locations() {
+        assert!(is_remote("http://127.0.0.1:8080/m"));
+        assert!(is_remote("HTTPS://hub.example/m.safetensors"));
+        assert!(is_remote("s3://bucket/prefix/"));
+        assert!(!is_remote("/data/s3://x"));
+        assert!(!is_remote("model.safetensors"));
+        assert!(!is_remote("é"));
+        assert_eq!(join("s3://b/m/", "a.safetensors"), "s3://b/m/a.safetensors");
+        assert_eq!(join("http://h/m", "a"), "http://h/m/a");
+    }
+
+    #[test]
+    fn parses_objects() {
+        match Object::parse("s3://bucket/a/b.safetensors").unwrap() {
+            Object::S3 { bucket, key } => {
+                assert_eq!(bucket, "bucket");
+                assert_eq!(key, "a/b.safetensors");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(Object::parse("s3://b/x").is_err(), "bucket too short");
+        assert!(Object::parse("http://[::1/x").is_err());
+        assert!(Object::parse("ftp://x/y").is_err());
+    }
+}
