@@ -2,7 +2,36 @@
 
 use clap::ValueEnum;
 use std::io::Write;
-use weightlift::Backend;
+use weightlift::{Backend, OpenOptions};
+
+/// Where the bytes come from: `--backend` for local files, and how URLs are read.
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct SourceArgs {
+    /// Storage backend for local files (URLs are always read with range requests).
+    #[arg(long, value_enum, default_value_t = BackendArg::Auto)]
+    backend: BackendArg,
+    /// For URLs: most HTTP requests in flight at once (also the default loader threads).
+    #[cfg(feature = "remote")]
+    #[arg(long, value_name = "N", default_value_t = weightlift::remote::RemoteOptions::default().max_in_flight)]
+    in_flight: usize,
+    /// For URLs: retries of a failed request (timeouts, resets, 429, 5xx) before giving up.
+    #[cfg(feature = "remote")]
+    #[arg(long, value_name = "N", default_value_t = weightlift::remote::RemoteOptions::default().max_retries)]
+    retries: u32,
+}
+
+impl SourceArgs {
+    pub(crate) fn open_options(&self) -> OpenOptions {
+        #[cfg_attr(not(feature = "remote"), allow(unused_mut))]
+        let mut options = OpenOptions::backend(self.backend.backend());
+        #[cfg(feature = "remote")]
+        {
+            options.remote.max_in_flight = self.in_flight.max(1);
+            options.remote.max_retries = self.retries;
+        }
+        options
+    }
+}
 
 /// `--backend`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -3,14 +3,14 @@
 //! Shards are loaded one at a time, so memory stays at one shard's tensors however large
 //! the checkpoint; hashing runs in parallel over the tensors.
 
-use crate::common::{BackendArg, print};
+use crate::common::{SourceArgs, print};
 use rayon::prelude::*;
 use serde_json::{Map, json};
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
-use weightlift::{Checkpoint, LoadOptions, OpenOptions};
+use weightlift::{Checkpoint, LoadOptions};
 
 #[derive(clap::Args)]
 #[command(
@@ -18,18 +18,18 @@ use weightlift::{Checkpoint, LoadOptions, OpenOptions};
     diff <(weightlift hash a/) <(weightlift hash b/)"
 )]
 pub(crate) struct Args {
-    /// A .safetensors file, a directory of shards, or an index file.
+    /// A .safetensors file, a directory of shards, or an index file (local, or an
+    /// http(s):// or s3:// URL).
     path: PathBuf,
-    /// Storage backend.
-    #[arg(long, value_enum, default_value_t = BackendArg::Auto)]
-    backend: BackendArg,
+    #[command(flatten)]
+    source: SourceArgs,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
 }
 
 pub(crate) fn run(args: &Args) -> Result<(), String> {
-    let ckpt = Checkpoint::open_with(&args.path, &OpenOptions::backend(args.backend.backend()))
+    let ckpt = Checkpoint::open_with(&args.path, &args.source.open_options())
         .map_err(|e| e.to_string())?;
     let mut hashes: BTreeMap<String, (String, Vec<usize>, String)> = BTreeMap::new();
     for shard in ckpt.shards() {

@@ -1,10 +1,10 @@
 //! `weightlift inspect`: what a checkpoint holds, from its headers alone.
 
-use crate::common::{human_bytes, print, table, thousands};
+use crate::common::{SourceArgs, human_bytes, print, table, thousands};
 use serde_json::{Map, Value, json};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use weightlift::{Checkpoint, Dtype, OpenOptions};
+use weightlift::{Checkpoint, Dtype};
 
 #[derive(clap::Args)]
 #[command(
@@ -12,8 +12,11 @@ use weightlift::{Checkpoint, Dtype, OpenOptions};
     weightlift inspect model.safetensors --json | jq '.tensors | length'"
 )]
 pub(crate) struct Args {
-    /// A .safetensors file, a directory of shards, or an index file.
+    /// A .safetensors file, a directory of shards, or an index file (local, or an
+    /// http(s):// or s3:// URL).
     path: PathBuf,
+    #[command(flatten)]
+    source: SourceArgs,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -29,8 +32,8 @@ pub(crate) fn run(args: &Args) -> Result<(), String> {
         .map(glob::Pattern::new)
         .transpose()
         .map_err(|e| format!("invalid --filter pattern: {e}"))?;
-    let ckpt =
-        Checkpoint::open_with(&args.path, &OpenOptions::default()).map_err(|e| e.to_string())?;
+    let ckpt = Checkpoint::open_with(&args.path, &args.source.open_options())
+        .map_err(|e| e.to_string())?;
     let keep = |name: &str| pattern.as_ref().is_none_or(|p| p.matches(name));
 
     let mut metadata = Map::new();

@@ -1,11 +1,11 @@
 //! `weightlift load`: load a checkpoint and say how fast it went.
 
-use crate::common::{BackendArg, human_bytes, peak_rss, print, thousands};
+use crate::common::{SourceArgs, human_bytes, peak_rss, print, thousands};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::json;
 use std::path::PathBuf;
 use std::time::Instant;
-use weightlift::{Checkpoint, Device, LoadOptions, OpenOptions};
+use weightlift::{Checkpoint, Device, LoadOptions};
 
 #[derive(clap::Args)]
 #[command(
@@ -14,11 +14,11 @@ use weightlift::{Checkpoint, Device, LoadOptions, OpenOptions};
     With --backend mmap the files must not be modified or truncated during the load."
 )]
 pub(crate) struct Args {
-    /// A .safetensors file, a directory of shards, or an index file.
+    /// A .safetensors file, a directory of shards, or an index file (local, or an
+    /// http(s):// or s3:// URL).
     path: PathBuf,
-    /// Storage backend.
-    #[arg(long, value_enum, default_value_t = BackendArg::Auto)]
-    backend: BackendArg,
+    #[command(flatten)]
+    source: SourceArgs,
     /// Where tensors go: cpu, meta (shapes only) or cuda:N.
     #[arg(long, default_value = "cpu", value_parser = |s: &str| s.parse::<Device>())]
     device: Device,
@@ -39,7 +39,7 @@ pub(crate) struct Args {
 
 pub(crate) fn run(args: &Args) -> Result<(), String> {
     let start = Instant::now();
-    let ckpt = Checkpoint::open_with(&args.path, &OpenOptions::backend(args.backend.backend()))
+    let ckpt = Checkpoint::open_with(&args.path, &args.source.open_options())
         .map_err(|e| e.to_string())?;
     let open_secs = start.elapsed().as_secs_f64();
     let mut options = LoadOptions::default()
@@ -73,6 +73,7 @@ pub(crate) fn run(args: &Args) -> Result<(), String> {
     };
     let gbps = bytes as f64 / secs / 1e9;
     let peak = peak_rss().unwrap_or(0);
+    let remote = remote_stats(&ckpt);
     let files: Vec<_> = ckpt
         .shards()
         .iter()
@@ -88,6 +89,8 @@ pub(crate) fn run(args: &Args) -> Result<(), String> {
             "gbps": gbps,
             "tensors": state.len(),
             "peak_rss_bytes": peak,
+            "requests": remote.map(|r| r.requests),
+            "retries": remote.map(|r| r.retries),
             "files": files,
         });
         return print(&format!("{out}\n"));
@@ -102,6 +105,14 @@ pub(crate) fn run(args: &Args) -> Result<(), String> {
         open_secs,
         human_bytes(peak)
     );
+    if let Some(r) = remote {
+        out.push_str(&format!(
+            "{} HTTP requests ({} retries), {} received\n",
+            thousands(r.requests),
+            thousands(r.retries),
+            human_bytes(r.bytes)
+        ));
+    }
     for s in ckpt.shards() {
         out.push_str(&format!(
             "  {}: {} ({})\n",
@@ -111,4 +122,23 @@ pub(crate) fn run(args: &Args) -> Result<(), String> {
         ));
     }
     print(&out)
+}
+
+/// Request counters, for checkpoints read from URLs.
+#[cfg(feature = "remote")]
+fn remote_stats(ckpt: &Checkpoint) -> Option<weightlift::remote::RemoteStats> {
+    ckpt.remote_stats()
+}
+
+#[cfg(not(feature = "remote"))]
+fn remote_stats(_: &Checkpoint) -> Option<Stats> {
+    None
+}
+
+#[cfg(not(feature = "remote"))]
+#[derive(Clone, Copy)]
+struct Stats {
+    requests: u64,
+    retries: u64,
+    bytes: u64,
 }

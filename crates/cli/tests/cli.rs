@@ -245,3 +245,61 @@ fn demo_runs_on_a_small_checkpoint_and_reuses_it() {
         "cached"
     );
 }
+
+/// `hash` of a URL equals `hash` of the local files; `inspect` and `load` take URLs too.
+#[test]
+fn urls_hash_like_local_files() {
+    use weightlift_tests::servers::{Nginx, S3_KEY, S3_REGION, S3_SECRET, S3Server};
+    let dir = disk_tempdir();
+    let root = dir.path();
+    std::fs::create_dir(root.join("sharded")).unwrap();
+    sharded(&root.join("sharded"));
+    write_file(&root.join("single.safetensors"), &all_dtypes());
+    let local = |p: &str| ok_json(&["hash", root.join(p).to_str().unwrap(), "--json"]);
+
+    let nginx = Nginx::start(root);
+    for p in ["sharded", "single.safetensors"] {
+        let url = nginx.url(p);
+        assert_eq!(ok_json(&["hash", &url, "--json"]), local(p), "{url}");
+    }
+    let v = ok_json(&["inspect", &nginx.url("sharded"), "--json"]);
+    assert_eq!(v["files"].as_array().unwrap().len(), 2);
+    let v = ok_json(&["load", &nginx.url("sharded"), "--json", "--in-flight", "3"]);
+    assert!(v["requests"].as_u64().unwrap() >= 3, "{v}");
+    assert_eq!(v["retries"].as_u64(), Some(0));
+    assert_eq!(v["files"][0]["backend"], "http");
+    let out = weightlift(&["load", &nginx.url("sharded")]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("HTTP requests (0 retries)"), "{text}");
+
+    // S3, configured the usual way: environment variables.
+    let s3 = S3Server::start();
+    s3.create_bucket("ckpts");
+    s3.put_dir("ckpts", "moe", &root.join("sharded"));
+    let out = Command::new(env!("CARGO_BIN_EXE_weightlift"))
+        .args(["hash", "s3://ckpts/moe/", "--json"])
+        .env("AWS_ENDPOINT_URL", s3.endpoint())
+        .env("AWS_ACCESS_KEY_ID", S3_KEY)
+        .env("AWS_SECRET_ACCESS_KEY", S3_SECRET)
+        .env("AWS_REGION", S3_REGION)
+        .env("HOME", root)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v, local("sharded"));
+
+    // A URL that is not there: one line naming it, exit code 1.
+    let missing = nginx.url("nope.safetensors");
+    let out = weightlift(&["inspect", &missing]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&missing) && err.contains("404") && err.lines().count() == 1,
+        "{err}"
+    );
+}

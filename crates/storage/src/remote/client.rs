@@ -56,7 +56,7 @@ impl Remote {
             if failures > options.max_retries {
                 return Err(io::Error::new(
                     error.kind(),
-                    format!("{url}: giving up after {failures} failed attempts: {error}"),
+                    format!("giving up after {failures} failed attempts: {error}"),
                 ));
             }
             self.inner.retries.fetch_add(1, Ordering::Relaxed);
@@ -73,7 +73,6 @@ impl Remote {
     fn get(
         &self,
         object: &Object,
-        url: &str,
         range: Option<(u64, u64)>,
         if_match: Option<&str>,
     ) -> Result<Response<ureq::Body>, Failure> {
@@ -93,11 +92,11 @@ impl Remote {
             request = request.header("If-Match", etag);
         }
         self.inner.requests.fetch_add(1, Ordering::Relaxed);
-        let response = request.call().map_err(|e| transport_failure(url, e))?;
+        let response = request.call().map_err(|e| transport_failure(e))?;
         let status = response.status();
         if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
             return Err(Failure::Retry {
-                error: io::Error::other(format!("{url}: HTTP {status}")),
+                error: io::Error::other(format!("HTTP {status}")),
                 after: retry_after(&response),
                 progressed: false,
             });
@@ -114,36 +113,33 @@ impl Remote {
     ) -> io::Result<(u64, Validator, Vec<u8>)> {
         self.retrying(url, || {
             let _permit = self.inner.gate.acquire();
-            let mut response = self.get(object, url, Some((0, probe - 1)), None)?;
+            let mut response = self.get(object, Some((0, probe - 1)), None)?;
             let validator = validator(&response);
             let (len, body_len) = match response.status().as_u16() {
                 206 => {
-                    let (first, last, total) = content_range(&response).ok_or_else(|| {
-                        malformed(url, "a 206 answer without a valid Content-Range")
-                    })?;
+                    let (first, last, total) = content_range(&response)
+                        .ok_or_else(|| malformed("a 206 answer without a valid Content-Range"))?;
                     if first != 0 || last >= probe {
-                        return Err(malformed(
-                            url,
-                            "a Content-Range other than the one asked for",
-                        ));
+                        return Err(malformed("a Content-Range other than the one asked for"));
                     }
                     (total, last + 1)
                 }
                 200 => {
-                    let total = response.body().content_length().ok_or_else(|| {
-                        malformed(url, "no length (neither Range nor Content-Length)")
-                    })?;
+                    let total = response
+                        .body()
+                        .content_length()
+                        .ok_or_else(|| malformed("no length (neither Range nor Content-Length)"))?;
                     (total, total.min(probe))
                 }
                 416 => {
                     let total = unsatisfied_range_len(&response).unwrap_or(0);
                     (total, 0)
                 }
-                _ => return Err(Failure::Fatal(status_error(url, &mut response))),
+                _ => return Err(Failure::Fatal(status_error(&mut response))),
             };
             let mut head = vec![0u8; body_len as usize];
             let mut reader = response.into_body().into_reader();
-            read_body(url, &mut reader, &mut head).map_err(|(error, _)| Failure::retry(error))?;
+            read_body(&mut reader, &mut head).map_err(|(error, _)| Failure::retry(error))?;
             self.inner.bytes.fetch_add(body_len, Ordering::Relaxed);
             Ok((len, validator.clone(), head))
         })
@@ -158,13 +154,13 @@ impl Remote {
     ) -> io::Result<Option<Vec<u8>>> {
         self.retrying(url, || {
             let _permit = self.inner.gate.acquire();
-            let mut response = self.get(object, url, None, None)?;
+            let mut response = self.get(object, None, None)?;
             match response.status().as_u16() {
                 200 => {}
                 404 => return Ok(None),
-                _ => return Err(Failure::Fatal(status_error(url, &mut response))),
+                _ => return Err(Failure::Fatal(status_error(&mut response))),
             }
-            read_small(url, response, max_len).map(Some)
+            read_small(response, max_len).map(Some)
         })
     }
 
@@ -190,45 +186,37 @@ impl Remote {
         self.retrying(url, || {
             let first = offset + done;
             let _permit = self.inner.gate.acquire();
-            let mut response = self.get(object, url, Some((first, last)), if_match)?;
+            let mut response = self.get(object, Some((first, last)), if_match)?;
             match response.status().as_u16() {
                 206 => {
-                    let (from, to, len) = content_range(&response).ok_or_else(|| {
-                        malformed(url, "a 206 answer without a valid Content-Range")
-                    })?;
+                    let (from, to, len) = content_range(&response)
+                        .ok_or_else(|| malformed("a 206 answer without a valid Content-Range"))?;
                     if len <= last {
-                        return Err(Failure::Fatal(shrunk(url, first, last, len)));
+                        return Err(Failure::Fatal(shrunk(first, last, len)));
                     }
                     if from != first || to != last {
-                        return Err(malformed(
-                            url,
-                            "a Content-Range other than the one asked for",
-                        ));
+                        return Err(malformed("a Content-Range other than the one asked for"));
                     }
                 }
                 // A server that ignores Range sends the whole object: usable from byte 0.
                 200 if first == 0 => {}
-                200 => return Err(malformed(url, "the server ignores Range requests")),
+                200 => return Err(malformed("the server ignores Range requests")),
                 412 => {
-                    return Err(Failure::Fatal(changed(
-                        url,
-                        expected,
-                        &Validator::default(),
-                    )));
+                    return Err(Failure::Fatal(changed(expected, &Validator::default())));
                 }
                 416 => {
                     let len = unsatisfied_range_len(&response).unwrap_or(0);
-                    return Err(Failure::Fatal(shrunk(url, first, last, len)));
+                    return Err(Failure::Fatal(shrunk(first, last, len)));
                 }
-                _ => return Err(Failure::Fatal(status_error(url, &mut response))),
+                _ => return Err(Failure::Fatal(status_error(&mut response))),
             }
             let got = validator(&response);
             if !same_version(expected, &got) {
-                return Err(Failure::Fatal(changed(url, expected, &got)));
+                return Err(Failure::Fatal(changed(expected, &got)));
             }
             let mut reader = response.into_body().into_reader();
             let before = done;
-            let result = fill_from(url, &mut reader, bufs, &mut done);
+            let result = fill_from(&mut reader, bufs, &mut done);
             self.inner.bytes.fetch_add(done - before, Ordering::Relaxed);
             result.map_err(|error| Failure::Retry {
                 error,
@@ -259,17 +247,17 @@ impl Remote {
             let body = self.retrying(url, || {
                 let _permit = self.inner.gate.acquire();
                 let object = Object::Http(signed.to_string());
-                let mut response = self.get(&object, url, None, None)?;
+                let mut response = self.get(&object, None, None)?;
                 if response.status() != StatusCode::OK {
-                    return Err(Failure::Fatal(status_error(url, &mut response)));
+                    return Err(Failure::Fatal(status_error(&mut response)));
                 }
-                read_small(url, response, MAX_LISTING)
+                read_small(response, MAX_LISTING)
             })?;
             let text = String::from_utf8_lossy(&body);
             let page = rusty_s3::actions::ListObjectsV2::parse_response(&text).map_err(|e| {
                 io::Error::new(
                     io::ErrorKind::InvalidData,
-                    format!("{url}: unreadable listing: {e}"),
+                    format!("unreadable S3 listing: {e}"),
                 )
             })?;
             for object in page.contents {
@@ -301,8 +289,8 @@ fn backoff(base: Duration, failures: u32) -> Duration {
     exp.mul_f64(0.5 + f64::from(nanos % 1000) / 1000.0)
 }
 
-fn transport_failure(url: &str, error: ureq::Error) -> Failure {
-    let io_error = |kind| io::Error::new(kind, format!("{url}: {error}"));
+fn transport_failure(error: ureq::Error) -> Failure {
+    let io_error = |kind| io::Error::new(kind, error.to_string());
     match error {
         ureq::Error::Io(_) | ureq::Error::ConnectionFailed | ureq::Error::Protocol(_) => {
             Failure::retry(io_error(io::ErrorKind::ConnectionAborted))
@@ -312,24 +300,24 @@ fn transport_failure(url: &str, error: ureq::Error) -> Failure {
     }
 }
 
-fn malformed(url: &str, what: &str) -> Failure {
+fn malformed(what: &str) -> Failure {
     Failure::Fatal(io::Error::new(
         io::ErrorKind::InvalidData,
-        format!("{url}: the server sent {what}"),
+        format!("the server sent {what}"),
     ))
 }
 
-fn shrunk(url: &str, first: u64, last: u64, len: u64) -> io::Error {
+fn shrunk(first: u64, last: u64, len: u64) -> io::Error {
     io::Error::new(
         io::ErrorKind::UnexpectedEof,
         format!(
-            "{url}: the object now has {len} bytes, ending before bytes {first}..{} (was it truncated or replaced?)",
+            "the object now has {len} bytes, ending before bytes {first}..{} (was it truncated or replaced?)",
             last + 1
         ),
     )
 }
 
-fn changed(url: &str, expected: &Validator, got: &Validator) -> io::Error {
+fn changed(expected: &Validator, got: &Validator) -> io::Error {
     let show = |v: &Validator| {
         v.etag
             .clone()
@@ -337,30 +325,46 @@ fn changed(url: &str, expected: &Validator, got: &Validator) -> io::Error {
             .unwrap_or_else(|| "another version".into())
     };
     io::Error::other(format!(
-        "{url}: the object changed during the load (was {}, now {}); not mixing bytes of two versions",
+        "the object changed during the load (was {}, now {}); not mixing bytes of two versions",
         show(expected),
         show(got)
     ))
 }
 
-/// A failure answer as an error: the status and the start of the body (S3 explains itself
-/// there).
-fn status_error(url: &str, response: &mut Response<ureq::Body>) -> io::Error {
+/// A failure answer as an error: the status, and what an S3 error body says (`<Code>`,
+/// `<Message>`) or a plain-text body; HTML error pages add nothing and are left out.
+fn status_error(response: &mut Response<ureq::Body>) -> io::Error {
     let status = response.status();
-    let mut detail = String::new();
+    let plain = header(response, "content-type").is_some_and(|t| t.starts_with("text/plain"));
+    let mut body = String::new();
     let _ = response
         .body_mut()
         .as_reader()
-        .take(512)
-        .read_to_string(&mut detail);
-    let detail = detail.split_whitespace().collect::<Vec<_>>().join(" ");
+        .take(4096)
+        .read_to_string(&mut body);
+    let xml = |tag: &str| {
+        let start = body.find(&format!("<{tag}>"))? + tag.len() + 2;
+        let end = start + body[start..].find("</")?;
+        Some(body[start..end].trim().to_string())
+    };
+    let detail = match (xml("Code"), xml("Message")) {
+        (Some(code), Some(message)) => format!("{code}: {message}"),
+        (Some(code), None) => code,
+        _ if plain => body
+            .split_whitespace()
+            .take(40)
+            .collect::<Vec<_>>()
+            .join(" "),
+        _ => String::new(),
+    };
     let kind = match status.as_u16() {
         404 => io::ErrorKind::NotFound,
         401 | 403 => io::ErrorKind::PermissionDenied,
         _ => io::ErrorKind::Other,
     };
-    let sep = if detail.is_empty() { "" } else { ": " };
-    io::Error::new(kind, format!("{url}: HTTP {status}{sep}{detail}"))
+    let sep = if detail.is_empty() { "" } else { " (" };
+    let end = if detail.is_empty() { "" } else { ")" };
+    io::Error::new(kind, format!("HTTP {status}{sep}{detail}{end}"))
 }
 
 fn header<'a>(response: &'a Response<ureq::Body>, name: &str) -> Option<&'a str> {
@@ -418,7 +422,7 @@ fn unsatisfied_range_len(response: &Response<ureq::Body>) -> Option<u64> {
 }
 
 /// Reads exactly `buf.len()` bytes; on failure, the error and how many arrived.
-fn read_body(url: &str, reader: &mut impl Read, buf: &mut [u8]) -> Result<(), (io::Error, usize)> {
+fn read_body(reader: &mut impl Read, buf: &mut [u8]) -> Result<(), (io::Error, usize)> {
     let mut got = 0;
     while got < buf.len() {
         match reader.read(&mut buf[got..]) {
@@ -426,14 +430,14 @@ fn read_body(url: &str, reader: &mut impl Read, buf: &mut [u8]) -> Result<(), (i
                 return Err((
                     io::Error::new(
                         io::ErrorKind::UnexpectedEof,
-                        format!("{url}: the body ended after {got} of {} bytes", buf.len()),
+                        format!("the body ended after {got} of {} bytes", buf.len()),
                     ),
                     got,
                 ));
             }
             Ok(n) => got += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err((io::Error::new(e.kind(), format!("{url}: {e}")), got)),
+            Err(e) => return Err((e, got)),
         }
     }
     Ok(())
@@ -441,12 +445,7 @@ fn read_body(url: &str, reader: &mut impl Read, buf: &mut [u8]) -> Result<(), (i
 
 /// Streams the body into `bufs` from position `done` (counted across all of them),
 /// advancing `done` as bytes land.
-fn fill_from(
-    url: &str,
-    reader: &mut impl Read,
-    bufs: &mut [&mut [u8]],
-    done: &mut u64,
-) -> io::Result<()> {
+fn fill_from(reader: &mut impl Read, bufs: &mut [&mut [u8]], done: &mut u64) -> io::Result<()> {
     let mut skip = *done;
     for buf in bufs.iter_mut() {
         let len = buf.len() as u64;
@@ -456,7 +455,7 @@ fn fill_from(
         }
         let start = skip as usize;
         skip = 0;
-        let result = read_body(url, reader, &mut buf[start..]);
+        let result = read_body(reader, &mut buf[start..]);
         match result {
             Ok(()) => *done += len - start as u64,
             Err((error, got)) => {
@@ -469,13 +468,13 @@ fn fill_from(
 }
 
 /// A small body, read whole, refusing more than `max_len` bytes.
-fn read_small(url: &str, response: Response<ureq::Body>, max_len: u64) -> Result<Vec<u8>, Failure> {
+fn read_small(response: Response<ureq::Body>, max_len: u64) -> Result<Vec<u8>, Failure> {
     if let Some(len) = response.body().content_length()
         && len > max_len
     {
         return Err(Failure::Fatal(io::Error::new(
             io::ErrorKind::InvalidData,
-            format!("{url}: {len} bytes is more than the {max_len} accepted here"),
+            format!("{len} bytes is more than the {max_len} accepted here"),
         )));
     }
     let mut body = Vec::new();
@@ -484,11 +483,11 @@ fn read_small(url: &str, response: Response<ureq::Body>, max_len: u64) -> Result
         .into_reader()
         .take(max_len + 1)
         .read_to_end(&mut body)
-        .map_err(|e| Failure::retry(io::Error::new(e.kind(), format!("{url}: {e}"))))?;
+        .map_err(Failure::retry)?;
     if body.len() as u64 > max_len {
         return Err(Failure::Fatal(io::Error::new(
             io::ErrorKind::InvalidData,
-            format!("{url}: more than the {max_len} bytes accepted here"),
+            format!("more than the {max_len} bytes accepted here"),
         )));
     }
     Ok(body)
@@ -535,10 +534,10 @@ mod tests {
         let mut done = 0;
         // The first body breaks off after 42 bytes; the second brings the rest.
         let mut first = io::Read::chain(&data[..42], io::repeat(0).take(0));
-        assert!(fill_from("u", &mut first, &mut bufs, &mut done).is_err());
+        assert!(fill_from(&mut first, &mut bufs, &mut done).is_err());
         assert_eq!(done, 42);
         let mut rest = &data[42..];
-        fill_from("u", &mut rest, &mut bufs, &mut done).unwrap();
+        fill_from(&mut rest, &mut bufs, &mut done).unwrap();
         assert_eq!(done, 100);
         assert_eq!([&a[..], &c[..]].concat(), data);
     }

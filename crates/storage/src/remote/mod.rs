@@ -185,7 +185,7 @@ impl Remote {
         match Object::parse(url)? {
             Object::Http(_) => Err(io::Error::new(
                 io::ErrorKind::Unsupported,
-                format!("{url}: HTTP servers cannot be listed"),
+                "HTTP servers cannot be listed".to_string(),
             )),
             Object::S3 { bucket, key } => self.list_s3(url, &bucket, &key, suffix),
         }
@@ -209,8 +209,7 @@ enum Object {
 
 impl Object {
     fn parse(url: &str) -> io::Result<Object> {
-        let invalid =
-            |why: &str| io::Error::new(io::ErrorKind::InvalidInput, format!("{url}: {why}"));
+        let invalid = |why: &str| io::Error::new(io::ErrorKind::InvalidInput, why.to_string());
         if !is_remote(url) {
             return Err(invalid("not an http://, https:// or s3:// URL"));
         }
@@ -274,8 +273,7 @@ impl ByteSource for RemoteSource {
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
                 format!(
-                    "{}: bytes {offset}..{} are past the end of the object ({} bytes)",
-                    self.url,
+                    "bytes {offset}..{} are past the end of the object ({} bytes)",
                     offset.saturating_add(total),
                     self.len
                 ),
