@@ -92,7 +92,7 @@ impl Remote {
             request = request.header("If-Match", etag);
         }
         self.inner.requests.fetch_add(1, Ordering::Relaxed);
-        let response = request.call().map_err(|e| transport_failure(e))?;
+        let response = request.call().map_err(transport_failure)?;
         let status = response.status();
         if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
             return Err(Failure::Retry {
