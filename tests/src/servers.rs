@@ -71,9 +71,14 @@ pub struct Nginx {
 }
 
 impl Nginx {
-    /// Starts nginx serving `root` (binary from `$NGINX`, `/usr/sbin/nginx` or `PATH`).
+    /// The nginx binary: `$NGINX`, `/usr/sbin/nginx` or on `PATH`.
+    pub fn binary() -> Option<PathBuf> {
+        find_program("NGINX", "nginx", &["/usr/sbin/nginx"])
+    }
+
+    /// Starts nginx serving `root` (see [`Nginx::binary`]).
     pub fn start(root: &Path) -> Nginx {
-        let nginx = find_program("NGINX", "nginx", &["/usr/sbin/nginx"]).unwrap_or_else(|| {
+        let nginx = Nginx::binary().unwrap_or_else(|| {
             panic!("nginx not found: `apt-get install -y nginx-light` (bash .ci/run does)")
         });
         let root = root.canonicalize().expect("server root");

@@ -81,6 +81,8 @@ enum Contender {
         target: &'static str,
     },
     Python,
+    /// weightlift over HTTP from a local nginx serving the same files (loopback only).
+    Http,
     /// Not a loader: faults in and fills fresh memory of the checkpoint's size, the floor
     /// under any owned load.
     FreshMemory,
@@ -95,6 +97,7 @@ impl Contender {
             Contender::Reference { rayon: true } => "reference-rayon".into(),
             Contender::Weightlift { backend, target } => format!("weightlift-{backend}-{target}"),
             Contender::Python => "python-safetensors".into(),
+            Contender::Http => "weightlift-http-cpu".into(),
             Contender::FreshMemory => "fresh-memory".into(),
         }
     }
@@ -107,6 +110,7 @@ impl Contender {
             "reference" => Contender::Reference { rayon: false },
             "reference-rayon" => Contender::Reference { rayon: true },
             "python-safetensors" => Contender::Python,
+            "weightlift-http-cpu" => Contender::Http,
             "fresh-memory" => Contender::FreshMemory,
             _ => {
                 if let Some(n) = name
@@ -186,12 +190,27 @@ pub(crate) fn run(args: &BenchArgs) -> Result<(), String> {
     if python {
         contenders.push(Contender::Python);
     }
+    let nginx_binary = weightlift_tests::servers::Nginx::binary();
+    if nginx_binary.is_some() {
+        contenders.push(Contender::Http);
+    } else {
+        eprintln!(
+            "note: nginx not found (apt-get install nginx-light); skipping the weightlift-http-cpu contender"
+        );
+    }
     // The first two (raw) always run: every ratio is relative to them.
     let mut kept = 0;
     contenders.retain(|c| {
         kept += 1;
         kept <= 2 || args.only.is_empty() || args.only.iter().any(|o| c.name().contains(o.as_str()))
     });
+
+    // One nginx serves every profile's directory for the http contender.
+    std::fs::create_dir_all(&data_dir).map_err(|e| format!("{}: {e}", data_dir.display()))?;
+    let nginx = contenders
+        .iter()
+        .any(|c| matches!(c, Contender::Http))
+        .then(|| weightlift_tests::servers::Nginx::start(&data_dir));
 
     let mut records: Vec<Value> = Vec::new();
     for profile_name in &args.profiles {
@@ -229,7 +248,16 @@ pub(crate) fn run(args: &BenchArgs) -> Result<(), String> {
                             max_resident = max_resident.max(r.fraction());
                         }
                     }
-                    samples[i].push(measure_in_child(c, &dir, threads, args.request_size)?);
+                    let url = nginx
+                        .as_ref()
+                        .map(|n| n.url(&dir.file_name().unwrap_or_default().to_string_lossy()));
+                    samples[i].push(measure_in_child(
+                        c,
+                        &dir,
+                        url.as_deref(),
+                        threads,
+                        args.request_size,
+                    )?);
                 }
             }
             if cold {
@@ -251,6 +279,12 @@ pub(crate) fn run(args: &BenchArgs) -> Result<(), String> {
                 .filter(|(c, _)| matches!(c, Contender::Reference { .. }))
                 .map(|(_, m)| *m)
                 .fold(f64::NAN, f64::min);
+            // The http contender is compared with the same load from the local files.
+            let local = contenders
+                .iter()
+                .zip(&medians)
+                .find(|(c, _)| c.name() == "weightlift-auto-cpu")
+                .map(|(_, m)| *m);
             let named = std::iter::once((best_raw, "raw".to_string()))
                 .chain(contenders.iter().enumerate().map(|(i, c)| (i, c.name())));
             for (i, name) in named {
@@ -271,6 +305,15 @@ pub(crate) fn run(args: &BenchArgs) -> Result<(), String> {
                     "tensors": tensors,
                     "bytes": bytes,
                 }));
+                if name == "weightlift-http-cpu"
+                    && let Some(local) = local
+                {
+                    let ratio = local / medians[i];
+                    records.last_mut().expect("just pushed")["ratio_to_local"] = json!(ratio);
+                    eprintln!(
+                        "   weightlift-http-cpu (loopback nginx) runs at {ratio:.2}x the local-file load (weightlift-auto-cpu)"
+                    );
+                }
             }
             print_table(
                 records
@@ -330,6 +373,7 @@ fn peak_rss() -> u64 {
 fn measure_in_child(
     c: &Contender,
     dir: &Path,
+    url: Option<&str>,
     threads: usize,
     request_size: Option<u64>,
 ) -> Result<Sample, String> {
@@ -347,6 +391,7 @@ fn measure_in_child(
         ])
         .arg("--dir")
         .arg(dir)
+        .args(url.map(|u| ["--url", u]).into_iter().flatten())
         .output()
         .map_err(|e| e.to_string())?;
     if !out.status.success() {
@@ -377,6 +422,9 @@ pub(crate) struct OneArgs {
     threads: usize,
     #[arg(long)]
     request_size: u64,
+    /// The checkpoint's URL on the bench's nginx (for the http contender).
+    #[arg(long)]
+    url: Option<String>,
 }
 
 pub(crate) fn run_one(args: &OneArgs) -> Result<(), String> {
@@ -394,6 +442,7 @@ pub(crate) fn run_one(args: &OneArgs) -> Result<(), String> {
     let sample = measure(
         &c,
         &args.dir,
+        args.url.as_deref(),
         &paths,
         args.threads,
         args.request_size,
@@ -406,6 +455,7 @@ pub(crate) fn run_one(args: &OneArgs) -> Result<(), String> {
 fn measure(
     c: &Contender,
     dir: &Path,
+    url: Option<&str>,
     paths: &[PathBuf],
     threads: usize,
     request_size: u64,
@@ -467,6 +517,14 @@ fn measure(
                     std::hint::black_box(&views);
                 }
             }
+        }
+        Contender::Http => {
+            let url = url.ok_or("the http contender needs --url")?;
+            let ckpt = Checkpoint::open(url).map_err(|e| e.to_string())?;
+            // Threads default to the requests allowed in flight.
+            let opts = LoadOptions::default().request_size(request_size);
+            let state = ckpt.load(&opts).map_err(|e| e.to_string())?;
+            std::hint::black_box(&state);
         }
         Contender::Python => {
             let secs = python_load(paths)?;
