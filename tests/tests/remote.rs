@@ -263,6 +263,7 @@ fn http_retries_run_out_with_a_clear_error() {
     let ckpt = open(&proxy.url("sharded"), remote).unwrap();
     let err = ckpt.load(&LoadOptions::default()).unwrap_err();
     let msg = err.to_string();
+    eprintln!("{msg}");
     assert!(matches!(err, Error::Read { .. }), "{msg}");
     assert!(
         msg.contains(&proxy.url("sharded/model-"))
