@@ -196,7 +196,8 @@ impl Checkpoint {
             Device::Meta => Ok(self.meta_tensors(&selected, convert_fn)),
             Device::Cpu => {
                 let headers: Vec<_> = self.shards().iter().map(|s| s.header()).collect();
-                let plan = ReadPlan::build(&headers, selected, options.request_size, convert_fn);
+                let plan =
+                    ReadPlan::build(&headers, selected, options.request_size, None, convert_fn);
                 let target = CpuTarget {
                     huge_pages: options.huge_pages,
                 };

@@ -69,15 +69,20 @@ pub(crate) struct ReadPlan {
 impl ReadPlan {
     /// Plans reads of the selected tensors: `selected[i]` lists positions (in file order)
     /// of tensors of shard `i`; `convert` maps a tensor's dtype to the dtype to load it as.
+    /// With `max_dst`, no request's destination range (its pieces, converted, plus the
+    /// alignment padding between them) is longer than that: what a target that stages each
+    /// request through a fixed-size buffer needs.
     pub(crate) fn build(
         headers: &[&Header],
         selected: Vec<Vec<u32>>,
         request_size: u64,
+        max_dst: Option<u64>,
         convert: impl Fn(Dtype) -> Dtype,
     ) -> ReadPlan {
         // Splits inside a tensor fall on multiples of 8 bytes: whole elements of every
         // byte-sized dtype, so converted pieces never cut an element.
         let request_size = request_size.max(4096).next_multiple_of(8);
+        let max_dst = max_dst.map_or(u64::MAX, |m| m.max(4096));
         let mut plan = ReadPlan::default();
         for (shard_index, tensors) in selected.into_iter().enumerate() {
             if tensors.is_empty() {
@@ -107,9 +112,12 @@ impl ReadPlan {
                 let mut done = 0u64;
                 while done < len {
                     let at = start + done;
-                    let contiguous = current
-                        .as_ref()
-                        .is_some_and(|r| r.file_offset + r.len == at && r.len < request_size);
+                    let dst = layout.offset(slot) + converted_len(done, from, to);
+                    let contiguous = current.as_ref().is_some_and(|r| {
+                        r.file_offset + r.len == at
+                            && r.len < request_size
+                            && dst < r.dst.start.saturating_add(max_dst)
+                    });
                     if !contiguous {
                         if let Some(r) = current.take() {
                             plan.requests.push(r);
@@ -125,7 +133,11 @@ impl ReadPlan {
                     }
                     let r = current.as_mut().expect("a request is open");
                     let left = len - done;
-                    let room = request_size - r.len;
+                    let dst_start = if r.pieces.is_empty() { dst } else { r.dst.start };
+                    // Destination room, in file bytes (conversion may widen).
+                    let dst_room = dst_start.saturating_add(max_dst) - dst;
+                    let dst_room = dst_room.saturating_mul(from.bits() as u64) / to.bits() as u64;
+                    let room = (request_size - r.len).min(dst_room);
                     let mut take = left.min(room);
                     if take < left {
                         take -= take % 8;
@@ -135,7 +147,6 @@ impl ReadPlan {
                             continue;
                         }
                     }
-                    let dst = layout.offset(slot) + converted_len(done, from, to);
                     let dst_len = converted_len(take, from, to);
                     if r.pieces.is_empty() {
                         r.dst = dst..dst;
@@ -224,6 +235,7 @@ mod tests {
         fn plans_read_every_selected_byte_once_and_nothing_else(
             shards in prop::collection::vec(shard(), 1..4),
             request_size in 1u64..40_000,
+            max_dst in prop::option::of(1u64..40_000),
             to in prop::option::of(prop::sample::select(vec![Dtype::F32, Dtype::BF16, Dtype::F16])),
         ) {
             let headers: Vec<Header> = shards
@@ -245,8 +257,9 @@ mod tests {
                 .collect();
             let refs: Vec<&Header> = headers.iter().collect();
             let convert = |d: Dtype| to.map_or(d, |to| converted(d, to));
-            let plan = ReadPlan::build(&refs, selected.clone(), request_size, convert);
+            let plan = ReadPlan::build(&refs, selected.clone(), request_size, max_dst, convert);
             let effective = request_size.max(4096).next_multiple_of(8);
+            let effective_dst = max_dst.map_or(u64::MAX, |m| m.max(4096));
 
             let mut expected_bytes = 0;
             for (shard, picks) in selected.iter().enumerate() {
@@ -263,6 +276,7 @@ mod tests {
                 let mut last_dst_end = 0;
                 for r in &plan.requests[sp.requests.clone()] {
                     prop_assert!(r.len > 0 && r.len <= effective);
+                    prop_assert!(r.dst.end - r.dst.start <= effective_dst, "{:?} > {}", r.dst, effective_dst);
                     prop_assert!(r.dst.start >= last_dst_end && r.dst.end <= sp.layout.total());
                     last_dst_end = r.dst.end;
                     let mut at = r.file_offset;
