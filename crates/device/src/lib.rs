@@ -6,17 +6,28 @@
 //! what lets very different devices share one loader:
 //!
 //! - [`CpuTarget`]: the region *is* the final memory; a read lands in place, no copy.
-//! - A GPU target: the region hands out a reused pinned staging buffer, and committing it
-//!   starts an asynchronous host-to-device copy while the next reads proceed.
+//! - [`StagedTarget`] (a GPU): the region hands out a reused pinned staging buffer, and
+//!   committing it starts an asynchronous host-to-device copy while the next reads
+//!   proceed. It is generic over a [`CopyEngine`]: [`CudaEngine`] (feature `cuda`) or the
+//!   [`fake::FakeEngine`] that tests the pipeline on any machine.
 //!
 //! "meta" loads (dtype and shape only) need no target at all: they read and allocate
 //! nothing.
 
 mod cpu;
+#[cfg(feature = "cuda")]
+mod cuda;
+pub mod fake;
 mod layout;
+mod staged;
 
 pub use cpu::{CpuRegion, CpuTarget, HostBuffer};
+#[cfg(feature = "cuda")]
+pub use cuda::{CudaEngine, CudaMemory, PinnedBuffer};
 pub use layout::{SlotLayout, TENSOR_ALIGN};
+pub use staged::{
+    CopyEngine, DeviceMemory, StagedRegion, StagedTarget, StagingOptions, StagingStats,
+};
 
 use std::fmt;
 use std::ops::Range;
@@ -39,6 +50,16 @@ pub enum DeviceError {
     /// Regions must be sorted, non-overlapping and inside the allocation.
     #[error("invalid regions: {0}")]
     InvalidRegions(String),
+    /// A driver call failed.
+    #[error("{device}: {operation} failed: {reason}")]
+    Driver {
+        /// The device.
+        device: String,
+        /// What was being done.
+        operation: &'static str,
+        /// The driver's error.
+        reason: String,
+    },
     /// The device is not available (no driver, no such device, feature not built).
     #[error("device {device} is not available: {reason}")]
     Unavailable {
@@ -120,6 +141,17 @@ pub trait Target: Sync {
 
     /// Completes the allocation once every region is filled.
     fn finish(&self, alloc: Self::Alloc) -> Result<Self::Memory, DeviceError>;
+
+    /// The longest region the target can fill, if it is bounded (a staging buffer's size).
+    fn max_region(&self) -> Option<u64> {
+        None
+    }
+
+    /// Waits for any work still in flight (asynchronous copies). A load that fails calls
+    /// this before it drops its allocations.
+    fn settle(&self) -> Result<(), DeviceError> {
+        Ok(())
+    }
 }
 
 /// A byte range of an allocation, filled through a host buffer.

@@ -1,0 +1,377 @@
+//! Loading into device memory through reused pinned host buffers: the pipeline a GPU needs,
+//! written once over a [`CopyEngine`] so that it runs (and is tested) without one.
+//!
+//! A [`StagedTarget`] owns a fixed pool of page-locked staging buffers, allocated once. A
+//! region's fill borrows a free buffer, lets the reader fill it, and starts an asynchronous
+//! copy of it to the region's place in device memory on one of the engine's streams; the
+//! buffer then waits in a queue with the copy's event and is handed out again only after
+//! that event has completed. Reads of the next requests proceed while earlier copies run,
+//! pinned memory never exceeds `buffers x buffer_size`, and device memory is one
+//! allocation per group of tensors (no per-tensor allocation).
+
+use crate::{Device, DeviceError, Region, Target, check_ranges};
+use std::collections::VecDeque;
+use std::fmt;
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// Memory on a device, shared by the tensors that live in it.
+pub trait DeviceMemory: Send + Sync + fmt::Debug {
+    /// The device it is on.
+    fn device(&self) -> Device;
+
+    /// Length in bytes.
+    fn len(&self) -> u64;
+
+    /// Whether it holds no bytes.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The device address of byte 0 (for handing tensors to other libraries).
+    fn device_ptr(&self) -> u64;
+
+    /// Copies the bytes at `offset..offset + dst.len()` back to host memory (synchronous).
+    fn read_back(&self, offset: u64, dst: &mut [u8]) -> Result<(), DeviceError>;
+}
+
+/// What the staged pipeline needs of a device: memory, page-locked host buffers, and
+/// asynchronous host-to-device copies on several streams, each completing an event.
+pub trait CopyEngine: Send + Sync {
+    /// One device allocation.
+    type Memory: DeviceMemory + 'static;
+    /// A page-locked host buffer that copies read from.
+    type Pinned: Send;
+    /// The completion of one copy.
+    type Event: Send;
+
+    /// The device.
+    fn device(&self) -> Device;
+
+    /// Number of streams copies may be spread over (at least 1).
+    fn streams(&self) -> usize;
+
+    /// Allocates `bytes` of device memory.
+    fn alloc(&self, bytes: u64) -> Result<Self::Memory, DeviceError>;
+
+    /// Allocates a page-locked host buffer of `bytes`.
+    fn alloc_pinned(&self, bytes: usize) -> Result<Self::Pinned, DeviceError>;
+
+    /// The host bytes of a pinned buffer, to fill.
+    fn host_slice<'a>(&self, pinned: &'a mut Self::Pinned) -> &'a mut [u8];
+
+    /// Starts copying `pinned[..len]` to `memory[offset..offset + len]` on stream
+    /// `stream % streams()`, returning the event that completes with the copy.
+    ///
+    /// # Safety
+    ///
+    /// Until [`CopyEngine::wait`] has returned for the event, the caller must neither write
+    /// to nor drop `pinned`, nor free `memory`, nor start another copy into the same bytes
+    /// of `memory`. `offset + len` must be within `memory`.
+    unsafe fn copy_async(
+        &self,
+        pinned: &Self::Pinned,
+        len: usize,
+        memory: &Self::Memory,
+        offset: u64,
+        stream: usize,
+    ) -> Result<Self::Event, DeviceError>;
+
+    /// Blocks until the copy of `event` has completed; returns how long it ran on the device.
+    fn wait(&self, event: Self::Event) -> Result<Duration, DeviceError>;
+}
+
+/// Size of the pinned staging pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StagingOptions {
+    /// Number of staging buffers (default 4).
+    pub buffers: usize,
+    /// Bytes per buffer (default 32 MiB). A region is at most this long.
+    pub buffer_size: usize,
+}
+
+impl Default for StagingOptions {
+    fn default() -> StagingOptions {
+        StagingOptions {
+            buffers: 4,
+            buffer_size: 32 << 20,
+        }
+    }
+}
+
+/// Where a staged load spent its time, summed over threads and streams.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct StagingStats {
+    /// Bytes copied to the device.
+    pub bytes: u64,
+    /// Copies started.
+    pub copies: u64,
+    /// Time readers spent filling staging buffers (storage to host), over all threads.
+    pub fill: Duration,
+    /// Time copies ran on the device (host to device), over all streams.
+    pub copy: Duration,
+    /// Time readers waited for a staging buffer to come free.
+    pub wait: Duration,
+}
+
+struct Pool<P, V> {
+    free: Vec<P>,
+    /// Buffers whose copy may still run, oldest first, with its event.
+    pending: VecDeque<(P, V)>,
+}
+
+/// A [`Target`] that stages every region through a pool of pinned buffers and copies it to
+/// device memory asynchronously. See the [module docs](self).
+pub struct StagedTarget<E: CopyEngine> {
+    engine: E,
+    buffer_size: usize,
+    pool: Mutex<Pool<E::Pinned, E::Event>>,
+    returned: Condvar,
+    next_stream: AtomicUsize,
+    bytes: AtomicU64,
+    copies: AtomicU64,
+    fill_ns: AtomicU64,
+    copy_ns: AtomicU64,
+    wait_ns: AtomicU64,
+}
+
+impl<E: CopyEngine> fmt::Debug for StagedTarget<E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StagedTarget")
+            .field("device", &self.engine.device())
+            .field("buffer_size", &self.buffer_size)
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+fn nanos(d: Duration) -> u64 {
+    d.as_nanos().min(u64::MAX as u128) as u64
+}
+
+impl<E: CopyEngine> StagedTarget<E> {
+    /// A target over `engine` with its staging pool allocated now, once.
+    pub fn new(engine: E, options: StagingOptions) -> Result<StagedTarget<E>, DeviceError> {
+        let buffers = options.buffers.max(1);
+        let buffer_size = options.buffer_size.max(4096);
+        let free = (0..buffers)
+            .map(|_| engine.alloc_pinned(buffer_size))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(StagedTarget {
+            engine,
+            buffer_size,
+            pool: Mutex::new(Pool {
+                free,
+                pending: VecDeque::new(),
+            }),
+            returned: Condvar::new(),
+            next_stream: AtomicUsize::new(0),
+            bytes: AtomicU64::new(0),
+            copies: AtomicU64::new(0),
+            fill_ns: AtomicU64::new(0),
+            copy_ns: AtomicU64::new(0),
+            wait_ns: AtomicU64::new(0),
+        })
+    }
+
+    /// The engine.
+    pub fn engine(&self) -> &E {
+        &self.engine
+    }
+
+    /// The longest region this target can stage.
+    pub fn buffer_size(&self) -> usize {
+        self.buffer_size
+    }
+
+    /// Time and bytes so far.
+    pub fn stats(&self) -> StagingStats {
+        let d = |a: &AtomicU64| Duration::from_nanos(a.load(Ordering::Relaxed));
+        StagingStats {
+            bytes: self.bytes.load(Ordering::Relaxed),
+            copies: self.copies.load(Ordering::Relaxed),
+            fill: d(&self.fill_ns),
+            copy: d(&self.copy_ns),
+            wait: d(&self.wait_ns),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Pool<E::Pinned, E::Event>> {
+        self.pool.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Waits for one event, counting its device time. The buffer goes back to the pool
+    /// whether or not the copy succeeded (after a failed wait nothing is copying from it).
+    fn complete(&self, event: E::Event) -> Result<(), DeviceError> {
+        let took = self.engine.wait(event)?;
+        self.copy_ns.fetch_add(nanos(took), Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// A free buffer: an unused one, else the oldest in flight once its copy completed.
+    fn acquire(&self) -> Result<E::Pinned, DeviceError> {
+        let start = Instant::now();
+        let mut pool = self.lock();
+        let result = loop {
+            if let Some(buffer) = pool.free.pop() {
+                break Ok(buffer);
+            }
+            if let Some((buffer, event)) = pool.pending.pop_front() {
+                drop(pool);
+                let done = self.complete(event);
+                if let Err(e) = done {
+                    self.give_back(buffer);
+                    break Err(e);
+                }
+                break Ok(buffer);
+            }
+            // Every buffer is being filled by another thread.
+            pool = self.returned.wait(pool).unwrap_or_else(|e| e.into_inner());
+        };
+        self.wait_ns
+            .fetch_add(nanos(start.elapsed()), Ordering::Relaxed);
+        result
+    }
+
+    fn give_back(&self, buffer: E::Pinned) {
+        self.lock().free.push(buffer);
+        self.returned.notify_one();
+    }
+
+    /// Waits for every copy in flight. Called before device memory is used or dropped.
+    pub fn settle(&self) -> Result<(), DeviceError> {
+        let mut first_error = None;
+        loop {
+            let next = self.lock().pending.pop_front();
+            let Some((buffer, event)) = next else { break };
+            if let Err(e) = self.complete(event) {
+                first_error.get_or_insert(e);
+            }
+            self.give_back(buffer);
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+}
+
+impl<E: CopyEngine> Drop for StagedTarget<E> {
+    fn drop(&mut self) {
+        // No buffer may be freed while a copy reads from it.
+        let _ = self.settle();
+    }
+}
+
+/// One region of a staged allocation.
+pub struct StagedRegion<'a, E: CopyEngine> {
+    target: &'a StagedTarget<E>,
+    memory: &'a E::Memory,
+    range: Range<u64>,
+}
+
+impl<E: CopyEngine> Region for StagedRegion<'_, E> {
+    fn len(&self) -> u64 {
+        self.range.end - self.range.start
+    }
+
+    fn fill<Er: From<DeviceError>>(
+        &mut self,
+        fill: impl FnOnce(&mut [u8]) -> Result<(), Er>,
+    ) -> Result<(), Er> {
+        let target = self.target;
+        let len = self.len() as usize;
+        if len == 0 {
+            return fill(&mut []);
+        }
+        let mut buffer = target.acquire()?;
+        let start = Instant::now();
+        if let Err(e) = fill(&mut target.engine.host_slice(&mut buffer)[..len]) {
+            target.give_back(buffer);
+            return Err(e);
+        }
+        target
+            .fill_ns
+            .fetch_add(nanos(start.elapsed()), Ordering::Relaxed);
+        let stream = target.next_stream.fetch_add(1, Ordering::Relaxed) % target.engine.streams().max(1);
+        // SAFETY: the buffer goes into the pending queue with the copy's event, and leaves it
+        // (to be written again or dropped) only after `wait` returned for that event
+        // (`acquire`, `settle`, and `Drop`, which settles). The range was checked in
+        // `regions` to lie inside `memory` and not to overlap any other region's, and each
+        // region is filled once (`fill` takes `&mut self` and regions are not cloned).
+        // Memory is dropped only after `finish`/`settle` waited for every copy.
+        let copied = unsafe {
+            target
+                .engine
+                .copy_async(&buffer, len, self.memory, self.range.start, stream)
+        };
+        match copied {
+            Ok(event) => {
+                target.bytes.fetch_add(len as u64, Ordering::Relaxed);
+                target.copies.fetch_add(1, Ordering::Relaxed);
+                target.lock().pending.push_back((buffer, event));
+                target.returned.notify_one();
+                Ok(())
+            }
+            Err(e) => {
+                target.give_back(buffer);
+                Err(e.into())
+            }
+        }
+    }
+}
+
+impl<E: CopyEngine> Target for StagedTarget<E> {
+    type Alloc = E::Memory;
+    type Memory = E::Memory;
+    type Region<'a>
+        = StagedRegion<'a, E>
+    where
+        Self: 'a;
+
+    fn device(&self) -> Device {
+        self.engine.device()
+    }
+
+    fn allocate(&self, bytes: u64) -> Result<E::Memory, DeviceError> {
+        self.engine.alloc(bytes)
+    }
+
+    fn regions<'a>(
+        &'a self,
+        alloc: &'a mut E::Memory,
+        ranges: &[Range<u64>],
+    ) -> Result<Vec<StagedRegion<'a, E>>, DeviceError> {
+        check_ranges(ranges, alloc.len())?;
+        if let Some(r) = ranges
+            .iter()
+            .find(|r| r.end - r.start > self.buffer_size as u64)
+        {
+            return Err(DeviceError::InvalidRegions(format!(
+                "region {r:?} is longer than the {} byte staging buffers",
+                self.buffer_size
+            )));
+        }
+        let memory: &'a E::Memory = alloc;
+        Ok(ranges
+            .iter()
+            .map(|r| StagedRegion {
+                target: self,
+                memory,
+                range: r.clone(),
+            })
+            .collect())
+    }
+
+    fn finish(&self, alloc: E::Memory) -> Result<E::Memory, DeviceError> {
+        self.settle()?;
+        Ok(alloc)
+    }
+
+    fn max_region(&self) -> Option<u64> {
+        Some(self.buffer_size as u64)
+    }
+
+    fn settle(&self) -> Result<(), DeviceError> {
+        StagedTarget::settle(self)
+    }
+}
