@@ -47,7 +47,9 @@ impl CudaEngine {
         let count = CudaContext::device_count()
             .map_err(|e| unavailable(format!("the driver did not start: {e:?}")))?;
         if ordinal >= count.max(0) as usize {
-            return Err(unavailable(format!("this machine has {count} CUDA device(s)")));
+            return Err(unavailable(format!(
+                "this machine has {count} CUDA device(s)"
+            )));
         }
         let ctx = CudaContext::new(ordinal).map_err(driver_error(ordinal, "creating a context"))?;
         let streams = (0..streams.max(1))
@@ -106,7 +108,10 @@ impl DeviceMemory for CudaMemory {
     }
 
     fn read_back(&self, offset: u64, dst: &mut [u8]) -> Result<(), DeviceError> {
-        if offset.checked_add(dst.len() as u64).is_none_or(|end| end > self.len) {
+        if offset
+            .checked_add(dst.len() as u64)
+            .is_none_or(|end| end > self.len)
+        {
             return Err(DeviceError::InvalidRegions(format!(
                 "read of {} bytes at {offset} past the {} byte allocation",
                 dst.len(),
@@ -208,13 +213,12 @@ impl CopyEngine for CudaEngine {
         self.bind()?;
         // SAFETY: allocates `bytes` of page-locked host memory (flags 0: cacheable, not
         // write-combined); freed in `PinnedBuffer::drop`.
-        let ptr = unsafe { result::malloc_host(bytes.max(1), 0) }.map_err(|e| {
-            DeviceError::Alloc {
+        let ptr =
+            unsafe { result::malloc_host(bytes.max(1), 0) }.map_err(|e| DeviceError::Alloc {
                 bytes: bytes as u64,
                 device: format!("cuda:{} (pinned host memory)", self.ordinal),
                 reason: format!("{e:?}"),
-            }
-        })?;
+            })?;
         Ok(PinnedBuffer {
             ptr: ptr.cast(),
             len: bytes,

@@ -30,7 +30,10 @@ impl DeviceMemory for FakeMemory {
     }
 
     fn device_ptr(&self) -> u64 {
-        self.bytes.lock().unwrap_or_else(|e| e.into_inner()).as_ptr() as u64
+        self.bytes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ptr() as u64
     }
 
     fn read_back(&self, offset: u64, dst: &mut [u8]) -> Result<(), DeviceError> {
@@ -51,10 +54,13 @@ pub struct FakePinned {
     in_flight: Arc<AtomicBool>,
 }
 
+/// The outcome of a copy, once it landed, and the signal that it did.
+type Completion = (Mutex<Option<Result<Duration, String>>>, Condvar);
+
 /// Completion of one fake copy.
 #[derive(Debug)]
 pub struct FakeEvent {
-    done: Arc<(Mutex<Option<Result<Duration, String>>>, Condvar)>,
+    done: Arc<Completion>,
 }
 
 /// What the fake does; see the [module docs](self).
@@ -66,6 +72,7 @@ pub struct FakeEngine {
     copies: AtomicU64,
     allocs: AtomicU64,
     pinned_bytes: AtomicU64,
+    device_bytes: AtomicU64,
     violations: AtomicU64,
 }
 
@@ -101,6 +108,11 @@ impl FakeEngine {
         self.violations.load(Ordering::SeqCst)
     }
 
+    /// Device bytes allocated so far.
+    pub fn device_bytes(&self) -> u64 {
+        self.device_bytes.load(Ordering::SeqCst)
+    }
+
     /// Pinned bytes allocated so far (the pipeline allocates its pool once).
     pub fn pinned_bytes(&self) -> u64 {
         self.pinned_bytes.load(Ordering::SeqCst)
@@ -129,6 +141,7 @@ impl CopyEngine for FakeEngine {
                 reason: "out of memory (injected)".into(),
             });
         }
+        self.device_bytes.fetch_add(bytes, Ordering::SeqCst);
         Ok(FakeMemory {
             // Not zero: bytes the load forgot to write must not pass for zeros.
             bytes: Arc::new(Mutex::new(vec![0xa5; bytes as usize])),

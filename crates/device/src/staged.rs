@@ -292,7 +292,8 @@ impl<E: CopyEngine> Region for StagedRegion<'_, E> {
         target
             .fill_ns
             .fetch_add(nanos(start.elapsed()), Ordering::Relaxed);
-        let stream = target.next_stream.fetch_add(1, Ordering::Relaxed) % target.engine.streams().max(1);
+        let stream =
+            target.next_stream.fetch_add(1, Ordering::Relaxed) % target.engine.streams().max(1);
         // SAFETY: the buffer goes into the pending queue with the copy's event, and leaves it
         // (to be written again or dropped) only after `wait` returned for that event
         // (`acquire`, `settle`, and `Drop`, which settles). The range was checked in

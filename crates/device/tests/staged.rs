@@ -6,9 +6,7 @@ use std::ops::Range;
 use std::sync::Mutex;
 use std::time::Duration;
 use weightlift_device::fake::FakeEngine;
-use weightlift_device::{
-    DeviceError, DeviceMemory, Region, StagedTarget, StagingOptions, Target,
-};
+use weightlift_device::{DeviceError, DeviceMemory, Region, StagedTarget, StagingOptions, Target};
 
 fn pattern(range: &Range<u64>) -> Vec<u8> {
     range.clone().map(|i| (i * 131 % 251) as u8).collect()
@@ -29,19 +27,32 @@ fn ranges(total: u64, max: u64) -> Vec<Range<u64>> {
 }
 
 /// Fills `regions` from `threads` threads, each region with its pattern.
-fn fill_all<'a, R: Region + Send>(regions: Vec<R>, ranges: &[Range<u64>], threads: usize) -> Vec<Result<(), DeviceError>> {
-    let work = Mutex::new(regions.into_iter().zip(ranges.iter().cloned()).collect::<Vec<_>>());
+fn fill_all<R: Region + Send>(
+    regions: Vec<R>,
+    ranges: &[Range<u64>],
+    threads: usize,
+) -> Vec<Result<(), DeviceError>> {
+    let work = Mutex::new(
+        regions
+            .into_iter()
+            .zip(ranges.iter().cloned())
+            .collect::<Vec<_>>(),
+    );
     let results = Mutex::new(Vec::new());
     std::thread::scope(|s| {
         for _ in 0..threads {
-            s.spawn(|| loop {
-                let next = work.lock().unwrap().pop();
-                let Some((mut region, range)) = next else { break };
-                let r = region.fill(|buf: &mut [u8]| {
-                    buf.copy_from_slice(&pattern(&range));
-                    Ok::<(), DeviceError>(())
-                });
-                results.lock().unwrap().push(r);
+            s.spawn(|| {
+                loop {
+                    let next = work.lock().unwrap().pop();
+                    let Some((mut region, range)) = next else {
+                        break;
+                    };
+                    let r = region.fill(|buf: &mut [u8]| {
+                        buf.copy_from_slice(&pattern(&range));
+                        Ok::<(), DeviceError>(())
+                    });
+                    results.lock().unwrap().push(r);
+                }
             });
         }
     });
@@ -77,7 +88,11 @@ fn every_byte_arrives_and_pinned_memory_stays_in_the_pool() {
     let stats = target.stats();
     assert!(stats.copies > 40, "{stats:?}");
     assert_eq!(stats.copies, target.engine().copies());
-    assert_eq!(target.engine().violations(), 0, "buffers reused before their copy completed");
+    assert_eq!(
+        target.engine().violations(),
+        0,
+        "buffers reused before their copy completed"
+    );
 }
 
 #[test]
@@ -149,5 +164,8 @@ fn regions_longer_than_a_buffer_and_failed_allocations_are_errors() {
         target.regions(&mut alloc, &[0..5000]),
         Err(DeviceError::InvalidRegions(_))
     ));
-    assert!(matches!(target.allocate(10), Err(DeviceError::Alloc { .. })));
+    assert!(matches!(
+        target.allocate(10),
+        Err(DeviceError::Alloc { .. })
+    ));
 }

@@ -38,7 +38,7 @@ pub use progress::{Progress, ProgressFn};
 pub use tensor::{Element, StateDict, Tensor, TensorView};
 
 pub use weightlift_device as device;
-pub use weightlift_device::Device;
+pub use weightlift_device::{Device, StagedTarget, StagingOptions, StagingStats};
 pub use weightlift_format as format;
 pub use weightlift_format::Dtype;
 pub use weightlift_storage::{AutoPolicy, Backend, BackendKind};

@@ -12,7 +12,10 @@ use std::cell::RefCell;
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use weightlift_device::{CpuTarget, Device, DeviceError, HostBuffer, Region, Target};
+use weightlift_device::{
+    CopyEngine, CpuTarget, Device, DeviceError, DeviceMemory, HostBuffer, Region, StagedTarget,
+    StagingOptions, Target,
+};
 use weightlift_format::Dtype;
 use weightlift_storage::AccessPattern;
 
@@ -69,6 +72,11 @@ pub struct LoadOptions {
     /// Ask for transparent huge pages for CPU memory (see
     /// [`weightlift_device::HostBuffer::with_huge_pages`] for when it helps and hurts).
     pub huge_pages: bool,
+    /// Pinned staging buffers for loads to a GPU (default 4 x 32 MiB): the only host
+    /// memory such a load uses for tensor bytes.
+    pub staging: StagingOptions,
+    /// Copy streams for loads to a GPU (default 2).
+    pub streams: usize,
 }
 
 impl Default for LoadOptions {
@@ -81,6 +89,8 @@ impl Default for LoadOptions {
             convert_to: None,
             progress: None,
             huge_pages: false,
+            staging: StagingOptions::default(),
+            streams: 2,
         }
     }
 }
@@ -95,6 +105,8 @@ impl fmt::Debug for LoadOptions {
             .field("convert_to", &self.convert_to)
             .field("progress", &self.progress.as_ref().map(|_| ".."))
             .field("huge_pages", &self.huge_pages)
+            .field("staging", &self.staging)
+            .field("streams", &self.streams)
             .finish()
     }
 }
@@ -142,6 +154,12 @@ impl LoadOptions {
         self
     }
 
+    /// Sets the pinned staging pool of GPU loads.
+    pub fn staging(mut self, staging: StagingOptions) -> Self {
+        self.staging = staging;
+        self
+    }
+
     /// Reports progress to `f`.
     pub fn progress(mut self, f: impl Fn(&Progress) + Send + Sync + 'static) -> Self {
         self.progress = Some(Arc::new(f));
@@ -172,6 +190,42 @@ impl Checkpoint {
     /// Either every selected tensor is returned, complete, or an error: nothing is returned
     /// partially loaded.
     pub fn load(&self, options: &LoadOptions) -> Result<StateDict> {
+        let (selected, convert_fn) = self.selection(options)?;
+        match options.device {
+            Device::Meta => Ok(self.meta_tensors(&selected, convert_fn)),
+            Device::Cpu => {
+                let headers: Vec<_> = self.shards().iter().map(|s| s.header()).collect();
+                let plan =
+                    ReadPlan::build(&headers, selected, options.request_size, None, convert_fn);
+                let target = CpuTarget {
+                    huge_pages: options.huge_pages,
+                };
+                let memories = self.run(&plan, &target, options)?;
+                Ok(self.host_tensors(&plan, memories))
+            }
+            Device::Cuda(ordinal) => {
+                #[cfg(feature = "cuda")]
+                {
+                    let engine = weightlift_device::CudaEngine::new(ordinal, options.streams)?;
+                    let target = StagedTarget::new(engine, options.staging)?;
+                    self.load_staged(&target, options)
+                }
+                #[cfg(not(feature = "cuda"))]
+                Err(Error::Device(DeviceError::Unavailable {
+                    device: Device::Cuda(ordinal).to_string(),
+                    reason: "this build of weightlift has no CUDA support (cargo feature `cuda`)"
+                        .into(),
+                }))
+            }
+        }
+    }
+
+    /// The tensors a load selects (positions per shard, in file order) and the dtype each
+    /// becomes.
+    fn selection(
+        &self,
+        options: &LoadOptions,
+    ) -> Result<(Vec<Vec<u32>>, impl Fn(Dtype) -> Dtype + use<>)> {
         let to = options.convert_to;
         if let Some(to) = to.filter(|&d| !is_conversion_target(d)) {
             return Err(Error::InvalidOption(format!(
@@ -191,24 +245,48 @@ impl Checkpoint {
                     .collect()
             })
             .collect();
-        let convert_fn = |d: Dtype| to.map_or(d, |to| converted(d, to));
-        match options.device {
-            Device::Meta => Ok(self.meta_tensors(&selected, convert_fn)),
-            Device::Cpu => {
-                let headers: Vec<_> = self.shards().iter().map(|s| s.header()).collect();
-                let plan =
-                    ReadPlan::build(&headers, selected, options.request_size, None, convert_fn);
-                let target = CpuTarget {
-                    huge_pages: options.huge_pages,
+        let convert_fn = move |d: Dtype| to.map_or(d, |to| converted(d, to));
+        Ok((selected, convert_fn))
+    }
+
+    /// Loads the selected tensors into device memory through `target`'s pinned staging
+    /// pool: what `load` does for `Device::Cuda`, open to any [`CopyEngine`] (the tests
+    /// run it on [`weightlift_device::fake::FakeEngine`]). One device allocation per shard;
+    /// each request is read into a staging buffer (converted there if asked) and copied
+    /// asynchronously while the next requests are read. The device is the target's;
+    /// `options.device` is not consulted.
+    pub fn load_staged<E: CopyEngine>(
+        &self,
+        target: &StagedTarget<E>,
+        options: &LoadOptions,
+    ) -> Result<StateDict> {
+        let (selected, convert_fn) = self.selection(options)?;
+        let headers: Vec<_> = self.shards().iter().map(|s| s.header()).collect();
+        let plan = ReadPlan::build(
+            &headers,
+            selected,
+            options.request_size,
+            target.max_region(),
+            convert_fn,
+        );
+        let memories = self.run(&plan, target, options)?;
+        let mut tensors = Vec::with_capacity(plan.shards.iter().map(|s| s.tensors.len()).sum());
+        for (sp, memory) in plan.shards.iter().zip(memories) {
+            let memory: Arc<dyn DeviceMemory> = Arc::new(memory);
+            let infos = self.shards()[sp.shard].header().tensors();
+            for (slot, &t) in sp.tensors.iter().enumerate() {
+                let storage = Storage::Device {
+                    memory: Arc::clone(&memory),
+                    offset: sp.layout.offset(slot),
                 };
-                let memories = self.run(&plan, &target, options)?;
-                Ok(self.host_tensors(&plan, memories))
+                tensors.push(Tensor::from_info(
+                    &infos[t as usize],
+                    sp.out_dtypes[slot],
+                    storage,
+                ));
             }
-            Device::Cuda(_) => Err(Error::Device(DeviceError::Unavailable {
-                device: options.device.to_string(),
-                reason: "this build of weightlift has no CUDA support".into(),
-            })),
         }
+        Ok(StateDict::new(tensors).with_staging(target.stats()))
     }
 
     fn meta_tensors(
@@ -289,7 +367,7 @@ impl Checkpoint {
             work.extend(requests.iter().zip(target.regions(alloc, &ranges)?));
         }
         let counters = Counters::new(plan);
-        pool.install(|| {
+        let filled = pool.install(|| {
             work.into_par_iter()
                 .with_max_len(1)
                 .try_for_each(|(request, mut region)| {
@@ -297,7 +375,12 @@ impl Checkpoint {
                     counters.done(plan, request, options.progress.as_deref());
                     Ok::<(), Error>(())
                 })
-        })?;
+        });
+        if let Err(e) = filled {
+            // Copies still in flight may target the allocations about to be dropped.
+            let _ = target.settle();
+            return Err(e);
+        }
         allocs
             .into_iter()
             .map(|a| target.finish(a).map_err(Error::from))

@@ -133,7 +133,11 @@ impl ReadPlan {
                     }
                     let r = current.as_mut().expect("a request is open");
                     let left = len - done;
-                    let dst_start = if r.pieces.is_empty() { dst } else { r.dst.start };
+                    let dst_start = if r.pieces.is_empty() {
+                        dst
+                    } else {
+                        r.dst.start
+                    };
                     // Destination room, in file bytes (conversion may widen).
                     let dst_room = dst_start.saturating_add(max_dst) - dst;
                     let dst_room = dst_room.saturating_mul(from.bits() as u64) / to.bits() as u64;

@@ -3,7 +3,7 @@
 use crate::convert::converted_len;
 use crate::error::{Error, Result};
 use std::sync::Arc;
-use weightlift_device::HostBuffer;
+use weightlift_device::{Device, DeviceMemory, HostBuffer, StagingStats};
 use weightlift_format::{Dtype, TensorInfo};
 
 /// An element type with a safetensors dtype, for typed views.
@@ -31,6 +31,11 @@ pub(crate) enum Storage {
     Host {
         memory: Arc<HostBuffer>,
         offset: usize,
+    },
+    /// In device memory (a GPU) shared with the other tensors of the same allocation.
+    Device {
+        memory: Arc<dyn DeviceMemory>,
+        offset: u64,
     },
     /// Nowhere: a meta tensor has a dtype and a shape only.
     Meta,
@@ -88,13 +93,55 @@ impl Tensor {
         matches!(self.storage, Storage::Meta)
     }
 
-    /// The raw little-endian bytes; `None` for a meta tensor.
+    /// The device the bytes are on.
+    pub fn device(&self) -> Device {
+        match &self.storage {
+            Storage::Host { .. } => Device::Cpu,
+            Storage::Device { memory, .. } => memory.device(),
+            Storage::Meta => Device::Meta,
+        }
+    }
+
+    /// The raw little-endian bytes in host memory; `None` for a meta tensor or one on a
+    /// device (see [`Tensor::to_host`]).
     pub fn bytes(&self) -> Option<&[u8]> {
         match &self.storage {
             Storage::Host { memory, offset } => {
                 Some(&memory.as_slice()[*offset..*offset + self.byte_len])
             }
-            Storage::Meta => None,
+            Storage::Device { .. } | Storage::Meta => None,
+        }
+    }
+
+    /// The device address of the first byte, for a tensor on a device (to hand to other
+    /// libraries, e.g. through DLPack). The tensor (or a clone) must outlive its use.
+    pub fn device_ptr(&self) -> Option<u64> {
+        match &self.storage {
+            Storage::Device { memory, offset } => Some(memory.device_ptr() + offset),
+            _ => None,
+        }
+    }
+
+    /// The tensor in host memory: itself for a CPU tensor (shared, no copy); a copy for a
+    /// device tensor. Meta tensors have no bytes to copy.
+    pub fn to_host(&self) -> Result<Tensor> {
+        match &self.storage {
+            Storage::Host { .. } => Ok(self.clone()),
+            Storage::Device { memory, offset } => {
+                let mut buf = HostBuffer::new(self.byte_len as u64)?;
+                memory.read_back(*offset, buf.as_mut_slice())?;
+                Ok(Tensor {
+                    storage: Storage::Host {
+                        memory: Arc::new(buf),
+                        offset: 0,
+                    },
+                    ..self.clone()
+                })
+            }
+            Storage::Meta => Err(Error::TypedView {
+                tensor: self.name.clone(),
+                reason: "a meta tensor has no data to copy".into(),
+            }),
         }
     }
 
@@ -114,7 +161,10 @@ impl Tensor {
             Some(v) => v.as_slice(),
             None => Err(Error::TypedView {
                 tensor: self.name.clone(),
-                reason: "a meta tensor has no data".into(),
+                reason: match self.device() {
+                    Device::Meta => "a meta tensor has no data".into(),
+                    d => format!("the data is on {d}: copy it with Tensor::to_host first"),
+                },
             }),
         }
     }
@@ -157,13 +207,29 @@ impl<'a> TensorView<'a> {
 pub struct StateDict {
     tensors: Vec<Tensor>,
     by_name: Vec<u32>,
+    staging: Option<StagingStats>,
 }
 
 impl StateDict {
     pub(crate) fn new(tensors: Vec<Tensor>) -> StateDict {
         let mut by_name: Vec<u32> = (0..tensors.len() as u32).collect();
         by_name.sort_unstable_by(|&a, &b| tensors[a as usize].name.cmp(&tensors[b as usize].name));
-        StateDict { tensors, by_name }
+        StateDict {
+            tensors,
+            by_name,
+            staging: None,
+        }
+    }
+
+    pub(crate) fn with_staging(mut self, stats: StagingStats) -> StateDict {
+        self.staging = Some(stats);
+        self
+    }
+
+    /// For a load into device memory: where the time went (storage to pinned host buffers,
+    /// host to device copies, waits for a free buffer).
+    pub fn staging(&self) -> Option<StagingStats> {
+        self.staging
     }
 
     /// The tensor called `name`.
