@@ -32,6 +32,15 @@ pub(crate) struct Args {
     /// in memory compaction where THP defrag is "madvise").
     #[arg(long)]
     huge_pages: bool,
+    /// For --device cuda: number of pinned staging buffers.
+    #[arg(long, value_name = "N", default_value_t = weightlift::StagingOptions::default().buffers)]
+    pinned_buffers: usize,
+    /// For --device cuda: size of each pinned staging buffer, e.g. 32MiB.
+    #[arg(long, value_name = "SIZE", value_parser = crate::common::parse_size)]
+    pinned_buffer_size: Option<u64>,
+    /// For --device cuda: copy streams.
+    #[arg(long, value_name = "N", default_value_t = 2)]
+    streams: usize,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -44,7 +53,14 @@ pub(crate) fn run(args: &Args) -> Result<(), String> {
     let open_secs = start.elapsed().as_secs_f64();
     let mut options = LoadOptions::default()
         .device(args.device)
-        .huge_pages(args.huge_pages);
+        .huge_pages(args.huge_pages)
+        .staging(weightlift::StagingOptions {
+            buffers: args.pinned_buffers,
+            buffer_size: args
+                .pinned_buffer_size
+                .map_or(weightlift::StagingOptions::default().buffer_size, |s| s as usize),
+        });
+    options.streams = args.streams;
     if let Some(t) = args.threads {
         options = options.threads(t);
     }
@@ -74,6 +90,18 @@ pub(crate) fn run(args: &Args) -> Result<(), String> {
     let gbps = bytes as f64 / secs / 1e9;
     let peak = peak_rss().unwrap_or(0);
     let remote = remote_stats(&ckpt);
+    let threads = args.threads.unwrap_or_else(|| ckpt.default_threads());
+    // Per-stage rates of a device load: storage to pinned buffers with all loader threads
+    // busy, and the host-to-device link (copies in one direction share it).
+    let stages = state.staging().map(|s| {
+        let rate = |secs: f64| if secs > 0.0 { s.bytes as f64 / secs / 1e9 } else { 0.0 };
+        (
+            rate(s.fill.as_secs_f64() / threads as f64),
+            rate(s.copy.as_secs_f64()),
+            s.wait.as_secs_f64(),
+            s.copies,
+        )
+    });
     let files: Vec<_> = ckpt
         .shards()
         .iter()
@@ -91,6 +119,10 @@ pub(crate) fn run(args: &Args) -> Result<(), String> {
             "peak_rss_bytes": peak,
             "requests": remote.map(|r| r.requests),
             "retries": remote.map(|r| r.retries),
+            "disk_to_host_gbps": stages.map(|s| s.0),
+            "host_to_device_gbps": stages.map(|s| s.1),
+            "staging_wait_seconds": stages.map(|s| s.2),
+            "copies": stages.map(|s| s.3),
             "files": files,
         });
         return print(&format!("{out}\n"));
@@ -105,6 +137,13 @@ pub(crate) fn run(args: &Args) -> Result<(), String> {
         open_secs,
         human_bytes(peak)
     );
+    if let Some((fill, copy, wait, copies)) = stages {
+        out.push_str(&format!(
+            "stages: storage->pinned {fill:.2} GB/s ({threads} threads), host->device {copy:.2} GB/s \
+             ({} copies), {wait:.3} s waiting for a free staging buffer\n",
+            thousands(copies)
+        ));
+    }
     if let Some(r) = remote {
         out.push_str(&format!(
             "{} HTTP requests ({} retries), {} received\n",

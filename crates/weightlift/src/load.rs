@@ -176,8 +176,9 @@ pub(crate) fn default_threads() -> usize {
 }
 
 impl Checkpoint {
-    /// Loader threads when the options leave it open.
-    fn default_threads(&self) -> usize {
+    /// Loader threads a load uses when its options leave the number open: the number of
+    /// CPUs (at least 4), or the requests allowed in flight for a checkpoint read from URLs.
+    pub fn default_threads(&self) -> usize {
         #[cfg(feature = "remote")]
         if let Some(threads) = self.remote_threads() {
             return threads;
