@@ -52,7 +52,7 @@ pub(crate) struct BenchArgs {
     plot: Option<PathBuf>,
 }
 
-fn parse_size(s: &str) -> Result<u64, String> {
+pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let n: u64 = s[..split]
@@ -333,7 +333,7 @@ pub(crate) fn run(args: &BenchArgs) -> Result<(), String> {
     Ok(())
 }
 
-fn ensure(dir: &Path, profile: Profile, size: u64) -> Result<Vec<PathBuf>, String> {
+pub(crate) fn ensure(dir: &Path, profile: Profile, size: u64) -> Result<Vec<PathBuf>, String> {
     if let Ok(c) = Checkpoint::open(dir) {
         return Ok(c.shards().iter().map(|s| s.path().to_path_buf()).collect());
     }
@@ -347,7 +347,7 @@ fn ensure(dir: &Path, profile: Profile, size: u64) -> Result<Vec<PathBuf>, Strin
     synthetic::generate(dir, profile, size).map_err(|e| e.to_string())
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
 }

@@ -2,6 +2,7 @@
 
 mod bench;
 mod fuzz;
+mod gpu_check;
 mod plot;
 
 use clap::{Parser, Subcommand};
@@ -21,6 +22,9 @@ enum Task {
     Fuzz(fuzz::FuzzArgs),
     /// Time weightlift against a raw read and the reference crate on the same bytes.
     Bench(bench::BenchArgs),
+    /// On a machine with an NVIDIA GPU: verify loads to the GPU byte for byte (SHA-256)
+    /// and time them against safetensors.torch and the plain copy rate.
+    GpuCheck(gpu_check::GpuCheckArgs),
     /// Redraw the bench's SVG from a saved `--json` file.
     Plot {
         /// Records written by `bench --json`.
@@ -41,6 +45,7 @@ fn main() -> ExitCode {
         Task::Fuzz(args) => fuzz::run(&args),
         Task::Bench(args) => bench::run(&args),
         Task::BenchOne(args) => bench::run_one(&args),
+        Task::GpuCheck(args) => gpu_check::run(&args),
         Task::Plot { json, out } => std::fs::read_to_string(&json)
             .map_err(|e| format!("{}: {e}", json.display()))
             .and_then(|text| {

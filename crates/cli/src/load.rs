@@ -58,7 +58,9 @@ pub(crate) fn run(args: &Args) -> Result<(), String> {
             buffers: args.pinned_buffers,
             buffer_size: args
                 .pinned_buffer_size
-                .map_or(weightlift::StagingOptions::default().buffer_size, |s| s as usize),
+                .map_or(weightlift::StagingOptions::default().buffer_size, |s| {
+                    s as usize
+                }),
         });
     options.streams = args.streams;
     if let Some(t) = args.threads {
@@ -94,7 +96,13 @@ pub(crate) fn run(args: &Args) -> Result<(), String> {
     // Per-stage rates of a device load: storage to pinned buffers with all loader threads
     // busy, and the host-to-device link (copies in one direction share it).
     let stages = state.staging().map(|s| {
-        let rate = |secs: f64| if secs > 0.0 { s.bytes as f64 / secs / 1e9 } else { 0.0 };
+        let rate = |secs: f64| {
+            if secs > 0.0 {
+                s.bytes as f64 / secs / 1e9
+            } else {
+                0.0
+            }
+        };
         (
             rate(s.fill.as_secs_f64() / threads as f64),
             rate(s.copy.as_secs_f64()),
