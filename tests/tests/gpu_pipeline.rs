@@ -91,6 +91,32 @@ fn staged_loads_equal_cpu_loads() {
 }
 
 #[test]
+fn slices_go_to_the_device_too() {
+    let dir = disk_tempdir();
+    let path = dir.path().join("m.safetensors");
+    write_file(&path, &dense(2, 128));
+    let ckpt = Checkpoint::open(&path).unwrap();
+    let slice = ckpt
+        .get_slice("model.layers.1.mlp.up_proj.weight", &[3..200, 10..70])
+        .unwrap();
+    let small = StagingOptions {
+        buffers: 2,
+        buffer_size: 4096,
+    };
+    let target = StagedTarget::new(FakeEngine::new(Duration::from_micros(100)), small).unwrap();
+    let on_device = slice.to_device(&target).unwrap();
+    assert_eq!(on_device.device(), Device::Cuda(0));
+    assert_eq!(on_device.shape(), slice.shape());
+    assert_eq!(on_device.to_host().unwrap().bytes(), slice.bytes());
+    assert_eq!(target.engine().violations(), 0);
+    assert!(
+        target.engine().copies() > 1,
+        "the slice went through several buffers"
+    );
+    assert!(slice.to(Device::Cpu).unwrap().bytes() == slice.bytes());
+}
+
+#[test]
 fn a_failed_copy_fails_the_load() {
     let dir = disk_tempdir();
     write_sharded(dir.path(), &split(moe(2, 16, 32, 16), 2), true);

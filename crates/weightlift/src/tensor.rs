@@ -3,7 +3,10 @@
 use crate::convert::converted_len;
 use crate::error::{Error, Result};
 use std::sync::Arc;
-use weightlift_device::{Device, DeviceMemory, HostBuffer, StagingStats};
+use weightlift_device::{
+    CopyEngine, Device, DeviceError, DeviceMemory, HostBuffer, Region, StagedTarget, StagingStats,
+    Target,
+};
 use weightlift_format::{Dtype, TensorInfo};
 
 /// An element type with a safetensors dtype, for typed views.
@@ -119,6 +122,67 @@ impl Tensor {
         match &self.storage {
             Storage::Device { memory, offset } => Some(memory.device_ptr() + offset),
             _ => None,
+        }
+    }
+
+    /// A copy of this tensor in the device memory of `target` (through its staging
+    /// buffers): how a slice read with [`crate::Checkpoint::get_slice`] goes to a GPU.
+    pub fn to_device<E: CopyEngine>(&self, target: &StagedTarget<E>) -> Result<Tensor> {
+        let host = self.to_host()?;
+        let bytes = host.bytes().unwrap_or_default();
+        let mut alloc = target.allocate(bytes.len() as u64)?;
+        let step = target.buffer_size() as u64;
+        let ranges: Vec<_> = (0..bytes.len() as u64)
+            .step_by(step as usize)
+            .map(|start| start..(start + step).min(bytes.len() as u64))
+            .collect();
+        let filled = target.regions(&mut alloc, &ranges).and_then(|regions| {
+            regions
+                .into_iter()
+                .zip(&ranges)
+                .try_for_each(|(mut region, r)| {
+                    region.fill(|buf| {
+                        buf.copy_from_slice(&bytes[r.start as usize..r.end as usize]);
+                        Ok::<(), DeviceError>(())
+                    })
+                })
+        });
+        if let Err(e) = filled {
+            let _ = target.settle();
+            return Err(e.into());
+        }
+        let memory: Arc<dyn DeviceMemory> = Arc::new(target.finish(alloc)?);
+        Ok(Tensor {
+            storage: Storage::Device { memory, offset: 0 },
+            ..self.clone()
+        })
+    }
+
+    /// A copy of this tensor on `device`: [`Tensor::to_host`] for the CPU; for
+    /// `Device::Cuda` (feature `cuda`) through a staging pool made for the copy.
+    pub fn to(&self, device: Device) -> Result<Tensor> {
+        match device {
+            Device::Cpu => self.to_host(),
+            Device::Meta => Ok(Tensor {
+                storage: Storage::Meta,
+                ..self.clone()
+            }),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(ordinal) => {
+                let engine = weightlift_device::CudaEngine::new(ordinal, 1)?;
+                let default = weightlift_device::StagingOptions::default();
+                let options = weightlift_device::StagingOptions {
+                    buffers: 2,
+                    buffer_size: self.byte_len.clamp(4096, default.buffer_size),
+                };
+                self.to_device(&StagedTarget::new(engine, options)?)
+            }
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda(_) => Err(Error::Device(DeviceError::Unavailable {
+                device: device.to_string(),
+                reason: "this build of weightlift has no CUDA support (cargo feature `cuda`)"
+                    .into(),
+            })),
         }
     }
 
