@@ -48,6 +48,32 @@ pub mod remote {
     pub use weightlift_storage::remote::{RemoteOptions, RemoteStats, S3Config};
 }
 
+/// Loads every tensor of a safetensors file held in memory (`bytes` is the whole file),
+/// validated like a file on disk, into owned CPU memory (one copy of the data section).
+pub fn load_bytes(bytes: &[u8]) -> Result<StateDict> {
+    let format_error = |source| Error::Format {
+        path: "<bytes>".into(),
+        source,
+    };
+    let header = format::Header::from_file_bytes(bytes).map_err(format_error)?;
+    let data = &bytes[header.data_start() as usize..];
+    let mut buf = device::HostBuffer::new(data.len() as u64)?;
+    buf.as_mut_slice().copy_from_slice(data);
+    let memory = std::sync::Arc::new(buf);
+    let tensors = header
+        .tensors()
+        .iter()
+        .map(|info| {
+            let storage = tensor::Storage::Host {
+                memory: std::sync::Arc::clone(&memory),
+                offset: info.data_offsets.0 as usize,
+            };
+            Tensor::from_info(info, info.dtype, storage)
+        })
+        .collect();
+    Ok(StateDict::new(tensors))
+}
+
 /// Opens `path` and loads every tensor into CPU memory with default options.
 pub fn load(path: impl AsRef<std::path::Path>) -> Result<StateDict> {
     Checkpoint::open(path)?.load(&LoadOptions::default())

@@ -1,0 +1,14 @@
+"""Drop-in for ``safetensors.numpy``'s loading functions."""
+
+from . import load as _load
+from . import load_file as _load_file
+
+
+def load_file(filename, backend="auto"):
+    """Loads a safetensors file into numpy arrays (sharing weightlift's memory)."""
+    return _load_file(filename, framework="np", backend=backend)
+
+
+def load(data):
+    """Loads a safetensors file held in bytes into numpy arrays."""
+    return _load(data, framework="np")

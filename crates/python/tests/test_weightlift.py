@@ -1,0 +1,283 @@
+"""weightlift's Python API against safetensors' own, on files safetensors writes.
+
+The installed ``safetensors`` package is the oracle: every behaviour the two share (keys and
+their order, metadata, dtypes, values, slicing, errors) is compared call by call.
+"""
+
+import gc
+import os
+import sys
+import threading
+
+import numpy as np
+import pytest
+import safetensors
+from safetensors.numpy import load as st_load
+from safetensors.numpy import load_file as st_load_file
+from safetensors.numpy import save_file
+
+import weightlift
+import weightlift.numpy
+
+ml_dtypes = pytest.importorskip("ml_dtypes")
+
+
+@pytest.fixture
+def files(tmp_path):
+    """A file with every numpy dtype and some ml_dtypes ones, one without metadata, and a
+    sharded checkpoint with an index."""
+    rng = np.random.default_rng(7)
+    tensors = {
+        "f64": rng.standard_normal((3, 5)),
+        "f32": rng.standard_normal((4, 6, 5)).astype(np.float32),
+        "f16": rng.standard_normal((7,)).astype(np.float16),
+        "i64": rng.integers(-9, 9, (2, 3)).astype(np.int64),
+        "u64": rng.integers(0, 9, (2, 3)).astype(np.uint64),
+        "i32": rng.integers(-9, 9, (5,)).astype(np.int32),
+        "u32": rng.integers(0, 9, (5,)).astype(np.uint32),
+        "i16": rng.integers(-9, 9, (5,)).astype(np.int16),
+        "u16": rng.integers(0, 9, (5,)).astype(np.uint16),
+        "i8": rng.integers(-9, 9, (5, 1)).astype(np.int8),
+        "u8": rng.integers(0, 9, (9,)).astype(np.uint8),
+        "bool": rng.integers(0, 2, (4,)).astype(bool),
+        "c64": (rng.standard_normal(3) + 1j).astype(np.complex64),
+        "bf16": rng.standard_normal((3, 4)).astype(ml_dtypes.bfloat16),
+        "scalar": np.array(3.5, dtype=np.float32),
+        "empty": np.zeros((0, 4), dtype=np.float32),
+    }
+    full = tmp_path / "all.safetensors"
+    save_file(tensors, str(full), metadata={"format": "np", "note": "weightlift test"})
+    bare = tmp_path / "bare.safetensors"
+    save_file({"x": np.arange(10, dtype=np.float32)}, str(bare))
+
+    shards = tmp_path / "sharded"
+    shards.mkdir()
+    weight_map = {}
+    for i, part in enumerate([["a.w", "a.b"], ["b.w", "b.b", "c"]]):
+        name = f"model-{i + 1:05}-of-00002.safetensors"
+        save_file(
+            {k: rng.standard_normal((8, 4)).astype(np.float32) for k in part},
+            str(shards / name),
+            metadata={"format": "pt"},
+        )
+        weight_map.update({k: name for k in part})
+    total = sum(4 * 32 for _ in weight_map)
+    import json
+
+    (shards / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map})
+    )
+    return {"full": str(full), "bare": str(bare), "sharded": str(shards), "tensors": tensors}
+
+
+def same(a, b):
+    assert a.dtype == b.dtype, (a.dtype, b.dtype)
+    assert a.shape == b.shape, (a.shape, b.shape)
+    assert a.tobytes() == b.tobytes()
+
+
+def test_load_file_matches_safetensors(files):
+    ours = weightlift.load_file(files["full"])
+    theirs = st_load_file(files["full"])
+    assert list(ours) == list(theirs), "same key order (file order)"
+    assert set(ours) == set(files["tensors"])
+    for name, array in files["tensors"].items():
+        same(ours[name], array)
+        if name in theirs:
+            same(ours[name], theirs[name])
+    same_dicts = weightlift.numpy.load_file(files["full"])
+    assert set(same_dicts) == set(ours)
+
+
+def test_safe_open_keys_metadata_and_tensors(files):
+    with weightlift.safe_open(files["full"], framework="np") as ours, safetensors.safe_open(
+        files["full"], framework="np"
+    ) as theirs:
+        assert ours.keys() == theirs.keys()
+        assert ours.offset_keys() == theirs.offset_keys()
+        assert ours.metadata() == theirs.metadata()
+        for name in theirs.keys():
+            if name == "bf16":
+                same(ours.get_tensor(name), files["tensors"][name])
+            else:
+                same(ours.get_tensor(name), theirs.get_tensor(name))
+            s_ours, s_theirs = ours.get_slice(name), theirs.get_slice(name)
+            assert s_ours.get_shape() == s_theirs.get_shape()
+            assert s_ours.get_dtype() == s_theirs.get_dtype()
+    with weightlift.safe_open(files["bare"], "numpy") as ours, safetensors.safe_open(
+        files["bare"], "numpy"
+    ) as theirs:
+        assert ours.metadata() == theirs.metadata()
+
+
+INDEXES = [
+    (),
+    0,
+    -1,
+    3,
+    (slice(None),),
+    (slice(1, 3),),
+    (slice(None), 2),
+    (Ellipsis, 1),
+    (Ellipsis,),
+    (1, Ellipsis, 2),
+    (slice(0, 4, 2),),
+    (slice(None), slice(1, None, 2), slice(None, 3)),
+    (slice(2, 2),),
+    (np.int64(1), slice(None)),
+    (slice(None), slice(None), slice(None), 0),
+    (9,),
+    (slice(0, 9),),
+    (slice(None), 6),
+    (0, 0, 0, 0),
+    (slice(None, None, -1),),
+    ([0, 1],),
+]
+
+
+@pytest.mark.parametrize("index", INDEXES, ids=repr)
+def test_slices_match_safetensors(files, index):
+    name = "f32"
+    with weightlift.safe_open(files["full"], framework="np") as ours, safetensors.safe_open(
+        files["full"], framework="np"
+    ) as theirs:
+        try:
+            expected = theirs.get_slice(name)[index]
+        except Exception:  # noqa: BLE001 - safetensors raises several types
+            expected = None
+        if expected is None:
+            with pytest.raises((weightlift.SafetensorError, TypeError, ValueError)):
+                ours.get_slice(name)[index]
+        else:
+            got = ours.get_slice(name)[index]
+            same(np.ascontiguousarray(got), np.ascontiguousarray(expected))
+
+
+def test_negative_slice_bounds_count_from_the_end(files):
+    # safetensors rejects these with OverflowError; weightlift follows numpy.
+    with weightlift.safe_open(files["full"], framework="np") as f:
+        array = files["tensors"]["f32"]
+        same(np.ascontiguousarray(f.get_slice("f32")[-3:, :, -2:]), array[-3:, :, -2:])
+
+
+def test_load_bytes_matches_safetensors(files):
+    data = open(files["bare"], "rb").read()
+    same(weightlift.load(data)["x"], st_load(data)["x"])
+    # safetensors.numpy cannot load bf16 (numpy lacks it); weightlift gives ml_dtypes arrays.
+    data = open(files["full"], "rb").read()
+    ours = weightlift.numpy.load(data)
+    for name, array in files["tensors"].items():
+        same(ours[name], array)
+    with pytest.raises(TypeError):
+        weightlift.load("not bytes")
+
+
+def broken_files(tmp_path):
+    good = open(tmp_path / "ref.safetensors", "rb").read()
+    n = int.from_bytes(good[:8], "little")
+    yield "truncated data", good[:-3]
+    yield "truncated header", good[: 8 + n // 2]
+    yield "huge header length", (1 << 62).to_bytes(8, "little") + good[8:]
+    yield "not json", good[:8] + b"{" * n + good[8 + n :]
+    yield "too short", b"\x01\x00"
+    header = b'{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,4]}}'
+    yield "shape and offsets disagree", len(header).to_bytes(8, "little") + header + b"\0" * 4
+    header = b'{"a":{"dtype":"F99","shape":[1],"data_offsets":[0,4]}}'
+    yield "unknown dtype", len(header).to_bytes(8, "little") + header + b"\0" * 4
+
+
+def test_malformed_files_raise_like_safetensors(tmp_path):
+    save_file({"w": np.ones((4, 4), dtype=np.float32)}, str(tmp_path / "ref.safetensors"))
+    for what, data in broken_files(tmp_path):
+        path = tmp_path / "bad.safetensors"
+        path.write_bytes(data)
+        with pytest.raises(Exception):
+            st_load_file(str(path))
+        with pytest.raises(weightlift.SafetensorError) as info:
+            weightlift.load_file(str(path))
+        assert "bad.safetensors" in str(info.value), what
+        with pytest.raises(weightlift.SafetensorError):
+            weightlift.load(data)
+    with pytest.raises(FileNotFoundError):
+        weightlift.safe_open(str(tmp_path / "missing.safetensors"), framework="np")
+    with pytest.raises(FileNotFoundError):
+        safetensors.safe_open(str(tmp_path / "missing.safetensors"), framework="np")
+    with pytest.raises(weightlift.SafetensorError):
+        weightlift.safe_open(str(tmp_path / "ref.safetensors"), framework="nope")
+    with weightlift.safe_open(str(tmp_path / "ref.safetensors"), framework="np") as f:
+        with pytest.raises(weightlift.SafetensorError, match="nothere"):
+            f.get_tensor("nothere")
+
+
+def test_arrays_share_the_loaders_memory_and_keep_it_alive(files):
+    state = weightlift.load_checkpoint(files["full"])
+    a = state["f32"]
+    assert not a.flags.owndata and a.base is not None
+    # The memory outlives the dict, the handle and a garbage collection.
+    del state
+    gc.collect()
+    same(a, files["tensors"]["f32"])
+    # Writable, like safetensors' arrays, and writes stay within the tensor.
+    b = weightlift.load_file(files["full"])
+    b["u8"][:] = 0
+    same(b["i8"], files["tensors"]["i8"])
+
+
+def test_load_checkpoint_sharded_prefix_and_threads(files):
+    shards = files["sharded"]
+    state = weightlift.load_checkpoint(shards, threads=3)
+    expected = {}
+    for name in sorted(os.listdir(shards)):
+        if name.endswith(".safetensors"):
+            expected.update(st_load_file(os.path.join(shards, name)))
+    assert set(state) == set(expected)
+    for name in expected:
+        same(state[name], expected[name])
+    only_b = weightlift.load_checkpoint(shards, prefix="b.")
+    assert sorted(only_b) == ["b.b", "b.w"]
+    with weightlift.safe_open(os.path.join(shards, "model.safetensors.index.json"), "np") as f:
+        assert f.keys() == sorted(expected)
+        assert f.metadata() == {"total_size": str(4 * 32 * 5)}
+    for backend in ("pread", "direct", "mmap"):
+        same(weightlift.load_checkpoint(shards, backend=backend)["c"], expected["c"])
+    with pytest.raises(ValueError):
+        weightlift.load_checkpoint(shards, backend="carrier-pigeon")
+
+
+def test_dlpack_exports_share_memory(files):
+    with weightlift.safe_open(files["full"], "np") as f:
+        native = f._handle.get("f32")
+    assert native.__dlpack_device__() == (1, 0)
+    via_dlpack = np.from_dlpack(native)
+    same(via_dlpack, files["tensors"]["f32"])
+    assert np.shares_memory(via_dlpack, np.asarray(native))
+
+
+def test_bf16_without_ml_dtypes_is_a_clear_error(files, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ml_dtypes", None)
+    with weightlift.safe_open(files["full"], "np") as f:
+        with pytest.raises(weightlift.SafetensorError, match="ml_dtypes"):
+            f.get_tensor("bf16")
+        same(f.get_tensor("f32"), files["tensors"]["f32"])
+
+
+def test_the_gil_is_released_while_loading(tmp_path):
+    path = str(tmp_path / "big.safetensors")
+    save_file({f"t{i}": np.ones((1024, 1024), dtype=np.float32) for i in range(48)}, path)
+    done = []
+    loader = threading.Thread(target=lambda: done.append(weightlift.load_checkpoint(path, threads=2)))
+    spins = 0
+    loader.start()
+    while loader.is_alive():
+        spins += 1
+    loader.join()
+    assert len(done[0]) == 48
+    # Had the load held the GIL throughout, this thread could not have run meanwhile.
+    assert spins > 1000, spins
+
+
+def test_torch_tensors_through_dlpack(files):
+    torch = pytest.importorskip("torch")
+    state = weightlift.load_file(files["full"], framework="pt")
+    assert state["bf16"].dtype == torch.bfloat16
+    assert torch.equal(state["f32"], torch.from_numpy(files["tensors"]["f32"]))
