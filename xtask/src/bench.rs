@@ -81,6 +81,8 @@ enum Contender {
         target: &'static str,
     },
     Python,
+    /// `weightlift.load_checkpoint` from Python (the bindings in crates/python).
+    PythonWeightlift,
     /// weightlift over HTTP from a local nginx serving the same files (loopback only).
     Http,
     /// Not a loader: faults in and fills fresh memory of the checkpoint's size, the floor
@@ -97,6 +99,7 @@ impl Contender {
             Contender::Reference { rayon: true } => "reference-rayon".into(),
             Contender::Weightlift { backend, target } => format!("weightlift-{backend}-{target}"),
             Contender::Python => "python-safetensors".into(),
+            Contender::PythonWeightlift => "python-weightlift".into(),
             Contender::Http => "weightlift-http-cpu".into(),
             Contender::FreshMemory => "fresh-memory".into(),
         }
@@ -110,6 +113,7 @@ impl Contender {
             "reference" => Contender::Reference { rayon: false },
             "reference-rayon" => Contender::Reference { rayon: true },
             "python-safetensors" => Contender::Python,
+            "python-weightlift" => Contender::PythonWeightlift,
             "weightlift-http-cpu" => Contender::Http,
             "fresh-memory" => Contender::FreshMemory,
             _ => {
@@ -189,6 +193,9 @@ pub(crate) fn run(args: &BenchArgs) -> Result<(), String> {
     }
     if python {
         contenders.push(Contender::Python);
+        if python_weightlift_ready() {
+            contenders.push(Contender::PythonWeightlift);
+        }
     }
     let nginx_binary = weightlift_tests::servers::Nginx::binary();
     if nginx_binary.is_some() {
@@ -526,10 +533,8 @@ fn measure(
             let state = ckpt.load(&opts).map_err(|e| e.to_string())?;
             std::hint::black_box(&state);
         }
-        Contender::Python => {
-            let secs = python_load(paths)?;
-            return Ok(Sample { secs, peak_rss: 0 });
-        }
+        Contender::Python => return python_load(PY_SAFETENSORS, paths),
+        Contender::PythonWeightlift => return python_load(PY_WEIGHTLIFT, &[dir.to_path_buf()]),
         Contender::FreshMemory => {
             let mut mem = weightlift::device::HostBuffer::new(bytes).map_err(|e| e.to_string())?;
             let chunk = (bytes as usize).div_ceil(threads).max(1);
@@ -545,31 +550,93 @@ fn measure(
     })
 }
 
+/// The interpreter of the Python contenders: the project's virtualenv (`.ci/run` makes
+/// it), else `python3`.
+fn python() -> PathBuf {
+    let venv = workspace_root().join("target/py-venv/bin/python");
+    if venv.is_file() {
+        venv
+    } else {
+        PathBuf::from("python3")
+    }
+}
+
 fn python_available() -> bool {
-    Command::new("python3")
+    Command::new(python())
         .args(["-c", "import safetensors.numpy, ml_dtypes"])
         .output()
         .is_ok_and(|o| o.status.success())
 }
 
-/// Times `safetensors.numpy.load_file` over every shard inside Python (interpreter start
-/// excluded).
-fn python_load(paths: &[PathBuf]) -> Result<f64, String> {
-    // numpy has no bfloat16: ml_dtypes registers it, where installed.
-    let script = "import sys,time\ntry:\n import ml_dtypes\nexcept ImportError:\n pass\nfrom safetensors.numpy import load_file\nt=time.perf_counter()\nd=[load_file(p) for p in sys.argv[1:]]\nprint(time.perf_counter()-t)";
-    let out = Command::new("python3")
+/// Builds the bindings in release mode into the virtualenv (incremental after the first
+/// time), so that `python-weightlift` times optimised code.
+fn python_weightlift_ready() -> bool {
+    let venv = workspace_root().join("target/py-venv");
+    if !venv.join("bin/maturin").is_file() {
+        eprintln!(
+            "note: no target/py-venv with maturin (bash .ci/run creates it); skipping the python-weightlift contender"
+        );
+        return false;
+    }
+    eprintln!("building the Python bindings (release) into target/py-venv");
+    let path = format!(
+        "{}:{}",
+        venv.join("bin").display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let built = Command::new(venv.join("bin/maturin"))
+        .args(["develop", "--release", "-q"])
+        .current_dir(workspace_root().join("crates/python"))
+        .env("VIRTUAL_ENV", &venv)
+        .env("PATH", path)
+        .status()
+        .is_ok_and(|s| s.success());
+    let release = Command::new(python())
+        .args([
+            "-c",
+            "import weightlift._native as n; assert n.__build__ == 'release'",
+        ])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !(built && release) {
+        eprintln!(
+            "note: could not build the Python bindings in release mode; skipping python-weightlift"
+        );
+    }
+    built && release
+}
+
+/// Times `safetensors.numpy.load_file` over every shard (interpreter start excluded).
+const PY_SAFETENSORS: &str = "import sys,time,resource\ntry:\n import ml_dtypes\nexcept ImportError:\n pass\n\
+    from safetensors.numpy import load_file\nt=time.perf_counter()\nd=[load_file(p) for p in sys.argv[1:]]\n\
+    print(time.perf_counter()-t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)";
+/// Times `weightlift.load_checkpoint` of the checkpoint directory.
+const PY_WEIGHTLIFT: &str = "import sys,time,resource\nimport weightlift\nt=time.perf_counter()\n\
+    d=weightlift.load_checkpoint(sys.argv[1])\n\
+    print(time.perf_counter()-t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)";
+
+/// Runs a timing script; it prints seconds and peak RSS in KiB.
+fn python_load(script: &str, args: &[PathBuf]) -> Result<Sample, String> {
+    let out = Command::new(python())
         .arg("-c")
         .arg(script)
-        .args(paths)
+        .args(args)
         .output()
         .map_err(|e| e.to_string())?;
     if !out.status.success() {
         return Err(format!("python: {}", String::from_utf8_lossy(&out.stderr)));
     }
-    String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .parse()
-        .map_err(|e| format!("python output: {e}"))
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut parts = text.split_whitespace();
+    let secs = parts.next().and_then(|s| s.parse().ok());
+    let kib: Option<u64> = parts.next().and_then(|s| s.parse().ok());
+    match (secs, kib) {
+        (Some(secs), Some(kib)) => Ok(Sample {
+            secs,
+            peak_rss: kib * 1024,
+        }),
+        _ => Err(format!("python output: {text:?}")),
+    }
 }
 
 fn print_table<'a>(records: impl Iterator<Item = &'a Value>) {

@@ -116,6 +116,16 @@ impl Tensor {
         }
     }
 
+    /// The host allocation holding the bytes (shared with the other tensors of its shard)
+    /// and the offset of the first byte in it: what bindings need to hand out many arrays
+    /// over one buffer. `None` for device and meta tensors.
+    pub fn host_allocation(&self) -> Option<(&Arc<HostBuffer>, usize)> {
+        match &self.storage {
+            Storage::Host { memory, offset } => Some((memory, *offset)),
+            _ => None,
+        }
+    }
+
     /// The device address of the first byte, for a tensor on a device (to hand to other
     /// libraries, e.g. through DLPack). The tensor (or a clone) must outlive its use.
     pub fn device_ptr(&self) -> Option<u64> {

@@ -199,10 +199,31 @@ class safe_open:
         return _load_dict(self._handle, self._framework, self._device, None)
 
 
+def _numpy_groups(groups):
+    """{name: array} from `[(memory, [(name, dtype, shape, offset)])]`: one uint8 array per
+    allocation, then one view per tensor (each keeps the allocation alive)."""
+    import numpy as np
+
+    out = {}
+    dtypes = {}
+    for memory, entries in groups:
+        base = np.asarray(memory)
+        for name, code, shape, offset in entries:
+            dtype = dtypes.get(code)
+            if dtype is None:
+                dtype = dtypes[code] = _numpy_dtype(code)
+            out[name] = np.ndarray(shape, dtype, buffer=base, offset=offset)
+    return out
+
+
 def _load_dict(handle, framework, device, threads, prefix=None):
     device = _device_name(device)
+    if framework == "np":
+        if device != "cpu":
+            raise SafetensorError("numpy arrays live on the cpu: use device='cpu'")
+        return _numpy_groups(handle.load_host(threads=threads, prefix=prefix))
     # Tensors go to a GPU directly when torch will hold them there.
-    native_device = device if framework == "pt" and device.startswith("cuda") else "cpu"
+    native_device = device if device.startswith("cuda") else "cpu"
     tensors = handle.load(device=native_device, threads=threads, prefix=prefix)
     return {t.name: _convert(t, framework, device) for t in tensors}
 
@@ -218,6 +239,8 @@ def load(data, framework="np"):
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise TypeError(f"load() takes bytes, not {type(data).__name__}")
     fw = _framework(framework)
+    if fw == "np":
+        return _numpy_groups(_load_bytes(bytes(data), group=True))
     return {t.name: _convert(t, fw) for t in _load_bytes(bytes(data))}
 
 
