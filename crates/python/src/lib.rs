@@ -296,6 +296,28 @@ fn tensor_dict<'py>(py: Python<'py>, tensors: Vec<Tensor>) -> PyResult<Bound<'py
     PyList::new(py, items)
 }
 
+impl PyCheckpoint {
+    /// A parallel load without the GIL.
+    fn run_load(
+        &self,
+        py: Python<'_>,
+        device: Device,
+        threads: Option<usize>,
+        prefix: Option<String>,
+    ) -> PyResult<Vec<Tensor>> {
+        let mut options = LoadOptions::default().device(device);
+        if let Some(t) = threads {
+            options = options.threads(t.max(1));
+        }
+        if let Some(p) = prefix {
+            options = options.prefix(p);
+        }
+        let ckpt = Arc::clone(&self.ckpt);
+        let state = py.detach(move || ckpt.load(&options)).map_err(py_err)?;
+        Ok(state.into_tensors())
+    }
+}
+
 #[pymethods]
 impl PyCheckpoint {
     /// Opens `path` (headers read and validated in parallel, without the GIL).
@@ -389,16 +411,8 @@ impl PyCheckpoint {
         threads: Option<usize>,
         prefix: Option<String>,
     ) -> PyResult<Bound<'py, PyList>> {
-        let mut options = LoadOptions::default().device(self::device(device)?);
-        if let Some(t) = threads {
-            options = options.threads(t.max(1));
-        }
-        if let Some(p) = prefix {
-            options = options.prefix(p);
-        }
-        let ckpt = Arc::clone(&self.ckpt);
-        let state = py.detach(move || ckpt.load(&options)).map_err(py_err)?;
-        tensor_dict(py, state.into_tensors())
+        let tensors = self.run_load(py, self::device(device)?, threads, prefix)?;
+        tensor_dict(py, tensors)
     }
 
     /// Like `load` onto the CPU, grouped by allocation (see `grouped`).
@@ -409,16 +423,8 @@ impl PyCheckpoint {
         threads: Option<usize>,
         prefix: Option<String>,
     ) -> PyResult<Bound<'py, PyList>> {
-        let mut options = LoadOptions::default();
-        if let Some(t) = threads {
-            options = options.threads(t.max(1));
-        }
-        if let Some(p) = prefix {
-            options = options.prefix(p);
-        }
-        let ckpt = Arc::clone(&self.ckpt);
-        let state = py.detach(move || ckpt.load(&options)).map_err(py_err)?;
-        grouped(py, state.into_tensors())
+        let tensors = self.run_load(py, Device::Cpu, threads, prefix)?;
+        grouped(py, tensors)
     }
 
     /// Number of tensors.

@@ -301,26 +301,8 @@ fn list_shards(dir: &Path) -> Result<Vec<String>> {
 pub(crate) const HEADER_PROBE: u64 = 64 << 10;
 
 fn open_shard(path: PathBuf, name: String, backend: Backend, from_index: bool) -> Result<Shard> {
-    let opened = weightlift_storage::open(&path, backend).map_err(|source| Error::Io {
-        path: path.clone(),
-        context: if from_index {
-            "opening a shard listed in the index"
-        } else {
-            "opening the file"
-        },
-        source,
-    })?;
-    let header = read_header(&*opened.source, Vec::new()).map_err(|e| match e {
-        HeaderError::Format(source) => Error::Format {
-            path: path.clone(),
-            source,
-        },
-        HeaderError::Io(source) => Error::Io {
-            path: path.clone(),
-            context: "reading the header",
-            source,
-        },
-    })?;
+    let opened = weightlift_storage::open(&path, backend).map_err(open_error(&path, from_index))?;
+    let header = header_of(&path, &*opened.source, Vec::new())?;
     Ok(Shard {
         path,
         name,
@@ -330,7 +312,36 @@ fn open_shard(path: PathBuf, name: String, backend: Backend, from_index: bool) -
     })
 }
 
-pub(crate) enum HeaderError {
+/// The error for a shard that cannot be opened.
+pub(crate) fn open_error(path: &Path, from_index: bool) -> impl FnOnce(std::io::Error) -> Error {
+    let path = path.to_path_buf();
+    move |source| Error::Io {
+        path,
+        context: if from_index {
+            "opening a shard listed in the index"
+        } else {
+            "opening the file"
+        },
+        source,
+    }
+}
+
+/// Reads and validates the header of the shard at `path` (see [`read_header`]).
+pub(crate) fn header_of(path: &Path, source: &dyn ByteSource, head: Vec<u8>) -> Result<Header> {
+    read_header(source, head).map_err(|e| match e {
+        HeaderError::Format(source) => Error::Format {
+            path: path.to_path_buf(),
+            source,
+        },
+        HeaderError::Io(source) => Error::Io {
+            path: path.to_path_buf(),
+            context: "reading the header",
+            source,
+        },
+    })
+}
+
+enum HeaderError {
     Format(FormatError),
     Io(std::io::Error),
 }
@@ -338,7 +349,7 @@ pub(crate) enum HeaderError {
 /// Reads and validates a header through a byte source, checking every length against the
 /// source's real length before allocating for it. `head` holds the file's first bytes when
 /// the caller already has them (a remote open's first request), else it is empty.
-pub(crate) fn read_header(
+fn read_header(
     source: &dyn ByteSource,
     mut head: Vec<u8>,
 ) -> std::result::Result<Header, HeaderError> {

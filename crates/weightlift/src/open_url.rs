@@ -4,7 +4,7 @@
 //! as wide as the requests allowed in flight.
 
 use crate::checkpoint::{
-    Checkpoint, HEADER_PROBE, HeaderError, OpenOptions, Shard, parse_index, read_header,
+    Checkpoint, HEADER_PROBE, OpenOptions, Shard, header_of, open_error, parse_index,
 };
 use crate::error::{Error, Result};
 use rayon::prelude::*;
@@ -139,26 +139,8 @@ fn open_shard(remote: &Remote, url: String, name: String, from_index: bool) -> R
     let path = PathBuf::from(&url);
     let (source, head) = remote
         .open(&url, HEADER_PROBE)
-        .map_err(|source| Error::Io {
-            path: path.clone(),
-            context: if from_index {
-                "opening a shard listed in the index"
-            } else {
-                "opening the file"
-            },
-            source,
-        })?;
-    let header = read_header(&source, head).map_err(|e| match e {
-        HeaderError::Format(source) => Error::Format {
-            path: path.clone(),
-            source,
-        },
-        HeaderError::Io(source) => Error::Io {
-            path: path.clone(),
-            context: "reading the header",
-            source,
-        },
-    })?;
+        .map_err(open_error(&path, from_index))?;
+    let header = header_of(&path, &source, head)?;
     let reason = match source.kind() {
         BackendKind::S3 => "s3:// URL: SigV4-presigned range requests",
         _ => "URL: HTTP range requests",
