@@ -78,6 +78,12 @@ impl Nginx {
 
     /// Starts nginx serving `root` (see [`Nginx::binary`]).
     pub fn start(root: &Path) -> Nginx {
+        Nginx::start_with(root, "")
+    }
+
+    /// Starts nginx serving `root`, with `extra` added to its `server` block (e.g. a
+    /// `location` that demands a token).
+    pub fn start_with(root: &Path, extra: &str) -> Nginx {
         let nginx = Nginx::binary().unwrap_or_else(|| {
             panic!("nginx not found: `apt-get install -y nginx-light` (bash .ci/run does)")
         });
@@ -101,7 +107,7 @@ impl Nginx {
                  http {{\n  access_log off;\n  sendfile on;\n  keepalive_requests 100000;\n\
                  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n\
                  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
-                 server {{ listen 127.0.0.1:{port}; root {root}; location / {{ }} }}\n}}\n",
+                 server {{ listen 127.0.0.1:{port}; root {root}; location / {{ }} {extra} }}\n}}\n",
                 root = root.display()
             );
             let conf_path = conf.path().join("nginx.conf");

@@ -165,6 +165,32 @@ fn http_errors_name_the_url() {
 }
 
 #[test]
+fn http_bearer_token_opens_protected_paths() {
+    let dir = checkpoints();
+    let root = dir.path();
+    let nginx = Nginx::start_with(
+        root,
+        r#"location /sharded/ { if ($http_authorization != "Bearer s3cret") { return 401; } }"#,
+    );
+    let url = nginx.url("sharded");
+    let err = open(&url, RemoteOptions::default()).unwrap_err();
+    assert!(err.to_string().contains("401"), "{err}");
+    let with_token = RemoteOptions {
+        bearer_token: Some("s3cret".into()),
+        ..RemoteOptions::default()
+    };
+    assert!(
+        !format!("{with_token:?}").contains("s3cret"),
+        "the token stays out of logs"
+    );
+    let ckpt = open(&url, with_token).unwrap();
+    assert_eq!(
+        load_all(&ckpt, &LoadOptions::default()),
+        local(&root.join("sharded"))
+    );
+}
+
+#[test]
 fn http_object_changed_or_truncated_mid_load_is_an_error() {
     let dir = checkpoints();
     let root = dir.path();

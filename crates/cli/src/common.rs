@@ -4,6 +4,10 @@ use clap::ValueEnum;
 use std::io::Write;
 use weightlift::{Backend, OpenOptions};
 
+/// The environment variable holding a bearer token for http(s) URLs.
+#[cfg(feature = "remote")]
+pub(crate) const TOKEN_VAR: &str = "WEIGHTLIFT_HTTP_TOKEN";
+
 /// Where the bytes come from: `--backend` for local files, and how URLs are read.
 #[derive(Debug, Clone, clap::Args)]
 pub(crate) struct SourceArgs {
@@ -28,6 +32,7 @@ impl SourceArgs {
         {
             options.remote.max_in_flight = self.in_flight.max(1);
             options.remote.max_retries = self.retries;
+            options.remote.bearer_token = std::env::var(TOKEN_VAR).ok().filter(|t| !t.is_empty());
         }
         options
     }

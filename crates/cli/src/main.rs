@@ -15,8 +15,10 @@ use std::process::ExitCode;
     version,
     about = "Inspect, verify and load safetensors checkpoints, fast.",
     long_about = "Inspect, verify and load safetensors checkpoints, fast.\n\n\
-        PATH is always a .safetensors file, a directory of shards (with or without \
-        model.safetensors.index.json), or an index file.",
+        PATH is a .safetensors file, a directory of shards (with or without \
+        model.safetensors.index.json), or an index file; local, or an http(s):// or s3:// URL \
+        (S3 settings from the usual AWS variables and profile files; a bearer token for \
+        http(s) from WEIGHTLIFT_HTTP_TOKEN).",
     after_help = "Examples:\n  weightlift demo\n  weightlift inspect model/ --filter '*.experts.0.*'\n  \
         weightlift hash model.safetensors --json\n  weightlift load model/ --backend direct --threads 8"
 )]

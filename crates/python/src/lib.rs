@@ -320,11 +320,18 @@ impl PyCheckpoint {
 
 #[pymethods]
 impl PyCheckpoint {
-    /// Opens `path` (headers read and validated in parallel, without the GIL).
+    /// Opens `path` (headers read and validated in parallel, without the GIL); `token` is a
+    /// bearer token for http(s) URLs.
     #[new]
-    #[pyo3(signature = (path, backend="auto"))]
-    fn new(py: Python<'_>, path: std::path::PathBuf, backend: &str) -> PyResult<PyCheckpoint> {
-        let options = OpenOptions::backend(self::backend(backend)?);
+    #[pyo3(signature = (path, backend="auto", token=None))]
+    fn new(
+        py: Python<'_>,
+        path: std::path::PathBuf,
+        backend: &str,
+        token: Option<String>,
+    ) -> PyResult<PyCheckpoint> {
+        let mut options = OpenOptions::backend(self::backend(backend)?);
+        options.remote.bearer_token = token;
         let ckpt = py
             .detach(|| Checkpoint::open_with(&path, &options))
             .map_err(py_err)?;

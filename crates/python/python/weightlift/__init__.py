@@ -158,15 +158,15 @@ class safe_open:
 
     ``framework``: "np"/"numpy" or "pt"/"torch". ``device``: "cpu" (numpy), or any torch
     device for "pt". ``backend``: "auto" (default), "pread", "direct" or "mmap" (files must
-    not change while open).
+    not change while open). ``token``: bearer token for http(s) URLs (e.g. a hub token).
     """
 
-    def __init__(self, filename, framework, device="cpu", backend="auto"):
+    def __init__(self, filename, framework, device="cpu", backend="auto", token=None):
         self._framework = _framework(framework)
         self._device = _device_name(device)
         if self._framework == "np" and self._device != "cpu":
             raise SafetensorError(f"device {device} is invalid for numpy: use 'cpu'")
-        self._handle = _Checkpoint(_os.fspath(filename), backend=backend)
+        self._handle = _Checkpoint(_os.fspath(filename), backend=backend, token=token)
 
     def __enter__(self):
         return self
@@ -244,13 +244,16 @@ def load(data, framework="np"):
     return {t.name: _convert(t, fw) for t in _load_bytes(bytes(data))}
 
 
-def load_checkpoint(path, device="cpu", backend="auto", threads=None, framework="np", prefix=None):
+def load_checkpoint(
+    path, device="cpu", backend="auto", threads=None, framework="np", prefix=None, token=None
+):
     """Loads a whole checkpoint with the parallel loader: one file, a directory of shards
     (with or without ``model.safetensors.index.json``), an index file, or a URL.
 
     ``device``: "cpu", or "cuda:N" with ``framework="pt"`` (loaded straight to the GPU).
     ``threads``: loader threads (default: CPUs, at least 4). ``prefix``: load only tensors
-    whose names start with it. The GIL is released while loading.
+    whose names start with it. ``token``: bearer token for http(s) URLs. The GIL is
+    released while loading.
     """
-    handle = _Checkpoint(_os.fspath(path), backend=backend)
+    handle = _Checkpoint(_os.fspath(path), backend=backend, token=token)
     return _load_dict(handle, _framework(framework), device, threads, prefix)

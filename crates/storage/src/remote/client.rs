@@ -76,15 +76,21 @@ impl Remote {
         range: Option<(u64, u64)>,
         if_match: Option<&str>,
     ) -> Result<Response<ureq::Body>, Failure> {
-        let target = match object {
-            Object::Http(u) => u.clone(),
-            Object::S3 { bucket, key } => self
-                .s3_config()
-                .and_then(|c| c.presign_get(bucket, key))
-                .map_err(Failure::Fatal)?
-                .to_string(),
+        let (target, token) = match object {
+            Object::Http(u) => (u.clone(), self.inner.options.bearer_token.as_deref()),
+            Object::Presigned(u) => (u.clone(), None),
+            Object::S3 { bucket, key } => {
+                let url = self
+                    .s3_config()
+                    .and_then(|c| c.presign_get(bucket, key))
+                    .map_err(Failure::Fatal)?;
+                (url.to_string(), None)
+            }
         };
         let mut request = self.inner.agent.get(&target);
+        if let Some(token) = token {
+            request = request.header("Authorization", format!("Bearer {token}"));
+        }
         if let Some((first, last)) = range {
             request = request.header("Range", format!("bytes={first}-{last}"));
         }
@@ -246,7 +252,7 @@ impl Remote {
             let signed = config.presign_list(bucket, &prefix, token.as_deref())?;
             let body = self.retrying(url, || {
                 let _permit = self.inner.gate.acquire();
-                let object = Object::Http(signed.to_string());
+                let object = Object::Presigned(signed.to_string());
                 let mut response = self.get(&object, None, None)?;
                 if response.status() != StatusCode::OK {
                     return Err(Failure::Fatal(status_error(&mut response)));

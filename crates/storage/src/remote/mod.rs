@@ -38,7 +38,7 @@ pub fn join(base: &str, name: &str) -> String {
 }
 
 /// How remote objects are read.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct RemoteOptions {
     /// Most requests in flight at once, over all objects of the client (default 16).
     pub max_in_flight: usize,
@@ -58,6 +58,26 @@ pub struct RemoteOptions {
     /// Where and as whom to reach S3; `None` reads the usual AWS environment variables and
     /// profile files on first use (see [`S3Config::from_env`]).
     pub s3: Option<S3Config>,
+    /// Sent as `Authorization: Bearer ...` with `http(s)://` requests (a model hub's token
+    /// for gated repositories). Never sent to S3, nor after a redirect to another host or
+    /// to plain http.
+    pub bearer_token: Option<String>,
+}
+
+impl fmt::Debug for RemoteOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RemoteOptions")
+            .field("max_in_flight", &self.max_in_flight)
+            .field("max_retries", &self.max_retries)
+            .field("backoff", &self.backoff)
+            .field("max_backoff", &self.max_backoff)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("read_timeout", &self.read_timeout)
+            .field("s3", &self.s3)
+            // Secrets stay out of logs.
+            .field("bearer_token", &self.bearer_token.as_ref().map(|_| "<set>"))
+            .finish()
+    }
 }
 
 impl Default for RemoteOptions {
@@ -70,6 +90,7 @@ impl Default for RemoteOptions {
             connect_timeout: Duration::from_secs(10),
             read_timeout: Duration::from_secs(60),
             s3: None,
+            bearer_token: None,
         }
     }
 }
@@ -123,6 +144,7 @@ impl Remote {
             .max_idle_connections(max_in_flight.max(10))
             .max_idle_connections_per_host(max_in_flight)
             .user_agent(concat!("weightlift/", env!("CARGO_PKG_VERSION")))
+            .redirect_auth_headers(ureq::config::RedirectAuthHeaders::SameHost)
             .build();
         let s3 = OnceLock::new();
         if let Some(config) = &options.s3 {
@@ -183,7 +205,7 @@ impl Remote {
     /// `Unsupported` error.
     pub fn list(&self, url: &str, suffix: &str) -> io::Result<Vec<String>> {
         match Object::parse(url)? {
-            Object::Http(_) => Err(io::Error::new(
+            Object::Http(_) | Object::Presigned(_) => Err(io::Error::new(
                 io::ErrorKind::Unsupported,
                 "HTTP servers cannot be listed".to_string(),
             )),
@@ -204,7 +226,12 @@ impl Remote {
 #[derive(Debug, Clone)]
 enum Object {
     Http(String),
-    S3 { bucket: String, key: String },
+    S3 {
+        bucket: String,
+        key: String,
+    },
+    /// A URL signed already (an S3 listing page): sent as is, without the bearer token.
+    Presigned(String),
 }
 
 impl Object {
@@ -285,7 +312,7 @@ impl ByteSource for RemoteSource {
 
     fn kind(&self) -> BackendKind {
         match self.object {
-            Object::Http(_) => BackendKind::Http,
+            Object::Http(_) | Object::Presigned(_) => BackendKind::Http,
             Object::S3 { .. } => BackendKind::S3,
         }
     }
