@@ -8,6 +8,24 @@ use weightlift::{Backend, OpenOptions};
 #[cfg(feature = "remote")]
 pub(crate) const TOKEN_VAR: &str = "WEIGHTLIFT_HTTP_TOKEN";
 
+/// The checkpoint a command works on, and how to read it.
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct CheckpointArgs {
+    /// A .safetensors file, a directory of shards, or an index file (local, or an
+    /// http(s):// or s3:// URL).
+    pub(crate) path: std::path::PathBuf,
+    #[command(flatten)]
+    pub(crate) source: SourceArgs,
+}
+
+impl CheckpointArgs {
+    /// Opens the checkpoint.
+    pub(crate) fn open(&self) -> Result<weightlift::Checkpoint, String> {
+        weightlift::Checkpoint::open_with(&self.path, &self.source.open_options())
+            .map_err(|e| e.to_string())
+    }
+}
+
 /// Where the bytes come from: `--backend` for local files, and how URLs are read.
 #[derive(Debug, Clone, clap::Args)]
 pub(crate) struct SourceArgs {

@@ -3,14 +3,13 @@
 //! Shards are loaded one at a time, so memory stays at one shard's tensors however large
 //! the checkpoint; hashing runs in parallel over the tensors.
 
-use crate::common::{SourceArgs, print};
+use crate::common::{CheckpointArgs, print};
 use rayon::prelude::*;
 use serde_json::{Map, json};
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashSet};
-use std::path::PathBuf;
 use std::sync::Arc;
-use weightlift::{Checkpoint, LoadOptions};
+use weightlift::LoadOptions;
 
 #[derive(clap::Args)]
 #[command(
@@ -18,19 +17,15 @@ use weightlift::{Checkpoint, LoadOptions};
     diff <(weightlift hash a/) <(weightlift hash b/)"
 )]
 pub(crate) struct Args {
-    /// A .safetensors file, a directory of shards, or an index file (local, or an
-    /// http(s):// or s3:// URL).
-    path: PathBuf,
     #[command(flatten)]
-    source: SourceArgs,
+    checkpoint: CheckpointArgs,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
 }
 
 pub(crate) fn run(args: &Args) -> Result<(), String> {
-    let ckpt = Checkpoint::open_with(&args.path, &args.source.open_options())
-        .map_err(|e| e.to_string())?;
+    let ckpt = args.checkpoint.open()?;
     let mut hashes: BTreeMap<String, (String, Vec<usize>, String)> = BTreeMap::new();
     for shard in ckpt.shards() {
         let names: Arc<HashSet<String>> = Arc::new(

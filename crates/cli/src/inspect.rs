@@ -1,10 +1,9 @@
 //! `weightlift inspect`: what a checkpoint holds, from its headers alone.
 
-use crate::common::{SourceArgs, human_bytes, print, table, thousands};
+use crate::common::{CheckpointArgs, human_bytes, print, table, thousands};
 use serde_json::{Map, Value, json};
 use std::collections::BTreeMap;
-use std::path::PathBuf;
-use weightlift::{Checkpoint, Dtype};
+use weightlift::Dtype;
 
 #[derive(clap::Args)]
 #[command(
@@ -12,11 +11,8 @@ use weightlift::{Checkpoint, Dtype};
     weightlift inspect model.safetensors --json | jq '.tensors | length'"
 )]
 pub(crate) struct Args {
-    /// A .safetensors file, a directory of shards, or an index file (local, or an
-    /// http(s):// or s3:// URL).
-    path: PathBuf,
     #[command(flatten)]
-    source: SourceArgs,
+    checkpoint: CheckpointArgs,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -32,8 +28,7 @@ pub(crate) fn run(args: &Args) -> Result<(), String> {
         .map(glob::Pattern::new)
         .transpose()
         .map_err(|e| format!("invalid --filter pattern: {e}"))?;
-    let ckpt = Checkpoint::open_with(&args.path, &args.source.open_options())
-        .map_err(|e| e.to_string())?;
+    let ckpt = args.checkpoint.open()?;
     let keep = |name: &str| pattern.as_ref().is_none_or(|p| p.matches(name));
 
     let mut metadata = Map::new();
@@ -79,7 +74,7 @@ pub(crate) fn run(args: &Args) -> Result<(), String> {
 
     let mut out = format!(
         "{}: {} file{}, {}, {} parameters, {}\n",
-        args.path.display(),
+        args.checkpoint.path.display(),
         ckpt.shards().len(),
         if ckpt.shards().len() == 1 { "" } else { "s" },
         tensors(listed.len() as u64),

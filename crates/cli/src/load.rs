@@ -1,9 +1,8 @@
 //! `weightlift load`: load a checkpoint and say how fast it went.
 
-use crate::common::{SourceArgs, human_bytes, peak_rss, print, thousands};
+use crate::common::{CheckpointArgs, human_bytes, peak_rss, print, thousands};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::json;
-use std::path::PathBuf;
 use std::time::Instant;
 use weightlift::{Checkpoint, Device, LoadOptions};
 
@@ -14,11 +13,8 @@ use weightlift::{Checkpoint, Device, LoadOptions};
     With --backend mmap the files must not be modified or truncated during the load."
 )]
 pub(crate) struct Args {
-    /// A .safetensors file, a directory of shards, or an index file (local, or an
-    /// http(s):// or s3:// URL).
-    path: PathBuf,
     #[command(flatten)]
-    source: SourceArgs,
+    checkpoint: CheckpointArgs,
     /// Where tensors go: cpu, meta (shapes only) or cuda:N.
     #[arg(long, default_value = "cpu", value_parser = |s: &str| s.parse::<Device>())]
     device: Device,
@@ -48,8 +44,7 @@ pub(crate) struct Args {
 
 pub(crate) fn run(args: &Args) -> Result<(), String> {
     let start = Instant::now();
-    let ckpt = Checkpoint::open_with(&args.path, &args.source.open_options())
-        .map_err(|e| e.to_string())?;
+    let ckpt = args.checkpoint.open()?;
     let open_secs = start.elapsed().as_secs_f64();
     let mut options = LoadOptions::default()
         .device(args.device)
@@ -117,7 +112,7 @@ pub(crate) fn run(args: &Args) -> Result<(), String> {
         .collect();
     if args.json {
         let out = json!({
-            "path": args.path.display().to_string(),
+            "path": args.checkpoint.path.display().to_string(),
             "device": args.device.to_string(),
             "seconds": secs,
             "open_seconds": open_secs,

@@ -37,6 +37,17 @@ fn py_err(e: Error) -> PyErr {
     }
 }
 
+/// numpy's `__array_interface__` (version 3) of `bytes` as a flat, writable uint8 array.
+/// The caller is the object numpy keeps as the array's base, and it owns the bytes.
+fn array_interface<'py>(py: Python<'py>, bytes: &[u8]) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("version", 3)?;
+    d.set_item("shape", (bytes.len(),))?;
+    d.set_item("typestr", "|u1")?;
+    d.set_item("data", (bytes.as_ptr() as usize, false))?;
+    Ok(d)
+}
+
 /// A loaded tensor, in host or device memory it keeps alive.
 #[pyclass(name = "Tensor", module = "weightlift._native", frozen)]
 struct PyTensor {
@@ -173,13 +184,7 @@ impl PyTensor {
     /// memory and keep this object (and so the memory) alive.
     #[getter]
     fn __array_interface__<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let bytes = self.host_bytes()?;
-        let d = PyDict::new(py);
-        d.set_item("version", 3)?;
-        d.set_item("shape", (bytes.len(),))?;
-        d.set_item("typestr", "|u1")?;
-        d.set_item("data", (bytes.as_ptr() as usize, false))?;
-        Ok(d)
+        array_interface(py, self.host_bytes()?)
     }
 
     /// DLPack export (the Python array API protocol): zero-copy, host or CUDA memory.
@@ -224,13 +229,7 @@ impl PyMemory {
     /// numpy arrays made from this share the memory and keep it alive.
     #[getter]
     fn __array_interface__<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let bytes = self.memory.as_slice();
-        let d = PyDict::new(py);
-        d.set_item("version", 3)?;
-        d.set_item("shape", (bytes.len(),))?;
-        d.set_item("typestr", "|u1")?;
-        d.set_item("data", (bytes.as_ptr() as usize, false))?;
-        Ok(d)
+        array_interface(py, self.memory.as_slice())
     }
 }
 
