@@ -167,6 +167,18 @@ impl LoadOptions {
     }
 }
 
+/// A rayon pool of `threads` threads named `name-N`.
+pub(crate) fn thread_pool(threads: usize, name: &'static str) -> Result<rayon::ThreadPool> {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(move |i| format!("{name}-{i}"))
+        .build()
+        .map_err(|e| Error::ThreadPool {
+            threads,
+            reason: e.to_string(),
+        })
+}
+
 /// Default loader threads: reads block in the kernel, so more threads than cores keep the
 /// device queue full; page faults on fresh memory scale with cores too.
 pub(crate) fn default_threads() -> usize {
@@ -338,14 +350,7 @@ impl Checkpoint {
         options: &LoadOptions,
     ) -> Result<Vec<T::Memory>> {
         let threads = options.threads.unwrap_or_else(|| self.default_threads());
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .thread_name(|i| format!("weightlift-{i}"))
-            .build()
-            .map_err(|e| Error::ThreadPool {
-                threads,
-                reason: e.to_string(),
-            })?;
+        let pool = thread_pool(threads, "weightlift")?;
         for sp in &plan.shards {
             let header = self.shards()[sp.shard].header();
             // Under half of the shard selected: keep the kernel from reading the rest ahead.

@@ -7,6 +7,7 @@ use crate::checkpoint::{
     Checkpoint, HEADER_PROBE, OpenOptions, Shard, header_of, open_error, parse_index,
 };
 use crate::error::{Error, Result};
+use crate::load::thread_pool;
 use rayon::prelude::*;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -69,14 +70,7 @@ impl Checkpoint {
 
         let from_index = index.is_some();
         let threads = remote.options().max_in_flight.clamp(1, 64);
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .thread_name(|i| format!("weightlift-open-{i}"))
-            .build()
-            .map_err(|e| Error::ThreadPool {
-                threads,
-                reason: e.to_string(),
-            })?;
+        let pool = thread_pool(threads, "weightlift-open")?;
         let guessed = !from_index && url.trim_end_matches('/') == base && names == [SINGLE_FILE];
         let shards: Vec<Shard> = pool
             .install(|| {
