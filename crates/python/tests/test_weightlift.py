@@ -281,3 +281,48 @@ def test_torch_tensors_through_dlpack(files):
     state = weightlift.load_file(files["full"], framework="pt")
     assert state["bf16"].dtype == torch.bfloat16
     assert torch.equal(state["f32"], torch.from_numpy(files["tensors"]["f32"]))
+
+
+def test_urls_load_like_files(files, tmp_path):
+    """A checkpoint served by nginx on 127.0.0.1 (HTTP ranges) loads like the local files."""
+    import shutil
+    import socket
+    import subprocess
+    import time
+
+    nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
+    if nginx is None:
+        pytest.skip("nginx is not installed (bash .ci/run installs it)")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    conf = tmp_path / "nginx"
+    conf.mkdir()
+    user = "user root;" if os.geteuid() == 0 else ""
+    (conf / "nginx.conf").write_text(
+        f"{user} daemon off; worker_processes 1; pid {conf}/pid; error_log {conf}/err;\n"
+        f"events {{}} http {{ access_log off; client_body_temp_path {conf}/b; proxy_temp_path {conf}/p;\n"
+        f"fastcgi_temp_path {conf}/f; uwsgi_temp_path {conf}/u; scgi_temp_path {conf}/s;\n"
+        f"server {{ listen 127.0.0.1:{port}; root {os.path.dirname(files['full'])}; }} }}\n"
+    )
+    server = subprocess.Popen([nginx, "-c", str(conf / "nginx.conf"), "-p", str(conf)])
+    try:
+        for _ in range(200):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
+                break
+            except OSError:
+                time.sleep(0.02)
+        base = f"http://127.0.0.1:{port}"
+        remote = weightlift.load_checkpoint(f"{base}/sharded")
+        local = weightlift.load_checkpoint(files["sharded"])
+        assert set(remote) == set(local)
+        for name in local:
+            same(remote[name], local[name])
+        with weightlift.safe_open(f"{base}/all.safetensors", framework="np") as f:
+            same(f.get_slice("f32")[1:3], files["tensors"]["f32"][1:3])
+        with pytest.raises(FileNotFoundError, match="404"):
+            weightlift.load_file(f"{base}/missing.safetensors")
+    finally:
+        server.kill()
+        server.wait()
