@@ -63,11 +63,78 @@ fn kill(child: &mut Child) {
     let _ = child.wait();
 }
 
-/// nginx serving a directory over HTTP on 127.0.0.1, with Range support.
+/// nginx serving a directory over HTTP (or HTTPS) on 127.0.0.1, with Range support.
 pub struct Nginx {
     child: Child,
     port: u16,
-    _conf: tempfile::TempDir,
+    tls: bool,
+    conf: tempfile::TempDir,
+}
+
+/// Writes a CA and a server certificate for 127.0.0.1 signed by it into `dir` (`ca.pem`,
+/// `server.pem`, `server.key`), with the `openssl` command.
+fn make_certificates(dir: &Path) {
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .unwrap_or_else(|e| panic!("openssl not runnable: {e}"));
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    std::fs::write(
+        dir.join("server.ext"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
+    )
+    .expect("writing server.ext");
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=weightlift test CA",
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]);
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "server.ext",
+    ]);
 }
 
 impl Nginx {
@@ -84,6 +151,21 @@ impl Nginx {
     /// Starts nginx serving `root`, with `extra` added to its `server` block (e.g. a
     /// `location` that demands a token).
     pub fn start_with(root: &Path, extra: &str) -> Nginx {
+        Nginx::launch(root, extra, false)
+    }
+
+    /// Starts nginx serving `root` over HTTPS with a certificate for 127.0.0.1 signed by a
+    /// CA made for the occasion ([`Nginx::ca_pem`]).
+    pub fn start_tls(root: &Path) -> Nginx {
+        Nginx::launch(root, "", true)
+    }
+
+    /// The CA certificate (PEM) that signed an HTTPS server's certificate.
+    pub fn ca_pem(&self) -> PathBuf {
+        self.conf.path().join("ca.pem")
+    }
+
+    fn launch(root: &Path, extra: &str, tls: bool) -> Nginx {
         let nginx = Nginx::binary().unwrap_or_else(|| {
             panic!("nginx not found: `apt-get install -y nginx-light` (bash .ci/run does)")
         });
@@ -94,6 +176,14 @@ impl Nginx {
             let conf = tempfile::tempdir().expect("temp dir");
             let port = free_port();
             let d = conf.path().display();
+            let listen = if tls {
+                make_certificates(conf.path());
+                format!(
+                    "listen 127.0.0.1:{port} ssl; ssl_certificate {d}/server.pem; ssl_certificate_key {d}/server.key;"
+                )
+            } else {
+                format!("listen 127.0.0.1:{port};")
+            };
             // As root, workers would switch to `nobody`, who cannot read test temp dirs.
             // SAFETY: geteuid has no preconditions and cannot fail.
             let user = if unsafe { libc::geteuid() } == 0 {
@@ -107,7 +197,7 @@ impl Nginx {
                  http {{\n  access_log off;\n  sendfile on;\n  keepalive_requests 100000;\n\
                  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n\
                  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
-                 server {{ listen 127.0.0.1:{port}; root {root}; location / {{ }} {extra} }}\n}}\n",
+                 server {{ {listen} root {root}; location / {{ }} {extra} }}\n}}\n",
                 root = root.display()
             );
             let conf_path = conf.path().join("nginx.conf");
@@ -126,7 +216,8 @@ impl Nginx {
                     return Nginx {
                         child,
                         port,
-                        _conf: conf,
+                        tls,
+                        conf,
                     };
                 }
                 Err(e) => {
@@ -140,10 +231,11 @@ impl Nginx {
         panic!("nginx did not start: {last_error}");
     }
 
-    /// `http://127.0.0.1:PORT/path`.
+    /// `http://127.0.0.1:PORT/path` (`https://` for a TLS server).
     pub fn url(&self, path: &str) -> String {
         format!(
-            "http://127.0.0.1:{}/{}",
+            "{}://127.0.0.1:{}/{}",
+            if self.tls { "https" } else { "http" },
             self.port,
             path.trim_start_matches('/')
         )

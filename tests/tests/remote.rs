@@ -165,6 +165,33 @@ fn http_errors_name_the_url() {
 }
 
 #[test]
+fn https_with_a_private_ca() {
+    let dir = checkpoints();
+    let root = dir.path();
+    let nginx = Nginx::start_tls(root);
+    let url = nginx.url("sharded");
+    assert!(url.starts_with("https://"));
+    // The built-in (Mozilla) roots do not know the test CA.
+    let err = open(&url, quick_retries()).unwrap_err();
+    assert!(err.to_string().contains(&url), "{err}");
+    let trusting = RemoteOptions {
+        ca_certs: Some(nginx.ca_pem()),
+        ..RemoteOptions::default()
+    };
+    let ckpt = open(&url, trusting).unwrap();
+    assert_eq!(
+        load_all(&ckpt, &LoadOptions::default().request_size(64 << 10)),
+        local(&root.join("sharded"))
+    );
+    let missing = RemoteOptions {
+        ca_certs: Some(root.join("no-such.pem")),
+        ..RemoteOptions::default()
+    };
+    let err = open(&url, missing).unwrap_err();
+    assert!(err.to_string().contains("no-such.pem"), "{err}");
+}
+
+#[test]
 fn http_bearer_token_opens_protected_paths() {
     let dir = checkpoints();
     let root = dir.path();

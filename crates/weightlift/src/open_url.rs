@@ -30,7 +30,11 @@ impl Checkpoint {
                 "backend {kind} reads local files; {url} is read with ranged requests"
             )));
         }
-        let remote = Remote::new(options.remote.clone());
+        let remote = Remote::new(options.remote.clone()).map_err(|source| Error::Io {
+            path: PathBuf::from(url),
+            context: "setting up the HTTP client",
+            source,
+        })?;
         let io_error = |at: &str, context, source| Error::Io {
             path: PathBuf::from(at),
             context,

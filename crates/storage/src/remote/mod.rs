@@ -62,6 +62,10 @@ pub struct RemoteOptions {
     /// for gated repositories). Never sent to S3, nor after a redirect to another host or
     /// to plain http.
     pub bearer_token: Option<String>,
+    /// A PEM file of CA certificates to trust for https (a private object store or hub)
+    /// instead of the built-in Mozilla roots. `None`: the file named by `SSL_CERT_FILE` or
+    /// `AWS_CA_BUNDLE` when set, else the Mozilla roots.
+    pub ca_certs: Option<std::path::PathBuf>,
 }
 
 impl fmt::Debug for RemoteOptions {
@@ -76,6 +80,7 @@ impl fmt::Debug for RemoteOptions {
             .field("s3", &self.s3)
             // Secrets stay out of logs.
             .field("bearer_token", &self.bearer_token.as_ref().map(|_| "<set>"))
+            .field("ca_certs", &self.ca_certs)
             .finish()
     }
 }
@@ -91,6 +96,7 @@ impl Default for RemoteOptions {
             read_timeout: Duration::from_secs(60),
             s3: None,
             bearer_token: None,
+            ca_certs: None,
         }
     }
 }
@@ -132,10 +138,21 @@ impl fmt::Debug for Remote {
 }
 
 impl Remote {
-    /// A client with `options`.
-    pub fn new(options: RemoteOptions) -> Remote {
+    /// A client with `options`; fails only when `ca_certs` cannot be read.
+    pub fn new(options: RemoteOptions) -> io::Result<Remote> {
         let max_in_flight = options.max_in_flight.max(1);
+        let mut tls = ureq::tls::TlsConfig::builder();
+        let ca_certs = options.ca_certs.clone().or_else(|| {
+            ["SSL_CERT_FILE", "AWS_CA_BUNDLE"]
+                .iter()
+                .find_map(|var| std::env::var_os(var).filter(|v| !v.is_empty()))
+                .map(std::path::PathBuf::from)
+        });
+        if let Some(path) = &ca_certs {
+            tls = tls.root_certs(ureq::tls::RootCerts::new_with_certs(&read_pem_certs(path)?));
+        }
         let config = ureq::Agent::config_builder()
+            .tls_config(tls.build())
             // Status codes are interpreted here (retry 5xx/429, EOF on 416, ...).
             .http_status_as_error(false)
             .timeout_connect(Some(options.connect_timeout))
@@ -150,7 +167,7 @@ impl Remote {
         if let Some(config) = &options.s3 {
             let _ = s3.set(Ok(config.clone()));
         }
-        Remote {
+        Ok(Remote {
             inner: Arc::new(Inner {
                 agent: config.new_agent(),
                 gate: Gate::new(max_in_flight),
@@ -160,7 +177,7 @@ impl Remote {
                 retries: AtomicU64::new(0),
                 bytes: AtomicU64::new(0),
             }),
-        }
+        })
     }
 
     /// The options the client was built with.
@@ -220,6 +237,28 @@ impl Remote {
             .as_ref()
             .map_err(|e| io::Error::other(format!("S3 configuration: {e}")))
     }
+}
+
+/// The certificates of a PEM file (at least one).
+fn read_pem_certs(path: &std::path::Path) -> io::Result<Vec<ureq::tls::Certificate<'static>>> {
+    let invalid = |why: String| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{}: {why}", path.display()),
+        )
+    };
+    let pem = std::fs::read(path)
+        .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+    let mut certs = Vec::new();
+    for item in ureq::tls::parse_pem(&pem) {
+        if let ureq::tls::PemItem::Certificate(cert) = item.map_err(|e| invalid(e.to_string()))? {
+            certs.push(cert);
+        }
+    }
+    if certs.is_empty() {
+        return Err(invalid("no PEM certificate in the file".into()));
+    }
+    Ok(certs)
 }
 
 /// Where an object lives.
