@@ -16,6 +16,11 @@
 //! let rows = ckpt.get_slice("lm_head.weight", &[0..1024])?;
 //! # Ok::<(), weightlift::Error>(())
 //! ```
+//!
+//! Cargo features: `remote` opens `http(s)://` and `s3://` URLs like paths (see
+//! `remote::RemoteOptions`); `cuda` loads to NVIDIA GPUs with `Device::Cuda(n)` (the driver
+//! is loaded at run time, so the feature builds anywhere). [`Checkpoint::load_staged`] runs
+//! the GPU pipeline over any [`device::CopyEngine`].
 
 mod checkpoint;
 mod convert;
