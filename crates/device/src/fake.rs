@@ -63,7 +63,7 @@ pub struct FakeEvent {
     done: Arc<Completion>,
 }
 
-/// What the fake does; see the [module docs](self).
+/// A CPU stand-in for a GPU: delayed, out-of-order copies; counts contract violations.
 #[derive(Debug, Default)]
 pub struct FakeEngine {
     max_delay: Duration,

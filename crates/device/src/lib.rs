@@ -8,7 +8,7 @@
 //! - [`CpuTarget`]: the region *is* the final memory; a read lands in place, no copy.
 //! - [`StagedTarget`] (a GPU): the region hands out a reused pinned staging buffer, and
 //!   committing it starts an asynchronous host-to-device copy while the next reads
-//!   proceed. It is generic over a [`CopyEngine`]: [`CudaEngine`] (feature `cuda`) or the
+//!   proceed. It is generic over a [`CopyEngine`]: `CudaEngine` (feature `cuda`) or the
 //!   [`fake::FakeEngine`] that tests the pipeline on any machine.
 //!
 //! "meta" loads (dtype and shape only) need no target at all: they read and allocate

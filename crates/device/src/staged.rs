@@ -123,7 +123,8 @@ struct Pool<P, V> {
 }
 
 /// A [`Target`] that stages every region through a pool of pinned buffers and copies it to
-/// device memory asynchronously. See the [module docs](self).
+/// device memory asynchronously: a fixed pool of pinned buffers, each reused only after
+/// its copy completed, and one device allocation per group of tensors.
 pub struct StagedTarget<E: CopyEngine> {
     engine: E,
     buffer_size: usize,
