@@ -64,17 +64,14 @@ pub fn load_bytes(bytes: &[u8]) -> Result<StateDict> {
     let data = &bytes[header.data_start() as usize..];
     let mut buf = device::HostBuffer::new(data.len() as u64)?;
     buf.as_mut_slice().copy_from_slice(data);
-    let memory = std::sync::Arc::new(buf);
+    let base = tensor::Storage::Host {
+        memory: std::sync::Arc::new(buf),
+        offset: 0,
+    };
     let tensors = header
         .tensors()
         .iter()
-        .map(|info| {
-            let storage = tensor::Storage::Host {
-                memory: std::sync::Arc::clone(&memory),
-                offset: info.data_offsets.0 as usize,
-            };
-            Tensor::from_info(info, info.dtype, storage)
-        })
+        .map(|info| Tensor::from_info(info, info.dtype, base.at(info.data_offsets.0)))
         .collect();
     Ok(StateDict::new(tensors))
 }

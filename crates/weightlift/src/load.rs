@@ -13,8 +13,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use weightlift_device::{
-    CopyEngine, CpuTarget, Device, DeviceError, DeviceMemory, HostBuffer, Region, StagedTarget,
-    StagingOptions, Target,
+    CopyEngine, CpuTarget, Device, DeviceError, Region, StagedTarget, StagingOptions, Target,
 };
 use weightlift_format::Dtype;
 use weightlift_storage::AccessPattern;
@@ -167,6 +166,32 @@ impl LoadOptions {
     }
 }
 
+/// A staged target on GPU `ordinal` (feature `cuda`); without the feature, an error that
+/// says so.
+#[cfg(feature = "cuda")]
+pub(crate) fn cuda_target(
+    ordinal: usize,
+    streams: usize,
+    staging: StagingOptions,
+) -> Result<StagedTarget<weightlift_device::CudaEngine>> {
+    let engine = weightlift_device::CudaEngine::new(ordinal, streams)?;
+    Ok(StagedTarget::new(engine, staging)?)
+}
+
+/// See the `cuda` version: this build cannot load to GPUs, so this only ever returns the
+/// error (the engine type merely fills the signature).
+#[cfg(not(feature = "cuda"))]
+pub(crate) fn cuda_target(
+    ordinal: usize,
+    _streams: usize,
+    _staging: StagingOptions,
+) -> Result<StagedTarget<weightlift_device::fake::FakeEngine>> {
+    Err(Error::Device(DeviceError::Unavailable {
+        device: Device::Cuda(ordinal).to_string(),
+        reason: "this build of weightlift has no CUDA support (cargo feature `cuda`)".into(),
+    }))
+}
+
 /// A rayon pool of `threads` threads named `name-N`.
 pub(crate) fn thread_pool(threads: usize, name: &'static str) -> Result<rayon::ThreadPool> {
     rayon::ThreadPoolBuilder::new()
@@ -203,34 +228,68 @@ impl Checkpoint {
     /// Either every selected tensor is returned, complete, or an error: nothing is returned
     /// partially loaded.
     pub fn load(&self, options: &LoadOptions) -> Result<StateDict> {
+        if let Device::Cuda(ordinal) = options.device {
+            // The staged load selects and plans for itself.
+            return self.load_staged(
+                &cuda_target(ordinal, options.streams, options.staging)?,
+                options,
+            );
+        }
         let (selected, convert_fn) = self.selection(options)?;
-        match options.device {
-            Device::Meta => Ok(self.meta_tensors(&selected, convert_fn)),
-            Device::Cpu => {
-                let headers: Vec<_> = self.shards().iter().map(|s| s.header()).collect();
-                let plan =
-                    ReadPlan::build(&headers, selected, options.request_size, None, convert_fn);
-                let target = CpuTarget {
-                    huge_pages: options.huge_pages,
-                };
-                let memories = self.run(&plan, &target, options)?;
-                Ok(self.host_tensors(&plan, memories))
-            }
-            Device::Cuda(ordinal) => {
-                #[cfg(feature = "cuda")]
-                {
-                    let engine = weightlift_device::CudaEngine::new(ordinal, options.streams)?;
-                    let target = StagedTarget::new(engine, options.staging)?;
-                    self.load_staged(&target, options)
-                }
-                #[cfg(not(feature = "cuda"))]
-                Err(Error::Device(DeviceError::Unavailable {
-                    device: Device::Cuda(ordinal).to_string(),
-                    reason: "this build of weightlift has no CUDA support (cargo feature `cuda`)"
-                        .into(),
-                }))
+        if options.device == Device::Meta {
+            return Ok(self.meta_tensors(&selected, convert_fn));
+        }
+        let plan = self.plan(selected, options, None, convert_fn);
+        let target = CpuTarget {
+            huge_pages: options.huge_pages,
+        };
+        let memories = self.run(&plan, &target, options)?;
+        let tensors = self.tensors_in(&plan, memories, |memory| Storage::Host {
+            memory: Arc::new(memory),
+            offset: 0,
+        });
+        Ok(StateDict::new(tensors))
+    }
+
+    /// The read plan of the selected tensors; `max_dst` caps a request's destination span.
+    fn plan(
+        &self,
+        selected: Vec<Vec<u32>>,
+        options: &LoadOptions,
+        max_dst: Option<u64>,
+        convert_fn: impl Fn(Dtype) -> Dtype,
+    ) -> ReadPlan {
+        let headers: Vec<_> = self.shards().iter().map(|s| s.header()).collect();
+        ReadPlan::build(
+            &headers,
+            selected,
+            options.request_size,
+            max_dst,
+            convert_fn,
+        )
+    }
+
+    /// The tensors of an executed plan: `shared` turns each shard's allocation into a
+    /// storage its tensors share, each at its slot's offset.
+    fn tensors_in<M>(
+        &self,
+        plan: &ReadPlan,
+        memories: Vec<M>,
+        shared: impl Fn(M) -> Storage,
+    ) -> Vec<Tensor> {
+        let mut tensors = Vec::with_capacity(plan.shards.iter().map(|s| s.tensors.len()).sum());
+        for (sp, memory) in plan.shards.iter().zip(memories) {
+            let base = shared(memory);
+            let infos = self.shards()[sp.shard].header().tensors();
+            for (slot, &t) in sp.tensors.iter().enumerate() {
+                tensors.push(Tensor::from_info(
+                    &infos[t as usize],
+                    sp.out_dtypes[slot],
+                    base.at(sp.layout.offset(slot)),
+                ));
             }
         }
+        tensors
     }
 
     /// The tensors a load selects (positions per shard, in file order) and the dtype each
@@ -274,31 +333,12 @@ impl Checkpoint {
         options: &LoadOptions,
     ) -> Result<StateDict> {
         let (selected, convert_fn) = self.selection(options)?;
-        let headers: Vec<_> = self.shards().iter().map(|s| s.header()).collect();
-        let plan = ReadPlan::build(
-            &headers,
-            selected,
-            options.request_size,
-            target.max_region(),
-            convert_fn,
-        );
+        let plan = self.plan(selected, options, target.max_region(), convert_fn);
         let memories = self.run(&plan, target, options)?;
-        let mut tensors = Vec::with_capacity(plan.shards.iter().map(|s| s.tensors.len()).sum());
-        for (sp, memory) in plan.shards.iter().zip(memories) {
-            let memory: Arc<dyn DeviceMemory> = Arc::new(memory);
-            let infos = self.shards()[sp.shard].header().tensors();
-            for (slot, &t) in sp.tensors.iter().enumerate() {
-                let storage = Storage::Device {
-                    memory: Arc::clone(&memory),
-                    offset: sp.layout.offset(slot),
-                };
-                tensors.push(Tensor::from_info(
-                    &infos[t as usize],
-                    sp.out_dtypes[slot],
-                    storage,
-                ));
-            }
-        }
+        let tensors = self.tensors_in(&plan, memories, |memory| Storage::Device {
+            memory: Arc::new(memory),
+            offset: 0,
+        });
         Ok(StateDict::new(tensors).with_staging(target.stats()))
     }
 
@@ -315,26 +355,6 @@ impl Checkpoint {
                     info,
                     convert_fn(info.dtype),
                     Storage::Meta,
-                ));
-            }
-        }
-        StateDict::new(tensors)
-    }
-
-    fn host_tensors(&self, plan: &ReadPlan, memories: Vec<HostBuffer>) -> StateDict {
-        let mut tensors = Vec::with_capacity(plan.shards.iter().map(|s| s.tensors.len()).sum());
-        for (sp, memory) in plan.shards.iter().zip(memories) {
-            let memory = Arc::new(memory);
-            let infos = self.shards()[sp.shard].header().tensors();
-            for (slot, &t) in sp.tensors.iter().enumerate() {
-                let storage = Storage::Host {
-                    memory: Arc::clone(&memory),
-                    offset: sp.layout.offset(slot) as usize,
-                };
-                tensors.push(Tensor::from_info(
-                    &infos[t as usize],
-                    sp.out_dtypes[slot],
-                    storage,
                 ));
             }
         }

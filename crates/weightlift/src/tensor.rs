@@ -4,8 +4,8 @@ use crate::convert::converted_len;
 use crate::error::{Error, Result};
 use std::sync::Arc;
 use weightlift_device::{
-    CopyEngine, Device, DeviceError, DeviceMemory, HostBuffer, Region, StagedTarget, StagingStats,
-    Target,
+    CopyEngine, Device, DeviceError, DeviceMemory, HostBuffer, Region, StagedTarget,
+    StagingOptions, StagingStats, Target,
 };
 use weightlift_format::{Dtype, TensorInfo};
 
@@ -42,6 +42,23 @@ pub(crate) enum Storage {
     },
     /// Nowhere: a meta tensor has a dtype and a shape only.
     Meta,
+}
+
+impl Storage {
+    /// The same memory, at `offset`.
+    pub(crate) fn at(&self, offset: u64) -> Storage {
+        match self {
+            Storage::Host { memory, .. } => Storage::Host {
+                memory: Arc::clone(memory),
+                offset: offset as usize,
+            },
+            Storage::Device { memory, .. } => Storage::Device {
+                memory: Arc::clone(memory),
+                offset,
+            },
+            Storage::Meta => Storage::Meta,
+        }
+    }
 }
 
 /// A loaded tensor: name, dtype, shape and (unless meta) its bytes, which it keeps alive.
@@ -177,22 +194,14 @@ impl Tensor {
                 storage: Storage::Meta,
                 ..self.clone()
             }),
-            #[cfg(feature = "cuda")]
             Device::Cuda(ordinal) => {
-                let engine = weightlift_device::CudaEngine::new(ordinal, 1)?;
-                let default = weightlift_device::StagingOptions::default();
-                let options = weightlift_device::StagingOptions {
+                let default = StagingOptions::default();
+                let staging = StagingOptions {
                     buffers: 2,
                     buffer_size: self.byte_len.clamp(4096, default.buffer_size),
                 };
-                self.to_device(&StagedTarget::new(engine, options)?)
+                self.to_device(&crate::load::cuda_target(ordinal, 1, staging)?)
             }
-            #[cfg(not(feature = "cuda"))]
-            Device::Cuda(_) => Err(Error::Device(DeviceError::Unavailable {
-                device: device.to_string(),
-                reason: "this build of weightlift has no CUDA support (cargo feature `cuda`)"
-                    .into(),
-            })),
         }
     }
 
