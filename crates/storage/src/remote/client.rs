@@ -1,6 +1,6 @@
 //! The requests: ranged GETs with retries, body bytes streamed into the caller's buffers.
 
-use super::{Object, Remote, Validator};
+use super::{Object, Permit, Remote, Validator};
 use std::io::{self, Read};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -68,14 +68,16 @@ impl Remote {
         }
     }
 
-    /// Sends one GET for `object` (optionally a byte range, inclusive), and sorts out the
-    /// answers every caller retries the same way.
+    /// Sends one GET for `object` (optionally a byte range, inclusive), within the gate on
+    /// requests in flight, and sorts out the answers every caller retries the same way. The
+    /// permit comes back with the response: hold it until the body is read.
     fn get(
         &self,
         object: &Object,
         range: Option<(u64, u64)>,
         if_match: Option<&str>,
-    ) -> Result<Response<ureq::Body>, Failure> {
+    ) -> Result<(Permit<'_>, Response<ureq::Body>), Failure> {
+        let permit = self.inner.gate.acquire();
         let (target, token) = match object {
             Object::Http(u) => (u.clone(), self.inner.options.bearer_token.as_deref()),
             Object::Presigned(u) => (u.clone(), None),
@@ -107,7 +109,7 @@ impl Remote {
                 progressed: false,
             });
         }
-        Ok(response)
+        Ok((permit, response))
     }
 
     /// First request to an object: its first `probe` bytes, its length and validator.
@@ -118,8 +120,7 @@ impl Remote {
         probe: u64,
     ) -> io::Result<(u64, Validator, Vec<u8>)> {
         self.retrying(url, || {
-            let _permit = self.inner.gate.acquire();
-            let mut response = self.get(object, Some((0, probe - 1)), None)?;
+            let (_permit, mut response) = self.get(object, Some((0, probe - 1)), None)?;
             let validator = validator(&response);
             let (len, body_len) = match response.status().as_u16() {
                 206 => {
@@ -159,8 +160,7 @@ impl Remote {
         max_len: u64,
     ) -> io::Result<Option<Vec<u8>>> {
         self.retrying(url, || {
-            let _permit = self.inner.gate.acquire();
-            let mut response = self.get(object, None, None)?;
+            let (_permit, mut response) = self.get(object, None, None)?;
             match response.status().as_u16() {
                 200 => {}
                 404 => return Ok(None),
@@ -191,8 +191,7 @@ impl Remote {
         let mut done = 0u64;
         self.retrying(url, || {
             let first = offset + done;
-            let _permit = self.inner.gate.acquire();
-            let mut response = self.get(object, Some((first, last)), if_match)?;
+            let (_permit, mut response) = self.get(object, Some((first, last)), if_match)?;
             match response.status().as_u16() {
                 206 => {
                     let (from, to, len) = content_range(&response)
@@ -251,9 +250,8 @@ impl Remote {
         loop {
             let signed = config.presign_list(bucket, &prefix, token.as_deref())?;
             let body = self.retrying(url, || {
-                let _permit = self.inner.gate.acquire();
                 let object = Object::Presigned(signed.to_string());
-                let mut response = self.get(&object, None, None)?;
+                let (_permit, mut response) = self.get(&object, None, None)?;
                 if response.status() != StatusCode::OK {
                     return Err(Failure::Fatal(status_error(&mut response)));
                 }
