@@ -352,27 +352,26 @@ impl PyCheckpoint {
     /// The first shard's `__metadata__`, or the index's metadata for a sharded checkpoint
     /// (as strings); None when there is none.
     fn metadata<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyDict>>> {
+        let d = PyDict::new(py);
         if let Some((_, index)) = self.ckpt.index() {
-            let d = PyDict::new(py);
+            // Index metadata is JSON (e.g. a numeric total_size): strings, as safetensors gives.
             for (k, v) in &index.metadata {
                 match v {
                     serde_json::Value::String(s) => d.set_item(k, s)?,
                     other => d.set_item(k, other.to_string())?,
                 }
             }
-            return Ok(Some(d));
-        }
-        let Some(meta) = self
+        } else if let Some(meta) = self
             .ckpt
             .shards()
             .first()
             .and_then(|s| s.header().metadata())
-        else {
+        {
+            for (k, v) in meta {
+                d.set_item(k, v)?;
+            }
+        } else {
             return Ok(None);
-        };
-        let d = PyDict::new(py);
-        for (k, v) in meta {
-            d.set_item(k, v)?;
         }
         Ok(Some(d))
     }
@@ -457,24 +456,6 @@ fn load_bytes<'py>(
     }
 }
 
-/// Metadata of a safetensors file held in `data`, or None.
-#[pyfunction]
-fn metadata_of_bytes<'py>(
-    py: Python<'py>,
-    data: &Bound<'py, PyBytes>,
-) -> PyResult<Option<Bound<'py, PyDict>>> {
-    let header = weightlift::format::Header::from_file_bytes(data.as_bytes())
-        .map_err(|e| SafetensorError::new_err(format!("<bytes>: {e}")))?;
-    let Some(meta) = header.metadata() else {
-        return Ok(None);
-    };
-    let d = PyDict::new(py);
-    for (k, v) in meta {
-        d.set_item(k, v)?;
-    }
-    Ok(Some(d))
-}
-
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("SafetensorError", m.py().get_type::<SafetensorError>())?;
@@ -492,6 +473,5 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyCheckpoint>()?;
     m.add_class::<PyMemory>()?;
     m.add_function(wrap_pyfunction!(load_bytes, m)?)?;
-    m.add_function(wrap_pyfunction!(metadata_of_bytes, m)?)?;
     Ok(())
 }
