@@ -6,7 +6,7 @@ use weightlift::{
     Backend, Checkpoint, Error, LoadOptions, OpenOptions,
     format::{FormatError, ShardIndex},
 };
-use weightlift_tests::{Spec, dense, disk_tempdir, moe, split, write_file, write_sharded};
+use weightlift_testkit::files::{Spec, dense, disk_tempdir, moe, split, write_file, write_sharded};
 
 fn sharded(dir: &Path) -> Vec<std::path::PathBuf> {
     write_sharded(dir, &split(moe(2, 4, 32, 16), 3), true)
@@ -24,7 +24,7 @@ fn truncated_shard() {
     f.set_len(len - 10).unwrap();
     let err = Checkpoint::open(dir.path()).unwrap_err();
     assert!(
-        matches!(&err, Error::Format { path, source: FormatError::DataLengthMismatch { .. } } if path == &files[1]),
+        matches!(&err, Error::Format { location, source: FormatError::DataLengthMismatch { .. } } if location == &files[1].clone().into()),
         "{err}"
     );
     let msg = err.to_string();
@@ -41,7 +41,7 @@ fn missing_shard() {
     std::fs::remove_file(&files[2]).unwrap();
     let err = Checkpoint::open(dir.path()).unwrap_err();
     assert!(
-        matches!(&err, Error::Io { path, .. } if path == &files[2]),
+        matches!(&err, Error::Io { location, .. } if location == &files[2].clone().into()),
         "{err}"
     );
     assert!(err.to_string().contains("listed in the index"), "{err}");
@@ -221,11 +221,11 @@ fn file_shrinking_during_the_load_is_an_error_not_garbage() {
         let err = ckpt.load(&LoadOptions::default()).unwrap_err();
         match &err {
             Error::Read {
-                path: p,
+                location,
                 tensor,
                 source,
             } => {
-                assert_eq!(p, &path);
+                assert_eq!(location, &path.clone().into());
                 assert_eq!(tensor, &last.name, "names the tensor cut short");
                 assert_eq!(source.kind(), std::io::ErrorKind::UnexpectedEof);
             }

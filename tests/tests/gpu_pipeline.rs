@@ -3,11 +3,13 @@
 //! the pinned budget, and errors (a failed copy, a truncated file) surface cleanly.
 
 use std::time::Duration;
-use weightlift::device::fake::FakeEngine;
 use weightlift::{
     Checkpoint, Device, Dtype, Error, LoadOptions, StagedTarget, StagingOptions, StateDict,
 };
-use weightlift_tests::{all_dtypes, dense, disk_tempdir, moe, split, write_file, write_sharded};
+use weightlift_testkit::fake::FakeEngine;
+use weightlift_testkit::files::{
+    all_dtypes, dense, disk_tempdir, moe, split, write_file, write_sharded,
+};
 
 fn host_bytes(state: &StateDict) -> Vec<(String, Dtype, Vec<usize>, Vec<u8>)> {
     let mut out: Vec<_> = state

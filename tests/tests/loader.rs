@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use weightlift::{Backend, Checkpoint, Device, Dtype, Error, LoadOptions, OpenOptions};
-use weightlift_tests::{
+use weightlift_testkit::files::{
     Spec, all_dtypes, dense, disk_tempdir, moe, split, write_file, write_sharded,
 };
 
@@ -122,12 +122,17 @@ fn single_file_all_dtypes() {
 #[test]
 fn real_files_from_other_writers() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/real");
+    let mut checked = 0;
     for entry in std::fs::read_dir(dir).unwrap() {
         let path = entry.unwrap().path();
         if path.extension().is_some_and(|e| e == "safetensors") {
             check_all(&path, std::slice::from_ref(&path), 4096);
+            checked += 1;
         }
     }
+    // The directory holds 13 files written by candle, fastsafetensors and safetensors:
+    // finding none (a moved directory, a bad checkout) must fail, not pass vacuously.
+    assert!(checked >= 13, "only {checked} real files found");
 }
 
 #[test]
@@ -277,7 +282,6 @@ fn filters_read_only_what_they_select() {
 
 #[test]
 fn unselected_bytes_stay_out_of_the_page_cache() {
-    use std::os::fd::AsRawFd;
     let dir = disk_tempdir();
     let path = dir.path().join("m.safetensors");
     // 16 MiB tensors. Kernel readahead may read past a selected tensor (up to 16 MiB here:
@@ -287,11 +291,12 @@ fn unselected_bytes_stay_out_of_the_page_cache() {
         .map(|i| Spec::new(&format!("t{i}"), Dtype::U8, &[16 << 20]))
         .collect();
     write_file(&path, &specs);
-    let f = std::fs::File::open(&path).unwrap();
-    f.sync_all().unwrap();
-    // SAFETY: plain syscall on an open descriptor.
-    unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
-    assert!(weightlift_storage::residency(&path).unwrap().fraction() < 0.05);
+    assert!(
+        weightlift_testkit::yardstick::evict(&path)
+            .unwrap()
+            .fraction()
+            < 0.05
+    );
     let ckpt = Checkpoint::open_with(&path, &OpenOptions::backend(Backend::pread())).unwrap();
     let state = ckpt
         .load(&LoadOptions::default().filter(|n| n == "t1" || n == "t5"))
@@ -301,37 +306,14 @@ fn unselected_bytes_stay_out_of_the_page_cache() {
     let resident = |name: &str| -> f64 {
         let (shard, info) = ckpt.info(name).unwrap();
         let start = shard.header().data_start() + info.data_offsets.0 + (6 << 20);
-        resident_fraction(&f, start, 4 << 20)
+        weightlift_storage::residency_in(&path, start..start + (4 << 20))
+            .unwrap()
+            .fraction()
     };
     assert!(resident("t1") > 0.9);
     assert!(resident("t5") > 0.9);
     for unselected in ["t0", "t3"] {
         assert!(resident(unselected) < 0.05, "{unselected} was read");
-    }
-}
-
-/// Fraction of pages of `start..start+len` of `f` that are in the page cache.
-fn resident_fraction(f: &std::fs::File, start: u64, len: u64) -> f64 {
-    use std::os::fd::AsRawFd;
-    let page = 4096u64;
-    let base = start & !(page - 1);
-    let span = (start + len - base) as usize;
-    // SAFETY: a read-only mapping of an open file, never dereferenced: only passed to
-    // mincore with its own length, then unmapped.
-    unsafe {
-        let p = libc::mmap(
-            std::ptr::null_mut(),
-            span,
-            libc::PROT_READ,
-            libc::MAP_SHARED,
-            f.as_raw_fd(),
-            base as libc::off_t,
-        );
-        assert_ne!(p, libc::MAP_FAILED);
-        let mut v = vec![0u8; span.div_ceil(page as usize)];
-        assert_eq!(libc::mincore(p, span, v.as_mut_ptr()), 0);
-        libc::munmap(p, span);
-        v.iter().filter(|&&b| b & 1 == 1).count() as f64 / v.len() as f64
     }
 }
 

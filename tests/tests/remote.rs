@@ -7,9 +7,11 @@ use std::path::Path;
 use std::time::Duration;
 use weightlift::remote::{RemoteOptions, S3Config};
 use weightlift::{Checkpoint, Error, LoadOptions, OpenOptions};
-use weightlift_tests::servers::{Fault, FaultProxy, Nginx, S3_KEY, S3_REGION, S3_SECRET, S3Server};
-use weightlift_tests::{
+use weightlift_testkit::files::{
     Spec, all_dtypes, dense, disk_tempdir, moe, split, write_file, write_sharded,
+};
+use weightlift_testkit::servers::{
+    Fault, FaultProxy, Nginx, S3_KEY, S3_REGION, S3_SECRET, S3Server,
 };
 
 type Tensors = BTreeMap<String, (String, Vec<usize>, Vec<u8>)>;

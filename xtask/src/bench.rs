@@ -1,19 +1,14 @@
-//! `cargo xtask bench`: weightlift side by side with the raw read of the same bytes and
-//! with the reference `safetensors` crate, in one run, interleaved, repeated.
-//!
-//! Absolute times on shared machines drift; the ratios measured within one run are the
-//! result. Cold runs evict every file with `posix_fadvise(DONTNEED)` before each
-//! measurement and check with `mincore` that the pages went.
-
 use crate::workspace_root;
-use clap::Args;
+use clap::{Args, ValueEnum};
 use rayon::prelude::*;
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
-use weightlift::synthetic::{self, Profile};
 use weightlift::{Backend, Checkpoint, Device, LoadOptions, OpenOptions};
+use weightlift_testkit::synthetic::{self, Profile};
+use weightlift_testkit::util::{median, parse_size, peak_rss, reset_peak_rss};
+use weightlift_testkit::yardstick::{evict, fresh_memory, raw_read};
 
 #[derive(Args)]
 pub(crate) struct BenchArgs {
@@ -28,19 +23,19 @@ pub(crate) struct BenchArgs {
     quick: bool,
     /// Profiles to run.
     #[arg(long, value_delimiter = ',', default_value = "dense,moe")]
-    profiles: Vec<String>,
+    profiles: Vec<ProfileArg>,
     /// Cache states to run.
     #[arg(long, value_delimiter = ',', default_value = "warm,cold")]
-    cache: Vec<String>,
+    cache: Vec<Cache>,
     /// Where generated checkpoints are kept (default: target/bench-data).
     #[arg(long)]
     data_dir: Option<PathBuf>,
     /// Loader threads for weightlift and reference-rayon (default: weightlift's default).
     #[arg(long)]
     threads: Option<usize>,
-    /// Run only contenders whose names contain one of these (raw is always run).
+    /// Run only these contenders (the raw reads always run).
     #[arg(long, value_delimiter = ',')]
-    only: Vec<String>,
+    only: Vec<Contender>,
     /// Coalesced read size for weightlift, e.g. 16MiB (default: the library's).
     #[arg(long, value_parser = parse_size)]
     request_size: Option<u64>,
@@ -52,90 +47,130 @@ pub(crate) struct BenchArgs {
     plot: Option<PathBuf>,
 }
 
-pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let n: u64 = s[..split]
-        .parse()
-        .map_err(|_| format!("invalid size {s:?}"))?;
-    match &s[split..].to_ascii_lowercase()[..] {
-        "" | "b" => Ok(n),
-        "kib" => Ok(n << 10),
-        "mib" => Ok(n << 20),
-        "gib" => Ok(n << 30),
-        u => Err(format!("unknown unit {u:?}")),
-    }
+/// A checkpoint layout (`synthetic::Profile`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub(crate) enum ProfileArg {
+    /// A few hundred large tensors per GiB.
+    Dense,
+    /// Qwen3-30B-A3B-like: ~20,000 small tensors per GiB.
+    Moe,
 }
 
-/// One thing being timed.
-#[derive(Clone)]
-enum Contender {
-    Raw {
-        threads: usize,
-    },
-    Reference {
-        rayon: bool,
-    },
-    Weightlift {
-        backend: &'static str,
-        target: &'static str,
-    },
-    Python,
-    /// `weightlift.load_checkpoint` from Python (the bindings in crates/python).
-    PythonWeightlift,
-    /// weightlift over HTTP from a local nginx serving the same files (loopback only).
-    Http,
-    /// Not a loader: faults in and fills fresh memory of the checkpoint's size, the floor
-    /// under any owned load.
-    FreshMemory,
-}
-
-impl Contender {
-    fn name(&self) -> String {
+impl ProfileArg {
+    pub(crate) fn profile(self) -> Profile {
         match self {
-            Contender::Raw { threads: 1 } => "raw-1thread".into(),
-            Contender::Raw { threads } => format!("raw-{threads}threads"),
-            Contender::Reference { rayon: false } => "reference".into(),
-            Contender::Reference { rayon: true } => "reference-rayon".into(),
-            Contender::Weightlift { backend, target } => format!("weightlift-{backend}-{target}"),
-            Contender::Python => "python-safetensors".into(),
-            Contender::PythonWeightlift => "python-weightlift".into(),
-            Contender::Http => "weightlift-http-cpu".into(),
-            Contender::FreshMemory => "fresh-memory".into(),
+            ProfileArg::Dense => Profile::Dense,
+            ProfileArg::Moe => Profile::Moe,
         }
     }
 }
 
+/// Page-cache state before each measurement.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum Cache {
+    /// The files are in the page cache.
+    Warm,
+    /// Every file evicted (and checked) before each measurement.
+    Cold,
+}
+
+/// One thing being timed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub(crate) enum Contender {
+    /// `cat`-like read of every file into one reused buffer, one thread.
+    #[value(name = "raw-1thread")]
+    Raw1,
+    /// The same with one thread per CPU (at least 2).
+    #[value(name = "raw-nthreads")]
+    RawN,
+    /// crates.io `safetensors`: mmap + deserialize + a copy of every tensor.
+    Reference,
+    /// The same, copies in parallel on rayon.
+    ReferenceRayon,
+    /// Not a loader: faults in and fills fresh memory of the checkpoint's size.
+    FreshMemory,
+    WeightliftMmapCpu,
+    WeightliftPreadCpu,
+    WeightliftDirectCpu,
+    WeightliftAutoCpu,
+    WeightliftMmapView,
+    WeightliftPreadView,
+    WeightliftDirectView,
+    WeightliftAutoView,
+    WeightliftMmapMeta,
+    WeightliftPreadMeta,
+    WeightliftDirectMeta,
+    WeightliftAutoMeta,
+    /// `safetensors.numpy.load_file` per shard (Python).
+    PythonSafetensors,
+    /// `weightlift.load_checkpoint` from Python (the bindings in crates/python).
+    PythonWeightlift,
+    /// weightlift over HTTP from a local nginx serving the same files (loopback only).
+    WeightliftHttpCpu,
+}
+
+/// What a `weightlift-<backend>-<target>` contender produces.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Target {
+    /// Owned CPU memory.
+    Cpu,
+    /// Zero-copy views of mapped files (bytes not touched).
+    View,
+    /// Shapes only.
+    Meta,
+}
+
 impl Contender {
-    fn parse(name: &str) -> Option<Contender> {
-        Some(match name {
-            "raw-1thread" => Contender::Raw { threads: 1 },
-            "reference" => Contender::Reference { rayon: false },
-            "reference-rayon" => Contender::Reference { rayon: true },
-            "python-safetensors" => Contender::Python,
-            "python-weightlift" => Contender::PythonWeightlift,
-            "weightlift-http-cpu" => Contender::Http,
-            "fresh-memory" => Contender::FreshMemory,
-            _ => {
-                if let Some(n) = name
-                    .strip_prefix("raw-")
-                    .and_then(|r| r.strip_suffix("threads"))
-                {
-                    Contender::Raw {
-                        threads: n.parse().ok()?,
-                    }
-                } else {
-                    let rest = name.strip_prefix("weightlift-")?;
-                    let (b, t) = rest.split_once('-')?;
-                    let backend = ["mmap", "pread", "direct", "auto"]
-                        .into_iter()
-                        .find(|x| *x == b)?;
-                    let target = ["cpu", "view", "meta"].into_iter().find(|x| *x == t)?;
-                    Contender::Weightlift { backend, target }
-                }
-            }
+    pub(crate) fn name(self) -> String {
+        self.to_possible_value()
+            .map(|v| v.get_name().to_string())
+            .unwrap_or_default()
+    }
+
+    /// Backend and target of a `weightlift-<backend>-<target>` contender.
+    fn weightlift(self) -> Option<(&'static str, Target)> {
+        use Contender::*;
+        Some(match self {
+            WeightliftMmapCpu => ("mmap", Target::Cpu),
+            WeightliftPreadCpu => ("pread", Target::Cpu),
+            WeightliftDirectCpu => ("direct", Target::Cpu),
+            WeightliftAutoCpu => ("auto", Target::Cpu),
+            WeightliftMmapView => ("mmap", Target::View),
+            WeightliftPreadView => ("pread", Target::View),
+            WeightliftDirectView => ("direct", Target::View),
+            WeightliftAutoView => ("auto", Target::View),
+            WeightliftMmapMeta => ("mmap", Target::Meta),
+            WeightliftPreadMeta => ("pread", Target::Meta),
+            WeightliftDirectMeta => ("direct", Target::Meta),
+            WeightliftAutoMeta => ("auto", Target::Meta),
+            _ => return None,
         })
     }
+
+    fn is_reference(self) -> bool {
+        matches!(self, Contender::Reference | Contender::ReferenceRayon)
+    }
+}
+
+/// One contender's result in one (profile, cache) cell.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct Record {
+    pub(crate) profile: String,
+    pub(crate) cache: Cache,
+    pub(crate) contender: String,
+    pub(crate) median_s: f64,
+    pub(crate) min_s: f64,
+    pub(crate) max_s: f64,
+    pub(crate) gbps: f64,
+    pub(crate) ratio_to_raw: f64,
+    pub(crate) ratio_to_reference: f64,
+    pub(crate) peak_rss_bytes: u64,
+    pub(crate) tensors: usize,
+    pub(crate) bytes: u64,
+    /// For the http contender: its speed relative to the same load from local files.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) ratio_to_local: Option<f64>,
 }
 
 fn backend(name: &str) -> Backend {
@@ -163,11 +198,7 @@ pub(crate) fn run(args: &BenchArgs) -> Result<(), String> {
         .data_dir
         .clone()
         .unwrap_or_else(|| workspace_root().join("target/bench-data"));
-    let threads = args.threads.unwrap_or_else(|| {
-        std::thread::available_parallelism()
-            .map_or(4, |n| n.get())
-            .max(4)
-    });
+    let threads = args.threads.unwrap_or_else(weightlift::default_threads);
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let python = python_available();
     if !python {
@@ -175,96 +206,72 @@ pub(crate) fn run(args: &BenchArgs) -> Result<(), String> {
             "note: python3 cannot import safetensors.numpy and ml_dtypes (numpy has no bfloat16); skipping the python-safetensors contender"
         );
     }
-    let mut contenders = vec![
-        Contender::Raw { threads: 1 },
-        Contender::Raw {
-            threads: cpus.max(2),
-        },
-        Contender::Reference { rayon: false },
-        Contender::Reference { rayon: true },
-        Contender::FreshMemory,
-    ];
-    // Every backend x target. For `view` and `meta` the backend only reads the headers
-    // (views map the files themselves; meta reads no data).
-    for target in ["cpu", "view", "meta"] {
-        for backend in ["mmap", "pread", "direct", "auto"] {
-            contenders.push(Contender::Weightlift { backend, target });
-        }
-    }
-    if python {
-        contenders.push(Contender::Python);
-        if python_weightlift_ready() {
-            contenders.push(Contender::PythonWeightlift);
-        }
-    }
-    let nginx_binary = weightlift_tests::servers::Nginx::binary();
-    if nginx_binary.is_some() {
-        contenders.push(Contender::Http);
-    } else {
+    let nginx_binary = weightlift_testkit::servers::Nginx::binary();
+    if nginx_binary.is_none() {
         eprintln!(
             "note: nginx not found (apt-get install nginx-light); skipping the weightlift-http-cpu contender"
         );
     }
-    // The first two (raw) always run: every ratio is relative to them.
-    let mut kept = 0;
-    contenders.retain(|c| {
-        kept += 1;
-        kept <= 2 || args.only.is_empty() || args.only.iter().any(|o| c.name().contains(o.as_str()))
-    });
+    let wanted = |c: Contender| args.only.is_empty() || args.only.contains(&c);
+    // The raw reads always run: every ratio is relative to them.
+    let mut contenders = vec![Contender::Raw1, Contender::RawN];
+    for c in Contender::value_variants().iter().copied().skip(2) {
+        let available = match c {
+            Contender::PythonSafetensors => python,
+            Contender::PythonWeightlift => python && wanted(c) && python_weightlift_ready(),
+            Contender::WeightliftHttpCpu => nginx_binary.is_some(),
+            _ => true,
+        };
+        if available && wanted(c) {
+            contenders.push(c);
+        }
+    }
 
     // One nginx serves every profile's directory for the http contender.
     std::fs::create_dir_all(&data_dir).map_err(|e| format!("{}: {e}", data_dir.display()))?;
     let nginx = contenders
-        .iter()
-        .any(|c| matches!(c, Contender::Http))
-        .then(|| weightlift_tests::servers::Nginx::start(&data_dir));
+        .contains(&Contender::WeightliftHttpCpu)
+        .then(|| weightlift_testkit::servers::Nginx::start(&data_dir));
 
-    let mut records: Vec<Value> = Vec::new();
-    for profile_name in &args.profiles {
-        let profile = match profile_name.as_str() {
-            "dense" => Profile::Dense,
-            "moe" => Profile::Moe,
-            other => return Err(format!("unknown profile {other:?}")),
-        };
+    let mut records: Vec<Record> = Vec::new();
+    for profile in args.profiles.iter().map(|p| p.profile()) {
         let dir = data_dir.join(format!("{}-{}MiB", profile.name(), size >> 20));
         let paths = ensure(&dir, profile, size)?;
         let ckpt = Checkpoint::open(&dir).map_err(|e| e.to_string())?;
         let (tensors, bytes) = (ckpt.len(), ckpt.data_bytes());
         drop(ckpt);
-        for cache in &args.cache {
-            let cold = match cache.as_str() {
-                "warm" => false,
-                "cold" => true,
-                other => return Err(format!("unknown cache state {other:?}")),
-            };
+        for &cache in &args.cache {
+            let cold = cache == Cache::Cold;
             eprintln!(
-                "== {} ({tensors} tensors, {:.2} GiB), {cache}, {reps} reps",
+                "== {} ({tensors} tensors, {:.2} GiB), {cache:?}, {reps} reps",
                 profile.name(),
                 bytes as f64 / (1u64 << 30) as f64
             );
             if !cold {
-                weightlift_storage::raw_read(&paths, cpus, 16 << 20).map_err(|e| e.to_string())?;
+                raw_read(&paths, cpus, 16 << 20).map_err(|e| e.to_string())?;
             }
             let mut samples: Vec<Vec<Sample>> = contenders.iter().map(|_| Vec::new()).collect();
             let mut max_resident: f64 = 0.0;
+            let url = nginx
+                .as_ref()
+                .map(|n| n.url(&dir.file_name().unwrap_or_default().to_string_lossy()));
             for _ in 0..reps {
-                for (i, c) in contenders.iter().enumerate() {
+                for (i, &c) in contenders.iter().enumerate() {
                     if cold {
                         for p in &paths {
-                            let (_, r) = weightlift_storage::evict(p).map_err(|e| e.to_string())?;
+                            let r = evict(p).map_err(|e| e.to_string())?;
                             max_resident = max_resident.max(r.fraction());
                         }
                     }
-                    let url = nginx
-                        .as_ref()
-                        .map(|n| n.url(&dir.file_name().unwrap_or_default().to_string_lossy()));
-                    samples[i].push(measure_in_child(
-                        c,
-                        &dir,
-                        url.as_deref(),
+                    let one = One {
+                        contender: c,
+                        dir: &dir,
+                        url: url.as_deref(),
                         threads,
-                        args.request_size,
-                    )?);
+                        raw_threads: cpus.max(2),
+                        request_size: args.request_size,
+                    };
+                    samples[i].push(measure_in_child(&one)?);
                 }
             }
             if cold {
@@ -275,7 +282,7 @@ pub(crate) fn run(args: &BenchArgs) -> Result<(), String> {
             }
             let medians: Vec<f64> = samples
                 .iter()
-                .map(|s| median(s.iter().map(|x| x.secs).collect()))
+                .map(|s| median(&s.iter().map(|x| x.secs).collect::<Vec<_>>()))
                 .collect();
             // "raw" is the better of the one-thread and many-thread reads.
             let best_raw = if medians[0] <= medians[1] { 0 } else { 1 };
@@ -283,50 +290,46 @@ pub(crate) fn run(args: &BenchArgs) -> Result<(), String> {
             let reference = contenders
                 .iter()
                 .zip(&medians)
-                .filter(|(c, _)| matches!(c, Contender::Reference { .. }))
+                .filter(|(c, _)| c.is_reference())
                 .map(|(_, m)| *m)
                 .fold(f64::NAN, f64::min);
             // The http contender is compared with the same load from the local files.
             let local = contenders
                 .iter()
-                .zip(&medians)
-                .find(|(c, _)| c.name() == "weightlift-auto-cpu")
-                .map(|(_, m)| *m);
+                .position(|&c| c == Contender::WeightliftAutoCpu)
+                .map(|i| medians[i]);
             let named = std::iter::once((best_raw, "raw".to_string()))
                 .chain(contenders.iter().enumerate().map(|(i, c)| (i, c.name())));
+            let first = records.len();
             for (i, name) in named {
                 let secs: Vec<f64> = samples[i].iter().map(|x| x.secs).collect();
-                let min = secs.iter().copied().fold(f64::INFINITY, f64::min);
-                let max = secs.iter().copied().fold(0.0, f64::max);
-                records.push(json!({
-                    "profile": profile.name(),
-                    "cache": cache,
-                    "contender": name,
-                    "median_s": medians[i],
-                    "min_s": min,
-                    "max_s": max,
-                    "gbps": bytes as f64 / medians[i] / 1e9,
-                    "ratio_to_raw": raw / medians[i],
-                    "ratio_to_reference": reference / medians[i],
-                    "peak_rss_bytes": samples[i].iter().map(|x| x.peak_rss).max().unwrap_or(0),
-                    "tensors": tensors,
-                    "bytes": bytes,
-                }));
-                if name == "weightlift-http-cpu"
-                    && let Some(local) = local
-                {
-                    let ratio = local / medians[i];
-                    records.last_mut().expect("just pushed")["ratio_to_local"] = json!(ratio);
+                let ratio_to_local = (contenders[i] == Contender::WeightliftHttpCpu
+                    && name != "raw")
+                    .then_some(local)
+                    .flatten()
+                    .map(|local| local / medians[i]);
+                if let Some(ratio) = ratio_to_local {
                     eprintln!(
                         "   weightlift-http-cpu (loopback nginx) runs at {ratio:.2}x the local-file load (weightlift-auto-cpu)"
                     );
                 }
+                records.push(Record {
+                    profile: profile.name().to_string(),
+                    cache,
+                    contender: name,
+                    median_s: medians[i],
+                    min_s: secs.iter().copied().fold(f64::INFINITY, f64::min),
+                    max_s: secs.iter().copied().fold(0.0, f64::max),
+                    gbps: bytes as f64 / medians[i] / 1e9,
+                    ratio_to_raw: raw / medians[i],
+                    ratio_to_reference: reference / medians[i],
+                    peak_rss_bytes: samples[i].iter().map(|x| x.peak_rss).max().unwrap_or(0),
+                    tensors,
+                    bytes,
+                    ratio_to_local,
+                });
             }
-            print_table(
-                records
-                    .iter()
-                    .filter(|r| r["profile"] == profile.name() && r["cache"] == cache.as_str()),
-            );
+            print_table(&records[first..]);
         }
     }
     if let Some(path) = &args.json {
@@ -340,9 +343,10 @@ pub(crate) fn run(args: &BenchArgs) -> Result<(), String> {
     Ok(())
 }
 
+/// The shard files of a generated checkpoint in `dir`, generating it first if needed.
 pub(crate) fn ensure(dir: &Path, profile: Profile, size: u64) -> Result<Vec<PathBuf>, String> {
     if let Ok(c) = Checkpoint::open(dir) {
-        return Ok(c.shards().iter().map(|s| s.path().to_path_buf()).collect());
+        return Ok(shard_paths(&c));
     }
     eprintln!(
         "generating {} ({} MiB) in {}",
@@ -351,54 +355,47 @@ pub(crate) fn ensure(dir: &Path, profile: Profile, size: u64) -> Result<Vec<Path
         dir.display()
     );
     let _ = std::fs::remove_dir_all(dir);
-    synthetic::generate(dir, profile, size).map_err(|e| e.to_string())
+    synthetic::generate(dir, profile, size)
 }
 
-pub(crate) fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
+fn shard_paths(ckpt: &Checkpoint) -> Vec<PathBuf> {
+    ckpt.shards()
+        .iter()
+        .filter_map(|s| s.path().map(Path::to_path_buf))
+        .collect()
 }
 
-/// Resets the peak-RSS watermark (Linux: writing 5 to clear_refs).
-fn reset_peak_rss() {
-    let _ = std::fs::write("/proc/self/clear_refs", "5");
-}
-
-fn peak_rss() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-        })
-        .map_or(0, |kib| kib * 1024)
+/// One measurement: what the parent passes to its `bench-one` child.
+struct One<'a> {
+    contender: Contender,
+    dir: &'a Path,
+    url: Option<&'a str>,
+    threads: usize,
+    raw_threads: usize,
+    request_size: Option<u64>,
 }
 
 /// Runs one measurement in a fresh process, so that its peak RSS is its own and no
 /// allocator state carries over between contenders.
-fn measure_in_child(
-    c: &Contender,
-    dir: &Path,
-    url: Option<&str>,
-    threads: usize,
-    request_size: Option<u64>,
-) -> Result<Sample, String> {
+fn measure_in_child(one: &One<'_>) -> Result<Sample, String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let request_size = request_size.unwrap_or(weightlift::DEFAULT_REQUEST_SIZE);
+    let request_size = one.request_size.unwrap_or(weightlift::DEFAULT_REQUEST_SIZE);
+    let c = one.contender;
     let out = Command::new(exe)
         .args([
             "bench-one",
             "--contender",
             &c.name(),
             "--threads",
-            &threads.to_string(),
+            &one.threads.to_string(),
+            "--raw-threads",
+            &one.raw_threads.to_string(),
             "--request-size",
             &request_size.to_string(),
         ])
         .arg("--dir")
-        .arg(dir)
-        .args(url.map(|u| ["--url", u]).into_iter().flatten())
+        .arg(one.dir)
+        .args(one.url.map(|u| ["--url", u]).into_iter().flatten())
         .output()
         .map_err(|e| e.to_string())?;
     if !out.status.success() {
@@ -422,11 +419,13 @@ fn measure_in_child(
 #[derive(Args)]
 pub(crate) struct OneArgs {
     #[arg(long)]
-    contender: String,
+    contender: Contender,
     #[arg(long)]
     dir: PathBuf,
     #[arg(long)]
     threads: usize,
+    #[arg(long)]
+    raw_threads: usize,
     #[arg(long)]
     request_size: u64,
     /// The checkpoint's URL on the bench's nginx (for the http contender).
@@ -435,119 +434,110 @@ pub(crate) struct OneArgs {
 }
 
 pub(crate) fn run_one(args: &OneArgs) -> Result<(), String> {
-    let c = Contender::parse(&args.contender)
-        .ok_or_else(|| format!("unknown contender {:?}", args.contender))?;
     let ckpt = Checkpoint::open(&args.dir).map_err(|e| e.to_string())?;
-    let paths: Vec<PathBuf> = ckpt
-        .shards()
-        .iter()
-        .map(|s| s.path().to_path_buf())
-        .collect();
+    let paths = shard_paths(&ckpt);
     let bytes = ckpt.data_bytes();
     drop(ckpt);
     reset_peak_rss();
-    let sample = measure(
-        &c,
-        &args.dir,
-        args.url.as_deref(),
-        &paths,
-        args.threads,
-        args.request_size,
-        bytes,
-    )?;
+    let sample = measure(args, &paths, bytes)?;
     println!("{} {}", sample.secs, sample.peak_rss);
     Ok(())
 }
 
-fn measure(
-    c: &Contender,
-    dir: &Path,
-    url: Option<&str>,
-    paths: &[PathBuf],
-    threads: usize,
-    request_size: u64,
-    bytes: u64,
-) -> Result<Sample, String> {
+fn measure(args: &OneArgs, paths: &[PathBuf], bytes: u64) -> Result<Sample, String> {
+    let (dir, threads, request_size) = (&args.dir, args.threads, args.request_size);
     reset_peak_rss();
     let start = Instant::now();
-    match c {
-        Contender::Raw { threads } => {
-            weightlift_storage::raw_read(paths, *threads, 16 << 20).map_err(|e| e.to_string())?;
-        }
-        Contender::Reference { rayon } => {
-            let mut owned: Vec<Vec<u8>> = Vec::new();
-            for p in paths {
-                let file = std::fs::File::open(p).map_err(|e| e.to_string())?;
+    if let Some((b, target)) = args.contender.weightlift() {
+        let ckpt = Checkpoint::open_with(dir, &OpenOptions::backend(backend(b)))
+            .map_err(|e| e.to_string())?;
+        let opts = LoadOptions::default()
+            .threads(threads)
+            .request_size(request_size);
+        match target {
+            Target::Cpu => {
+                let state = ckpt.load(&opts).map_err(|e| e.to_string())?;
+                std::hint::black_box(&state);
+            }
+            Target::Meta => {
+                let state = ckpt
+                    .load(&opts.device(Device::Meta))
+                    .map_err(|e| e.to_string())?;
+                std::hint::black_box(&state);
+            }
+            Target::View => {
                 // SAFETY: the bench's generated files are not modified while mapped.
-                let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| e.to_string())?;
-                let st = safetensors::SafeTensors::deserialize(&map).map_err(|e| e.to_string())?;
-                let names = st.names();
-                let copy = |n: &&str| {
-                    st.tensor(n)
-                        .map(|t| t.data().to_vec())
-                        .map_err(|e| e.to_string())
-                };
-                let copies: Vec<Vec<u8>> = if *rayon {
-                    let pool = rayon::ThreadPoolBuilder::new()
-                        .num_threads(threads)
-                        .build()
-                        .map_err(|e| e.to_string())?;
-                    pool.install(|| names.par_iter().map(copy).collect::<Result<_, _>>())?
-                } else {
-                    names.iter().map(copy).collect::<Result<_, _>>()?
-                };
-                owned.extend(copies);
-            }
-            std::hint::black_box(&owned);
-        }
-        Contender::Weightlift { backend: b, target } => {
-            let ckpt = Checkpoint::open_with(dir, &OpenOptions::backend(backend(b)))
-                .map_err(|e| e.to_string())?;
-            let opts = LoadOptions::default()
-                .threads(threads)
-                .request_size(request_size);
-            match *target {
-                "cpu" => {
-                    let state = ckpt.load(&opts).map_err(|e| e.to_string())?;
-                    std::hint::black_box(&state);
-                }
-                "meta" => {
-                    let state = ckpt
-                        .load(&opts.device(Device::Meta))
-                        .map_err(|e| e.to_string())?;
-                    std::hint::black_box(&state);
-                }
-                _ => {
-                    // SAFETY: the bench's generated files are not modified while mapped.
-                    let mapped = unsafe { ckpt.map() }.map_err(|e| e.to_string())?;
-                    let views: Vec<_> = mapped.views().collect();
-                    std::hint::black_box(&views);
-                }
+                let mapped = unsafe { ckpt.map() }.map_err(|e| e.to_string())?;
+                let views: Vec<_> = mapped.views().collect();
+                std::hint::black_box(&views);
             }
         }
-        Contender::Http => {
-            let url = url.ok_or("the http contender needs --url")?;
-            let ckpt = Checkpoint::open(url).map_err(|e| e.to_string())?;
-            // Threads default to the requests allowed in flight.
-            let opts = LoadOptions::default().request_size(request_size);
-            let state = ckpt.load(&opts).map_err(|e| e.to_string())?;
-            std::hint::black_box(&state);
-        }
-        Contender::Python => return python_load(PY_SAFETENSORS, paths),
-        Contender::PythonWeightlift => return python_load(PY_WEIGHTLIFT, &[dir.to_path_buf()]),
-        Contender::FreshMemory => {
-            let mut mem = weightlift::device::HostBuffer::new(bytes).map_err(|e| e.to_string())?;
-            let chunk = (bytes as usize).div_ceil(threads).max(1);
-            mem.as_mut_slice()
-                .par_chunks_mut(chunk)
-                .for_each(|c| c.fill(0x5a));
-            std::hint::black_box(&mem);
+    } else {
+        match args.contender {
+            Contender::Raw1 => {
+                raw_read(paths, 1, 16 << 20).map_err(|e| e.to_string())?;
+            }
+            Contender::RawN => {
+                raw_read(paths, args.raw_threads, 16 << 20).map_err(|e| e.to_string())?;
+            }
+            Contender::Reference | Contender::ReferenceRayon => {
+                reference_load(
+                    paths,
+                    (args.contender == Contender::ReferenceRayon).then_some(threads),
+                )?;
+            }
+            Contender::WeightliftHttpCpu => {
+                let url = args
+                    .url
+                    .as_deref()
+                    .ok_or("the http contender needs --url")?;
+                let ckpt = Checkpoint::open(url).map_err(|e| e.to_string())?;
+                // Threads default to the requests allowed in flight.
+                let opts = LoadOptions::default().request_size(request_size);
+                let state = ckpt.load(&opts).map_err(|e| e.to_string())?;
+                std::hint::black_box(&state);
+            }
+            Contender::PythonSafetensors => return python_load(PY_SAFETENSORS, paths),
+            Contender::PythonWeightlift => return python_load(PY_WEIGHTLIFT, &[dir.to_path_buf()]),
+            Contender::FreshMemory => fresh_memory(bytes, threads).map_err(|e| e.to_string())?,
+            _ => return Err(format!("{}: not measurable here", args.contender.name())),
         }
     }
     Ok(Sample {
         secs: start.elapsed().as_secs_f64(),
-        peak_rss: peak_rss(),
+        peak_rss: peak_rss().unwrap_or(0),
     })
+}
+
+/// crates.io `safetensors`: map, deserialize, copy every tensor into an owned `Vec`, on
+/// `threads` rayon threads or sequentially.
+fn reference_load(paths: &[PathBuf], threads: Option<usize>) -> Result<(), String> {
+    let mut owned: Vec<Vec<u8>> = Vec::new();
+    for p in paths {
+        let file = std::fs::File::open(p).map_err(|e| e.to_string())?;
+        // SAFETY: the bench's generated files are not modified while mapped.
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| e.to_string())?;
+        let st = safetensors::SafeTensors::deserialize(&map).map_err(|e| e.to_string())?;
+        let names = st.names();
+        let copy = |n: &&str| {
+            st.tensor(n)
+                .map(|t| t.data().to_vec())
+                .map_err(|e| e.to_string())
+        };
+        let copies: Vec<Vec<u8>> = match threads {
+            Some(threads) => {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .map_err(|e| e.to_string())?;
+                pool.install(|| names.par_iter().map(copy).collect::<Result<_, _>>())?
+            }
+            None => names.iter().map(copy).collect::<Result<_, _>>()?,
+        };
+        owned.extend(copies);
+    }
+    std::hint::black_box(&owned);
+    Ok(())
 }
 
 /// The interpreter of the Python contenders: the project's virtualenv (`.ci/run` makes
@@ -640,7 +630,7 @@ fn python_load(script: &str, args: &[PathBuf]) -> Result<Sample, String> {
     }
 }
 
-fn print_table<'a>(records: impl Iterator<Item = &'a Value>) {
+fn print_table(records: &[Record]) {
     println!(
         "{:<26} {:>9} {:>9} {:>9} {:>8} {:>8} {:>8} {:>10}",
         "contender", "median s", "min s", "max s", "GB/s", "x raw", "x ref", "peak RSS"
@@ -648,14 +638,14 @@ fn print_table<'a>(records: impl Iterator<Item = &'a Value>) {
     for r in records {
         println!(
             "{:<26} {:>9.3} {:>9.3} {:>9.3} {:>8.2} {:>8.2} {:>8.2} {:>9.0}M",
-            r["contender"].as_str().unwrap_or(""),
-            r["median_s"].as_f64().unwrap_or(0.0),
-            r["min_s"].as_f64().unwrap_or(0.0),
-            r["max_s"].as_f64().unwrap_or(0.0),
-            r["gbps"].as_f64().unwrap_or(0.0),
-            r["ratio_to_raw"].as_f64().unwrap_or(0.0),
-            r["ratio_to_reference"].as_f64().unwrap_or(0.0),
-            r["peak_rss_bytes"].as_f64().unwrap_or(0.0) / 1048576.0,
+            r.contender,
+            r.median_s,
+            r.min_s,
+            r.max_s,
+            r.gbps,
+            r.ratio_to_raw,
+            r.ratio_to_reference,
+            r.peak_rss_bytes as f64 / 1048576.0,
         );
     }
     println!();

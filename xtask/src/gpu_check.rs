@@ -3,21 +3,22 @@
 //! bytes, then time weightlift against `safetensors.torch.load_file(device="cuda")` and
 //! against the plain host-to-device copy rate. Prints a short table last.
 
-use crate::bench::{ensure, median};
+use crate::bench::ensure;
 use clap::Args;
 use sha2::{Digest, Sha256};
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Instant;
 use weightlift::device::{CopyEngine, CudaEngine, DeviceMemory};
-use weightlift::synthetic::Profile;
 use weightlift::{Checkpoint, Device, LoadOptions};
+use weightlift_testkit::synthetic::Profile;
+use weightlift_testkit::util::{median, parse_size};
 
 /// Arguments of `gpu-check`.
 #[derive(Args)]
 pub(crate) struct GpuCheckArgs {
     /// Checkpoint size per profile (e.g. 1GiB).
-    #[arg(long, default_value = "1GiB", value_parser = crate::bench::parse_size)]
+    #[arg(long, default_value = "1GiB", value_parser = parse_size)]
     size: u64,
     /// Timed repetitions per contender (median reported).
     #[arg(long, default_value_t = 3)]
@@ -104,7 +105,7 @@ pub(crate) fn run(args: &GpuCheckArgs) -> Result<(), String> {
             for _ in 0..args.reps {
                 s.push(torch_load(&paths, args.device)?);
             }
-            Some(median(s))
+            Some(median(&s))
         } else {
             None
         };
@@ -112,7 +113,7 @@ pub(crate) fn run(args: &GpuCheckArgs) -> Result<(), String> {
             profile: profile.name(),
             tensors: ckpt.len(),
             bytes: ckpt.data_bytes(),
-            weightlift: median(secs),
+            weightlift: median(&secs),
             torch: torch_secs,
             bound_gbps,
         });

@@ -49,7 +49,7 @@ fn main() -> ExitCode {
         Task::Plot { json, out } => std::fs::read_to_string(&json)
             .map_err(|e| format!("{}: {e}", json.display()))
             .and_then(|text| {
-                serde_json::from_str::<Vec<serde_json::Value>>(&text)
+                serde_json::from_str::<Vec<bench::Record>>(&text)
                     .map_err(|e| format!("{}: {e}", json.display()))
             })
             .and_then(|records| {

@@ -2,20 +2,17 @@
 //! (profile, cache state), with the raw read's throughput drawn as a line across each.
 //! Plain SVG text: a dozen rectangles need no plotting library.
 
-use serde_json::Value;
+use crate::bench::{Cache, Record};
 use std::fmt::Write;
 
 const BAR_H: f64 = 16.0;
 const LABEL_W: f64 = 210.0;
 const PLOT_W: f64 = 420.0;
 
-pub(crate) fn svg(records: &[Value]) -> String {
-    let mut panels: Vec<(String, String)> = Vec::new();
+pub(crate) fn svg(records: &[Record]) -> String {
+    let mut panels: Vec<(String, Cache)> = Vec::new();
     for r in records {
-        let key = (
-            r["profile"].as_str().unwrap_or("").to_string(),
-            r["cache"].as_str().unwrap_or("").to_string(),
-        );
+        let key = (r.profile.clone(), r.cache);
         if !panels.contains(&key) {
             panels.push(key);
         }
@@ -24,34 +21,29 @@ pub(crate) fn svg(records: &[Value]) -> String {
     // none) run off the scale and are clipped, with their value printed.
     let max_gbps = records
         .iter()
-        .filter(|r| {
-            let name = r["contender"].as_str().unwrap_or("");
-            !name.ends_with("-view") && !name.ends_with("-meta")
-        })
-        .filter_map(|r| r["gbps"].as_f64())
+        .filter(|r| !r.contender.ends_with("-view") && !r.contender.ends_with("-meta"))
+        .map(|r| r.gbps)
         .filter(|g| g.is_finite())
         .fold(0.1, f64::max)
         * 1.1;
     let mut body = String::new();
     let mut y = 10.0;
     for (profile, cache) in &panels {
-        let rows: Vec<&Value> = records
+        let in_panel = |r: &&Record| r.profile == *profile && r.cache == *cache;
+        let rows: Vec<&Record> = records
             .iter()
-            .filter(|r| {
-                r["profile"] == profile.as_str()
-                    && r["cache"] == cache.as_str()
-                    && r["contender"] != "raw"
-            })
+            .filter(in_panel)
+            .filter(|r| r.contender != "raw")
             .collect();
         let raw = records
             .iter()
-            .find(|r| {
-                r["profile"] == profile.as_str()
-                    && r["cache"] == cache.as_str()
-                    && r["contender"] == "raw"
-            })
-            .and_then(|r| r["gbps"].as_f64())
-            .unwrap_or(0.0);
+            .filter(in_panel)
+            .find(|r| r.contender == "raw")
+            .map_or(0.0, |r| r.gbps);
+        let cache = match cache {
+            Cache::Warm => "warm",
+            Cache::Cold => "cold",
+        };
         let _ = writeln!(
             body,
             r#"<text x="4" y="{:.0}" font-weight="bold">{profile}, {cache} cache (GB/s; line = raw read)</text>"#,
@@ -60,9 +52,9 @@ pub(crate) fn svg(records: &[Value]) -> String {
         y += 20.0;
         let top = y;
         for r in &rows {
-            let g = r["gbps"].as_f64().unwrap_or(0.0).min(max_gbps);
+            let g = r.gbps.min(max_gbps);
             let w = g / max_gbps * PLOT_W;
-            let name = r["contender"].as_str().unwrap_or("");
+            let name = r.contender.as_str();
             let color = if name.starts_with("weightlift") {
                 "#2b7bb9"
             } else if name.starts_with("raw") {
@@ -86,7 +78,7 @@ pub(crate) fn svg(records: &[Value]) -> String {
                 r#"<text x="{:.1}" y="{:.0}">{:.2}</text>"#,
                 LABEL_W + w + 4.0,
                 y + BAR_H - 4.0,
-                r["gbps"].as_f64().unwrap_or(0.0)
+                r.gbps
             );
             y += BAR_H;
         }

@@ -13,7 +13,7 @@ pub(crate) const TOKEN_VAR: &str = "WEIGHTLIFT_HTTP_TOKEN";
 pub(crate) struct CheckpointArgs {
     /// A .safetensors file, a directory of shards, or an index file (local, or an
     /// http(s):// or s3:// URL).
-    pub(crate) path: std::path::PathBuf,
+    pub(crate) path: String,
     #[command(flatten)]
     pub(crate) source: SourceArgs,
 }
@@ -21,7 +21,7 @@ pub(crate) struct CheckpointArgs {
 impl CheckpointArgs {
     /// Opens the checkpoint.
     pub(crate) fn open(&self) -> Result<weightlift::Checkpoint, String> {
-        weightlift::Checkpoint::open_with(&self.path, &self.source.open_options())
+        weightlift::Checkpoint::open_with(self.path.as_str(), &self.source.open_options())
             .map_err(|e| e.to_string())
     }
 }
@@ -120,39 +120,6 @@ pub(crate) fn thousands(n: u64) -> String {
     out
 }
 
-/// Parses `1GiB`, `512MiB`, `100MB`, `4096`.
-pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let value: f64 = num.parse().map_err(|_| format!("invalid size {s:?}"))?;
-    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kib" => 1 << 10,
-        "m" | "mib" => 1 << 20,
-        "g" | "gib" => 1 << 30,
-        "kb" => 1_000,
-        "mb" => 1_000_000,
-        "gb" => 1_000_000_000,
-        other => {
-            return Err(format!(
-                "unknown size unit {other:?} (use B, KiB, MiB, GiB, KB, MB, GB)"
-            ));
-        }
-    };
-    Ok((value * mult as f64) as u64)
-}
-
-/// Peak resident memory of this process (VmHWM), in bytes.
-pub(crate) fn peak_rss() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
-}
-
 /// Lines of `rows` with columns padded to the widest cell.
 pub(crate) fn table(rows: &[Vec<String>]) -> String {
     let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
@@ -187,11 +154,6 @@ mod tests {
 
     #[test]
     fn sizes() {
-        assert_eq!(parse_size("1GiB").unwrap(), 1 << 30);
-        assert_eq!(parse_size("512 MiB").unwrap(), 512 << 20);
-        assert_eq!(parse_size("0.5g").unwrap(), 512 << 20);
-        assert_eq!(parse_size("100MB").unwrap(), 100_000_000);
-        assert!(parse_size("1 parsec").is_err());
         assert_eq!(human_bytes(1536), "1.50 KiB");
         assert_eq!(thousands(1234567), "1,234,567");
         assert_eq!(thousands(12), "12");

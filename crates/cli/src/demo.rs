@@ -2,12 +2,14 @@
 //! checkpoint once (cached), then loads it with weightlift and reads the same bytes raw,
 //! side by side in one run, warm and cold.
 
-use crate::common::{human_bytes, parse_size, print, table, thousands};
+use crate::common::{human_bytes, print, table, thousands};
 use clap::ValueEnum;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
-use weightlift::synthetic::{self, Profile};
 use weightlift::{Checkpoint, LoadOptions};
+use weightlift_testkit::synthetic::{self, Profile};
+use weightlift_testkit::util::{available_memory, free_space, median, parse_size};
+use weightlift_testkit::yardstick::{evict_all, raw_read};
 
 #[derive(Clone, Copy, ValueEnum)]
 enum ProfileArg {
@@ -62,8 +64,7 @@ pub(crate) fn run(args: &Args) -> Result<(), String> {
 
     let raw = |paths: &[PathBuf]| -> Result<f64, String> {
         let t = Instant::now();
-        weightlift_storage::raw_read(paths, threads, 16 << 20)
-            .map_err(|e| format!("raw read: {e}"))?;
+        raw_read(paths, threads, 16 << 20).map_err(|e| format!("raw read: {e}"))?;
         Ok(t.elapsed().as_secs_f64())
     };
     let load = || -> Result<(f64, String), String> {
@@ -77,15 +78,7 @@ pub(crate) fn run(args: &Args) -> Result<(), String> {
         let backends: Vec<&str> = ckpt.shards().iter().map(|s| s.backend().name()).collect();
         Ok((secs, backends.join("+")))
     };
-    let evict_all = || -> Result<f64, String> {
-        let mut resident = 0.0;
-        for p in &paths {
-            let (_, r) = weightlift_storage::evict(p)
-                .map_err(|e| format!("{}: evicting: {e}", p.display()))?;
-            resident += r.fraction() / paths.len() as f64;
-        }
-        Ok(resident)
-    };
+    let evict = || evict_all(&paths).map_err(|e| e.to_string());
 
     let mut rows = vec![vec![
         "cache".to_string(),
@@ -103,18 +96,18 @@ pub(crate) fn run(args: &Args) -> Result<(), String> {
         w.push(secs);
         backend = b;
     }
-    rows.push(row("warm", bytes, &mut r, &mut w, &backend));
+    rows.push(row("warm", bytes, &r, &w, &backend));
     let (mut r, mut w) = (Vec::new(), Vec::new());
     let mut still_cached: f64 = 0.0;
     for _ in 0..runs {
-        still_cached = still_cached.max(evict_all()?);
+        still_cached = still_cached.max(evict()?);
         r.push(raw(&paths)?);
-        still_cached = still_cached.max(evict_all()?);
+        still_cached = still_cached.max(evict()?);
         let (secs, b) = load()?;
         w.push(secs);
         backend = b;
     }
-    rows.push(row("cold", bytes, &mut r, &mut w, &backend));
+    rows.push(row("cold", bytes, &r, &w, &backend));
     out.push_str(&table(&rows));
     out.push_str(&format!(
         "\nmedian of {runs}; cold = evicted with posix_fadvise(DONTNEED) before each run ({:.1}% still cached after eviction)\n",
@@ -123,12 +116,7 @@ pub(crate) fn run(args: &Args) -> Result<(), String> {
     print(&out)
 }
 
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
-fn row(cache: &str, bytes: u64, raw: &mut [f64], wl: &mut [f64], backend: &str) -> Vec<String> {
+fn row(cache: &str, bytes: u64, raw: &[f64], wl: &[f64], backend: &str) -> Vec<String> {
     let (r, w) = (median(raw), median(wl));
     vec![
         cache.into(),
@@ -150,28 +138,9 @@ fn cache_dir() -> PathBuf {
 
 /// 1 GiB, or less where available memory or free disk is short (a quarter of either).
 fn suitable_size(dir: &Path) -> u64 {
-    let mut size: u64 = 1 << 30;
-    if let Some(avail) = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
-        let line = m
-            .lines()
-            .find(|l| l.starts_with("MemAvailable:"))?
-            .to_string();
-        line.split_whitespace().nth(1)?.parse::<u64>().ok()
-    }) {
-        size = size.min(avail * 1024 / 4);
-    }
-    let probe = dir
-        .ancestors()
-        .find(|p| p.exists())
-        .unwrap_or(Path::new("/"));
-    if let Ok(c) = std::ffi::CString::new(probe.as_os_str().as_encoded_bytes()) {
-        let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
-        // SAFETY: `c` is NUL-terminated and `st` points to writable memory of the right size.
-        if unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) } == 0 {
-            // SAFETY: statvfs returned 0, so it filled the struct.
-            let st = unsafe { st.assume_init() };
-            size = size.min(st.f_bavail * st.f_frsize / 4);
-        }
+    let mut size: u64 = (1 << 30).min(available_memory() / 4);
+    if let Some(free) = free_space(dir) {
+        size = size.min(free / 4);
     }
     size.max(64 << 20)
 }
@@ -179,11 +148,7 @@ fn suitable_size(dir: &Path) -> u64 {
 /// Generates the checkpoint into `dir` unless a complete one is there already.
 fn ensure_checkpoint(dir: &Path, profile: Profile, size: u64) -> Result<Vec<PathBuf>, String> {
     if let Ok(ckpt) = Checkpoint::open(dir) {
-        return Ok(ckpt
-            .shards()
-            .iter()
-            .map(|s| s.path().to_path_buf())
-            .collect());
+        return Ok(shard_paths(&ckpt));
     }
     eprintln!(
         "generating a {} {} checkpoint in {} (once)...",
@@ -195,13 +160,17 @@ fn ensure_checkpoint(dir: &Path, profile: Profile, size: u64) -> Result<Vec<Path
     // checkpoint where the next run would look.
     let partial = dir.with_extension("partial");
     let _ = std::fs::remove_dir_all(&partial);
-    synthetic::generate(&partial, profile, size).map_err(|e| e.to_string())?;
+    synthetic::generate(&partial, profile, size)?;
     let _ = std::fs::remove_dir_all(dir);
     std::fs::rename(&partial, dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let ckpt = Checkpoint::open(dir).map_err(|e| e.to_string())?;
-    Ok(ckpt
-        .shards()
+    Ok(shard_paths(&ckpt))
+}
+
+/// The shard files of a local checkpoint.
+fn shard_paths(ckpt: &Checkpoint) -> Vec<PathBuf> {
+    ckpt.shards()
         .iter()
-        .map(|s| s.path().to_path_buf())
-        .collect())
+        .filter_map(|s| s.path().map(Path::to_path_buf))
+        .collect()
 }

@@ -43,8 +43,7 @@ pub(crate) fn run(args: &Args) -> Result<(), String> {
             .into_tensors()
             .into_par_iter()
             .map(|t| {
-                let digest = Sha256::digest(t.bytes().unwrap_or_default());
-                let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+                let hex = format!("{:x}", Sha256::digest(t.bytes().unwrap_or_default()));
                 (
                     t.name().to_string(),
                     t.dtype().to_string(),

@@ -54,7 +54,7 @@ pub(crate) fn run(args: &Args) -> Result<(), String> {
         let files: Vec<Value> = ckpt
             .shards()
             .iter()
-            .map(|s| json!({"path": s.path().display().to_string(), "header_bytes": s.header().data_start(), "data_bytes": s.header().data_len()}))
+            .map(|s| json!({"path": s.location().to_string(), "header_bytes": s.header().data_start(), "data_bytes": s.header().data_len()}))
             .collect();
         let tensors: Vec<Value> = listed
             .iter()
@@ -74,7 +74,7 @@ pub(crate) fn run(args: &Args) -> Result<(), String> {
 
     let mut out = format!(
         "{}: {} file{}, {}, {} parameters, {}\n",
-        args.checkpoint.path.display(),
+        args.checkpoint.path,
         ckpt.shards().len(),
         if ckpt.shards().len() == 1 { "" } else { "s" },
         tensors(listed.len() as u64),

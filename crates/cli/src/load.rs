@@ -1,10 +1,11 @@
 //! `weightlift load`: load a checkpoint and say how fast it went.
 
-use crate::common::{CheckpointArgs, human_bytes, peak_rss, print, thousands};
+use crate::common::{CheckpointArgs, human_bytes, print, thousands};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::json;
 use std::time::Instant;
-use weightlift::{Checkpoint, Device, LoadOptions};
+use weightlift::{Device, LoadOptions};
+use weightlift_testkit::util::{parse_size, peak_rss};
 
 #[derive(clap::Args)]
 #[command(
@@ -16,13 +17,13 @@ pub(crate) struct Args {
     #[command(flatten)]
     checkpoint: CheckpointArgs,
     /// Where tensors go: cpu, meta (shapes only) or cuda:N.
-    #[arg(long, default_value = "cpu", value_parser = |s: &str| s.parse::<Device>())]
+    #[arg(long, default_value = "cpu", value_parser = clap::value_parser!(Device))]
     device: Device,
     /// Loader threads (default: number of CPUs, at least 4).
     #[arg(long)]
     threads: Option<usize>,
     /// Size of one coalesced read, e.g. 16MiB.
-    #[arg(long, value_parser = crate::common::parse_size)]
+    #[arg(long, value_parser = parse_size)]
     request_size: Option<u64>,
     /// Ask for transparent huge pages for the loaded tensors (fewer page faults; can stall
     /// in memory compaction where THP defrag is "madvise").
@@ -32,7 +33,7 @@ pub(crate) struct Args {
     #[arg(long, value_name = "N", default_value_t = weightlift::StagingOptions::default().buffers)]
     pinned_buffers: usize,
     /// For --device cuda: size of each pinned staging buffer, e.g. 32MiB.
-    #[arg(long, value_name = "SIZE", value_parser = crate::common::parse_size)]
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     pinned_buffer_size: Option<u64>,
     /// For --device cuda: copy streams.
     #[arg(long, value_name = "N", default_value_t = 2)]
@@ -86,7 +87,7 @@ pub(crate) fn run(args: &Args) -> Result<(), String> {
     };
     let gbps = bytes as f64 / secs / 1e9;
     let peak = peak_rss().unwrap_or(0);
-    let remote = remote_stats(&ckpt);
+    let remote = ckpt.remote_stats();
     let threads = args.threads.unwrap_or_else(|| ckpt.default_threads());
     // Per-stage rates of a device load: storage to pinned buffers with all loader threads
     // busy, and the host-to-device link (copies in one direction share it).
@@ -108,11 +109,11 @@ pub(crate) fn run(args: &Args) -> Result<(), String> {
     let files: Vec<_> = ckpt
         .shards()
         .iter()
-        .map(|s| json!({"path": s.path().display().to_string(), "backend": s.backend().name(), "reason": s.backend_reason()}))
+        .map(|s| json!({"path": s.location().to_string(), "backend": s.backend().name(), "reason": s.backend_reason()}))
         .collect();
     if args.json {
         let out = json!({
-            "path": args.checkpoint.path.display().to_string(),
+            "path": args.checkpoint.path,
             "device": args.device.to_string(),
             "seconds": secs,
             "open_seconds": open_secs,
@@ -164,23 +165,4 @@ pub(crate) fn run(args: &Args) -> Result<(), String> {
         ));
     }
     print(&out)
-}
-
-/// Request counters, for checkpoints read from URLs.
-#[cfg(feature = "remote")]
-fn remote_stats(ckpt: &Checkpoint) -> Option<weightlift::remote::RemoteStats> {
-    ckpt.remote_stats()
-}
-
-#[cfg(not(feature = "remote"))]
-fn remote_stats(_: &Checkpoint) -> Option<Stats> {
-    None
-}
-
-#[cfg(not(feature = "remote"))]
-#[derive(Clone, Copy)]
-struct Stats {
-    requests: u64,
-    retries: u64,
-    bytes: u64,
 }

@@ -129,7 +129,7 @@ impl Region for CpuRegion<'_> {
     }
 
     fn fill<E: From<DeviceError>>(
-        &mut self,
+        self,
         fill: impl FnOnce(&mut [u8]) -> Result<(), E>,
     ) -> Result<(), E> {
         populate(self.bytes);
@@ -172,10 +172,10 @@ mod tests {
         let t = CpuTarget::default();
         let mut alloc = t.allocate(10_000).unwrap();
         assert_eq!(alloc.as_slice().as_ptr() as usize % 4096, 0);
-        let mut regions = t
+        let regions = t
             .regions(&mut alloc, &[0..10, 64..100, 5000..10_000])
             .unwrap();
-        for (i, r) in regions.iter_mut().enumerate() {
+        for (i, r) in regions.into_iter().enumerate() {
             r.fill(|buf| {
                 buf.fill(i as u8 + 1);
                 Ok::<(), DeviceError>(())

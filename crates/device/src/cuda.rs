@@ -7,7 +7,7 @@
 //! write-combined, which is slow for the kernel's copies into it on some platforms); copies
 //! are `cuMemcpyHtoDAsync` on a few streams, each bracketed by timing events.
 
-use crate::staged::{CopyEngine, DeviceMemory};
+use crate::staged::{CopyEngine, DeviceMemory, StagedTarget, StagingOptions};
 use crate::{Device, DeviceError};
 use cudarc::driver::{CudaContext, CudaEvent, CudaStream, DriverError, result, sys};
 use std::sync::Arc;
@@ -74,6 +74,18 @@ impl CudaEngine {
         self.ctx
             .bind_to_thread()
             .map_err(driver_error(self.ordinal, "binding the context"))
+    }
+}
+
+impl StagedTarget<CudaEngine> {
+    /// The staged pipeline on GPU `ordinal`: `streams` copy streams and a pinned pool of
+    /// `staging`, allocated now.
+    pub fn cuda(
+        ordinal: usize,
+        streams: usize,
+        staging: StagingOptions,
+    ) -> Result<StagedTarget<CudaEngine>, DeviceError> {
+        StagedTarget::new(CudaEngine::new(ordinal, streams)?, staging)
     }
 }
 

@@ -8,8 +8,8 @@
 //! - [`CpuTarget`]: the region *is* the final memory; a read lands in place, no copy.
 //! - [`StagedTarget`] (a GPU): the region hands out a reused pinned staging buffer, and
 //!   committing it starts an asynchronous host-to-device copy while the next reads
-//!   proceed. It is generic over a [`CopyEngine`]: `CudaEngine` (feature `cuda`) or the
-//!   [`fake::FakeEngine`] that tests the pipeline on any machine.
+//!   proceed. It is generic over a [`CopyEngine`]: `CudaEngine` (feature `cuda`), or a
+//!   fake device that tests the pipeline on any machine (`weightlift-testkit`).
 //!
 //! "meta" loads (dtype and shape only) need no target at all: they read and allocate
 //! nothing.
@@ -17,16 +17,15 @@
 mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
-pub mod fake;
 mod layout;
 mod staged;
 
 pub use cpu::{CpuRegion, CpuTarget, HostBuffer};
 #[cfg(feature = "cuda")]
-pub use cuda::{CudaEngine, CudaMemory, PinnedBuffer};
+pub use cuda::{CopyEvent, CudaEngine, CudaMemory, PinnedBuffer};
 pub use layout::{SlotLayout, TENSOR_ALIGN};
 pub use staged::{
-    CopyEngine, DeviceMemory, StagedRegion, StagedTarget, StagingOptions, StagingStats,
+    CopyEngine, DeviceMemory, StagedAlloc, StagedRegion, StagedTarget, StagingOptions, StagingStats,
 };
 
 use std::fmt;
@@ -91,11 +90,19 @@ impl fmt::Display for Device {
     }
 }
 
+/// A device name that is none of `cpu`, `meta`, `cuda`, `cuda:N`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown device {name:?}: expected cpu, meta, cuda or cuda:N")]
+pub struct ParseDeviceError {
+    /// The name given.
+    pub name: String,
+}
+
 impl FromStr for Device {
-    type Err = String;
+    type Err = ParseDeviceError;
 
     /// Parses `cpu`, `meta`, `cuda` (device 0) or `cuda:N`.
-    fn from_str(s: &str) -> Result<Device, String> {
+    fn from_str(s: &str) -> Result<Device, ParseDeviceError> {
         match s {
             "cpu" => Ok(Device::Cpu),
             "meta" => Ok(Device::Meta),
@@ -104,8 +111,16 @@ impl FromStr for Device {
                 .strip_prefix("cuda:")
                 .and_then(|n| n.parse().ok())
                 .map(Device::Cuda)
-                .ok_or_else(|| format!("unknown device {s:?}: expected cpu, meta, cuda or cuda:N")),
+                .ok_or_else(|| ParseDeviceError { name: s.into() }),
         }
+    }
+}
+
+/// The error for `cuda:N` in a build without the `cuda` feature.
+pub fn cuda_not_built(ordinal: usize) -> DeviceError {
+    DeviceError::Unavailable {
+        device: Device::Cuda(ordinal).to_string(),
+        reason: "this build of weightlift has no CUDA support (cargo feature `cuda`)".into(),
     }
 }
 
@@ -113,8 +128,9 @@ impl FromStr for Device {
 ///
 /// A load allocates once per group of tensors ([`Target::allocate`]), splits the
 /// allocation into disjoint regions, one per coalesced read ([`Target::regions`]), fills
-/// the regions from many threads ([`Region::fill`]), then finishes the allocation
-/// ([`Target::finish`]), which waits for any outstanding copies.
+/// the regions from many threads ([`Region::fill`], which consumes the region: each is
+/// filled at most once), then finishes the allocation ([`Target::finish`]), which waits for
+/// any outstanding copies. An allocation dropped without `finish` waits for them too.
 pub trait Target: Sync {
     /// An allocation being filled.
     type Alloc: Send;
@@ -166,9 +182,9 @@ pub trait Region {
 
     /// Calls `fill` with a host buffer of [`Region::len`] bytes (its initial contents are
     /// unspecified), then commits what it wrote to the region. Nothing is committed when
-    /// `fill` fails.
+    /// `fill` fails. Consumes the region: a region is filled once.
     fn fill<E: From<DeviceError>>(
-        &mut self,
+        self,
         fill: impl FnOnce(&mut [u8]) -> Result<(), E>,
     ) -> Result<(), E>;
 }
@@ -202,7 +218,10 @@ mod tests {
             assert_eq!(d.to_string(), s);
         }
         assert_eq!("cuda".parse::<Device>().unwrap(), Device::Cuda(0));
-        assert!("gpu".parse::<Device>().is_err());
+        assert_eq!(
+            "gpu".parse::<Device>(),
+            Err(ParseDeviceError { name: "gpu".into() })
+        );
         assert!("cuda:x".parse::<Device>().is_err());
     }
 

@@ -14,7 +14,7 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 /// Memory on a device, shared by the tensors that live in it.
@@ -126,6 +126,12 @@ struct Pool<P, V> {
 /// device memory asynchronously: a fixed pool of pinned buffers, each reused only after
 /// its copy completed, and one device allocation per group of tensors.
 pub struct StagedTarget<E: CopyEngine> {
+    shared: Arc<Shared<E>>,
+}
+
+/// The pool and counters, shared by the target and its allocations: an allocation dropped
+/// before `finish` must be able to wait for the copies into it.
+struct Shared<E: CopyEngine> {
     engine: E,
     buffer_size: usize,
     pool: Mutex<Pool<E::Pinned, E::Event>>,
@@ -141,8 +147,8 @@ pub struct StagedTarget<E: CopyEngine> {
 impl<E: CopyEngine> fmt::Debug for StagedTarget<E> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("StagedTarget")
-            .field("device", &self.engine.device())
-            .field("buffer_size", &self.buffer_size)
+            .field("device", &self.shared.engine.device())
+            .field("buffer_size", &self.shared.buffer_size)
             .field("stats", &self.stats())
             .finish()
     }
@@ -161,44 +167,64 @@ impl<E: CopyEngine> StagedTarget<E> {
             .map(|_| engine.alloc_pinned(buffer_size))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(StagedTarget {
-            engine,
-            buffer_size,
-            pool: Mutex::new(Pool {
-                free,
-                pending: VecDeque::new(),
+            shared: Arc::new(Shared {
+                engine,
+                buffer_size,
+                pool: Mutex::new(Pool {
+                    free,
+                    pending: VecDeque::new(),
+                }),
+                returned: Condvar::new(),
+                next_stream: AtomicUsize::new(0),
+                bytes: AtomicU64::new(0),
+                copies: AtomicU64::new(0),
+                fill_ns: AtomicU64::new(0),
+                copy_ns: AtomicU64::new(0),
+                wait_ns: AtomicU64::new(0),
             }),
-            returned: Condvar::new(),
-            next_stream: AtomicUsize::new(0),
-            bytes: AtomicU64::new(0),
-            copies: AtomicU64::new(0),
-            fill_ns: AtomicU64::new(0),
-            copy_ns: AtomicU64::new(0),
-            wait_ns: AtomicU64::new(0),
         })
     }
 
     /// The engine.
     pub fn engine(&self) -> &E {
-        &self.engine
+        &self.shared.engine
     }
 
     /// The longest region this target can stage.
     pub fn buffer_size(&self) -> usize {
-        self.buffer_size
+        self.shared.buffer_size
     }
 
     /// Time and bytes so far.
     pub fn stats(&self) -> StagingStats {
+        let s = &self.shared;
         let d = |a: &AtomicU64| Duration::from_nanos(a.load(Ordering::Relaxed));
         StagingStats {
-            bytes: self.bytes.load(Ordering::Relaxed),
-            copies: self.copies.load(Ordering::Relaxed),
-            fill: d(&self.fill_ns),
-            copy: d(&self.copy_ns),
-            wait: d(&self.wait_ns),
+            bytes: s.bytes.load(Ordering::Relaxed),
+            copies: s.copies.load(Ordering::Relaxed),
+            fill: d(&s.fill_ns),
+            copy: d(&s.copy_ns),
+            wait: d(&s.wait_ns),
         }
     }
 
+    /// Waits for every copy in flight. Called before device memory is used or dropped.
+    pub fn settle(&self) -> Result<(), DeviceError> {
+        self.shared.settle()
+    }
+
+    fn check_own(&self, alloc: &StagedAlloc<E>) -> Result<(), DeviceError> {
+        if Arc::ptr_eq(&self.shared, &alloc.shared) {
+            Ok(())
+        } else {
+            Err(DeviceError::InvalidRegions(
+                "the allocation belongs to another staged target".into(),
+            ))
+        }
+    }
+}
+
+impl<E: CopyEngine> Shared<E> {
     fn lock(&self) -> MutexGuard<'_, Pool<E::Pinned, E::Event>> {
         self.pool.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -241,8 +267,7 @@ impl<E: CopyEngine> StagedTarget<E> {
         self.returned.notify_one();
     }
 
-    /// Waits for every copy in flight. Called before device memory is used or dropped.
-    pub fn settle(&self) -> Result<(), DeviceError> {
+    fn settle(&self) -> Result<(), DeviceError> {
         let mut first_error = None;
         loop {
             let next = self.lock().pending.pop_front();
@@ -256,16 +281,52 @@ impl<E: CopyEngine> StagedTarget<E> {
     }
 }
 
-impl<E: CopyEngine> Drop for StagedTarget<E> {
+impl<E: CopyEngine> Drop for Shared<E> {
     fn drop(&mut self) {
         // No buffer may be freed while a copy reads from it.
         let _ = self.settle();
     }
 }
 
+/// Device memory being filled by a [`StagedTarget`]. Dropping it before
+/// [`Target::finish`] waits for the copies in flight first, so that no copy writes into
+/// freed memory.
+pub struct StagedAlloc<E: CopyEngine> {
+    /// Present until `finish` takes it.
+    memory: Option<E::Memory>,
+    shared: Arc<Shared<E>>,
+    /// Whether regions were handed out already: handing out more first waits for the
+    /// copies of the earlier ones, so two copies never write the same bytes at once.
+    used: bool,
+}
+
+impl<E: CopyEngine> StagedAlloc<E> {
+    fn memory(&self) -> &E::Memory {
+        self.memory
+            .as_ref()
+            .expect("present until finish consumes the allocation")
+    }
+}
+
+impl<E: CopyEngine> fmt::Debug for StagedAlloc<E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StagedAlloc")
+            .field("memory", &self.memory)
+            .finish()
+    }
+}
+
+impl<E: CopyEngine> Drop for StagedAlloc<E> {
+    fn drop(&mut self) {
+        if self.memory.is_some() {
+            let _ = self.shared.settle();
+        }
+    }
+}
+
 /// One region of a staged allocation.
 pub struct StagedRegion<'a, E: CopyEngine> {
-    target: &'a StagedTarget<E>,
+    shared: &'a Shared<E>,
     memory: &'a E::Memory,
     range: Range<u64>,
 }
@@ -276,46 +337,47 @@ impl<E: CopyEngine> Region for StagedRegion<'_, E> {
     }
 
     fn fill<Er: From<DeviceError>>(
-        &mut self,
+        self,
         fill: impl FnOnce(&mut [u8]) -> Result<(), Er>,
     ) -> Result<(), Er> {
-        let target = self.target;
+        let shared = self.shared;
         let len = self.len() as usize;
         if len == 0 {
             return fill(&mut []);
         }
-        let mut buffer = target.acquire()?;
+        let mut buffer = shared.acquire()?;
         let start = Instant::now();
-        if let Err(e) = fill(&mut target.engine.host_slice(&mut buffer)[..len]) {
-            target.give_back(buffer);
+        if let Err(e) = fill(&mut shared.engine.host_slice(&mut buffer)[..len]) {
+            shared.give_back(buffer);
             return Err(e);
         }
-        target
+        shared
             .fill_ns
             .fetch_add(nanos(start.elapsed()), Ordering::Relaxed);
         let stream =
-            target.next_stream.fetch_add(1, Ordering::Relaxed) % target.engine.streams().max(1);
+            shared.next_stream.fetch_add(1, Ordering::Relaxed) % shared.engine.streams().max(1);
         // SAFETY: the buffer goes into the pending queue with the copy's event, and leaves it
         // (to be written again or dropped) only after `wait` returned for that event
-        // (`acquire`, `settle`, and `Drop`, which settles). The range was checked in
-        // `regions` to lie inside `memory` and not to overlap any other region's, and each
-        // region is filled once (`fill` takes `&mut self` and regions are not cloned).
-        // Memory is dropped only after `finish`/`settle` waited for every copy.
+        // (`acquire`, `settle`, and `Shared`'s drop, which settles). The range was checked in
+        // `regions` to lie inside `memory` and not to overlap another region of the same
+        // call; a region is filled once (`fill` consumes it), and a later `regions` call on
+        // the same allocation first waits for these copies. The memory is freed only after a
+        // settle: `finish` settles before handing it out, and `StagedAlloc`'s drop settles.
         let copied = unsafe {
-            target
+            shared
                 .engine
                 .copy_async(&buffer, len, self.memory, self.range.start, stream)
         };
         match copied {
             Ok(event) => {
-                target.bytes.fetch_add(len as u64, Ordering::Relaxed);
-                target.copies.fetch_add(1, Ordering::Relaxed);
-                target.lock().pending.push_back((buffer, event));
-                target.returned.notify_one();
+                shared.bytes.fetch_add(len as u64, Ordering::Relaxed);
+                shared.copies.fetch_add(1, Ordering::Relaxed);
+                shared.lock().pending.push_back((buffer, event));
+                shared.returned.notify_one();
                 Ok(())
             }
             Err(e) => {
-                target.give_back(buffer);
+                shared.give_back(buffer);
                 Err(e.into())
             }
         }
@@ -323,7 +385,7 @@ impl<E: CopyEngine> Region for StagedRegion<'_, E> {
 }
 
 impl<E: CopyEngine> Target for StagedTarget<E> {
-    type Alloc = E::Memory;
+    type Alloc = StagedAlloc<E>;
     type Memory = E::Memory;
     type Region<'a>
         = StagedRegion<'a, E>
@@ -331,49 +393,59 @@ impl<E: CopyEngine> Target for StagedTarget<E> {
         Self: 'a;
 
     fn device(&self) -> Device {
-        self.engine.device()
+        self.shared.engine.device()
     }
 
-    fn allocate(&self, bytes: u64) -> Result<E::Memory, DeviceError> {
-        self.engine.alloc(bytes)
+    fn allocate(&self, bytes: u64) -> Result<StagedAlloc<E>, DeviceError> {
+        Ok(StagedAlloc {
+            memory: Some(self.shared.engine.alloc(bytes)?),
+            shared: Arc::clone(&self.shared),
+            used: false,
+        })
     }
 
     fn regions<'a>(
         &'a self,
-        alloc: &'a mut E::Memory,
+        alloc: &'a mut StagedAlloc<E>,
         ranges: &[Range<u64>],
     ) -> Result<Vec<StagedRegion<'a, E>>, DeviceError> {
-        check_ranges(ranges, alloc.len())?;
+        self.check_own(alloc)?;
+        check_ranges(ranges, alloc.memory().len())?;
         if let Some(r) = ranges
             .iter()
-            .find(|r| r.end - r.start > self.buffer_size as u64)
+            .find(|r| r.end - r.start > self.shared.buffer_size as u64)
         {
             return Err(DeviceError::InvalidRegions(format!(
                 "region {r:?} is longer than the {} byte staging buffers",
-                self.buffer_size
+                self.shared.buffer_size
             )));
         }
-        let memory: &'a E::Memory = alloc;
+        if alloc.used {
+            self.shared.settle()?;
+        }
+        alloc.used = true;
+        let memory: &'a E::Memory = alloc.memory();
         Ok(ranges
             .iter()
             .map(|r| StagedRegion {
-                target: self,
+                shared: &self.shared,
                 memory,
                 range: r.clone(),
             })
             .collect())
     }
 
-    fn finish(&self, alloc: E::Memory) -> Result<E::Memory, DeviceError> {
-        self.settle()?;
-        Ok(alloc)
+    fn finish(&self, mut alloc: StagedAlloc<E>) -> Result<E::Memory, DeviceError> {
+        self.check_own(&alloc)?;
+        self.shared.settle()?;
+        Ok(alloc.memory.take().expect("present until finish"))
     }
 
     fn max_region(&self) -> Option<u64> {
-        Some(self.buffer_size as u64)
+        Some(self.shared.buffer_size as u64)
     }
 
     fn settle(&self) -> Result<(), DeviceError> {
-        StagedTarget::settle(self)
+        self.shared.settle()
     }
 }

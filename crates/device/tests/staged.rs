@@ -5,8 +5,8 @@
 use std::ops::Range;
 use std::sync::Mutex;
 use std::time::Duration;
-use weightlift_device::fake::FakeEngine;
 use weightlift_device::{DeviceError, DeviceMemory, Region, StagedTarget, StagingOptions, Target};
+use weightlift_testkit::fake::FakeEngine;
 
 fn pattern(range: &Range<u64>) -> Vec<u8> {
     range.clone().map(|i| (i * 131 % 251) as u8).collect()
@@ -44,7 +44,7 @@ fn fill_all<R: Region + Send>(
             s.spawn(|| {
                 loop {
                     let next = work.lock().unwrap().pop();
-                    let Some((mut region, range)) = next else {
+                    let Some((region, range)) = next else {
                         break;
                     };
                     let r = region.fill(|buf: &mut [u8]| {
@@ -104,8 +104,15 @@ fn a_failed_fill_returns_its_buffer_and_copies_nothing() {
     let target = StagedTarget::new(FakeEngine::new(Duration::from_micros(200)), options).unwrap();
     let mut alloc = target.allocate(3 * 4096).unwrap();
     let ranges = [0..4096, 4096..8192, 8192..12288];
-    let mut regions = target.regions(&mut alloc, &ranges).unwrap();
+    let mut regions: Vec<Option<_>> = target
+        .regions(&mut alloc, &ranges)
+        .unwrap()
+        .into_iter()
+        .map(Some)
+        .collect();
     let err = regions[1]
+        .take()
+        .unwrap()
         .fill(|_| Err::<(), _>(DeviceError::InvalidRegions("reader failed".into())))
         .unwrap_err();
     assert!(err.to_string().contains("reader failed"));
@@ -113,6 +120,8 @@ fn a_failed_fill_returns_its_buffer_and_copies_nothing() {
     for i in [0, 2] {
         let range = &ranges[i];
         regions[i]
+            .take()
+            .unwrap()
             .fill(|buf| {
                 buf.copy_from_slice(&pattern(range));
                 Ok::<(), DeviceError>(())
@@ -168,4 +177,77 @@ fn regions_longer_than_a_buffer_and_failed_allocations_are_errors() {
         target.allocate(10),
         Err(DeviceError::Alloc { .. })
     ));
+}
+
+fn small_pool(delay: Duration) -> StagedTarget<FakeEngine> {
+    let options = StagingOptions {
+        buffers: 3,
+        buffer_size: 4096,
+    };
+    StagedTarget::new(FakeEngine::new(delay), options).unwrap()
+}
+
+/// Device memory dropped while copies into it are in flight (a load that gave up, or a
+/// caller that never calls `finish`) must wait for them: the fake counts memory freed
+/// under a running copy.
+#[test]
+fn dropping_an_allocation_waits_for_its_copies() {
+    let target = small_pool(Duration::from_millis(20));
+    let mut alloc = target.allocate(3 * 4096).unwrap();
+    let ranges = [0..4096, 4096..8192, 8192..12288];
+    for r in fill_all(target.regions(&mut alloc, &ranges).unwrap(), &ranges, 1) {
+        r.unwrap();
+    }
+    drop(alloc);
+    assert_eq!(target.engine().violations(), 0, "memory freed under a copy");
+    assert_eq!(target.engine().copies(), 3);
+}
+
+/// Regions handed out again over the same allocation first wait for the copies of the
+/// earlier ones: two copies never write the same bytes at once.
+#[test]
+fn regions_handed_out_again_wait_for_earlier_copies() {
+    let target = small_pool(Duration::from_millis(20));
+    let mut alloc = target.allocate(4096).unwrap();
+    let first = target.regions(&mut alloc, &[0..4096]).unwrap();
+    first
+        .into_iter()
+        .next()
+        .unwrap()
+        .fill(|buf| {
+            buf.fill(1);
+            Ok::<(), DeviceError>(())
+        })
+        .unwrap();
+    let second = target.regions(&mut alloc, &[0..4096]).unwrap();
+    second
+        .into_iter()
+        .next()
+        .unwrap()
+        .fill(|buf| {
+            buf.fill(2);
+            Ok::<(), DeviceError>(())
+        })
+        .unwrap();
+    let memory = target.finish(alloc).unwrap();
+    let mut back = vec![0u8; 4096];
+    memory.read_back(0, &mut back).unwrap();
+    assert!(back.iter().all(|&b| b == 2), "the later fill wins");
+    assert_eq!(
+        target.engine().violations(),
+        0,
+        "overlapping copies in flight"
+    );
+}
+
+#[test]
+fn an_allocation_of_another_target_is_refused() {
+    let a = small_pool(Duration::ZERO);
+    let b = small_pool(Duration::ZERO);
+    let mut alloc = b.allocate(4096).unwrap();
+    assert!(matches!(
+        a.regions(&mut alloc, &[0..4096]),
+        Err(DeviceError::InvalidRegions(_))
+    ));
+    assert!(a.finish(b.allocate(16).unwrap()).is_err());
 }

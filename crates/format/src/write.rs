@@ -76,7 +76,14 @@ impl Layout {
         let mut offset = 0u64;
         for &i in &order {
             let (name, dtype, shape) = specs[i];
-            let end = offset + sizes[i];
+            // Each size fits in u64, but their sum need not: shapes are caller input.
+            let end = offset
+                .checked_add(sizes[i])
+                .ok_or_else(|| FormatError::SizeOverflow {
+                    name: name.into(),
+                    dtype,
+                    shape: shape.to_vec(),
+                })?;
             offsets[i] = (offset, end);
             if json.len() > 1 {
                 json.push(',');

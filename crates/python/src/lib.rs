@@ -29,10 +29,8 @@ create_exception!(
 /// safetensors raises), `SafetensorError` for everything else, with the same message as the
 /// CLI.
 fn py_err(e: Error) -> PyErr {
-    match &e {
-        Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
-            PyFileNotFoundError::new_err(e.to_string())
-        }
+    match e.io_kind() {
+        Some(std::io::ErrorKind::NotFound) => PyFileNotFoundError::new_err(e.to_string()),
         _ => SafetensorError::new_err(e.to_string()),
     }
 }
@@ -221,7 +219,7 @@ impl PyTensor {
 /// One host allocation (a shard's tensors), as a flat uint8 array interface.
 #[pyclass(name = "Memory", module = "weightlift._native", frozen)]
 struct PyMemory {
-    memory: Arc<weightlift::device::HostBuffer>,
+    memory: Arc<weightlift::HostMemory>,
 }
 
 #[pymethods]
@@ -238,7 +236,7 @@ impl PyMemory {
 /// tensors cost ~0.07 s that way, against several times that through one object each).
 fn grouped<'py>(py: Python<'py>, tensors: Vec<Tensor>) -> PyResult<Bound<'py, PyList>> {
     type Entry = (String, &'static str, Vec<usize>, usize);
-    let mut groups: Vec<(Arc<weightlift::device::HostBuffer>, Vec<Entry>)> = Vec::new();
+    let mut groups: Vec<(Arc<weightlift::HostMemory>, Vec<Entry>)> = Vec::new();
     for t in &tensors {
         let (memory, offset) = t.host_allocation().ok_or_else(|| {
             PyValueError::new_err(format!("tensor {:?} is not in host memory", t.name()))
@@ -284,7 +282,8 @@ fn backend(name: &str) -> PyResult<Backend> {
 }
 
 fn device(name: &str) -> PyResult<Device> {
-    name.parse::<Device>().map_err(PyValueError::new_err)
+    name.parse::<Device>()
+        .map_err(|e| PyValueError::new_err(e.to_string()))
 }
 
 fn tensor_dict<'py>(py: Python<'py>, tensors: Vec<Tensor>) -> PyResult<Bound<'py, PyList>> {
@@ -325,14 +324,14 @@ impl PyCheckpoint {
     #[pyo3(signature = (path, backend="auto", token=None))]
     fn new(
         py: Python<'_>,
-        path: std::path::PathBuf,
+        path: String,
         backend: &str,
         token: Option<String>,
     ) -> PyResult<PyCheckpoint> {
         let mut options = OpenOptions::backend(self::backend(backend)?);
         options.remote.bearer_token = token;
         let ckpt = py
-            .detach(|| Checkpoint::open_with(&path, &options))
+            .detach(|| Checkpoint::open_with(path.as_str(), &options))
             .map_err(py_err)?;
         Ok(PyCheckpoint {
             ckpt: Arc::new(ckpt),

@@ -23,12 +23,10 @@
 //! loads and it crashes the process if the file is truncated. Pick a backend explicitly to
 //! override the rule.
 
-use crate::BackendKind;
+use crate::LocalKind;
 use memmap2::Mmap;
-use std::ffi::CString;
 use std::fs::File;
 use std::io;
-use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
 /// Thresholds of the automatic choice.
@@ -63,17 +61,10 @@ pub enum FsKind {
 
 /// Classifies the filesystem holding `path` by its `statfs` magic number.
 pub fn fs_kind(path: &Path) -> io::Result<FsKind> {
-    let c_path = CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))?;
-    let mut st = std::mem::MaybeUninit::<libc::statfs>::uninit();
-    // SAFETY: `c_path` is a valid NUL-terminated string and `st` points to writable memory
-    // the size of `statfs`, which the call fills on success.
-    let rc = unsafe { libc::statfs(c_path.as_ptr(), st.as_mut_ptr()) };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: statfs returned 0, so it initialised the whole struct.
-    let magic = unsafe { st.assume_init() }.f_type as u64 & 0xffff_ffff;
+    let st = rustix::fs::statfs(path)?;
+    // `f_type`'s integer type differs between platforms; the magic numbers are 32-bit.
+    #[allow(clippy::unnecessary_cast)]
+    let magic = st.f_type as u64 & 0xffff_ffff;
     Ok(classify_magic(magic))
 }
 
@@ -124,6 +115,60 @@ pub fn residency(path: &Path) -> io::Result<Residency> {
     residency_sampled(path, u64::MAX)
 }
 
+/// Counts the pages of the bytes `range` of the file (clipped to its length) that are in
+/// the page cache, like [`residency`].
+pub fn residency_in(path: &Path, range: std::ops::Range<u64>) -> io::Result<Residency> {
+    let file = File::open(path)?;
+    let len = file.metadata()?.len();
+    let page = 4096u64;
+    let (start, end) = (
+        range.start.min(len) / page,
+        range.end.min(len).div_ceil(page),
+    );
+    if start >= end {
+        return Ok(Residency {
+            resident_pages: 0,
+            total_pages: 0,
+        });
+    }
+    // SAFETY: as in `residency_sampled`: the mapping only goes to mincore.
+    let map = unsafe { Mmap::map(&file)? };
+    let resident = resident_pages(&map, start, end - start)?;
+    Ok(Residency {
+        resident_pages: resident,
+        total_pages: end - start,
+    })
+}
+
+/// Resident pages among `pages` pages of `map` from page `first` (in bounds).
+fn resident_pages(map: &Mmap, first: u64, pages: u64) -> io::Result<u64> {
+    let page = 4096u64;
+    let mut vec = vec![0u8; pages.min(1 << 18) as usize];
+    let mut resident = 0;
+    let mut at = first;
+    while at < first + pages {
+        let n = (first + pages - at).min(1 << 18);
+        let start = (at * page) as usize;
+        let bytes = ((n * page) as usize).min(map.len() - start);
+        // SAFETY: `start..start + bytes` lies inside the live mapping (page-aligned start),
+        // and `vec` has room for one byte per page of that range. The mapping is never
+        // dereferenced, so a concurrent truncation cannot fault here.
+        let rc = unsafe {
+            libc::mincore(
+                map.as_ptr().add(start) as *mut libc::c_void,
+                bytes,
+                vec.as_mut_ptr().cast(),
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        resident += vec[..n as usize].iter().filter(|&&b| b & 1 == 1).count() as u64;
+        at += n;
+    }
+    Ok(resident)
+}
+
 /// Files up to this many pages (256 MiB) are checked page by page by the automatic choice;
 /// larger ones are sampled.
 const EXACT_PAGES: u64 = 1 << 16;
@@ -150,11 +195,7 @@ fn residency_sampled(path: &Path, exact_pages: u64) -> io::Result<Residency> {
     // truncation or modification of the file cannot affect memory we read.
     let map = unsafe { Mmap::map(&file)? };
     let windows: Vec<(u64, u64)> = if total_pages <= exact_pages {
-        // Whole file, 1 GiB of it per call.
-        (0..total_pages)
-            .step_by(1 << 18)
-            .map(|p| (p, (1u64 << 18).min(total_pages - p)))
-            .collect()
+        vec![(0, total_pages)]
     } else {
         let count = SAMPLE_WINDOWS.min(total_pages.div_ceil(WINDOW_PAGES));
         let stride = total_pages / count;
@@ -162,27 +203,9 @@ fn residency_sampled(path: &Path, exact_pages: u64) -> io::Result<Residency> {
             .map(|w| (w * stride, WINDOW_PAGES.min(total_pages - w * stride)))
             .collect()
     };
-    let mut vec = vec![0u8; windows.iter().map(|w| w.1).max().unwrap_or(0) as usize];
     let (mut resident, mut checked) = (0u64, 0u64);
     for (first, pages) in windows {
-        let start = (first * page) as usize;
-        let bytes = ((pages * page) as usize).min(map.len() - start);
-        // SAFETY: `start..start + bytes` lies inside the live mapping (page-aligned start),
-        // and `vec` has room for one byte per page of that range.
-        let rc = unsafe {
-            libc::mincore(
-                map.as_ptr().add(start) as *mut libc::c_void,
-                bytes,
-                vec.as_mut_ptr().cast(),
-            )
-        };
-        if rc != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        resident += vec[..pages as usize]
-            .iter()
-            .filter(|&&b| b & 1 == 1)
-            .count() as u64;
+        resident += resident_pages(&map, first, pages)?;
         checked += pages;
     }
     Ok(Residency {
@@ -192,16 +215,16 @@ fn residency_sampled(path: &Path, exact_pages: u64) -> io::Result<Residency> {
 }
 
 /// Applies the rule (module docs) to `path`; returns the backend and the reason.
-pub(crate) fn choose(path: &Path, policy: &AutoPolicy) -> io::Result<(BackendKind, String)> {
+pub(crate) fn choose(path: &Path, policy: &AutoPolicy) -> io::Result<(LocalKind, String)> {
     let len = std::fs::metadata(path)?.len();
     match fs_kind(path).unwrap_or(FsKind::Local) {
         FsKind::Network(name) => {
             return Ok((
-                BackendKind::Pread,
+                LocalKind::Pread,
                 format!("auto: on {name}, a network filesystem"),
             ));
         }
-        FsKind::Memory => return Ok((BackendKind::Pread, "auto: in memory (tmpfs)".into())),
+        FsKind::Memory => return Ok((LocalKind::Pread, "auto: in memory (tmpfs)".into())),
         FsKind::Local => {}
     }
     let cached = residency_sampled(path, EXACT_PAGES)
@@ -209,17 +232,14 @@ pub(crate) fn choose(path: &Path, policy: &AutoPolicy) -> io::Result<(BackendKin
         .unwrap_or(0.0);
     let pct = (cached * 100.0).round();
     if cached >= policy.cached_fraction {
-        Ok((
-            BackendKind::Pread,
-            format!("auto: {pct}% in the page cache"),
-        ))
+        Ok((LocalKind::Pread, format!("auto: {pct}% in the page cache")))
     } else {
         let threshold = policy
             .direct_min_bytes
             .unwrap_or_else(|| available_memory() / 2);
         if len >= threshold {
             Ok((
-                BackendKind::Direct,
+                LocalKind::Direct,
                 format!(
                     "auto: cold ({pct}% cached) and {} MiB, over {} MiB",
                     len >> 20,
@@ -228,7 +248,7 @@ pub(crate) fn choose(path: &Path, policy: &AutoPolicy) -> io::Result<(BackendKin
             ))
         } else {
             Ok((
-                BackendKind::Pread,
+                LocalKind::Pread,
                 format!("auto: cold ({pct}% cached), readahead"),
             ))
         }
@@ -236,8 +256,8 @@ pub(crate) fn choose(path: &Path, policy: &AutoPolicy) -> io::Result<(BackendKin
 }
 
 /// `MemAvailable` from `/proc/meminfo` in bytes (`u64::MAX` where unknown, so that the
-/// default never picks `O_DIRECT` by accident).
-fn available_memory() -> u64 {
+/// automatic choice never picks `O_DIRECT` by accident).
+pub fn available_memory() -> u64 {
     std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|m| {
@@ -253,8 +273,8 @@ fn available_memory() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rustix::fs::{Advice, fadvise};
     use std::io::Write;
-    use std::os::fd::AsRawFd;
 
     #[test]
     fn classifies_network_filesystems() {
@@ -276,8 +296,7 @@ mod tests {
         let warm = residency(&path).unwrap();
         assert_eq!(warm.total_pages, 256);
         assert!(warm.fraction() > 0.9, "{warm:?}");
-        // SAFETY: plain syscall on an open descriptor.
-        unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        fadvise(&f, 0, None, Advice::DontNeed).unwrap();
         let cold = residency(&path).unwrap();
         assert!(cold.fraction() < 0.1, "{cold:?}");
         let (kind, why) = choose(
@@ -288,19 +307,18 @@ mod tests {
             },
         )
         .unwrap();
-        assert_eq!(kind, BackendKind::Direct, "{why}");
+        assert_eq!(kind, LocalKind::Direct, "{why}");
         // By default, a cold file that fits in memory is read buffered, with readahead.
         let (kind, why) = choose(&path, &AutoPolicy::default()).unwrap();
-        assert_eq!(kind, BackendKind::Pread, "{why}");
+        assert_eq!(kind, LocalKind::Pread, "{why}");
         assert!(why.contains("cold") && why.contains("readahead"), "{why}");
         let _ = std::fs::read(&path).unwrap();
         let (kind, why) = choose(&path, &AutoPolicy::default()).unwrap();
-        assert_eq!(kind, BackendKind::Pread);
+        assert_eq!(kind, LocalKind::Pread);
         assert!(why.contains("page cache"), "{why}");
         // Sampling agrees with the exact count on a fully cached and a cold file.
         assert!(residency_sampled(&path, 16).unwrap().fraction() > 0.9);
-        // SAFETY: plain syscall on an open descriptor.
-        unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        fadvise(&f, 0, None, Advice::DontNeed).unwrap();
         assert!(residency_sampled(&path, 16).unwrap().fraction() < 0.1);
     }
 }

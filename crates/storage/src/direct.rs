@@ -86,7 +86,12 @@ impl DirectSource {
         total: usize,
         sink: &mut dyn FnMut(&[u8]),
     ) -> io::Result<bool> {
-        let end = offset + total as u64;
+        let end = offset.checked_add(total as u64).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("bytes {offset}+{total} run past the largest file offset"),
+            )
+        })?;
         let mut bounce = self.take_bounce()?;
         let result = (|| {
             let mut window = offset & !(PAGE as u64 - 1);
@@ -121,7 +126,6 @@ impl DirectSource {
                 let to = end.min(window + want as u64);
                 if window + (got as u64) < to {
                     return Err(eof_error(
-                        &self.path,
                         offset,
                         total,
                         (window + got as u64).saturating_sub(offset),
@@ -203,7 +207,7 @@ impl ByteSource for DirectSource {
             Ok(())
         })?;
         if done {
-            read_exact_at(&self.buffered, &self.path, offset, buf)?;
+            read_exact_at(&self.buffered, offset, buf)?;
         }
         Ok(())
     }
@@ -235,7 +239,7 @@ impl ByteSource for DirectSource {
         if fallback {
             let mut at = offset;
             for buf in bufs.iter_mut() {
-                read_exact_at(&self.buffered, &self.path, at, buf)?;
+                read_exact_at(&self.buffered, at, buf)?;
                 at += buf.len() as u64;
             }
         }
@@ -245,6 +249,10 @@ impl ByteSource for DirectSource {
     fn hint(&self, pattern: AccessPattern) {
         // Only the buffered fallback goes through the page cache.
         advise(&self.buffered, pattern);
+    }
+
+    fn current_len(&self) -> Option<u64> {
+        self.buffered.metadata().ok().map(|m| m.len())
     }
 
     fn kind(&self) -> BackendKind {

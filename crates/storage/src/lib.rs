@@ -2,6 +2,11 @@
 //! that implement it for local files (mmap, `pread`, `pread` with `O_DIRECT`), with an
 //! automatic choice per file, and (feature `remote`) for HTTP(S) URLs and S3 objects.
 //!
+//! Every place bytes can be is named by a [`Location`] (a local path or a URL), and every
+//! checkpoint's home is a [`Store`] (a local directory, an HTTP(S) or an S3 prefix) that
+//! lists files, fetches small ones and opens others as a [`ByteSource`]. [`open_store`]
+//! picks the store for a location.
+//!
 //! This crate knows nothing of tensors or devices: it reads byte ranges, exactly, or fails
 //! with an error that says which range and why. A read that meets the end of the file
 //! before the range is complete is an [`std::io::ErrorKind::UnexpectedEof`] error, never a
@@ -9,19 +14,23 @@
 
 mod aligned;
 mod auto;
-mod baseline;
 mod direct;
+mod error;
+mod location;
 mod mmap;
 mod pread;
 #[cfg(feature = "remote")]
 pub mod remote;
+mod store;
 
 pub use aligned::{AlignedBuf, PAGE};
-pub use auto::{AutoPolicy, FsKind, Residency, fs_kind, residency};
-pub use baseline::{Eviction, evict, raw_read};
+pub use auto::{AutoPolicy, FsKind, Residency, available_memory, fs_kind, residency, residency_in};
 pub use direct::{BOUNCE_LEN, DirectSource};
+pub use error::{Error, Result, S3ConfigError};
+pub use location::Location;
 pub use mmap::MmapSource;
 pub use pread::PreadSource;
+pub use store::{Entry, LocalStore, Opened, RemoteStats, Store, StoreOptions, open_store};
 
 use std::fmt;
 use std::io;
@@ -64,6 +73,13 @@ pub trait ByteSource: Send + Sync + fmt::Debug {
 
     /// The whole source as memory, when it is memory-mapped (for zero-copy views).
     fn mapped(&self) -> Option<&[u8]> {
+        None
+    }
+
+    /// The length now, where it can be learnt without a request (a local file's size), or
+    /// as the server last reported it: tells which tensor a file cut short lost. `None`
+    /// where unknown.
+    fn current_len(&self) -> Option<u64> {
         None
     }
 }
@@ -124,9 +140,25 @@ pub struct Backend(Choice);
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Choice {
     Auto(AutoPolicy),
+    Fixed(LocalKind),
+}
+
+/// The backends that read local files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LocalKind {
     Mmap,
     Pread,
     Direct,
+}
+
+impl LocalKind {
+    fn kind(self) -> BackendKind {
+        match self {
+            LocalKind::Mmap => BackendKind::Mmap,
+            LocalKind::Pread => BackendKind::Pread,
+            LocalKind::Direct => BackendKind::Direct,
+        }
+    }
 }
 
 impl Backend {
@@ -144,13 +176,13 @@ impl Backend {
 
     /// Positioned reads through the page cache.
     pub fn pread() -> Backend {
-        Backend(Choice::Pread)
+        Backend(Choice::Fixed(LocalKind::Pread))
     }
 
     /// `O_DIRECT` positioned reads (falls back to buffered reads, with a warning in the log,
     /// where the filesystem refuses them).
     pub fn direct() -> Backend {
-        Backend(Choice::Direct)
+        Backend(Choice::Fixed(LocalKind::Direct))
     }
 
     /// Memory-mapped reads.
@@ -161,16 +193,14 @@ impl Backend {
     /// while it is open: a truncated mapping raises `SIGBUS` on access, and a modified one
     /// breaks the immutability of the bytes handed out.
     pub unsafe fn mmap() -> Backend {
-        Backend(Choice::Mmap)
+        Backend(Choice::Fixed(LocalKind::Mmap))
     }
 
     /// Whether this backend is a fixed choice of `kind`, or `None` for automatic.
     pub fn fixed(&self) -> Option<BackendKind> {
         match self.0 {
             Choice::Auto(_) => None,
-            Choice::Mmap => Some(BackendKind::Mmap),
-            Choice::Pread => Some(BackendKind::Pread),
-            Choice::Direct => Some(BackendKind::Direct),
+            Choice::Fixed(local) => Some(local.kind()),
         }
     }
 }
@@ -181,42 +211,22 @@ impl Default for Backend {
     }
 }
 
-/// A file opened for reading, with the backend chosen and why.
-#[derive(Debug, Clone)]
-pub struct Opened {
-    /// The source.
-    pub source: Arc<dyn ByteSource>,
-    /// Why this backend: the user's choice, or the automatic rule that applied.
-    pub reason: String,
-}
-
-/// Opens `path` with `backend`.
-pub fn open(path: &Path, backend: Backend) -> io::Result<Opened> {
-    let (kind, reason) = match backend.0 {
+/// Opens the local file `path` with `backend` (the first bytes are not read: `head` is
+/// empty).
+pub fn open_file(path: &Path, backend: Backend) -> io::Result<Opened> {
+    let (local, reason) = match backend.0 {
         Choice::Auto(policy) => auto::choose(path, &policy)?,
-        other => {
-            let kind = Backend(other).fixed().expect("not auto");
-            (kind, "chosen by the caller".to_string())
-        }
+        Choice::Fixed(local) => (local, "chosen by the caller".to_string()),
     };
-    let source: Arc<dyn ByteSource> = match kind {
+    let source: Arc<dyn ByteSource> = match local {
         // SAFETY: reaching here means the caller built the backend with the unsafe
         // `Backend::mmap` and took on its promise (files are not modified while open);
         // `auto::choose` never returns Mmap.
-        BackendKind::Mmap => Arc::new(unsafe { MmapSource::open(path)? }),
-        BackendKind::Pread => Arc::new(PreadSource::open(path)?),
-        BackendKind::Direct => Arc::new(DirectSource::open(path)?),
-        BackendKind::Http | BackendKind::S3 => {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!(
-                    "{}: remote objects are opened with `remote::Remote`",
-                    path.display()
-                ),
-            ));
-        }
+        LocalKind::Mmap => Arc::new(unsafe { MmapSource::open(path)? }),
+        LocalKind::Direct => Arc::new(DirectSource::open(path)?),
+        LocalKind::Pread => Arc::new(PreadSource::open(path)?),
     };
-    let reason = if source.kind() != kind {
+    let reason = if source.kind() != local.kind() {
         format!(
             "{reason}; fell back to {} (O_DIRECT refused)",
             source.kind()
@@ -224,16 +234,20 @@ pub fn open(path: &Path, backend: Backend) -> io::Result<Opened> {
     } else {
         reason
     };
-    Ok(Opened { source, reason })
+    Ok(Opened {
+        source,
+        reason,
+        head: Vec::new(),
+    })
 }
 
-/// An `UnexpectedEof` error for a range that runs past the end of the data.
-pub(crate) fn eof_error(path: &Path, offset: u64, len: usize, got: u64) -> io::Error {
+/// An `UnexpectedEof` error for a range that runs past the end of the data. The caller
+/// names the file.
+pub(crate) fn eof_error(offset: u64, len: usize, got: u64) -> io::Error {
     io::Error::new(
         io::ErrorKind::UnexpectedEof,
         format!(
-            "{}: file ended at byte {} while reading bytes {}..{} (was it truncated?)",
-            path.display(),
+            "file ended at byte {} while reading bytes {}..{} (was it truncated?)",
             offset.saturating_add(got),
             offset,
             offset.saturating_add(len as u64)

@@ -8,13 +8,13 @@ use crate::{AccessPattern, BackendKind, ByteSource, eof_error};
 use memmap2::{Advice, Mmap};
 use std::fs::File;
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// A memory-mapped file.
 #[derive(Debug)]
 pub struct MmapSource {
     map: Mmap,
-    path: PathBuf,
+    file: File,
 }
 
 impl MmapSource {
@@ -32,10 +32,14 @@ impl MmapSource {
         let map = unsafe { Mmap::map(&file)? };
         // Loads read whole ranges front to back: ask for aggressive readahead.
         let _ = map.advise(Advice::Sequential);
-        Ok(MmapSource {
-            map,
-            path: path.to_path_buf(),
-        })
+        Ok(MmapSource { map, file })
+    }
+}
+
+impl MmapSource {
+    /// The whole file, as memory.
+    pub fn as_slice(&self) -> &[u8] {
+        &self.map
     }
 }
 
@@ -55,7 +59,6 @@ impl ByteSource for MmapSource {
                 Ok(())
             }
             None => Err(eof_error(
-                &self.path,
                 offset,
                 buf.len(),
                 self.len().saturating_sub(offset),
@@ -76,6 +79,10 @@ impl ByteSource for MmapSource {
 
     fn mapped(&self) -> Option<&[u8]> {
         Some(&self.map)
+    }
+
+    fn current_len(&self) -> Option<u64> {
+        self.file.metadata().ok().map(|m| m.len())
     }
 }
 

@@ -3,9 +3,9 @@
 //! 1024 buffers.
 
 use crate::{AccessPattern, BackendKind, ByteSource, eof_error};
+use rustix::fs::{Advice, fadvise};
 use std::fs::File;
 use std::io::{self, IoSliceMut};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -45,7 +45,7 @@ impl ByteSource for PreadSource {
     }
 
     fn read_exact_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        read_exact_at(&self.file, &self.path, offset, buf)
+        read_exact_at(&self.file, offset, buf)
     }
 
     fn read_scatter_at(&self, offset: u64, bufs: &mut [&mut [u8]]) -> io::Result<()> {
@@ -59,28 +59,15 @@ impl ByteSource for PreadSource {
         let mut done = 0u64;
         while !rest.is_empty() {
             let count = rest.len().min(IOV_MAX);
-            // SAFETY: `IoSliceMut` is guaranteed ABI-compatible with `iovec` on Unix; `rest`
-            // holds at least `count` entries, each describing memory we borrow mutably for
-            // the duration of this call, and the file descriptor is open.
-            let n = unsafe {
-                libc::preadv(
-                    self.file.as_raw_fd(),
-                    rest.as_ptr().cast::<libc::iovec>(),
-                    count as libc::c_int,
-                    (offset + done) as libc::off_t,
-                )
+            let n = match rustix::io::preadv(&self.file, &mut rest[..count], offset + done) {
+                Ok(n) => n,
+                Err(e) if e == rustix::io::Errno::INTR => continue,
+                Err(e) => return Err(e.into()),
             };
-            if n < 0 {
-                let err = io::Error::last_os_error();
-                if err.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(err);
-            }
             if n == 0 {
-                return Err(eof_error(&self.path, offset, total, done));
+                return Err(eof_error(offset, total, done));
             }
-            IoSliceMut::advance_slices(&mut rest, n as usize);
+            IoSliceMut::advance_slices(&mut rest, n);
             done += n as u64;
         }
         Ok(())
@@ -93,32 +80,29 @@ impl ByteSource for PreadSource {
     fn hint(&self, pattern: AccessPattern) {
         advise(&self.file, pattern);
     }
+
+    fn current_len(&self) -> Option<u64> {
+        self.file.metadata().ok().map(|m| m.len())
+    }
 }
 
 /// Sets the kernel's readahead for `file`: deep for sequential loads, none for sparse
 /// ones (large requests still go to the device as large reads).
 pub(crate) fn advise(file: &File, pattern: AccessPattern) {
     let advice = match pattern {
-        AccessPattern::Sequential => libc::POSIX_FADV_SEQUENTIAL,
-        AccessPattern::Sparse => libc::POSIX_FADV_RANDOM,
+        AccessPattern::Sequential => Advice::Sequential,
+        AccessPattern::Sparse => Advice::Random,
     };
-    // SAFETY: plain syscall on a valid, open file descriptor; no memory is passed.
-    unsafe {
-        libc::posix_fadvise(file.as_raw_fd(), 0, 0, advice);
-    }
+    // A hint: a filesystem that ignores it loses nothing.
+    let _ = fadvise(file, 0, None, advice);
 }
 
 /// `pread` until `buf` is full, retrying interrupted and short reads.
-pub(crate) fn read_exact_at(
-    file: &File,
-    path: &Path,
-    offset: u64,
-    buf: &mut [u8],
-) -> io::Result<()> {
+pub(crate) fn read_exact_at(file: &File, offset: u64, buf: &mut [u8]) -> io::Result<()> {
     let mut done = 0usize;
     while done < buf.len() {
         match file.read_at(&mut buf[done..], offset + done as u64) {
-            Ok(0) => return Err(eof_error(path, offset, buf.len(), done as u64)),
+            Ok(0) => return Err(eof_error(offset, buf.len(), done as u64)),
             Ok(n) => done += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
@@ -177,5 +161,6 @@ mod tests {
         let err = src.read_exact_at(4_000, &mut buf).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
         assert_eq!(src.len(), 10_000);
+        assert_eq!(src.current_len(), Some(5_000));
     }
 }

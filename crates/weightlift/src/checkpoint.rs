@@ -1,17 +1,22 @@
-//! Opening a checkpoint: one file, a directory of shards (with or without an index), or an
-//! index file. Every header is read and validated up front, in parallel, and an index is
+//! Opening a checkpoint: one resolver over any [`Store`]. An index first (the named index
+//! file, or `model.safetensors.index.json` in a directory), else the store's listing of
+//! `*.safetensors`, else `model.safetensors` where the store cannot be listed (plain HTTP);
+//! then every shard opened and its header read and validated, in parallel; then the index
 //! checked against the shards before any tensor byte is read.
 
 use crate::error::{Error, Result};
+use crate::exec::thread_pool;
 use rayon::prelude::*;
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use weightlift_format::{
     FormatError, Header, INDEX_FILE_NAME, PREFIX_LEN, ShardIndex, TensorInfo,
     header_len_from_prefix,
 };
-use weightlift_storage::{Backend, BackendKind, ByteSource};
+use weightlift_storage::{
+    Backend, BackendKind, ByteSource, Entry, Location, RemoteStats, Store, StoreOptions, open_store,
+};
 
 /// How to open a checkpoint.
 #[derive(Debug, Clone, Default)]
@@ -33,12 +38,23 @@ impl OpenOptions {
             ..OpenOptions::default()
         }
     }
+
+    // The other fields depend on cargo features.
+    #[allow(clippy::needless_update)]
+    fn store_options(&self) -> StoreOptions {
+        StoreOptions {
+            backend: self.backend,
+            #[cfg(feature = "remote")]
+            remote: self.remote.clone(),
+            ..StoreOptions::default()
+        }
+    }
 }
 
 /// One safetensors file of a checkpoint.
 #[derive(Debug)]
 pub struct Shard {
-    pub(crate) path: PathBuf,
+    pub(crate) location: Location,
     pub(crate) name: String,
     pub(crate) header: Header,
     pub(crate) source: Arc<dyn ByteSource>,
@@ -46,9 +62,14 @@ pub struct Shard {
 }
 
 impl Shard {
-    /// The file's path.
-    pub fn path(&self) -> &Path {
-        &self.path
+    /// Where the file is.
+    pub fn location(&self) -> &Location {
+        &self.location
+    }
+
+    /// The file's path, for a local file.
+    pub fn path(&self) -> Option<&Path> {
+        self.location.as_local()
     }
 
     /// The name as the index (or directory listing) gives it, relative to the checkpoint
@@ -72,91 +93,156 @@ impl Shard {
         &self.backend_reason
     }
 
-    pub(crate) fn source(&self) -> &dyn ByteSource {
-        &*self.source
+    /// The source that reads the file.
+    pub fn source(&self) -> &Arc<dyn ByteSource> {
+        &self.source
     }
 }
 
 /// An open checkpoint: validated headers of all its shards, files open for reading.
 #[derive(Debug)]
 pub struct Checkpoint {
-    path: PathBuf,
-    index: Option<(PathBuf, ShardIndex)>,
+    location: Location,
+    index: Option<(Location, ShardIndex)>,
     shards: Vec<Shard>,
     tensor_count: usize,
-    #[cfg(feature = "remote")]
-    pub(crate) remote: Option<weightlift_storage::remote::Remote>,
+    store: Arc<dyn Store>,
 }
 
+/// The file a store that cannot be listed is expected to hold.
+const SINGLE_FILE: &str = "model.safetensors";
+
+/// Largest index file read (real ones are a few MiB).
+const MAX_INDEX: u64 = 256 << 20;
+
+/// First read of a file: usually covers the whole header, so one request suffices.
+const HEADER_PROBE: u64 = 64 << 10;
+
 impl Checkpoint {
-    /// Opens `path` with the default options.
-    pub fn open(path: impl AsRef<Path>) -> Result<Checkpoint> {
-        Checkpoint::open_with(path, &OpenOptions::default())
+    /// Opens `location` with the default options.
+    pub fn open(location: impl Into<Location>) -> Result<Checkpoint> {
+        Checkpoint::open_with(location, &OpenOptions::default())
     }
 
-    /// Opens `path`: a `.safetensors` file, a directory of shards, or an index file. With
-    /// the `remote` feature, `path` may also be an `http://`, `https://` or `s3://` URL of
+    /// Opens `location`: a `.safetensors` file, a directory of shards, or an index file.
+    /// With the `remote` feature, it may also be an `http://`, `https://` or `s3://` URL of
     /// any of those (a URL "directory" is a prefix: its index is fetched first; an S3 prefix
-    /// without one is listed, an HTTP one must hold `model.safetensors`).
-    pub fn open_with(path: impl AsRef<Path>, options: &OpenOptions) -> Result<Checkpoint> {
-        let path = path.as_ref();
-        if let Some(url) = path.to_str().filter(|p| is_url(p)) {
-            #[cfg(feature = "remote")]
-            return Checkpoint::open_url(url, options);
-            #[cfg(not(feature = "remote"))]
+    /// without one is listed, an HTTP one must hold `model.safetensors`). A `&str` or
+    /// `String` is read as a URL when it starts with one of those schemes; a `Path` is
+    /// always a path.
+    pub fn open_with(location: impl Into<Location>, options: &OpenOptions) -> Result<Checkpoint> {
+        let location = location.into();
+        if let (Location::Url(url), Some(kind)) = (&location, options.backend.fixed()) {
             return Err(Error::InvalidOption(format!(
-                "{url}: this build of weightlift reads local files only (cargo feature `remote`)"
+                "backend {kind} reads local files; {url} is read with range requests"
             )));
         }
-        let meta = std::fs::metadata(path).map_err(|source| Error::Io {
-            path: path.to_path_buf(),
-            context: "opening the checkpoint",
-            source,
-        })?;
-        let (index, shard_names, dir) = if meta.is_dir() {
-            let index_path = path.join(INDEX_FILE_NAME);
-            if index_path.is_file() {
-                let index = read_index(&index_path)?;
-                let names = index.shards().into_iter().map(String::from).collect();
-                (Some((index_path, index)), names, path.to_path_buf())
-            } else {
-                (None, list_shards(path)?, path.to_path_buf())
+        let (store, entry) =
+            open_store(&location, &options.store_options()).map_err(|source| Error::Io {
+                location: location.clone(),
+                context: "opening the checkpoint",
+                source,
+            })?;
+        Checkpoint::open_in(store, entry, location)
+    }
+
+    /// Opens the checkpoint `entry` of `store` (what [`Checkpoint::open_with`] does once it
+    /// has found the store): for stores of your own, or to share one store between opens.
+    /// `location` is how the checkpoint is named in messages.
+    pub fn open_in(store: Arc<dyn Store>, entry: Entry, location: Location) -> Result<Checkpoint> {
+        let io = |location: Location, context| {
+            move |source| Error::Io {
+                location,
+                context,
+                source,
             }
-        } else if path.extension().is_some_and(|e| e == "json") {
-            let index = read_index(path)?;
-            let names = index.shards().into_iter().map(String::from).collect();
-            let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
-            (Some((path.to_path_buf(), index)), names, dir)
-        } else {
-            let name = path
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
-            (None, vec![name], dir)
+        };
+        let (index, names, guessed) = match entry {
+            Entry::Index(name) => {
+                let at = store.location().join(&name);
+                let bytes = store
+                    .fetch(&name, MAX_INDEX)
+                    .map_err(io(at.clone(), "reading the index file"))?
+                    .ok_or_else(|| {
+                        io(at.clone(), "reading the index file")(
+                            std::io::Error::from(std::io::ErrorKind::NotFound).into(),
+                        )
+                    })?;
+                let index = parse_index(&at, &bytes)?;
+                let names = shard_names(&index);
+                (Some((at, index)), names, false)
+            }
+            Entry::File(name) => (None, vec![name], false),
+            Entry::Directory => {
+                let at = store.location().join(INDEX_FILE_NAME);
+                let fetched = store
+                    .fetch(INDEX_FILE_NAME, MAX_INDEX)
+                    .map_err(io(at.clone(), "reading the index file"))?;
+                match fetched {
+                    Some(bytes) => {
+                        let index = parse_index(&at, &bytes)?;
+                        let names = shard_names(&index);
+                        (Some((at, index)), names, false)
+                    }
+                    None => match store.list(".safetensors") {
+                        Ok(names) if names.is_empty() => {
+                            return Err(Error::NoShards {
+                                location: store.location().clone(),
+                            });
+                        }
+                        Ok(names) => (None, names, false),
+                        Err(weightlift_storage::Error::Unsupported(_)) => {
+                            (None, vec![SINGLE_FILE.to_string()], true)
+                        }
+                        Err(e) => {
+                            return Err(io(store.location().clone(), "listing the files")(e));
+                        }
+                    },
+                }
+            }
         };
 
-        let backend = options.backend;
-        let shards: Vec<Shard> = shard_names
-            .into_par_iter()
-            .map(|name| open_shard(dir.join(&name), name, backend, index.is_some()))
-            .collect::<Result<_>>()?;
-        Checkpoint::assemble(path.to_path_buf(), index, shards)
+        let from_index = index.is_some();
+        let threads = store
+            .preferred_threads()
+            .unwrap_or_else(crate::exec::default_threads)
+            .clamp(1, 64);
+        let pool = thread_pool(threads, "weightlift-open")?;
+        let shards: Vec<Shard> = pool
+            .install(|| {
+                names
+                    .into_par_iter()
+                    .map(|name| open_shard(&*store, name, from_index))
+                    .collect::<Result<_>>()
+            })
+            .map_err(|e| match e {
+                // An unlistable store without `model.safetensors`: nothing to load.
+                Error::Io { source, .. }
+                    if guessed && source.kind() == std::io::ErrorKind::NotFound =>
+                {
+                    Error::NoShards {
+                        location: store.location().clone(),
+                    }
+                }
+                other => other,
+            })?;
+        Checkpoint::assemble(location, index, shards, store)
     }
 
     /// Checks the shards against the index (or each other) and builds the checkpoint.
-    pub(crate) fn assemble(
-        path: PathBuf,
-        index: Option<(PathBuf, ShardIndex)>,
+    fn assemble(
+        location: Location,
+        index: Option<(Location, ShardIndex)>,
         shards: Vec<Shard>,
+        store: Arc<dyn Store>,
     ) -> Result<Checkpoint> {
-        if let Some((index_path, index)) = &index {
+        if let Some((index_location, index)) = &index {
             let pairs: Vec<(&str, &Header)> = shards
                 .iter()
                 .map(|s| (s.name.as_str(), &s.header))
                 .collect();
             index.check(&pairs).map_err(|source| Error::Format {
-                path: index_path.clone(),
+                location: index_location.clone(),
                 source,
             })?;
         }
@@ -171,8 +257,8 @@ impl Checkpoint {
                     if let Some(first) = seen.insert(&t.name, i) {
                         return Err(Error::DuplicateTensor {
                             tensor: t.name.clone(),
-                            first: shards[first].path.clone(),
-                            second: shard.path.clone(),
+                            first: shards[first].location.clone(),
+                            second: shard.location.clone(),
                         });
                     }
                 }
@@ -181,18 +267,22 @@ impl Checkpoint {
         let tensor_count = shards.iter().map(|s| s.header.len()).sum();
 
         Ok(Checkpoint {
-            path,
+            location,
             index,
             shards,
             tensor_count,
-            #[cfg(feature = "remote")]
-            remote: None,
+            store,
         })
     }
 
-    /// The path the checkpoint was opened from.
-    pub fn path(&self) -> &Path {
-        &self.path
+    /// Where the checkpoint was opened from.
+    pub fn location(&self) -> &Location {
+        &self.location
+    }
+
+    /// The store holding the checkpoint's files.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
     }
 
     /// The shards, in the index's (or the directory's) name order.
@@ -201,8 +291,8 @@ impl Checkpoint {
     }
 
     /// The index file and its contents, when the checkpoint has one.
-    pub fn index(&self) -> Option<(&Path, &ShardIndex)> {
-        self.index.as_ref().map(|(p, i)| (p.as_path(), i))
+    pub fn index(&self) -> Option<(&Location, &ShardIndex)> {
+        self.index.as_ref().map(|(p, i)| (p, i))
     }
 
     /// Number of tensors in all shards.
@@ -248,96 +338,63 @@ impl Checkpoint {
             .enumerate()
             .find_map(|(s, shard)| shard.header.position(name).map(|t| (s, t)))
     }
+
+    /// Requests, retries and bytes received so far, when the checkpoint is read over the
+    /// network.
+    pub fn remote_stats(&self) -> Option<RemoteStats> {
+        self.store.remote_stats()
+    }
+
+    /// Loader threads a load uses when its options leave the number open: the number of
+    /// CPUs (at least 4), or the requests allowed in flight for a checkpoint read from URLs.
+    pub fn default_threads(&self) -> usize {
+        self.store
+            .preferred_threads()
+            .unwrap_or_else(crate::exec::default_threads)
+    }
 }
 
-/// Whether `path` is a URL this build can read.
-fn is_url(path: &str) -> bool {
-    ["http://", "https://", "s3://"].iter().any(|scheme| {
-        path.get(..scheme.len())
-            .is_some_and(|s| s.eq_ignore_ascii_case(scheme))
-    })
+fn shard_names(index: &ShardIndex) -> Vec<String> {
+    index.shards().into_iter().map(String::from).collect()
 }
 
-fn read_index(path: &Path) -> Result<ShardIndex> {
-    let bytes = std::fs::read(path).map_err(|source| Error::Io {
-        path: path.to_path_buf(),
-        context: "reading the index file",
-        source,
-    })?;
-    parse_index(path, &bytes)
-}
-
-pub(crate) fn parse_index(path: &Path, bytes: &[u8]) -> Result<ShardIndex> {
+fn parse_index(location: &Location, bytes: &[u8]) -> Result<ShardIndex> {
     ShardIndex::parse(bytes).map_err(|source| Error::Format {
-        path: path.to_path_buf(),
+        location: location.clone(),
         source,
     })
 }
 
-fn list_shards(dir: &Path) -> Result<Vec<String>> {
-    let io_err = |source| Error::Io {
-        path: dir.to_path_buf(),
-        context: "listing the directory",
-        source,
-    };
-    let mut names = Vec::new();
-    for entry in std::fs::read_dir(dir).map_err(io_err)? {
-        let entry = entry.map_err(io_err)?;
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if name.ends_with(".safetensors") && !name.starts_with('.') {
-            names.push(name);
-        }
-    }
-    if names.is_empty() {
-        return Err(Error::NoShards {
-            path: dir.to_path_buf(),
-        });
-    }
-    names.sort();
-    Ok(names)
-}
-
-/// First read of a file: usually covers the whole header, so one request suffices.
-pub(crate) const HEADER_PROBE: u64 = 64 << 10;
-
-fn open_shard(path: PathBuf, name: String, backend: Backend, from_index: bool) -> Result<Shard> {
-    let opened = weightlift_storage::open(&path, backend).map_err(open_error(&path, from_index))?;
-    let header = header_of(&path, &*opened.source, Vec::new())?;
+fn open_shard(store: &dyn Store, name: String, from_index: bool) -> Result<Shard> {
+    let location = store.location().join(&name);
+    let opened = store
+        .open(&name, HEADER_PROBE)
+        .map_err(|source| Error::Io {
+            location: location.clone(),
+            context: if from_index {
+                "opening a shard listed in the index"
+            } else {
+                "opening the file"
+            },
+            source,
+        })?;
+    let header = read_header(&*opened.source, opened.head).map_err(|e| match e {
+        HeaderError::Format(source) => Error::Format {
+            location: location.clone(),
+            source,
+        },
+        HeaderError::Io(source) => Error::Io {
+            location: location.clone(),
+            context: "reading the header",
+            source: source.into(),
+        },
+    })?;
     Ok(Shard {
-        path,
+        location,
         name,
         header,
         source: opened.source,
         backend_reason: opened.reason,
-    })
-}
-
-/// The error for a shard that cannot be opened.
-pub(crate) fn open_error(path: &Path, from_index: bool) -> impl FnOnce(std::io::Error) -> Error {
-    let path = path.to_path_buf();
-    move |source| Error::Io {
-        path,
-        context: if from_index {
-            "opening a shard listed in the index"
-        } else {
-            "opening the file"
-        },
-        source,
-    }
-}
-
-/// Reads and validates the header of the shard at `path` (see [`read_header`]).
-pub(crate) fn header_of(path: &Path, source: &dyn ByteSource, head: Vec<u8>) -> Result<Header> {
-    read_header(source, head).map_err(|e| match e {
-        HeaderError::Format(source) => Error::Format {
-            path: path.to_path_buf(),
-            source,
-        },
-        HeaderError::Io(source) => Error::Io {
-            path: path.to_path_buf(),
-            context: "reading the header",
-            source,
-        },
     })
 }
 
@@ -347,12 +404,9 @@ enum HeaderError {
 }
 
 /// Reads and validates a header through a byte source, checking every length against the
-/// source's real length before allocating for it. `head` holds the file's first bytes when
-/// the caller already has them (a remote open's first request), else it is empty.
-fn read_header(
-    source: &dyn ByteSource,
-    mut head: Vec<u8>,
-) -> std::result::Result<Header, HeaderError> {
+/// source's real length before allocating for it. `head` holds the file's first bytes as
+/// far as the store read them with the opening (possibly none); the rest is read here.
+fn read_header(source: &dyn ByteSource, mut head: Vec<u8>) -> Result<Header, HeaderError> {
     let len = source.len();
     if len < PREFIX_LEN {
         return Err(HeaderError::Format(FormatError::HeaderTooSmall { len }));

@@ -1,39 +1,41 @@
-//! The facade's error type: every variant names the file and, where there is one, the tensor.
+//! The facade's error type: every variant names the file (once) and, where there is one,
+//! the tensor.
 
 use std::io;
-use std::path::PathBuf;
 use weightlift_device::DeviceError;
 use weightlift_format::FormatError;
+use weightlift_storage::Location;
 
 /// Why opening or loading a checkpoint failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
     /// A file broke a rule of the format (the message names the tensor and the rule).
-    #[error("{}: {source}", path.display())]
+    #[error("{location}: {source}")]
     Format {
         /// The file (or index file).
-        path: PathBuf,
+        location: Location,
         /// The rule broken.
         #[source]
         source: FormatError,
     },
-    /// Opening or reading a file failed outside any tensor (header, index, listing).
-    #[error("{}: {context}: {source}", path.display())]
+    /// Opening, listing or reading a file failed outside any tensor (header, index,
+    /// listing, mapping).
+    #[error("{location}: {context}: {source}")]
     Io {
-        /// The file.
-        path: PathBuf,
+        /// The file, directory or URL.
+        location: Location,
         /// What was being done.
         context: &'static str,
         /// The cause.
         #[source]
-        source: io::Error,
+        source: weightlift_storage::Error,
     },
     /// Reading a tensor's bytes failed (including a file that shrank during the load).
-    #[error("{}: tensor {tensor:?}: {source}", path.display())]
+    #[error("{location}: tensor {tensor:?}: {source}")]
     Read {
         /// The file.
-        path: PathBuf,
+        location: Location,
         /// The tensor whose bytes could not be read.
         tensor: String,
         /// The cause.
@@ -41,20 +43,23 @@ pub enum Error {
         source: io::Error,
     },
     /// A directory holds no safetensors file.
-    #[error("{}: no .safetensors files and no {} here", path.display(), weightlift_format::INDEX_FILE_NAME)]
+    #[error(
+        "{location}: no .safetensors files and no {} here",
+        weightlift_format::INDEX_FILE_NAME
+    )]
     NoShards {
-        /// The directory.
-        path: PathBuf,
+        /// The directory or URL prefix.
+        location: Location,
     },
     /// Two shards of a checkpoint without an index hold the same tensor name.
-    #[error("tensor {tensor:?} is in both {} and {}", first.display(), second.display())]
+    #[error("tensor {tensor:?} is in both {first} and {second}")]
     DuplicateTensor {
         /// The tensor.
         tensor: String,
         /// One shard.
-        first: PathBuf,
+        first: Location,
         /// Another.
-        second: PathBuf,
+        second: Location,
     },
     /// No tensor of that name.
     #[error("no tensor named {0:?} in the checkpoint")]
@@ -89,6 +94,18 @@ pub enum Error {
         /// Why.
         reason: String,
     },
+}
+
+impl Error {
+    /// The [`io::ErrorKind`] behind an I/O or read error (`NotFound` for a missing file or
+    /// object), if there is one.
+    pub fn io_kind(&self) -> Option<io::ErrorKind> {
+        match self {
+            Error::Io { source, .. } => Some(source.kind()),
+            Error::Read { source, .. } => Some(source.kind()),
+            _ => None,
+        }
+    }
 }
 
 /// Result alias of this crate.

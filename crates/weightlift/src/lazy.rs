@@ -5,10 +5,10 @@ use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 use crate::slice;
 use crate::tensor::{Storage, Tensor, TensorView};
-use memmap2::Mmap;
 use std::ops::Range;
 use std::sync::Arc;
 use weightlift_device::HostBuffer;
+use weightlift_storage::MmapSource;
 
 impl Checkpoint {
     /// Reads one tensor into owned memory.
@@ -52,7 +52,7 @@ impl Checkpoint {
                 .source()
                 .read_exact_at(base + offset, dst)
                 .map_err(|source| Error::Read {
-                    path: shard.path().to_path_buf(),
+                    location: shard.location().clone(),
                     tensor: name.to_string(),
                     source,
                 })?;
@@ -63,7 +63,7 @@ impl Checkpoint {
             shape: plan.shape,
             byte_len: total as usize,
             storage: Storage::Host {
-                memory: Arc::new(buf),
+                memory: Arc::new(buf.into()),
                 offset: 0,
             },
         })
@@ -82,28 +82,29 @@ impl Checkpoint {
             .shards()
             .iter()
             .map(|s| {
-                let io = |source| Error::Io {
-                    path: s.path().to_path_buf(),
+                let io = |source: weightlift_storage::Error| Error::Io {
+                    location: s.location().clone(),
                     context: "memory-mapping the file",
                     source,
                 };
-                let file = std::fs::File::open(s.path()).map_err(io)?;
+                let path = s.path().ok_or_else(|| {
+                    io(weightlift_storage::Error::Unsupported(
+                        "only local files can be memory-mapped",
+                    ))
+                })?;
                 // SAFETY: the caller promises the files are not truncated or modified while
                 // the mapping lives (this function's contract).
-                let map = unsafe { Mmap::map(&file) }.map_err(io)?;
-                if (map.len() as u64) < s.header().file_len() {
-                    return Err(Error::Io {
-                        path: s.path().to_path_buf(),
-                        context: "memory-mapping the file",
-                        source: std::io::Error::new(
-                            std::io::ErrorKind::UnexpectedEof,
-                            format!(
-                                "file is {} bytes, its header needs {}",
-                                map.len(),
-                                s.header().file_len()
-                            ),
+                let map = unsafe { MmapSource::open(path) }.map_err(|e| io(e.into()))?;
+                if (map.as_slice().len() as u64) < s.header().file_len() {
+                    return Err(io(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        format!(
+                            "file is {} bytes, its header needs {}",
+                            map.as_slice().len(),
+                            s.header().file_len()
                         ),
-                    });
+                    )
+                    .into()));
                 }
                 Ok(map)
             })
@@ -132,7 +133,7 @@ impl Checkpoint {
 #[derive(Debug)]
 pub struct MappedCheckpoint<'a> {
     checkpoint: &'a Checkpoint,
-    maps: Vec<Mmap>,
+    maps: Vec<MmapSource>,
 }
 
 impl MappedCheckpoint<'_> {
@@ -164,7 +165,7 @@ impl MappedCheckpoint<'_> {
             dtype: info.dtype,
             shape: &info.shape,
             // In bounds: `map` checked each file is at least as long as its header says.
-            bytes: &self.maps[s][start..end],
+            bytes: &self.maps[s].as_slice()[start..end],
         }
     }
 }

@@ -25,39 +25,40 @@
 mod checkpoint;
 mod convert;
 mod error;
+mod exec;
 mod lazy;
 mod load;
-#[cfg(feature = "remote")]
-mod open_url;
+mod options;
 mod plan;
 mod progress;
 mod slice;
-pub mod synthetic;
 mod tensor;
 
 pub use checkpoint::{Checkpoint, OpenOptions, Shard};
 pub use error::{Error, Result};
+pub use exec::default_threads;
 pub use lazy::MappedCheckpoint;
-pub use load::{DEFAULT_REQUEST_SIZE, Filter, LoadOptions};
+pub use options::{DEFAULT_REQUEST_SIZE, Filter, LoadOptions};
 pub use progress::{Progress, ProgressFn};
-pub use tensor::{Element, StateDict, Tensor, TensorView};
+pub use tensor::{Element, HostMemory, StateDict, Tensor, TensorView};
 
 pub use weightlift_device as device;
 pub use weightlift_device::{Device, StagedTarget, StagingOptions, StagingStats};
 pub use weightlift_format as format;
 pub use weightlift_format::Dtype;
-pub use weightlift_storage::{AutoPolicy, Backend, BackendKind};
-/// Remote storage options and counters (feature `remote`).
+pub use weightlift_storage as storage;
+pub use weightlift_storage::{AutoPolicy, Backend, BackendKind, Location, RemoteStats};
+/// Remote storage options (feature `remote`).
 #[cfg(feature = "remote")]
 pub mod remote {
-    pub use weightlift_storage::remote::{RemoteOptions, RemoteStats, S3Config};
+    pub use weightlift_storage::remote::{RemoteOptions, S3Config};
 }
 
 /// Loads every tensor of a safetensors file held in memory (`bytes` is the whole file),
 /// validated like a file on disk, into owned CPU memory (one copy of the data section).
 pub fn load_bytes(bytes: &[u8]) -> Result<StateDict> {
     let format_error = |source| Error::Format {
-        path: "<bytes>".into(),
+        location: Location::Local("<bytes>".into()),
         source,
     };
     let header = format::Header::from_file_bytes(bytes).map_err(format_error)?;
@@ -65,7 +66,7 @@ pub fn load_bytes(bytes: &[u8]) -> Result<StateDict> {
     let mut buf = device::HostBuffer::new(data.len() as u64)?;
     buf.as_mut_slice().copy_from_slice(data);
     let base = tensor::Storage::Host {
-        memory: std::sync::Arc::new(buf),
+        memory: std::sync::Arc::new(buf.into()),
         offset: 0,
     };
     let tensors = header
@@ -76,7 +77,7 @@ pub fn load_bytes(bytes: &[u8]) -> Result<StateDict> {
     Ok(StateDict::new(tensors))
 }
 
-/// Opens `path` and loads every tensor into CPU memory with default options.
-pub fn load(path: impl AsRef<std::path::Path>) -> Result<StateDict> {
-    Checkpoint::open(path)?.load(&LoadOptions::default())
+/// Opens `location` and loads every tensor into CPU memory with default options.
+pub fn load(location: impl Into<Location>) -> Result<StateDict> {
+    Checkpoint::open(location)?.load(&LoadOptions::default())
 }

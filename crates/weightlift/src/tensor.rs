@@ -2,11 +2,11 @@
 
 use crate::convert::converted_len;
 use crate::error::{Error, Result};
+use crate::exec::fill_target;
+use std::fmt;
+use std::ops::Range;
 use std::sync::Arc;
-use weightlift_device::{
-    CopyEngine, Device, DeviceError, DeviceMemory, HostBuffer, Region, StagedTarget,
-    StagingOptions, StagingStats, Target,
-};
+use weightlift_device::{CopyEngine, Device, DeviceMemory, HostBuffer, StagedTarget, StagingStats};
 use weightlift_format::{Dtype, TensorInfo};
 
 /// An element type with a safetensors dtype, for typed views.
@@ -27,12 +27,57 @@ elements!(
     half::f16 => F16, half::bf16 => BF16,
 );
 
+/// Host memory holding loaded tensors: one allocation per shard, shared by its tensors.
+pub struct HostMemory(HostKind);
+
+enum HostKind {
+    /// Owned memory the bytes were read into.
+    Owned(HostBuffer),
+}
+
+impl HostMemory {
+    /// The bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        match &self.0 {
+            HostKind::Owned(b) => b.as_slice(),
+        }
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.as_slice().len()
+    }
+
+    /// Whether it holds no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl From<HostBuffer> for HostMemory {
+    fn from(buffer: HostBuffer) -> HostMemory {
+        HostMemory(HostKind::Owned(buffer))
+    }
+}
+
+impl fmt::Debug for HostMemory {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = match &self.0 {
+            HostKind::Owned(_) => "owned",
+        };
+        f.debug_struct("HostMemory")
+            .field("kind", &kind)
+            .field("len", &self.len())
+            .finish()
+    }
+}
+
 /// Where a tensor's bytes are.
 #[derive(Debug, Clone)]
 pub(crate) enum Storage {
     /// In host memory shared with the other tensors of the same allocation.
     Host {
-        memory: Arc<HostBuffer>,
+        memory: Arc<HostMemory>,
         offset: usize,
     },
     /// In device memory (a GPU) shared with the other tensors of the same allocation.
@@ -136,7 +181,7 @@ impl Tensor {
     /// The host allocation holding the bytes (shared with the other tensors of its shard)
     /// and the offset of the first byte in it: what bindings need to hand out many arrays
     /// over one buffer. `None` for device and meta tensors.
-    pub fn host_allocation(&self) -> Option<(&Arc<HostBuffer>, usize)> {
+    pub fn host_allocation(&self) -> Option<(&Arc<HostMemory>, usize)> {
         match &self.storage {
             Storage::Host { memory, offset } => Some((memory, *offset)),
             _ => None,
@@ -152,33 +197,28 @@ impl Tensor {
         }
     }
 
-    /// A copy of this tensor in the device memory of `target` (through its staging
-    /// buffers): how a slice read with [`crate::Checkpoint::get_slice`] goes to a GPU.
+    /// A copy of this tensor in the device memory of `target`, through its staging
+    /// buffers and pipeline (as a load goes): how a slice read with
+    /// [`crate::Checkpoint::get_slice`] goes to a GPU.
     pub fn to_device<E: CopyEngine>(&self, target: &StagedTarget<E>) -> Result<Tensor> {
         let host = self.to_host()?;
         let bytes = host.bytes().unwrap_or_default();
-        let mut alloc = target.allocate(bytes.len() as u64)?;
+        let len = bytes.len() as u64;
         let step = target.buffer_size() as u64;
-        let ranges: Vec<_> = (0..bytes.len() as u64)
+        // One job per staging buffer: the destination range and the bytes that fill it.
+        let jobs: Vec<(Range<u64>, Range<usize>)> = (0..len)
             .step_by(step as usize)
-            .map(|start| start..(start + step).min(bytes.len() as u64))
+            .map(|start| {
+                let end = (start + step).min(len);
+                (start..end, start as usize..end as usize)
+            })
             .collect();
-        let filled = target.regions(&mut alloc, &ranges).and_then(|regions| {
-            regions
-                .into_iter()
-                .zip(&ranges)
-                .try_for_each(|(mut region, r)| {
-                    region.fill(|buf| {
-                        buf.copy_from_slice(&bytes[r.start as usize..r.end as usize]);
-                        Ok::<(), DeviceError>(())
-                    })
-                })
-        });
-        if let Err(e) = filled {
-            let _ = target.settle();
-            return Err(e.into());
-        }
-        let memory: Arc<dyn DeviceMemory> = Arc::new(target.finish(alloc)?);
+        // In order: each copy runs while the next buffer fills.
+        let mut memories = fill_target(target, &[len], &[jobs], None, |src, buf| {
+            buf.copy_from_slice(&bytes[src.clone()]);
+            Ok(())
+        })?;
+        let memory: Arc<dyn DeviceMemory> = Arc::new(memories.pop().expect("one allocation"));
         Ok(Tensor {
             storage: Storage::Device { memory, offset: 0 },
             ..self.clone()
@@ -194,15 +234,23 @@ impl Tensor {
                 storage: Storage::Meta,
                 ..self.clone()
             }),
-            Device::Cuda(ordinal) => {
-                let default = StagingOptions::default();
-                let staging = StagingOptions {
-                    buffers: 2,
-                    buffer_size: self.byte_len.clamp(4096, default.buffer_size),
-                };
-                self.to_device(&crate::load::cuda_target(ordinal, 1, staging)?)
-            }
+            Device::Cuda(ordinal) => self.to_cuda(ordinal),
         }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn to_cuda(&self, ordinal: usize) -> Result<Tensor> {
+        let default = weightlift_device::StagingOptions::default();
+        let staging = weightlift_device::StagingOptions {
+            buffers: 2,
+            buffer_size: self.byte_len.clamp(4096, default.buffer_size),
+        };
+        self.to_device(&StagedTarget::cuda(ordinal, 1, staging)?)
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    fn to_cuda(&self, ordinal: usize) -> Result<Tensor> {
+        Err(weightlift_device::cuda_not_built(ordinal).into())
     }
 
     /// The tensor in host memory: itself for a CPU tensor (shared, no copy); a copy for a
@@ -215,7 +263,7 @@ impl Tensor {
                 memory.read_back(*offset, buf.as_mut_slice())?;
                 Ok(Tensor {
                     storage: Storage::Host {
-                        memory: Arc::new(buf),
+                        memory: Arc::new(buf.into()),
                         offset: 0,
                     },
                     ..self.clone()

@@ -1,8 +1,11 @@
 //! The requests: ranged GETs with retries, body bytes streamed into the caller's buffers.
 
-use super::{Object, Permit, Remote, Validator};
+use super::{Object, Permit, Remote, RemoteOptions, Validator};
+use crate::error::{Error, Result};
+use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
+use instant_xml::FromXml;
 use std::io::{self, Read};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use ureq::http::{Response, StatusCode};
 
@@ -42,6 +45,7 @@ impl Remote {
     ) -> io::Result<T> {
         let options = &self.inner.options;
         let mut failures = 0u32;
+        let mut pending = delays(options);
         loop {
             let (error, after, progressed) = match attempt() {
                 Ok(value) => return Ok(value),
@@ -52,17 +56,20 @@ impl Remote {
                     progressed,
                 }) => (error, after, progressed),
             };
-            failures = if progressed { 1 } else { failures + 1 };
-            if failures > options.max_retries {
+            // A retry that made progress starts the count (and the backoff) afresh.
+            if progressed {
+                failures = 0;
+                pending = delays(options);
+            }
+            failures += 1;
+            let Some(delay) = pending.next() else {
                 return Err(io::Error::new(
                     error.kind(),
                     format!("giving up after {failures} failed attempts: {error}"),
                 ));
-            }
+            };
             self.inner.retries.fetch_add(1, Ordering::Relaxed);
-            let delay = after
-                .unwrap_or_else(|| backoff(options.backoff, failures))
-                .min(options.max_backoff);
+            let delay = after.unwrap_or(delay).min(options.max_backoff);
             log::debug!("{url}: {error}; retry {failures} in {delay:?}");
             std::thread::sleep(delay);
         }
@@ -76,7 +83,7 @@ impl Remote {
         object: &Object,
         range: Option<(u64, u64)>,
         if_match: Option<&str>,
-    ) -> Result<(Permit<'_>, Response<ureq::Body>), Failure> {
+    ) -> std::result::Result<(Permit<'_>, Response<ureq::Body>), Failure> {
         let permit = self.inner.gate.acquire();
         let (target, token) = match object {
             Object::Http(u) => (u.clone(), self.inner.options.bearer_token.as_deref()),
@@ -84,8 +91,8 @@ impl Remote {
             Object::S3 { bucket, key } => {
                 let url = self
                     .s3_config()
-                    .and_then(|c| c.presign_get(bucket, key))
-                    .map_err(Failure::Fatal)?;
+                    .and_then(|c| Ok(c.presign_get(bucket, key)?))
+                    .map_err(|e| Failure::Fatal(io::Error::new(e.kind(), e.to_string())))?;
                 (url.to_string(), None)
             }
         };
@@ -118,8 +125,8 @@ impl Remote {
         object: &Object,
         url: &str,
         probe: u64,
-    ) -> io::Result<(u64, Validator, Vec<u8>)> {
-        self.retrying(url, || {
+    ) -> Result<(u64, Validator, Vec<u8>)> {
+        Ok(self.retrying(url, || {
             let (_permit, mut response) = self.get(object, Some((0, probe - 1)), None)?;
             let validator = validator(&response);
             let (len, body_len) = match response.status().as_u16() {
@@ -149,7 +156,7 @@ impl Remote {
             read_body(&mut reader, &mut head).map_err(|(error, _)| Failure::retry(error))?;
             self.inner.bytes.fetch_add(body_len, Ordering::Relaxed);
             Ok((len, validator.clone(), head))
-        })
+        })?)
     }
 
     /// A whole small object; `None` for 404.
@@ -158,20 +165,26 @@ impl Remote {
         object: &Object,
         url: &str,
         max_len: u64,
-    ) -> io::Result<Option<Vec<u8>>> {
-        self.retrying(url, || {
+    ) -> Result<Option<Vec<u8>>> {
+        let mut too_large = None;
+        let fetched = self.retrying(url, || {
             let (_permit, mut response) = self.get(object, None, None)?;
             match response.status().as_u16() {
                 200 => {}
                 404 => return Ok(None),
                 _ => return Err(Failure::Fatal(status_error(&mut response))),
             }
-            read_small(response, max_len).map(Some)
-        })
+            read_small(response, max_len, &mut too_large).map(Some)
+        });
+        match (fetched, too_large) {
+            (Err(_), Some(len)) => Err(Error::TooLarge { len, max: max_len }),
+            (result, _) => Ok(result?),
+        }
     }
 
     /// Fills `bufs` with the object's bytes from `offset`, re-requesting only what is
-    /// missing after a short body.
+    /// missing after a short body. An object found shorter than before has its new length
+    /// stored in `seen_len`.
     pub(super) fn read_range(
         &self,
         object: &Object,
@@ -179,6 +192,7 @@ impl Remote {
         offset: u64,
         bufs: &mut [&mut [u8]],
         expected: &Validator,
+        seen_len: &AtomicU64,
     ) -> io::Result<()> {
         let total: u64 = bufs.iter().map(|b| b.len() as u64).sum();
         if total == 0 {
@@ -197,6 +211,7 @@ impl Remote {
                     let (from, to, len) = content_range(&response)
                         .ok_or_else(|| malformed("a 206 answer without a valid Content-Range"))?;
                     if len <= last {
+                        seen_len.store(len, Ordering::Relaxed);
                         return Err(Failure::Fatal(shrunk(first, last, len)));
                     }
                     if from != first || to != last {
@@ -211,6 +226,7 @@ impl Remote {
                 }
                 416 => {
                     let len = unsatisfied_range_len(&response).unwrap_or(0);
+                    seen_len.store(len, Ordering::Relaxed);
                     return Err(Failure::Fatal(shrunk(first, last, len)));
                 }
                 _ => return Err(Failure::Fatal(status_error(&mut response))),
@@ -238,7 +254,7 @@ impl Remote {
         bucket: &str,
         prefix: &str,
         suffix: &str,
-    ) -> io::Result<Vec<String>> {
+    ) -> Result<Vec<String>> {
         let prefix = if prefix.is_empty() || prefix.ends_with('/') {
             prefix.to_string()
         } else {
@@ -255,7 +271,7 @@ impl Remote {
                 if response.status() != StatusCode::OK {
                     return Err(Failure::Fatal(status_error(&mut response)));
                 }
-                read_small(response, MAX_LISTING)
+                read_small(response, MAX_LISTING, &mut None)
             })?;
             let text = String::from_utf8_lossy(&body);
             let page = rusty_s3::actions::ListObjectsV2::parse_response(&text).map_err(|e| {
@@ -282,15 +298,17 @@ impl Remote {
     }
 }
 
-/// Exponential backoff with jitter: `base * 2^(n-1)`, times a factor in [0.5, 1.5).
-fn backoff(base: Duration, failures: u32) -> Duration {
-    let exp = base.saturating_mul(1u32 << failures.saturating_sub(1).min(16));
-    // Jitter without a random-number crate: the clock's nanoseconds are noise enough to
-    // keep many workers from retrying in lockstep.
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos());
-    exp.mul_f64(0.5 + f64::from(nanos % 1000) / 1000.0)
+/// The delays before each retry: exponential from `backoff` (doubling, capped at
+/// `max_backoff`), each stretched by a random part of itself so that many workers do not
+/// retry in lockstep; `max_retries` of them.
+fn delays(options: &RemoteOptions) -> ExponentialBackoff {
+    ExponentialBuilder::new()
+        .with_min_delay(options.backoff)
+        .with_max_delay(options.max_backoff)
+        .with_factor(2.0)
+        .with_jitter()
+        .with_max_times(options.max_retries as usize)
+        .build()
 }
 
 fn transport_failure(error: ureq::Error) -> Failure {
@@ -335,6 +353,16 @@ fn changed(expected: &Validator, got: &Validator) -> io::Error {
     ))
 }
 
+/// The body of an S3 error answer (other elements are ignored).
+#[derive(Debug, FromXml)]
+#[xml(rename = "Error")]
+struct S3ErrorBody {
+    #[xml(rename = "Code")]
+    code: Option<String>,
+    #[xml(rename = "Message")]
+    message: Option<String>,
+}
+
 /// A failure answer as an error: the status, and what an S3 error body says (`<Code>`,
 /// `<Message>`) or a plain-text body; HTML error pages add nothing and are left out.
 fn status_error(response: &mut Response<ureq::Body>) -> io::Error {
@@ -346,12 +374,13 @@ fn status_error(response: &mut Response<ureq::Body>) -> io::Error {
         .as_reader()
         .take(4096)
         .read_to_string(&mut body);
-    let xml = |tag: &str| {
-        let start = body.find(&format!("<{tag}>"))? + tag.len() + 2;
-        let end = start + body[start..].find("</")?;
-        Some(body[start..end].trim().to_string())
+    let s3 = instant_xml::from_str::<S3ErrorBody>(body.trim()).ok();
+    let field = |f: Option<String>| f.map(|v| v.trim().to_string()).filter(|v| !v.is_empty());
+    let (code, message) = match s3 {
+        Some(e) => (field(e.code), field(e.message)),
+        None => (None, None),
     };
-    let detail = match (xml("Code"), xml("Message")) {
+    let detail = match (code, message) {
         (Some(code), Some(message)) => format!("{code}: {message}"),
         (Some(code), None) => code,
         _ if plain => body
@@ -471,15 +500,24 @@ fn fill_from(reader: &mut impl Read, bufs: &mut [&mut [u8]], done: &mut u64) -> 
     Ok(())
 }
 
-/// A small body, read whole, refusing more than `max_len` bytes.
-fn read_small(response: Response<ureq::Body>, max_len: u64) -> Result<Vec<u8>, Failure> {
+/// A small body, read whole, refusing more than `max_len` bytes (and noting the length
+/// that was too large in `too_large`).
+fn read_small(
+    response: Response<ureq::Body>,
+    max_len: u64,
+    too_large: &mut Option<u64>,
+) -> std::result::Result<Vec<u8>, Failure> {
+    let refuse = |len: u64, too_large: &mut Option<u64>| {
+        *too_large = Some(len);
+        Failure::Fatal(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{len} bytes is more than the {max_len} accepted here"),
+        ))
+    };
     if let Some(len) = response.body().content_length()
         && len > max_len
     {
-        return Err(Failure::Fatal(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("{len} bytes is more than the {max_len} accepted here"),
-        )));
+        return Err(refuse(len, too_large));
     }
     let mut body = Vec::new();
     response
@@ -502,14 +540,32 @@ mod tests {
     use super::*;
 
     #[test]
-    fn backoff_grows_with_jitter() {
-        let base = Duration::from_millis(100);
-        for n in 1..6 {
-            let d = backoff(base, n);
-            let nominal = base * (1 << (n - 1));
-            assert!(d >= nominal / 2 && d < nominal * 3 / 2, "{n}: {d:?}");
+    fn delays_grow_with_jitter_and_run_out() {
+        let options = RemoteOptions {
+            backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_millis(1000),
+            max_retries: 6,
+            ..RemoteOptions::default()
+        };
+        let got: Vec<Duration> = delays(&options).collect();
+        assert_eq!(got.len(), 6);
+        for (n, d) in got.iter().enumerate() {
+            let nominal = (options.backoff * (1 << n)).min(options.max_backoff);
+            assert!(*d >= nominal && *d <= nominal * 2, "{n}: {d:?}");
         }
-        assert!(backoff(base, 60) > Duration::ZERO, "no overflow");
+    }
+
+    #[test]
+    fn s3_error_bodies() {
+        let body = r#"<?xml version="1.0" encoding="UTF-8"?>
+<Error><Code>NoSuchBucket</Code><Message>The specified bucket does not exist</Message><BucketName>x</BucketName><RequestId>1</RequestId></Error>"#;
+        let e: S3ErrorBody = instant_xml::from_str(body).unwrap();
+        assert_eq!(e.code.as_deref(), Some("NoSuchBucket"));
+        assert_eq!(
+            e.message.as_deref(),
+            Some("The specified bucket does not exist")
+        );
+        assert!(instant_xml::from_str::<S3ErrorBody>("<html>no</html>").is_err());
     }
 
     #[test]

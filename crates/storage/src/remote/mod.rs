@@ -12,30 +12,20 @@
 
 mod client;
 mod s3;
+mod store;
 
+pub use crate::RemoteStats;
 pub use s3::S3Config;
+pub use store::RemoteStore;
 
+use crate::error::{Error, Result, S3ConfigError};
+use crate::location::has_scheme;
 use crate::{BackendKind, ByteSource};
 use std::fmt;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::Duration;
-
-/// Whether `location` names a remote object (`http://`, `https://` or `s3://`).
-pub fn is_remote(location: &str) -> bool {
-    ["http://", "https://", "s3://"].iter().any(|scheme| {
-        location
-            .get(..scheme.len())
-            .is_some_and(|s| s.eq_ignore_ascii_case(scheme))
-    })
-}
-
-/// Joins a name to a remote "directory": `s3://b/models/x` + `a.safetensors` is
-/// `s3://b/models/x/a.safetensors`.
-pub fn join(base: &str, name: &str) -> String {
-    format!("{}/{}", base.trim_end_matches('/'), name)
-}
 
 /// How remote objects are read.
 #[derive(Clone)]
@@ -101,17 +91,6 @@ impl Default for RemoteOptions {
     }
 }
 
-/// Request counters of a [`Remote`] client.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct RemoteStats {
-    /// HTTP requests sent (including retries).
-    pub requests: u64,
-    /// Requests that were retries.
-    pub retries: u64,
-    /// Body bytes received into callers' buffers.
-    pub bytes: u64,
-}
-
 /// A client for remote objects; cheap to clone (clones share the pool, gate and counters).
 #[derive(Clone)]
 pub struct Remote {
@@ -122,7 +101,7 @@ struct Inner {
     agent: ureq::Agent,
     options: RemoteOptions,
     gate: Gate,
-    s3: OnceLock<Result<S3Config, String>>,
+    s3: OnceLock<Result<S3Config, S3ConfigError>>,
     requests: AtomicU64,
     retries: AtomicU64,
     bytes: AtomicU64,
@@ -139,7 +118,7 @@ impl fmt::Debug for Remote {
 
 impl Remote {
     /// A client with `options`; fails only when `ca_certs` cannot be read.
-    pub fn new(options: RemoteOptions) -> io::Result<Remote> {
+    pub fn new(options: RemoteOptions) -> Result<Remote> {
         let max_in_flight = options.max_in_flight.max(1);
         let mut tls = ureq::tls::TlsConfig::builder();
         let ca_certs = options.ca_certs.clone().or_else(|| {
@@ -197,7 +176,7 @@ impl Remote {
     /// Opens the object at `url` with one ranged request for its first `probe` bytes, which
     /// also tells its length and validator. Returns the source and the bytes received (fewer
     /// than `probe` only when the object is shorter).
-    pub fn open(&self, url: &str, probe: u64) -> io::Result<(RemoteSource, Vec<u8>)> {
+    pub fn open(&self, url: &str, probe: u64) -> Result<(RemoteSource, Vec<u8>)> {
         let object = Object::parse(url)?;
         let (len, validator, head) = self.probe(&object, url, probe.max(1))?;
         let source = RemoteSource {
@@ -205,6 +184,7 @@ impl Remote {
             object,
             url: url.to_string(),
             len,
+            seen_len: AtomicU64::new(len),
             validator,
         };
         Ok((source, head))
@@ -212,43 +192,39 @@ impl Remote {
 
     /// The whole object at `url`, or `None` when there is no such object. Objects longer
     /// than `max_len` are an error (this is for small files such as an index).
-    pub fn fetch(&self, url: &str, max_len: u64) -> io::Result<Option<Vec<u8>>> {
+    pub fn fetch(&self, url: &str, max_len: u64) -> Result<Option<Vec<u8>>> {
         let object = Object::parse(url)?;
         self.fetch_object(&object, url, max_len)
     }
 
     /// Names of the objects directly under the S3 prefix `url` whose names end with
     /// `suffix`, relative to the prefix and sorted. Plain HTTP has no listing: that is an
-    /// `Unsupported` error.
-    pub fn list(&self, url: &str, suffix: &str) -> io::Result<Vec<String>> {
+    /// [`Error::Unsupported`].
+    pub fn list(&self, url: &str, suffix: &str) -> Result<Vec<String>> {
         match Object::parse(url)? {
-            Object::Http(_) | Object::Presigned(_) => Err(io::Error::new(
-                io::ErrorKind::Unsupported,
-                "HTTP servers cannot be listed".to_string(),
-            )),
+            Object::Http(_) | Object::Presigned(_) => {
+                Err(Error::Unsupported("HTTP servers cannot be listed"))
+            }
             Object::S3 { bucket, key } => self.list_s3(url, &bucket, &key, suffix),
         }
     }
 
-    fn s3_config(&self) -> io::Result<&S3Config> {
+    fn s3_config(&self) -> Result<&S3Config> {
         self.inner
             .s3
             .get_or_init(S3Config::from_env)
             .as_ref()
-            .map_err(|e| io::Error::other(format!("S3 configuration: {e}")))
+            .map_err(|e| Error::S3Config(e.clone()))
     }
 }
 
 /// The certificates of a PEM file (at least one).
-fn read_pem_certs(path: &std::path::Path) -> io::Result<Vec<ureq::tls::Certificate<'static>>> {
-    let invalid = |why: String| {
-        io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("{}: {why}", path.display()),
-        )
+fn read_pem_certs(path: &std::path::Path) -> Result<Vec<ureq::tls::Certificate<'static>>> {
+    let invalid = |reason: String| Error::CaCerts {
+        path: path.to_path_buf(),
+        reason,
     };
-    let pem = std::fs::read(path)
-        .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+    let pem = std::fs::read(path).map_err(|e| invalid(e.to_string()))?;
     let mut certs = Vec::new();
     for item in ureq::tls::parse_pem(&pem) {
         if let ureq::tls::PemItem::Certificate(cert) = item.map_err(|e| invalid(e.to_string()))? {
@@ -274,15 +250,11 @@ enum Object {
 }
 
 impl Object {
-    fn parse(url: &str) -> io::Result<Object> {
-        let invalid = |why: &str| io::Error::new(io::ErrorKind::InvalidInput, why.to_string());
-        if !is_remote(url) {
-            return Err(invalid("not an http://, https:// or s3:// URL"));
-        }
-        if url
-            .get(..5)
-            .is_some_and(|s| s.eq_ignore_ascii_case("s3://"))
-        {
+    fn parse(url: &str) -> Result<Object> {
+        let invalid = |why: &str| Error::InvalidLocation {
+            reason: why.to_string(),
+        };
+        if has_scheme(url, "s3://") {
             let rest = &url[5..];
             let (bucket, key) = rest.split_once('/').unwrap_or((rest, ""));
             if bucket.len() < 3 {
@@ -294,6 +266,9 @@ impl Object {
                 bucket: bucket.to_string(),
                 key: key.to_string(),
             });
+        }
+        if !(has_scheme(url, "http://") || has_scheme(url, "https://")) {
+            return Err(invalid("not an http://, https:// or s3:// URL"));
         }
         url::Url::parse(url).map_err(|e| invalid(&e.to_string()))?;
         Ok(Object::Http(url.to_string()))
@@ -314,6 +289,8 @@ pub struct RemoteSource {
     object: Object,
     url: String,
     len: u64,
+    /// The length as the server last reported it (less than `len` once the object shrank).
+    seen_len: AtomicU64,
     validator: Validator,
 }
 
@@ -345,8 +322,18 @@ impl ByteSource for RemoteSource {
                 ),
             ));
         }
-        self.remote
-            .read_range(&self.object, &self.url, offset, bufs, &self.validator)
+        self.remote.read_range(
+            &self.object,
+            &self.url,
+            offset,
+            bufs,
+            &self.validator,
+            &self.seen_len,
+        )
+    }
+
+    fn current_len(&self) -> Option<u64> {
+        Some(self.seen_len.load(Ordering::Relaxed))
     }
 
     fn kind(&self) -> BackendKind {
@@ -393,18 +380,6 @@ impl Drop for Permit<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn recognises_remote_locations() {
-        assert!(is_remote("http://127.0.0.1:8080/m"));
-        assert!(is_remote("HTTPS://hub.example/m.safetensors"));
-        assert!(is_remote("s3://bucket/prefix/"));
-        assert!(!is_remote("/data/s3://x"));
-        assert!(!is_remote("model.safetensors"));
-        assert!(!is_remote("é"));
-        assert_eq!(join("s3://b/m/", "a.safetensors"), "s3://b/m/a.safetensors");
-        assert_eq!(join("http://h/m", "a"), "http://h/m/a");
-    }
 
     #[test]
     fn parses_objects() {

@@ -3,9 +3,9 @@
 //! Requests are SigV4-presigned by `rusty-s3` (the signature covers the host only, so one
 //! scheme serves every byte range) and sent by the same HTTP client as plain URLs.
 
+use crate::error::S3ConfigError;
 use rusty_s3::actions::{GetObject, ListObjectsV2, S3Action};
 use rusty_s3::{Bucket, Credentials, UrlStyle};
-use std::io;
 use std::path::PathBuf;
 use std::time::Duration;
 use url::Url;
@@ -31,19 +31,22 @@ impl S3Config {
         endpoint: Option<&str>,
         region: &str,
         credentials: Option<(String, String, Option<String>)>,
-    ) -> Result<S3Config, String> {
+    ) -> Result<S3Config, S3ConfigError> {
         let (endpoint, path_style) = match endpoint {
             Some(e) => (e.to_string(), true),
             None => (format!("https://s3.{region}.amazonaws.com"), false),
         };
-        let endpoint: Url = endpoint
+        let invalid = |reason: String| S3ConfigError::Endpoint {
+            endpoint: endpoint.clone(),
+            reason,
+        };
+        let parsed: Url = endpoint
             .parse()
-            .map_err(|e| format!("endpoint {endpoint:?}: {e}"))?;
-        if !matches!(endpoint.scheme(), "http" | "https") || endpoint.host_str().is_none() {
-            return Err(format!(
-                "endpoint {endpoint}: not an http(s) URL with a host"
-            ));
+            .map_err(|e: url::ParseError| invalid(e.to_string()))?;
+        if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
+            return Err(invalid("not an http(s) URL with a host".into()));
         }
+        let endpoint = parsed;
         Ok(S3Config {
             endpoint,
             path_style,
@@ -66,12 +69,12 @@ impl S3Config {
     ///   `us-east-1`;
     /// - the endpoint from `AWS_ENDPOINT_URL_S3`, `AWS_ENDPOINT_URL`, the profile's
     ///   `endpoint_url`, else AWS.
-    pub fn from_env() -> Result<S3Config, String> {
+    pub fn from_env() -> Result<S3Config, S3ConfigError> {
         S3Config::from_lookup(&|name| std::env::var(name).ok().filter(|v| !v.is_empty()))
     }
 
     /// [`S3Config::from_env`] with variables looked up through `env`.
-    pub fn from_lookup(env: &dyn Fn(&str) -> Option<String>) -> Result<S3Config, String> {
+    pub fn from_lookup(env: &dyn Fn(&str) -> Option<String>) -> Result<S3Config, S3ConfigError> {
         let profile = env("AWS_PROFILE").unwrap_or_else(|| "default".into());
         let home = env("HOME").map(PathBuf::from);
         let file = |var: &str, default: &str| {
@@ -131,7 +134,7 @@ impl S3Config {
         self.credentials.is_some()
     }
 
-    fn bucket(&self, name: &str) -> io::Result<Bucket> {
+    fn bucket(&self, name: &str) -> Result<Bucket, S3ConfigError> {
         let style = if self.path_style {
             UrlStyle::Path
         } else {
@@ -143,16 +146,14 @@ impl S3Config {
             name.to_string(),
             self.region.clone(),
         )
-        .map_err(|e| {
-            io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("bucket {name:?} at {}: {e:?}", self.endpoint),
-            )
+        .map_err(|e| S3ConfigError::Bucket {
+            bucket: name.to_string(),
+            reason: format!("{e:?} (endpoint {})", self.endpoint),
         })
     }
 
     /// A presigned GET of `key`.
-    pub(super) fn presign_get(&self, bucket: &str, key: &str) -> io::Result<Url> {
+    pub(super) fn presign_get(&self, bucket: &str, key: &str) -> Result<Url, S3ConfigError> {
         let bucket = self.bucket(bucket)?;
         Ok(GetObject::new(&bucket, self.credentials.as_ref(), key).sign(PRESIGN_FOR))
     }
@@ -163,7 +164,7 @@ impl S3Config {
         bucket: &str,
         prefix: &str,
         continuation: Option<&str>,
-    ) -> io::Result<Url> {
+    ) -> Result<Url, S3ConfigError> {
         let bucket = self.bucket(bucket)?;
         let mut list = ListObjectsV2::new(&bucket, self.credentials.as_ref());
         list.with_prefix(prefix);
@@ -176,13 +177,16 @@ impl S3Config {
 }
 
 /// An INI file, or `None` when it does not exist.
-fn load_ini(path: Option<PathBuf>) -> Result<Option<ini::Ini>, String> {
+fn load_ini(path: Option<PathBuf>) -> Result<Option<ini::Ini>, S3ConfigError> {
     let Some(path) = path.filter(|p| p.is_file()) else {
         return Ok(None);
     };
     ini::Ini::load_from_file(&path)
         .map(Some)
-        .map_err(|e| format!("{}: {e}", path.display()))
+        .map_err(|e| S3ConfigError::ProfileFile {
+            reason: e.to_string(),
+            path,
+        })
 }
 
 #[cfg(test)]

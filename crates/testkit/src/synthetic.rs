@@ -7,9 +7,8 @@
 //!   scaled to 1 GiB.
 //! - [`Profile::Dense`]: a Llama-like dense model with a few hundred large matrices per GiB.
 
-use crate::error::{Error, Result};
 use std::path::{Path, PathBuf};
-use weightlift_format::{Dtype, INDEX_FILE_NAME, Layout, ShardIndex};
+use weightlift_format::{Dtype, FormatError, INDEX_FILE_NAME, Layout, ShardIndex};
 
 /// The shape of a synthetic checkpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -148,13 +147,10 @@ const SHARD_BYTES: u64 = 512 << 20;
 /// Writes a `profile` checkpoint of about `bytes` bytes into `dir` (created if needed):
 /// shards named like `transformers` names them (at least two) and
 /// `model.safetensors.index.json`. Returns the shard paths. Each file is written atomically.
-pub fn generate(dir: &Path, profile: Profile, bytes: u64) -> Result<Vec<PathBuf>> {
-    let io = |path: &Path, source| Error::Io {
-        path: path.to_path_buf(),
-        context: "writing a synthetic checkpoint",
-        source,
-    };
-    std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+/// Errors name the file they are about.
+pub fn generate(dir: &Path, profile: Profile, bytes: u64) -> Result<Vec<PathBuf>, String> {
+    let fail = |path: &Path, e: FormatError| format!("{}: {e}", path.display());
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let tensors = layout(profile, bytes);
     let total: u64 = tensors.iter().map(SyntheticTensor::byte_len).sum();
     let shard_count = total.div_ceil(SHARD_BYTES).max(2) as usize;
@@ -189,10 +185,7 @@ pub fn generate(dir: &Path, profile: Profile, bytes: u64) -> Result<Vec<PathBuf>
                 .map(|(_, t)| (t.name.as_str(), t.dtype, t.shape.as_slice())),
             Some(&meta),
         )
-        .map_err(|source| Error::Format {
-            path: path.clone(),
-            source,
-        })?;
+        .map_err(|e| fail(&path, e))?;
         weightlift_format::write_file_with(&path, |w| {
             w.write_all(layout.header_bytes())?;
             let mut buf = Vec::new();
@@ -204,10 +197,7 @@ pub fn generate(dir: &Path, profile: Profile, bytes: u64) -> Result<Vec<PathBuf>
             }
             Ok(())
         })
-        .map_err(|source| Error::Format {
-            path: path.clone(),
-            source,
-        })?;
+        .map_err(|e| fail(&path, e))?;
         for (_, t) in group {
             index.weight_map.insert(t.name.clone(), name.clone());
         }
@@ -215,10 +205,7 @@ pub fn generate(dir: &Path, profile: Profile, bytes: u64) -> Result<Vec<PathBuf>
     }
     let index_path = dir.join(INDEX_FILE_NAME);
     weightlift_format::write_file_with(&index_path, |w| w.write_all(index.to_json().as_bytes()))
-        .map_err(|source| Error::Format {
-            path: index_path.clone(),
-            source,
-        })?;
+        .map_err(|e| fail(&index_path, e))?;
     Ok(paths)
 }
 

@@ -2,22 +2,41 @@
 //!
 //! [`FakeEngine`] copies on background threads after pseudo-random delays, so copies
 //! complete out of order, as they do across CUDA streams. It checks the contract a real
-//! device cannot: handing out a staging buffer whose copy has not completed, or copying
-//! from one twice at once, counts a violation ([`FakeEngine::violations`]; a real device
-//! would copy whatever the buffer holds by then). It can fail the n-th copy or allocation
-//! to test error paths.
+//! device cannot: handing out a staging buffer whose copy has not completed, copying from
+//! one twice at once, starting a copy into bytes another copy in flight is writing, or
+//! freeing device memory a copy is still writing, each counts a violation
+//! ([`FakeEngine::violations`]; a real device would copy whatever the buffer holds by then,
+//! or write into freed memory). It can fail the n-th copy or allocation to test error
+//! paths.
 
-use crate::staged::{CopyEngine, DeviceMemory};
-use crate::{Device, DeviceError};
+use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
+use weightlift_device::{CopyEngine, Device, DeviceError, DeviceMemory};
 
 /// Device memory of the [`FakeEngine`]: host bytes behind a lock.
 #[derive(Debug)]
 pub struct FakeMemory {
     bytes: Arc<Mutex<Vec<u8>>>,
     len: u64,
+    /// Destination ranges of the copies into this memory still in flight.
+    writing: Arc<Mutex<Vec<Range<u64>>>>,
+    violations: Arc<AtomicU64>,
+}
+
+impl Drop for FakeMemory {
+    fn drop(&mut self) {
+        // A real device would go on writing into freed memory.
+        if !self
+            .writing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty()
+        {
+            self.violations.fetch_add(1, Ordering::SeqCst);
+        }
+    }
 }
 
 impl DeviceMemory for FakeMemory {
@@ -73,7 +92,7 @@ pub struct FakeEngine {
     allocs: AtomicU64,
     pinned_bytes: AtomicU64,
     device_bytes: AtomicU64,
-    violations: AtomicU64,
+    violations: Arc<AtomicU64>,
 }
 
 impl FakeEngine {
@@ -102,8 +121,9 @@ impl FakeEngine {
         self.copies.load(Ordering::SeqCst)
     }
 
-    /// Times a buffer was handed out or copied from while a copy from it was in flight
-    /// (must stay 0).
+    /// Times a buffer was handed out or copied from while a copy from it was in flight, a
+    /// copy started into bytes another copy was writing, or memory was freed while a copy
+    /// wrote into it (must stay 0).
     pub fn violations(&self) -> u64 {
         self.violations.load(Ordering::SeqCst)
     }
@@ -146,6 +166,8 @@ impl CopyEngine for FakeEngine {
             // Not zero: bytes the load forgot to write must not pass for zeros.
             bytes: Arc::new(Mutex::new(vec![0xa5; bytes as usize])),
             len: bytes,
+            writing: Arc::new(Mutex::new(Vec::new())),
+            violations: Arc::clone(&self.violations),
         })
     }
 
@@ -176,6 +198,18 @@ impl CopyEngine for FakeEngine {
         if pinned.in_flight.swap(true, Ordering::SeqCst) {
             self.violations.fetch_add(1, Ordering::SeqCst);
         }
+        let dst = offset..offset + len as u64;
+        {
+            let mut writing = memory.writing.lock().unwrap_or_else(|e| e.into_inner());
+            if writing
+                .iter()
+                .any(|w| w.start < dst.end && dst.start < w.end)
+            {
+                self.violations.fetch_add(1, Ordering::SeqCst);
+            }
+            writing.push(dst.clone());
+        }
+        let writing = Arc::clone(&memory.writing);
         // What the device will read: the buffer as it is now. Had the pipeline handed the
         // buffer out again before the copy completed, `host_slice` counted a violation.
         let data = pinned.bytes[..len].to_vec();
@@ -197,6 +231,12 @@ impl CopyEngine for FakeEngine {
                 Ok(delay)
             };
             in_flight.store(false, Ordering::SeqCst);
+            {
+                let mut writing = writing.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(i) = writing.iter().position(|w| *w == dst) {
+                    writing.swap_remove(i);
+                }
+            }
             let (cell, signal) = &*done;
             *cell.lock().unwrap_or_else(|e| e.into_inner()) = Some(result);
             signal.notify_all();

@@ -185,8 +185,7 @@ impl Nginx {
                 format!("listen 127.0.0.1:{port};")
             };
             // As root, workers would switch to `nobody`, who cannot read test temp dirs.
-            // SAFETY: geteuid has no preconditions and cannot fail.
-            let user = if unsafe { libc::geteuid() } == 0 {
+            let user = if rustix::process::geteuid().is_root() {
                 "user root;"
             } else {
                 ""

@@ -1,0 +1,250 @@
+//! Running a load: the plan's requests are read in parallel on a rayon pool, each landing
+//! in its region of the target's memory. This is the loop that moves bytes.
+
+use crate::checkpoint::Checkpoint;
+use crate::convert::convert;
+use crate::error::{Error, Result};
+use crate::options::LoadOptions;
+use crate::plan::{ReadPlan, Request};
+use crate::progress::Progress;
+use rayon::prelude::*;
+use std::cell::RefCell;
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
+use weightlift_device::{DeviceError, Region, Target};
+use weightlift_storage::AccessPattern;
+
+/// A rayon pool of `threads` threads named `name-N`.
+pub(crate) fn thread_pool(threads: usize, name: &'static str) -> Result<rayon::ThreadPool> {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(move |i| format!("{name}-{i}"))
+        .build()
+        .map_err(|e| Error::ThreadPool {
+            threads,
+            reason: e.to_string(),
+        })
+}
+
+/// Loader threads when nothing else decides: the number of CPUs, at least 4. Reads block
+/// in the kernel, so more threads than cores keep the device queue full; page faults on
+/// fresh memory scale with cores too.
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism()
+        .map_or(4, |n| n.get())
+        .max(4)
+}
+
+/// Allocates one allocation of `sizes[i]` bytes per entry of `jobs` on `target`, fills
+/// each job's range of its allocation with `fill` (in parallel on `pool`, or in order
+/// without one) and finishes the allocations. On failure, copies still in flight are
+/// waited for before the allocations go.
+pub(crate) fn fill_target<T: Target, J: Sync>(
+    target: &T,
+    sizes: &[u64],
+    jobs: &[Vec<(Range<u64>, J)>],
+    pool: Option<&rayon::ThreadPool>,
+    fill: impl Fn(&J, &mut [u8]) -> Result<()> + Sync,
+) -> Result<Vec<T::Memory>> {
+    let mut allocs = sizes
+        .iter()
+        .map(|&bytes| target.allocate(bytes))
+        .collect::<Result<Vec<_>, DeviceError>>()?;
+    let mut work = Vec::with_capacity(jobs.iter().map(Vec::len).sum());
+    for (alloc, jobs) in allocs.iter_mut().zip(jobs) {
+        let ranges: Vec<Range<u64>> = jobs.iter().map(|(r, _)| r.clone()).collect();
+        let regions = target.regions(alloc, &ranges)?;
+        work.extend(jobs.iter().map(|(_, job)| job).zip(regions));
+    }
+    let run = |(job, region): (&J, T::Region<'_>)| region.fill(|buf| fill(job, buf));
+    let filled = match pool {
+        Some(pool) => pool.install(|| work.into_par_iter().with_max_len(1).try_for_each(run)),
+        None => work.into_iter().try_for_each(run),
+    };
+    if let Err(e) = filled {
+        // Copies still in flight may target the allocations about to be dropped.
+        let _ = target.settle();
+        return Err(e);
+    }
+    allocs
+        .into_iter()
+        .map(|a| target.finish(a).map_err(Error::from))
+        .collect()
+}
+
+impl Checkpoint {
+    /// Executes `plan` into `target`: one allocation per shard, one region per request,
+    /// all requests in parallel.
+    pub(crate) fn run<T: Target>(
+        &self,
+        plan: &ReadPlan,
+        target: &T,
+        options: &LoadOptions,
+    ) -> Result<Vec<T::Memory>> {
+        let threads = options.threads.unwrap_or_else(|| self.default_threads());
+        let pool = thread_pool(threads, "weightlift")?;
+        self.hint(plan);
+        let sizes: Vec<u64> = plan.shards.iter().map(|sp| sp.layout.total()).collect();
+        let jobs: Vec<Vec<(Range<u64>, &Request)>> = plan
+            .shards
+            .iter()
+            .map(|sp| {
+                plan.requests[sp.requests.clone()]
+                    .iter()
+                    .map(|r| (r.dst.clone(), r))
+                    .collect()
+            })
+            .collect();
+        let counters = Counters::new(plan);
+        fill_target(target, &sizes, &jobs, Some(&pool), |request, buf| {
+            self.fill_request(plan, request, buf)?;
+            counters.done(plan, request, options.progress.as_deref());
+            Ok(())
+        })
+    }
+
+    /// Tells each source how the plan reads it: under half of a shard selected keeps the
+    /// kernel from reading the rest ahead.
+    pub(crate) fn hint(&self, plan: &ReadPlan) {
+        for sp in &plan.shards {
+            let header = self.shards()[sp.shard].header();
+            let pattern = if sp.bytes * 2 < header.data_len() {
+                AccessPattern::Sparse
+            } else {
+                AccessPattern::Sequential
+            };
+            self.shards()[sp.shard].source().hint(pattern);
+        }
+    }
+
+    /// Reads one request into `buf` (its destination range): one scatter read straight
+    /// into the tensors' slots, skipping alignment padding; converted pieces go through a
+    /// per-thread scratch buffer.
+    fn fill_request(&self, plan: &ReadPlan, request: &Request, buf: &mut [u8]) -> Result<()> {
+        let sp = &plan.shards[request.shard_plan as usize];
+        let shard = &self.shards()[sp.shard];
+        let infos = shard.header().tensors();
+        let pieces = &plan.pieces[request.pieces.start as usize..request.pieces.end as usize];
+        let needs_conversion = |slot: u32| {
+            infos[sp.tensors[slot as usize] as usize].dtype != sp.out_dtypes[slot as usize]
+        };
+        let scratch_len: u64 = pieces
+            .iter()
+            .filter(|p| needs_conversion(p.slot))
+            .map(|p| p.len)
+            .sum();
+
+        SCRATCH.with(|scratch| {
+            let mut scratch = scratch.borrow_mut();
+            if scratch.len() < scratch_len as usize {
+                scratch.resize(scratch_len as usize, 0);
+            }
+            let mut slices: Vec<&mut [u8]> = Vec::with_capacity(pieces.len());
+            let mut rest_dst = &mut *buf;
+            let mut dst_at = request.dst.start;
+            let mut rest_scratch = &mut scratch[..scratch_len as usize];
+            let mut conversions = Vec::new();
+            for p in pieces {
+                let (_, tail) =
+                    std::mem::take(&mut rest_dst).split_at_mut((p.dst - dst_at) as usize);
+                let (dst, tail) = tail.split_at_mut(p.dst_len as usize);
+                rest_dst = tail;
+                dst_at = p.dst + p.dst_len;
+                if needs_conversion(p.slot) {
+                    let (src, tail) =
+                        std::mem::take(&mut rest_scratch).split_at_mut(p.len as usize);
+                    rest_scratch = tail;
+                    slices.push(src);
+                    conversions.push((p.slot, dst));
+                } else {
+                    slices.push(dst);
+                }
+            }
+            shard
+                .source()
+                .read_scatter_at(request.file_offset, &mut slices)
+                .map_err(|source| self.read_error(plan, request, source))?;
+            drop(slices);
+            let mut src_at = 0usize;
+            for (slot, dst) in conversions {
+                let from = infos[sp.tensors[slot as usize] as usize].dtype;
+                let to = sp.out_dtypes[slot as usize];
+                let src_len = dst.len() * from.bits() / to.bits();
+                convert(from, to, &scratch[src_at..src_at + src_len], dst);
+                src_at += src_len;
+            }
+            Ok(())
+        })
+    }
+
+    /// Names the tensor a failed read was for: the first of the request that runs past the
+    /// file's current end (a file that shrank), else the request's first tensor.
+    pub(crate) fn read_error(
+        &self,
+        plan: &ReadPlan,
+        request: &Request,
+        source: std::io::Error,
+    ) -> Error {
+        let sp = &plan.shards[request.shard_plan as usize];
+        let shard = &self.shards()[sp.shard];
+        let infos = shard.header().tensors();
+        let current_len = shard.source().current_len().unwrap_or(0);
+        let data_start = shard.header().data_start();
+        let pieces = &plan.pieces[request.pieces.start as usize..request.pieces.end as usize];
+        let tensor_of = |slot: u32| &infos[sp.tensors[slot as usize] as usize];
+        let culprit = pieces
+            .iter()
+            .map(|p| tensor_of(p.slot))
+            .find(|t| data_start + t.data_offsets.1 > current_len)
+            .or_else(|| pieces.first().map(|p| tensor_of(p.slot)));
+        Error::Read {
+            location: shard.location().clone(),
+            tensor: culprit.map(|t| t.name.clone()).unwrap_or_default(),
+            source,
+        }
+    }
+}
+
+thread_local! {
+    /// Per-thread staging for converted pieces: bounded by the request size.
+    static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Byte counters for progress reports.
+pub(crate) struct Counters {
+    total: AtomicU64,
+    per_file: Vec<AtomicU64>,
+    bytes_total: u64,
+}
+
+impl Counters {
+    pub(crate) fn new(plan: &ReadPlan) -> Counters {
+        Counters {
+            total: AtomicU64::new(0),
+            per_file: plan.shards.iter().map(|_| AtomicU64::new(0)).collect(),
+            bytes_total: plan.bytes,
+        }
+    }
+
+    pub(crate) fn done(
+        &self,
+        plan: &ReadPlan,
+        request: &Request,
+        progress: Option<&(dyn Fn(&Progress) + Send + Sync)>,
+    ) {
+        let bytes_done = self.total.fetch_add(request.len, Ordering::Relaxed) + request.len;
+        let file_done = self.per_file[request.shard_plan as usize]
+            .fetch_add(request.len, Ordering::Relaxed)
+            + request.len;
+        if let Some(report) = progress {
+            let sp = &plan.shards[request.shard_plan as usize];
+            report(&Progress {
+                file: sp.shard,
+                file_bytes_done: file_done,
+                file_bytes_total: sp.bytes,
+                bytes_done,
+                bytes_total: self.bytes_total,
+            });
+        }
+    }
+}

@@ -1,0 +1,156 @@
+//! What a load reads and where it puts it: [`LoadOptions`] and the tensor [`Filter`].
+
+use crate::progress::{Progress, ProgressFn};
+use std::fmt;
+use std::sync::Arc;
+use weightlift_device::{Device, StagingOptions};
+use weightlift_format::Dtype;
+
+/// Default size of one coalesced read (tuned with `cargo xtask bench`).
+pub const DEFAULT_REQUEST_SIZE: u64 = 16 << 20;
+
+/// Which tensors a load reads.
+#[derive(Clone, Default)]
+pub enum Filter {
+    /// Every tensor.
+    #[default]
+    All,
+    /// Tensors whose name starts with the prefix.
+    Prefix(String),
+    /// Tensors for which the predicate holds.
+    Predicate(Arc<dyn Fn(&str) -> bool + Send + Sync>),
+}
+
+impl Filter {
+    /// Whether the tensor called `name` is selected.
+    pub fn matches(&self, name: &str) -> bool {
+        match self {
+            Filter::All => true,
+            Filter::Prefix(p) => name.starts_with(p.as_str()),
+            Filter::Predicate(f) => f(name),
+        }
+    }
+}
+
+impl fmt::Debug for Filter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Filter::All => f.write_str("All"),
+            Filter::Prefix(p) => f.debug_tuple("Prefix").field(p).finish(),
+            Filter::Predicate(_) => f.write_str("Predicate(..)"),
+        }
+    }
+}
+
+/// How to load.
+#[derive(Clone)]
+pub struct LoadOptions {
+    /// Where tensors go (default: CPU).
+    pub device: Device,
+    /// Loader threads (default: the number of CPUs, at least 4, since reads block).
+    pub threads: Option<usize>,
+    /// Size of one coalesced read in bytes.
+    pub request_size: u64,
+    /// Which tensors to load.
+    pub filter: Filter,
+    /// Convert F16/BF16/F32 tensors to this dtype while loading.
+    pub convert_to: Option<Dtype>,
+    /// Called after every completed read.
+    pub progress: Option<ProgressFn>,
+    /// Ask for transparent huge pages for CPU memory (see
+    /// [`weightlift_device::HostBuffer::with_huge_pages`] for when it helps and hurts).
+    pub huge_pages: bool,
+    /// Pinned staging buffers for loads to a GPU (default 4 x 32 MiB): the only host
+    /// memory such a load uses for tensor bytes.
+    pub staging: StagingOptions,
+    /// Copy streams for loads to a GPU (default 2).
+    pub streams: usize,
+}
+
+impl Default for LoadOptions {
+    fn default() -> LoadOptions {
+        LoadOptions {
+            device: Device::Cpu,
+            threads: None,
+            request_size: DEFAULT_REQUEST_SIZE,
+            filter: Filter::All,
+            convert_to: None,
+            progress: None,
+            huge_pages: false,
+            staging: StagingOptions::default(),
+            streams: 2,
+        }
+    }
+}
+
+impl fmt::Debug for LoadOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LoadOptions")
+            .field("device", &self.device)
+            .field("threads", &self.threads)
+            .field("request_size", &self.request_size)
+            .field("filter", &self.filter)
+            .field("convert_to", &self.convert_to)
+            .field("progress", &self.progress.as_ref().map(|_| ".."))
+            .field("huge_pages", &self.huge_pages)
+            .field("staging", &self.staging)
+            .field("streams", &self.streams)
+            .finish()
+    }
+}
+
+impl LoadOptions {
+    /// Sets the target device.
+    pub fn device(mut self, device: Device) -> Self {
+        self.device = device;
+        self
+    }
+
+    /// Sets the number of loader threads.
+    pub fn threads(mut self, threads: usize) -> Self {
+        self.threads = Some(threads);
+        self
+    }
+
+    /// Sets the coalesced read size.
+    pub fn request_size(mut self, bytes: u64) -> Self {
+        self.request_size = bytes;
+        self
+    }
+
+    /// Loads only tensors whose names start with `prefix`.
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.filter = Filter::Prefix(prefix.into());
+        self
+    }
+
+    /// Loads only tensors for which `keep` returns true.
+    pub fn filter(mut self, keep: impl Fn(&str) -> bool + Send + Sync + 'static) -> Self {
+        self.filter = Filter::Predicate(Arc::new(keep));
+        self
+    }
+
+    /// Converts F16/BF16/F32 tensors to `dtype` (one of those three) while loading.
+    pub fn convert_to(mut self, dtype: Dtype) -> Self {
+        self.convert_to = Some(dtype);
+        self
+    }
+
+    /// Asks for transparent huge pages for CPU memory.
+    pub fn huge_pages(mut self, on: bool) -> Self {
+        self.huge_pages = on;
+        self
+    }
+
+    /// Sets the pinned staging pool of GPU loads.
+    pub fn staging(mut self, staging: StagingOptions) -> Self {
+        self.staging = staging;
+        self
+    }
+
+    /// Reports progress to `f`.
+    pub fn progress(mut self, f: impl Fn(&Progress) + Send + Sync + 'static) -> Self {
+        self.progress = Some(Arc::new(f));
+        self
+    }
+}
