@@ -203,29 +203,31 @@ impl Checkpoint {
         };
 
         let from_index = index.is_some();
-        let threads = store
-            .preferred_threads()
-            .unwrap_or_else(crate::exec::default_threads)
-            .clamp(1, 64);
-        let pool = thread_pool(threads, "weightlift-open")?;
-        let shards: Vec<Shard> = pool
-            .install(|| {
-                names
-                    .into_par_iter()
-                    .map(|name| open_shard(&*store, name, from_index))
-                    .collect::<Result<_>>()
-            })
-            .map_err(|e| match e {
-                // An unlistable store without `model.safetensors`: nothing to load.
-                Error::Io { source, .. }
-                    if guessed && source.kind() == std::io::ErrorKind::NotFound =>
-                {
-                    Error::NoShards {
-                        location: store.location().clone(),
-                    }
+        let open_all = || {
+            names
+                .into_par_iter()
+                .map(|name| open_shard(&*store, name, from_index))
+                .collect::<Result<Vec<Shard>>>()
+        };
+        // Local headers open on rayon's global pool; a remote store asks for as many
+        // threads as requests it allows in flight, since each open waits on the network.
+        let opened = match store.preferred_threads() {
+            Some(threads) => {
+                thread_pool(threads.clamp(1, 64), "weightlift-open")?.install(open_all)
+            }
+            None => open_all(),
+        };
+        let shards = opened.map_err(|e| match e {
+            // An unlistable store without `model.safetensors`: nothing to load.
+            Error::Io { source, .. }
+                if guessed && source.kind() == std::io::ErrorKind::NotFound =>
+            {
+                Error::NoShards {
+                    location: store.location().clone(),
                 }
-                other => other,
-            })?;
+            }
+            other => other,
+        })?;
         Checkpoint::assemble(location, index, shards, store)
     }
 
