@@ -234,7 +234,11 @@ fn file_shrinking_during_the_load_is_an_error_not_garbage() {
         let msg = err.to_string();
         assert!(msg.contains("truncated"), "{msg}");
         let shown = path.display().to_string();
-        assert_eq!(msg.matches(&shown).count(), 1, "the file is named once: {msg}");
+        assert_eq!(
+            msg.matches(&shown).count(),
+            1,
+            "the file is named once: {msg}"
+        );
         // Tensors before the cut still read; the cut one does not.
         let first = ckpt.tensors().next().unwrap().1.name.clone();
         assert!(ckpt.get(&first).is_ok());

@@ -214,6 +214,32 @@ fn residency_sampled(path: &Path, exact_pages: u64) -> io::Result<Residency> {
     })
 }
 
+/// Whether a load should leave `path`'s tensors in a private mapping of the file rather than
+/// copy them into memory of its own, and why: yes on local block-device filesystems and in
+/// memory (the page cache's pages are used in place, populated in large ranges); no on
+/// network and FUSE filesystems, where every page fault of a mapping is a round trip and
+/// large reads into owned memory are many times faster.
+pub fn map_advice(path: &Path) -> (bool, String) {
+    match fs_kind(path) {
+        Ok(FsKind::Local) => (
+            true,
+            "mapped: a local filesystem (page-cache pages used in place, populated in parallel)"
+                .into(),
+        ),
+        Ok(FsKind::Memory) => (true, "mapped: in memory (tmpfs)".into()),
+        Ok(FsKind::Network(name)) => (
+            false,
+            format!(
+                "owned: on {name}, a network filesystem (each page fault would be a round trip)"
+            ),
+        ),
+        Err(e) => (
+            false,
+            format!("owned: the filesystem could not be told ({e})"),
+        ),
+    }
+}
+
 /// Applies the rule (module docs) to `path`; returns the backend and the reason.
 pub(crate) fn choose(path: &Path, policy: &AutoPolicy) -> io::Result<(LocalKind, String)> {
     let len = std::fs::metadata(path)?.len();
@@ -283,6 +309,11 @@ mod tests {
         assert_eq!(classify_magic(0x0102_1994), FsKind::Memory);
         assert_eq!(classify_magic(0xef53), FsKind::Local); // ext4
         assert_eq!(fs_kind(Path::new("/dev/shm")).unwrap(), FsKind::Memory);
+        let (map, why) = map_advice(Path::new("/dev/shm"));
+        assert!(map && why.contains("tmpfs"), "{why}");
+        let (map, why) = map_advice(Path::new(env!("CARGO_MANIFEST_DIR")));
+        assert!(map && why.contains("local"), "{why}");
+        assert!(!map_advice(Path::new("/nonexistent/x")).0);
     }
 
     #[test]

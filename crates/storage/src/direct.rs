@@ -9,7 +9,7 @@
 //! warning and continues with buffered reads.
 
 use crate::aligned::{AlignedBuf, PAGE};
-use crate::pread::{advise, read_exact_at};
+use crate::pread::{advise, drop_cache, read_exact_at};
 use crate::{AccessPattern, BackendKind, ByteSource, eof_error};
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -253,6 +253,13 @@ impl ByteSource for DirectSource {
 
     fn current_len(&self) -> Option<u64> {
         self.buffered.metadata().ok().map(|m| m.len())
+    }
+
+    fn drop_cache(&self, offset: u64, len: u64) {
+        // Only a buffered fallback filled the page cache.
+        if !self.is_direct() {
+            drop_cache(&self.buffered, offset, len);
+        }
     }
 
     fn kind(&self) -> BackendKind {

@@ -17,6 +17,7 @@ mod auto;
 mod direct;
 mod error;
 mod location;
+mod mapped;
 mod mmap;
 mod pread;
 #[cfg(feature = "remote")]
@@ -24,10 +25,13 @@ pub mod remote;
 mod store;
 
 pub use aligned::{AlignedBuf, PAGE};
-pub use auto::{AutoPolicy, FsKind, Residency, available_memory, fs_kind, residency, residency_in};
+pub use auto::{
+    AutoPolicy, FsKind, Residency, available_memory, fs_kind, map_advice, residency, residency_in,
+};
 pub use direct::{BOUNCE_LEN, DirectSource};
 pub use error::{Error, Result, S3ConfigError};
 pub use location::Location;
+pub use mapped::MappedFile;
 pub use mmap::MmapSource;
 pub use pread::PreadSource;
 pub use store::{Entry, LocalStore, Opened, RemoteStats, Store, StoreOptions, open_store};
@@ -82,6 +86,11 @@ pub trait ByteSource: Send + Sync + fmt::Debug {
     fn current_len(&self) -> Option<u64> {
         None
     }
+
+    /// Tells the kernel that the bytes `offset..offset + len` will not be read again, so
+    /// their page-cache pages can go (after a load copied them into memory of its own). A
+    /// hint; the default does nothing.
+    fn drop_cache(&self, _offset: u64, _len: u64) {}
 }
 
 /// How a load will read a source.

@@ -84,6 +84,10 @@ impl ByteSource for MmapSource {
     fn current_len(&self) -> Option<u64> {
         self.file.metadata().ok().map(|m| m.len())
     }
+
+    fn drop_cache(&self, offset: u64, len: u64) {
+        crate::pread::drop_cache(&self.file, offset, len);
+    }
 }
 
 #[cfg(test)]

@@ -84,6 +84,17 @@ impl ByteSource for PreadSource {
     fn current_len(&self) -> Option<u64> {
         self.file.metadata().ok().map(|m| m.len())
     }
+
+    fn drop_cache(&self, offset: u64, len: u64) {
+        drop_cache(&self.file, offset, len);
+    }
+}
+
+/// `POSIX_FADV_DONTNEED` on a range: its clean page-cache pages are dropped.
+pub(crate) fn drop_cache(file: &File, offset: u64, len: u64) {
+    if let Some(len) = std::num::NonZeroU64::new(len) {
+        let _ = fadvise(file, offset, Some(len), Advice::DontNeed);
+    }
 }
 
 /// Sets the kernel's readahead for `file`: deep for sequential loads, none for sparse

@@ -6,16 +6,18 @@
 
 use crate::error::{Error, Result};
 use crate::exec::thread_pool;
+use crate::tensor::HostMemory;
 use rayon::prelude::*;
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Weak};
 use weightlift_format::{
     FormatError, Header, INDEX_FILE_NAME, PREFIX_LEN, ShardIndex, TensorInfo,
     header_len_from_prefix,
 };
 use weightlift_storage::{
-    Backend, BackendKind, ByteSource, Entry, Location, RemoteStats, Store, StoreOptions, open_store,
+    Backend, BackendKind, ByteSource, Entry, Location, MappedFile, RemoteStats, Store,
+    StoreOptions, open_store,
 };
 
 /// How to open a checkpoint.
@@ -59,6 +61,9 @@ pub struct Shard {
     pub(crate) header: Header,
     pub(crate) source: Arc<dyn ByteSource>,
     pub(crate) backend_reason: String,
+    /// The file's private mapping while any tensor uses it: made on first use by a mapped
+    /// load or `get_mapped`, shared by every tensor of the file, unmapped with the last.
+    mapping: Mutex<Weak<HostMemory>>,
 }
 
 impl Shard {
@@ -96,6 +101,47 @@ impl Shard {
     /// The source that reads the file.
     pub fn source(&self) -> &Arc<dyn ByteSource> {
         &self.source
+    }
+
+    /// The file's private mapping (made now if it was not yet), checked to cover what the
+    /// header describes.
+    ///
+    /// # Safety
+    ///
+    /// The contract of [`crate::Mapping::always`]: the file is not truncated or modified
+    /// while the mapping or anything made from it lives.
+    pub(crate) unsafe fn mapping(&self) -> Result<Arc<HostMemory>> {
+        let mut slot = self.mapping.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(map) = slot.upgrade() {
+            return Ok(map);
+        }
+        let io = |source: weightlift_storage::Error| Error::Io {
+            location: self.location.clone(),
+            context: "mapping the file",
+            source,
+        };
+        let path = self.path().ok_or_else(|| {
+            io(weightlift_storage::Error::Unsupported(
+                "only local files can be mapped",
+            ))
+        })?;
+        // SAFETY: the caller promises the file is neither truncated nor modified while the
+        // mapping lives (this function's contract, passed on from `Mapping`).
+        let map = unsafe { MappedFile::open(path) }.map_err(|e| io(e.into()))?;
+        if (map.len() as u64) < self.header.file_len() {
+            return Err(io(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!(
+                    "file is {} bytes, its header needs {} (was it truncated?)",
+                    map.len(),
+                    self.header.file_len()
+                ),
+            )
+            .into()));
+        }
+        let map = Arc::new(HostMemory::from(map));
+        *slot = Arc::downgrade(&map);
+        Ok(map)
     }
 }
 
@@ -397,6 +443,7 @@ fn open_shard(store: &dyn Store, name: String, from_index: bool) -> Result<Shard
         header,
         source: opened.source,
         backend_reason: opened.reason,
+        mapping: Mutex::new(Weak::new()),
     })
 }
 

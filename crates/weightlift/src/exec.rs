@@ -7,9 +7,11 @@ use crate::error::{Error, Result};
 use crate::options::LoadOptions;
 use crate::plan::{ReadPlan, Request};
 use crate::progress::Progress;
+use crate::tensor::HostMemory;
 use rayon::prelude::*;
 use std::cell::RefCell;
 use std::ops::Range;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use weightlift_device::{DeviceError, Region, Target};
 use weightlift_storage::AccessPattern;
@@ -80,6 +82,7 @@ impl Checkpoint {
         plan: &ReadPlan,
         target: &T,
         options: &LoadOptions,
+        counters: &Counters,
     ) -> Result<Vec<T::Memory>> {
         let threads = options.threads.unwrap_or_else(|| self.default_threads());
         let pool = thread_pool(threads, "weightlift")?;
@@ -95,7 +98,6 @@ impl Checkpoint {
                     .collect()
             })
             .collect();
-        let counters = Counters::new(plan);
         fill_target(target, &sizes, &jobs, Some(&pool), |request, buf| {
             self.fill_request(plan, request, buf)?;
             counters.done(plan, request, options.progress.as_deref());
@@ -103,17 +105,78 @@ impl Checkpoint {
         })
     }
 
-    /// Tells each source how the plan reads it: under half of a shard selected keeps the
-    /// kernel from reading the rest ahead.
+    /// Executes `plan` by mapping each shard privately and populating the plan's ranges of
+    /// the mappings in parallel: the tensors' bytes stay where the page cache has them.
+    /// Returns each shard's mapping, in the plan's shard order.
+    ///
+    /// # Safety
+    ///
+    /// The contract of [`crate::Mapping::always`] for the plan's shards.
+    pub(crate) unsafe fn run_mapped(
+        &self,
+        plan: &ReadPlan,
+        options: &LoadOptions,
+        counters: &Counters,
+    ) -> Result<Vec<Arc<HostMemory>>> {
+        let threads = options.threads.unwrap_or_else(|| self.default_threads());
+        let pool = thread_pool(threads, "weightlift")?;
+        let maps = plan
+            .shards
+            .iter()
+            .map(|sp| {
+                let shard = &self.shards()[sp.shard];
+                // SAFETY: passed on from this function's contract.
+                let map = unsafe { shard.mapping() }?;
+                map.mapped()
+                    .expect("a shard's mapping is a mapped file")
+                    .hint(pattern(sp.bytes, shard.header().data_len()));
+                Ok(map)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        pool.install(|| {
+            plan.requests
+                .par_iter()
+                .with_max_len(1)
+                .try_for_each(|request| {
+                    let map = &maps[request.shard_plan as usize];
+                    map.mapped()
+                        .expect("a shard's mapping is a mapped file")
+                        .populate(request.file_offset, request.len)
+                        .map_err(|source| self.read_error(plan, request, source))?;
+                    counters.done(plan, request, options.progress.as_deref());
+                    Ok::<(), Error>(())
+                })
+        })?;
+        Ok(maps)
+    }
+
+    /// After an owned load: tells each source that the bytes read from it (the header at
+    /// open, the plan's requests now) will not be read again, so the page cache can drop
+    /// them. Neighbouring ranges are merged: the kernel only drops pages (and large folios)
+    /// that a range covers whole.
+    pub(crate) fn drop_cache(&self, plan: &ReadPlan) {
+        for sp in &plan.shards {
+            let shard = &self.shards()[sp.shard];
+            let mut run = 0..shard.header().data_start();
+            for r in &plan.requests[sp.requests.clone()] {
+                if r.file_offset == run.end {
+                    run.end += r.len;
+                } else {
+                    shard.source().drop_cache(run.start, run.end - run.start);
+                    run = r.file_offset..r.file_offset + r.len;
+                }
+            }
+            shard.source().drop_cache(run.start, run.end - run.start);
+        }
+    }
+
+    /// Tells each source how the plan reads it.
     pub(crate) fn hint(&self, plan: &ReadPlan) {
         for sp in &plan.shards {
             let header = self.shards()[sp.shard].header();
-            let pattern = if sp.bytes * 2 < header.data_len() {
-                AccessPattern::Sparse
-            } else {
-                AccessPattern::Sequential
-            };
-            self.shards()[sp.shard].source().hint(pattern);
+            self.shards()[sp.shard]
+                .source()
+                .hint(pattern(sp.bytes, header.data_len()));
         }
     }
 
@@ -205,24 +268,35 @@ impl Checkpoint {
     }
 }
 
+/// Under half of a shard selected: keep the kernel from reading the rest ahead.
+fn pattern(selected: u64, data_len: u64) -> AccessPattern {
+    if selected * 2 < data_len {
+        AccessPattern::Sparse
+    } else {
+        AccessPattern::Sequential
+    }
+}
+
 thread_local! {
     /// Per-thread staging for converted pieces: bounded by the request size.
     static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Byte counters for progress reports.
+/// Byte counters for progress reports, over every plan of one load (a CPU load may run an
+/// owned and a mapped plan).
 pub(crate) struct Counters {
     total: AtomicU64,
+    /// Per shard of the checkpoint.
     per_file: Vec<AtomicU64>,
     bytes_total: u64,
 }
 
 impl Counters {
-    pub(crate) fn new(plan: &ReadPlan) -> Counters {
+    pub(crate) fn new(shards: usize, plans: &[&ReadPlan]) -> Counters {
         Counters {
             total: AtomicU64::new(0),
-            per_file: plan.shards.iter().map(|_| AtomicU64::new(0)).collect(),
-            bytes_total: plan.bytes,
+            per_file: (0..shards).map(|_| AtomicU64::new(0)).collect(),
+            bytes_total: plans.iter().map(|p| p.bytes).sum(),
         }
     }
 
@@ -232,12 +306,11 @@ impl Counters {
         request: &Request,
         progress: Option<&(dyn Fn(&Progress) + Send + Sync)>,
     ) {
+        let sp = &plan.shards[request.shard_plan as usize];
         let bytes_done = self.total.fetch_add(request.len, Ordering::Relaxed) + request.len;
-        let file_done = self.per_file[request.shard_plan as usize]
-            .fetch_add(request.len, Ordering::Relaxed)
-            + request.len;
+        let file_done =
+            self.per_file[sp.shard].fetch_add(request.len, Ordering::Relaxed) + request.len;
         if let Some(report) = progress {
-            let sp = &plan.shards[request.shard_plan as usize];
             report(&Progress {
                 file: sp.shard,
                 file_bytes_done: file_done,

@@ -8,6 +8,7 @@ use crate::tensor::{Storage, Tensor, TensorView};
 use std::ops::Range;
 use std::sync::Arc;
 use weightlift_device::HostBuffer;
+use weightlift_format::TensorInfo;
 use weightlift_storage::MmapSource;
 
 impl Checkpoint {
@@ -20,27 +21,12 @@ impl Checkpoint {
     /// trailing dimensions are taken whole), e.g. `&[0..rows, c0..c1]` for a column shard
     /// of a matrix. Reads only the bytes of the slice: one run per contiguous block.
     pub fn get_slice(&self, name: &str, ranges: &[Range<usize>]) -> Result<Tensor> {
-        let (shard, info) = self
-            .info(name)
+        let (s, t) = self
+            .locate(name)
             .ok_or_else(|| Error::NotFound(name.to_string()))?;
-        let plan = if ranges.is_empty() {
-            // The whole tensor: one run, for every dtype (sub-byte ones included).
-            slice::SlicePlan {
-                shape: info.shape.clone(),
-                runs: vec![(0, info.byte_len())],
-            }
-        } else if info.dtype.bits() % 8 != 0 {
-            return Err(Error::InvalidSlice {
-                tensor: name.to_string(),
-                reason: format!("{} elements are not byte-addressable", info.dtype),
-            });
-        } else {
-            let elem = info.dtype.bits() as u64 / 8;
-            slice::plan(&info.shape, ranges, elem).map_err(|reason| Error::InvalidSlice {
-                tensor: name.to_string(),
-                reason,
-            })?
-        };
+        let shard = &self.shards()[s];
+        let info = &shard.header().tensors()[t];
+        let plan = slice_plan(info, ranges)?;
         let total: u64 = plan.runs.iter().map(|r| r.1).sum();
         let mut buf = HostBuffer::new(total)?;
         let base = shard.header().data_start() + info.data_offsets.0;
@@ -66,6 +52,71 @@ impl Checkpoint {
                 memory: Arc::new(buf.into()),
                 offset: 0,
             },
+        })
+    }
+
+    /// Like [`Checkpoint::get_slice`], but from a private mapping of the tensor's file
+    /// (mapped on first use, shared with mapped loads while any tensor uses it): the slice's
+    /// pages are populated in one call, then a block whose bytes are contiguous (the whole
+    /// tensor, or ranges on its leading dimension) is a view of the mapping, no copy; any
+    /// other block is copied out of it. Local files only.
+    ///
+    /// # Safety
+    ///
+    /// The contract of [`crate::Mapping::always`]: the file is not truncated or modified
+    /// while the returned tensor (or its mapping) lives.
+    pub unsafe fn get_mapped(&self, name: &str, ranges: &[Range<usize>]) -> Result<Tensor> {
+        let (s, t) = self
+            .locate(name)
+            .ok_or_else(|| Error::NotFound(name.to_string()))?;
+        let shard = &self.shards()[s];
+        let info = &shard.header().tensors()[t];
+        let plan = slice_plan(info, ranges)?;
+        // SAFETY: passed on from this function's contract.
+        let map = unsafe { shard.mapping() }?;
+        let base = shard.header().data_start() + info.data_offsets.0;
+        let total: u64 = plan.runs.iter().map(|r| r.1).sum();
+        if let (Some(first), Some(last)) = (plan.runs.first(), plan.runs.last()) {
+            let (start, end) = (base + first.0, base + last.0 + last.1);
+            map.mapped()
+                .expect("a shard's mapping is a mapped file")
+                .populate(start, end - start)
+                .map_err(|source| Error::Read {
+                    location: shard.location().clone(),
+                    tensor: name.to_string(),
+                    source,
+                })?;
+        }
+        let storage = match plan.runs.as_slice() {
+            [] => Storage::Host {
+                memory: map,
+                offset: base as usize,
+            },
+            [(offset, _)] => Storage::Host {
+                memory: map,
+                offset: (base + offset) as usize,
+            },
+            runs => {
+                let mut buf = HostBuffer::new(total)?;
+                let mut at = 0usize;
+                for &(offset, len) in runs {
+                    let from = (base + offset) as usize;
+                    buf.as_mut_slice()[at..at + len as usize]
+                        .copy_from_slice(&map.as_slice()[from..from + len as usize]);
+                    at += len as usize;
+                }
+                Storage::Host {
+                    memory: Arc::new(buf.into()),
+                    offset: 0,
+                }
+            }
+        };
+        Ok(Tensor {
+            name: info.name.clone(),
+            dtype: info.dtype,
+            shape: plan.shape,
+            byte_len: total as usize,
+            storage,
         })
     }
 
@@ -114,6 +165,28 @@ impl Checkpoint {
             maps,
         })
     }
+}
+
+/// The byte runs of `ranges` of a tensor (the whole tensor for no ranges).
+fn slice_plan(info: &TensorInfo, ranges: &[Range<usize>]) -> Result<slice::SlicePlan> {
+    if ranges.is_empty() {
+        // The whole tensor: one run, for every dtype (sub-byte ones included).
+        return Ok(slice::SlicePlan {
+            shape: info.shape.clone(),
+            runs: vec![(0, info.byte_len())],
+        });
+    }
+    if info.dtype.bits() % 8 != 0 {
+        return Err(Error::InvalidSlice {
+            tensor: info.name.clone(),
+            reason: format!("{} elements are not byte-addressable", info.dtype),
+        });
+    }
+    let elem = info.dtype.bits() as u64 / 8;
+    slice::plan(&info.shape, ranges, elem).map_err(|reason| Error::InvalidSlice {
+        tensor: info.name.clone(),
+        reason,
+    })
 }
 
 /// A checkpoint whose shards are memory-mapped; hands out zero-copy [`TensorView`]s.

@@ -38,9 +38,9 @@ pub use checkpoint::{Checkpoint, OpenOptions, Shard};
 pub use error::{Error, Result};
 pub use exec::default_threads;
 pub use lazy::MappedCheckpoint;
-pub use options::{DEFAULT_REQUEST_SIZE, Filter, LoadOptions};
+pub use options::{DEFAULT_REQUEST_SIZE, Filter, LoadOptions, Mapping};
 pub use progress::{Progress, ProgressFn};
-pub use tensor::{Element, HostMemory, StateDict, Tensor, TensorView};
+pub use tensor::{Element, FileReport, HostMemory, Placement, StateDict, Tensor, TensorView};
 
 pub use weightlift_device as device;
 pub use weightlift_device::{Device, StagedTarget, StagingOptions, StagingStats};

@@ -1,12 +1,13 @@
 //! Loads: which tensors (the selection), planned how, onto which device. CPU and device
 //! loads run the same plan through [`crate::exec`]; meta loads read nothing.
 
-use crate::checkpoint::Checkpoint;
+use crate::checkpoint::{Checkpoint, Shard};
 use crate::convert::{converted, is_conversion_target};
 use crate::error::{Error, Result};
+use crate::exec::Counters;
 use crate::options::LoadOptions;
 use crate::plan::ReadPlan;
-use crate::tensor::{StateDict, Storage, Tensor};
+use crate::tensor::{FileReport, Placement, StateDict, Storage, Tensor};
 use std::sync::Arc;
 use weightlift_device::{CopyEngine, CpuTarget, Device, StagedTarget};
 use weightlift_format::Dtype;
@@ -23,20 +24,144 @@ impl Checkpoint {
                 let (selected, convert_fn) = self.selection(options)?;
                 Ok(self.meta_tensors(&selected, convert_fn))
             }
-            Device::Cpu => {
-                let (selected, convert_fn) = self.selection(options)?;
-                let plan = self.plan(selected, options, None, convert_fn);
-                let target = CpuTarget {
-                    huge_pages: options.huge_pages,
-                };
-                let memories = self.run(&plan, &target, options)?;
-                let tensors = self.tensors_in(&plan, memories, |memory| Storage::Host {
-                    memory: Arc::new(memory.into()),
-                    offset: 0,
-                });
-                Ok(StateDict::new(tensors))
+            Device::Cpu => self.load_cpu(options),
+        }
+    }
+
+    /// A CPU load: shards that map (see [`crate::Mapping`]) are mapped and populated, the
+    /// others read into owned memory; the tensors come back in shard order either way.
+    fn load_cpu(&self, options: &LoadOptions) -> Result<StateDict> {
+        let (selected, convert_fn) = self.selection(options)?;
+        let mut owned = vec![Vec::new(); selected.len()];
+        let mut mapped = vec![Vec::new(); selected.len()];
+        let mut reasons = vec![String::new(); selected.len()];
+        for (i, picks) in selected.into_iter().enumerate() {
+            if picks.is_empty() {
+                continue;
+            }
+            let shard = &self.shards()[i];
+            let converts = picks.iter().any(|&t| {
+                let dtype = shard.header().tensors()[t as usize].dtype;
+                convert_fn(dtype) != dtype
+            });
+            let (map, reason) = self.placement(shard, options, converts)?;
+            reasons[i] = reason;
+            if map {
+                mapped[i] = picks;
+            } else {
+                owned[i] = picks;
             }
         }
+        let owned_plan = self.plan(owned, options, None, &convert_fn);
+        let mapped_plan = self.plan(mapped, options, None, |d| d);
+        let counters = Counters::new(self.shards().len(), &[&owned_plan, &mapped_plan]);
+        let mut groups: Vec<(usize, Vec<Tensor>)> = Vec::new();
+        let mut files = Vec::new();
+        if !owned_plan.shards.is_empty() {
+            let target = CpuTarget {
+                huge_pages: options.huge_pages,
+            };
+            let memories = self.run(&owned_plan, &target, options, &counters)?;
+            if options.drop_cache {
+                self.drop_cache(&owned_plan);
+            }
+            groups.extend(
+                self.shard_tensors(&owned_plan, memories, |memory| Storage::Host {
+                    memory: Arc::new(memory.into()),
+                    offset: 0,
+                }),
+            );
+            files.extend(self.reports(&owned_plan, Placement::Owned, &reasons));
+        }
+        if !mapped_plan.shards.is_empty() {
+            // SAFETY: only shards whose placement the caller allowed to map (through the
+            // unsafe constructors of `Mapping`, whose contract they took on) are in this plan.
+            let maps = unsafe { self.run_mapped(&mapped_plan, options, &counters) }?;
+            for (sp, map) in mapped_plan.shards.iter().zip(maps) {
+                let header = self.shards()[sp.shard].header();
+                let base = Storage::Host {
+                    memory: map,
+                    offset: 0,
+                };
+                let tensors = sp
+                    .tensors
+                    .iter()
+                    .map(|&t| {
+                        let info = &header.tensors()[t as usize];
+                        let at = header.data_start() + info.data_offsets.0;
+                        Tensor::from_info(info, info.dtype, base.at(at))
+                    })
+                    .collect();
+                groups.push((sp.shard, tensors));
+            }
+            files.extend(self.reports(&mapped_plan, Placement::Mapped, &reasons));
+        }
+        groups.sort_by_key(|g| g.0);
+        let tensors = groups.into_iter().flat_map(|g| g.1).collect();
+        Ok(StateDict::new(tensors).with_files(files))
+    }
+
+    /// Whether `shard`'s selected tensors map, and why.
+    fn placement(
+        &self,
+        shard: &Shard,
+        options: &LoadOptions,
+        converts: bool,
+    ) -> Result<(bool, String)> {
+        let owned = |why: &str| Ok((false, format!("{why}; {}", shard.backend_reason())));
+        if options.mapping.is_never() {
+            return Ok((false, shard.backend_reason().to_string()));
+        }
+        let Some(path) = shard.path() else {
+            if options.mapping.is_auto() {
+                return owned("owned: a URL cannot be mapped");
+            }
+            return Err(Error::InvalidOption(format!(
+                "{}: a URL cannot be mapped (use Mapping::auto or never)",
+                shard.location()
+            )));
+        };
+        if converts {
+            if options.mapping.is_auto() {
+                return owned("owned: dtype conversion needs new memory");
+            }
+            return Err(Error::InvalidOption(
+                "a mapped load cannot convert dtypes (use Mapping::auto or never)".into(),
+            ));
+        }
+        if !options.mapping.is_auto() {
+            return Ok((true, "mapped: asked for".into()));
+        }
+        let (map, reason) = weightlift_storage::map_advice(path);
+        if map {
+            Ok((true, reason))
+        } else {
+            owned(&reason)
+        }
+    }
+
+    /// One report per shard of `plan`.
+    fn reports<'a>(
+        &'a self,
+        plan: &'a ReadPlan,
+        placement: Placement,
+        reasons: &'a [String],
+    ) -> impl Iterator<Item = FileReport> + 'a {
+        plan.shards.iter().map(move |sp| FileReport {
+            shard: sp.shard,
+            location: self.shards()[sp.shard].location().clone(),
+            placement,
+            reason: if reasons[sp.shard].is_empty() {
+                self.shards()[sp.shard].backend_reason().to_string()
+            } else {
+                reasons[sp.shard].clone()
+            },
+            bytes_read: if placement == Placement::Meta {
+                0
+            } else {
+                sp.bytes
+            },
+        })
     }
 
     #[cfg(feature = "cuda")]
@@ -68,27 +193,33 @@ impl Checkpoint {
         )
     }
 
-    /// The tensors of an executed plan: `shared` turns each shard's allocation into a
-    /// storage its tensors share, each at its slot's offset.
-    pub(crate) fn tensors_in<M>(
+    /// The tensors of an executed plan, per shard: `shared` turns each shard's allocation
+    /// into a storage its tensors share, each at its slot's offset.
+    pub(crate) fn shard_tensors<M>(
         &self,
         plan: &ReadPlan,
         memories: Vec<M>,
         shared: impl Fn(M) -> Storage,
-    ) -> Vec<Tensor> {
-        let mut tensors = Vec::with_capacity(plan.shards.iter().map(|s| s.tensors.len()).sum());
+    ) -> Vec<(usize, Vec<Tensor>)> {
+        let mut out = Vec::with_capacity(plan.shards.len());
         for (sp, memory) in plan.shards.iter().zip(memories) {
             let base = shared(memory);
             let infos = self.shards()[sp.shard].header().tensors();
-            for (slot, &t) in sp.tensors.iter().enumerate() {
-                tensors.push(Tensor::from_info(
-                    &infos[t as usize],
-                    sp.out_dtypes[slot],
-                    base.at(sp.layout.offset(slot)),
-                ));
-            }
+            let tensors = sp
+                .tensors
+                .iter()
+                .enumerate()
+                .map(|(slot, &t)| {
+                    Tensor::from_info(
+                        &infos[t as usize],
+                        sp.out_dtypes[slot],
+                        base.at(sp.layout.offset(slot)),
+                    )
+                })
+                .collect();
+            out.push((sp.shard, tensors));
         }
-        tensors
+        out
     }
 
     /// The tensors a load selects (positions per shard, in file order) and the dtype each
@@ -138,12 +269,20 @@ impl Checkpoint {
             weightlift_device::Target::max_region(target),
             convert_fn,
         );
-        let memories = self.run(&plan, target, options)?;
-        let tensors = self.tensors_in(&plan, memories, |memory| Storage::Device {
-            memory: Arc::new(memory),
-            offset: 0,
-        });
-        Ok(StateDict::new(tensors).with_staging(target.stats()))
+        let counters = Counters::new(self.shards().len(), &[&plan]);
+        let memories = self.run(&plan, target, options, &counters)?;
+        let tensors = self
+            .shard_tensors(&plan, memories, |memory| Storage::Device {
+                memory: Arc::new(memory),
+                offset: 0,
+            })
+            .into_iter()
+            .flat_map(|g| g.1)
+            .collect();
+        let files = self.reports(&plan, Placement::Device, &[]).collect();
+        Ok(StateDict::new(tensors)
+            .with_staging(target.stats())
+            .with_files(files))
     }
 
     fn meta_tensors(
@@ -152,7 +291,17 @@ impl Checkpoint {
         convert_fn: impl Fn(Dtype) -> Dtype,
     ) -> StateDict {
         let mut tensors = Vec::with_capacity(selected.iter().map(Vec::len).sum());
-        for (shard, picks) in self.shards().iter().zip(selected) {
+        let mut files = Vec::new();
+        for (s, (shard, picks)) in self.shards().iter().zip(selected).enumerate() {
+            if !picks.is_empty() {
+                files.push(FileReport {
+                    shard: s,
+                    location: shard.location().clone(),
+                    placement: Placement::Meta,
+                    reason: "meta: shapes only, nothing read".into(),
+                    bytes_read: 0,
+                });
+            }
             for &i in picks {
                 let info = &shard.header().tensors()[i as usize];
                 tensors.push(Tensor::from_info(
@@ -162,6 +311,6 @@ impl Checkpoint {
                 ));
             }
         }
-        StateDict::new(tensors)
+        StateDict::new(tensors).with_files(files)
     }
 }

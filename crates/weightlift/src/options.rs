@@ -42,6 +42,64 @@ impl fmt::Debug for Filter {
     }
 }
 
+/// Whether a CPU load may leave tensors in private (copy-on-write) mappings of the files
+/// instead of copying them into memory of its own.
+///
+/// A mapped load reads nothing into new memory: the page cache's pages are mapped in place
+/// (populated up front, in parallel, in large ranges), so it costs what reading the file
+/// costs and no more, and the page cache does not hold a second copy of the model. Tensors
+/// are writable; writes go to private copies of the pages, never to the file. The price is
+/// the contract of every file mapping, which is why the constructors that allow it are
+/// `unsafe`: nobody may truncate or rewrite the files while the tensors live (a truncated
+/// mapping raises `SIGBUS` when touched; a rewritten one shows the new bytes).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Mapping(MapChoice);
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+enum MapChoice {
+    #[default]
+    Never,
+    Always,
+    Auto,
+}
+
+impl Mapping {
+    /// Copy every tensor into owned memory (the default).
+    pub fn never() -> Mapping {
+        Mapping(MapChoice::Never)
+    }
+
+    /// Map every local file; URLs are an error.
+    ///
+    /// # Safety
+    ///
+    /// No file of the checkpoint may be truncated or modified while any tensor of the load
+    /// lives (see [`Mapping`]).
+    pub unsafe fn always() -> Mapping {
+        Mapping(MapChoice::Always)
+    }
+
+    /// Map files on local block-device filesystems and in memory (tmpfs); load owned copies
+    /// from network and FUSE filesystems and URLs, and of shards whose tensors are converted
+    /// (`weightlift_storage::map_advice` is the rule). The reason per file is in
+    /// [`crate::StateDict::files`].
+    ///
+    /// # Safety
+    ///
+    /// As [`Mapping::always`], for the files that end up mapped.
+    pub unsafe fn auto() -> Mapping {
+        Mapping(MapChoice::Auto)
+    }
+
+    pub(crate) fn is_never(self) -> bool {
+        self.0 == MapChoice::Never
+    }
+
+    pub(crate) fn is_auto(self) -> bool {
+        self.0 == MapChoice::Auto
+    }
+}
+
 /// How to load.
 #[derive(Clone)]
 pub struct LoadOptions {
@@ -65,6 +123,12 @@ pub struct LoadOptions {
     pub staging: StagingOptions,
     /// Copy streams for loads to a GPU (default 2).
     pub streams: usize,
+    /// Whether CPU loads may map files instead of copying them (default: never).
+    pub mapping: Mapping,
+    /// After an owned CPU load, drop the bytes it read from the page cache
+    /// (`POSIX_FADV_DONTNEED` on the ranges read), so that the cache does not hold a second
+    /// copy of the model (default: off).
+    pub drop_cache: bool,
 }
 
 impl Default for LoadOptions {
@@ -79,6 +143,8 @@ impl Default for LoadOptions {
             huge_pages: false,
             staging: StagingOptions::default(),
             streams: 2,
+            mapping: Mapping::never(),
+            drop_cache: false,
         }
     }
 }
@@ -95,6 +161,8 @@ impl fmt::Debug for LoadOptions {
             .field("huge_pages", &self.huge_pages)
             .field("staging", &self.staging)
             .field("streams", &self.streams)
+            .field("mapping", &self.mapping)
+            .field("drop_cache", &self.drop_cache)
             .finish()
     }
 }
@@ -145,6 +213,18 @@ impl LoadOptions {
     /// Sets the pinned staging pool of GPU loads.
     pub fn staging(mut self, staging: StagingOptions) -> Self {
         self.staging = staging;
+        self
+    }
+
+    /// Lets CPU loads map files (see [`Mapping`]).
+    pub fn mapping(mut self, mapping: Mapping) -> Self {
+        self.mapping = mapping;
+        self
+    }
+
+    /// Drops what an owned CPU load read from the page cache (see [`LoadOptions::drop_cache`]).
+    pub fn drop_cache(mut self, on: bool) -> Self {
+        self.drop_cache = on;
         self
     }
 

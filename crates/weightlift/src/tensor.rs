@@ -8,6 +8,7 @@ use std::ops::Range;
 use std::sync::Arc;
 use weightlift_device::{CopyEngine, Device, DeviceMemory, HostBuffer, StagedTarget, StagingStats};
 use weightlift_format::{Dtype, TensorInfo};
+use weightlift_storage::{Location, MappedFile};
 
 /// An element type with a safetensors dtype, for typed views.
 pub trait Element: bytemuck::Pod {
@@ -33,6 +34,8 @@ pub struct HostMemory(HostKind);
 enum HostKind {
     /// Owned memory the bytes were read into.
     Owned(HostBuffer),
+    /// A private mapping of the whole file.
+    Mapped(MappedFile),
 }
 
 impl HostMemory {
@@ -40,6 +43,19 @@ impl HostMemory {
     pub fn as_slice(&self) -> &[u8] {
         match &self.0 {
             HostKind::Owned(b) => b.as_slice(),
+            HostKind::Mapped(m) => m.as_slice(),
+        }
+    }
+
+    /// Whether this is a private mapping of a file (rather than owned memory).
+    pub fn is_mapped(&self) -> bool {
+        matches!(self.0, HostKind::Mapped(_))
+    }
+
+    pub(crate) fn mapped(&self) -> Option<&MappedFile> {
+        match &self.0 {
+            HostKind::Mapped(m) => Some(m),
+            HostKind::Owned(_) => None,
         }
     }
 
@@ -60,10 +76,17 @@ impl From<HostBuffer> for HostMemory {
     }
 }
 
+impl From<MappedFile> for HostMemory {
+    fn from(map: MappedFile) -> HostMemory {
+        HostMemory(HostKind::Mapped(map))
+    }
+}
+
 impl fmt::Debug for HostMemory {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let kind = match &self.0 {
             HostKind::Owned(_) => "owned",
+            HostKind::Mapped(_) => "mapped",
         };
         f.debug_struct("HostMemory")
             .field("kind", &kind)
@@ -339,6 +362,35 @@ pub struct StateDict {
     tensors: Vec<Tensor>,
     by_name: Vec<u32>,
     staging: Option<StagingStats>,
+    files: Vec<FileReport>,
+}
+
+/// Where one file's tensors went in a load, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileReport {
+    /// Position of the file (shard) in the checkpoint.
+    pub shard: usize,
+    /// The file.
+    pub location: Location,
+    /// Where its tensors are.
+    pub placement: Placement,
+    /// Why: the backend's reason for an owned load, the mapping rule for a mapped one.
+    pub reason: String,
+    /// Bytes read (or, mapped, brought into the page cache and mapped) from storage.
+    pub bytes_read: u64,
+}
+
+/// Where a file's loaded tensors live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Placement {
+    /// Copied into memory of the load's own.
+    Owned,
+    /// In a private mapping of the file (page-cache pages, used in place).
+    Mapped,
+    /// Copied into device memory.
+    Device,
+    /// Nowhere (shapes only).
+    Meta,
 }
 
 impl StateDict {
@@ -349,7 +401,25 @@ impl StateDict {
             tensors,
             by_name,
             staging: None,
+            files: Vec::new(),
         }
+    }
+
+    pub(crate) fn with_files(mut self, mut files: Vec<FileReport>) -> StateDict {
+        files.sort_by_key(|f| f.shard);
+        self.files = files;
+        self
+    }
+
+    /// Per file: where its tensors went and why, and the bytes read from it (files with no
+    /// tensor selected are left out).
+    pub fn files(&self) -> &[FileReport] {
+        &self.files
+    }
+
+    /// Bytes read from storage in all, over [`StateDict::files`].
+    pub fn bytes_read(&self) -> u64 {
+        self.files.iter().map(|f| f.bytes_read).sum()
     }
 
     pub(crate) fn with_staging(mut self, stats: StagingStats) -> StateDict {

@@ -1,0 +1,174 @@
+//! Private, copy-on-write mappings of whole files, populated in parallel: memory that holds
+//! a file's bytes without a copy (the page cache's pages are mapped in), that callers may
+//! write to without the file ever changing.
+//!
+//! This is what `safetensors.torch` gives its users (`UntypedStorage.from_file(shared=
+//! False)`), with one difference: instead of faulting the pages in 4 KiB at a time on first
+//! touch, [`MappedFile::populate`] asks the kernel for whole ranges at once
+//! (`MADV_POPULATE_READ`, Linux 5.14), from as many threads as the caller likes.
+
+use crate::AccessPattern;
+use memmap2::{Advice, MmapMut, MmapOptions};
+use std::fs::File;
+use std::io;
+use std::path::Path;
+
+/// A private (copy-on-write) mapping of a whole file.
+#[derive(Debug)]
+pub struct MappedFile {
+    map: MmapMut,
+    file: File,
+}
+
+impl MappedFile {
+    /// Maps `path` privately: reads see the file, writes go to private copies of the pages.
+    ///
+    /// # Safety
+    ///
+    /// The file must not be truncated or modified while the mapping (or anything borrowed
+    /// from it) lives: a page past a truncation raises `SIGBUS` when touched, and pages not
+    /// yet written through the mapping show another process's writes.
+    /// [`MappedFile::populate`] reports a truncation as an error rather than crashing, but
+    /// bytes touched later, after a truncation, would crash.
+    pub unsafe fn open(path: &Path) -> io::Result<MappedFile> {
+        let file = File::open(path)?;
+        if file.metadata()?.len() == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the file is empty: nothing to map",
+            ));
+        }
+        // SAFETY: the caller promises the file is neither truncated nor modified while
+        // mapped (this function's contract). The mapping is private: nothing written
+        // through it reaches the file.
+        let map = unsafe { MmapOptions::new().map_copy(&file)? };
+        Ok(MappedFile { map, file })
+    }
+
+    /// The bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        &self.map
+    }
+
+    /// Length of the mapping (the file's length when it was mapped).
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Whether the mapping is empty (never: empty files are refused).
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// The file's length now.
+    pub fn current_len(&self) -> Option<u64> {
+        self.file.metadata().ok().map(|m| m.len())
+    }
+
+    /// Tells the kernel how the mapping will be read (readahead on page faults).
+    pub fn hint(&self, pattern: AccessPattern) {
+        let advice = match pattern {
+            AccessPattern::Sequential => Advice::Sequential,
+            AccessPattern::Sparse => Advice::Random,
+        };
+        // A hint: losing it only costs speed.
+        let _ = self.map.advise(advice);
+    }
+
+    /// Brings the pages of `offset..offset + len` in (reading them from the file where they
+    /// are not in the page cache) and maps them, so that touching them later costs nothing.
+    /// Safe to call from many threads on disjoint or overlapping ranges.
+    ///
+    /// A range that the file no longer covers (it was truncated) is an `UnexpectedEof`
+    /// error: the kernel answers `EFAULT` where a touch would raise `SIGBUS`. On kernels
+    /// without `MADV_POPULATE_READ` the pages are touched one by one instead, after checking
+    /// the file's current length.
+    pub fn populate(&self, offset: u64, len: u64) -> io::Result<()> {
+        let end = offset
+            .checked_add(len)
+            .filter(|&end| end <= self.map.len() as u64)
+            .ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!(
+                        "bytes {offset}+{len} are outside the {} byte mapping",
+                        self.map.len()
+                    ),
+                )
+            })?;
+        if len == 0 {
+            return Ok(());
+        }
+        match self
+            .map
+            .advise_range(Advice::PopulateRead, offset as usize, len as usize)
+        {
+            Ok(()) => Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EFAULT) => Err(self.cut(offset, end)),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => self.touch(offset, end),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Populates by reading one byte per page (kernels before 5.14), once the file is known
+    /// to still cover the range.
+    fn touch(&self, offset: u64, end: u64) -> io::Result<()> {
+        if self.current_len().is_some_and(|now| now < end) {
+            return Err(self.cut(offset, end));
+        }
+        let bytes = &self.map[offset as usize..end as usize];
+        let mut sum = 0u8;
+        for page in bytes.chunks(4096) {
+            sum = sum.wrapping_add(page[0]);
+        }
+        std::hint::black_box(sum);
+        Ok(())
+    }
+
+    fn cut(&self, offset: u64, end: u64) -> io::Error {
+        let now = self.current_len().unwrap_or(0);
+        io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!(
+                "file ended at byte {now} while mapping bytes {offset}..{end} (was it truncated?)"
+            ),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn maps_populates_and_never_writes_the_file() {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        f.write_all(&data).unwrap();
+        // SAFETY: the temporary file is private to this test; it is truncated below only
+        // after the checks that touch the mapping, and never touched after.
+        let map = unsafe { MappedFile::open(f.path()).unwrap() };
+        assert_eq!(map.as_slice(), &data[..]);
+        map.populate(0, 100_000).unwrap();
+        map.populate(4097, 3).unwrap();
+        map.populate(0, 0).unwrap();
+        assert!(map.populate(99_999, 2).is_err(), "past the mapping");
+        assert!(map.populate(u64::MAX, 2).is_err(), "overflow");
+        // Writes stay private.
+        let mut private = map;
+        private.map[0] = 0xff;
+        assert_eq!(std::fs::read(f.path()).unwrap()[0], 0);
+        // A file cut under the mapping: an error, not a crash.
+        f.as_file().set_len(10_000).unwrap();
+        let err = private.populate(50_000, 10_000).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof, "{err}");
+        assert!(
+            err.to_string().contains("file ended at byte 10000"),
+            "{err}"
+        );
+        let empty = tempfile::NamedTempFile::new().unwrap();
+        // SAFETY: as above.
+        assert!(unsafe { MappedFile::open(empty.path()) }.is_err());
+    }
+}

@@ -1,0 +1,200 @@
+//! Mapped CPU loads: tensors left in private mappings of the files, populated in parallel.
+//! The same bytes as owned loads; the placement and its reason per file; a file cut under
+//! the mapping is an error naming the file and the tensor, not a crash; dropping the page
+//! cache after owned loads.
+
+use std::path::Path;
+use weightlift::{
+    Backend, Checkpoint, Dtype, Error, LoadOptions, Mapping, OpenOptions, Placement, StateDict,
+};
+use weightlift_testkit::files::{
+    all_dtypes, dense, disk_tempdir, moe, split, write_file, write_sharded,
+};
+
+fn bytes_by_name(state: &StateDict) -> Vec<(String, Vec<u8>)> {
+    let mut out: Vec<_> = state
+        .iter()
+        .map(|t| (t.name().to_string(), t.bytes().unwrap().to_vec()))
+        .collect();
+    out.sort();
+    out
+}
+
+fn mapped() -> LoadOptions {
+    // SAFETY: the tests' files are private to them and not modified while mapped (where a
+    // test cuts one, it does so on purpose and only checks the error).
+    LoadOptions::default().mapping(unsafe { Mapping::always() })
+}
+
+fn auto() -> LoadOptions {
+    // SAFETY: as in `mapped`.
+    LoadOptions::default().mapping(unsafe { Mapping::auto() })
+}
+
+#[test]
+fn mapped_loads_equal_owned_loads() {
+    let dir = disk_tempdir();
+    for name in ["dense", "moe"] {
+        std::fs::create_dir(dir.path().join(name)).unwrap();
+    }
+    write_sharded(&dir.path().join("dense"), &split(dense(3, 128), 2), true);
+    write_sharded(
+        &dir.path().join("moe"),
+        &split(moe(2, 16, 32, 16), 3),
+        false,
+    );
+    write_file(&dir.path().join("all.safetensors"), &all_dtypes());
+    for path in ["dense", "moe", "all.safetensors"] {
+        let ckpt = Checkpoint::open(dir.path().join(path)).unwrap();
+        for (options, filtered) in [
+            (mapped(), false),
+            (auto(), false),
+            (mapped().request_size(4096).threads(3), false),
+            (mapped().prefix("model.layers.1."), true),
+        ] {
+            let owned = ckpt
+                .load(&LoadOptions {
+                    mapping: Mapping::never(),
+                    ..options.clone()
+                })
+                .unwrap();
+            let state = ckpt.load(&options).unwrap();
+            assert_eq!(bytes_by_name(&state), bytes_by_name(&owned), "{path}");
+            if !filtered {
+                assert_eq!(state.len(), ckpt.len());
+            }
+            for t in &state {
+                let (memory, _) = t.host_allocation().unwrap();
+                assert!(memory.is_mapped(), "{}", t.name());
+            }
+            for f in state.files() {
+                assert_eq!(f.placement, Placement::Mapped);
+                assert!(f.reason.starts_with("mapped"), "{}", f.reason);
+            }
+            assert_eq!(state.bytes_read(), owned.bytes_read());
+            assert!(
+                owned
+                    .files()
+                    .iter()
+                    .all(|f| f.placement == Placement::Owned)
+            );
+        }
+    }
+}
+
+#[test]
+fn auto_copies_what_it_converts_and_always_refuses_to() {
+    let dir = disk_tempdir();
+    let path = dir.path().join("m.safetensors");
+    write_file(&path, &dense(2, 64));
+    let ckpt = Checkpoint::open(&path).unwrap();
+    let state = ckpt.load(&auto().convert_to(Dtype::F32)).unwrap();
+    assert!(state.iter().all(|t| t.dtype() != Dtype::BF16));
+    let f = &state.files()[0];
+    assert_eq!(f.placement, Placement::Owned);
+    assert!(f.reason.contains("conversion"), "{}", f.reason);
+    let err = ckpt.load(&mapped().convert_to(Dtype::F32)).unwrap_err();
+    assert!(matches!(err, Error::InvalidOption(_)), "{err}");
+    // In memory (tmpfs): mapped too.
+    let shm = tempfile::tempdir_in("/dev/shm").unwrap();
+    let in_memory = shm.path().join("m.safetensors");
+    std::fs::copy(&path, &in_memory).unwrap();
+    let state = Checkpoint::open(&in_memory).unwrap().load(&auto()).unwrap();
+    assert!(
+        state.files()[0].reason.contains("tmpfs"),
+        "{:?}",
+        state.files()
+    );
+}
+
+#[test]
+fn a_file_cut_under_the_mapping_is_an_error_naming_file_and_tensor() {
+    let dir = disk_tempdir();
+    let path = dir.path().join("m.safetensors");
+    write_file(&path, &dense(2, 256));
+    let ckpt = Checkpoint::open_with(&path, &OpenOptions::backend(Backend::pread())).unwrap();
+    let last = ckpt.tensors().last().unwrap().1.name.clone();
+    let first = ckpt.tensors().next().unwrap().1.name.clone();
+    // Map the file (one tensor keeps the mapping alive), then cut it.
+    // SAFETY: the truncation below is the point of the test: nothing touches the bytes past
+    // the cut; the populate reports them instead.
+    let kept = unsafe { ckpt.get_mapped(&first, &[]) }.unwrap();
+    let len = std::fs::metadata(&path).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(len - 3000)
+        .unwrap();
+    let err = ckpt.load(&mapped()).unwrap_err();
+    match &err {
+        Error::Read {
+            location, tensor, ..
+        } => {
+            assert_eq!(location, &path.clone().into());
+            assert_eq!(tensor, &last, "names the tensor cut short");
+        }
+        other => panic!("unexpected error {other}"),
+    }
+    assert!(err.to_string().contains("truncated"), "{err}");
+    assert_eq!(kept.bytes().unwrap().len(), kept.byte_len());
+    drop(kept);
+    // Mapped afresh, the cut file fails before any page is touched.
+    let err = ckpt.load(&mapped()).unwrap_err();
+    assert!(matches!(err, Error::Io { .. }), "{err}");
+}
+
+#[test]
+fn get_mapped_views_and_copies() {
+    let dir = disk_tempdir();
+    let path = dir.path().join("m.safetensors");
+    write_file(&path, &all_dtypes());
+    let ckpt = Checkpoint::open(&path).unwrap();
+    for name in ["big", "t.bf16", "scalar", "empty", "t.f4"] {
+        // SAFETY: the file is not modified while mapped.
+        let view = unsafe { ckpt.get_mapped(name, &[]) }.unwrap();
+        assert_eq!(view.bytes(), ckpt.get(name).unwrap().bytes(), "{name}");
+        assert!(view.host_allocation().unwrap().0.is_mapped());
+    }
+    // Rows: contiguous, a view. Columns: copied.
+    // SAFETY: as above.
+    let rows = unsafe { ckpt.get_mapped("big", &[10..20]) }.unwrap();
+    assert!(rows.host_allocation().unwrap().0.is_mapped());
+    assert_eq!(
+        rows.bytes(),
+        ckpt.get_slice("big", &[10..20]).unwrap().bytes()
+    );
+    // SAFETY: as above.
+    let cols = unsafe { ckpt.get_mapped("big", &[0..300, 5..9]) }.unwrap();
+    assert!(!cols.host_allocation().unwrap().0.is_mapped());
+    assert_eq!(cols.shape(), [300, 4]);
+    assert_eq!(
+        cols.bytes(),
+        ckpt.get_slice("big", &[0..300, 5..9]).unwrap().bytes()
+    );
+    // SAFETY: as above.
+    assert!(unsafe { ckpt.get_mapped("nope", &[]) }.is_err());
+}
+
+fn resident(path: &Path) -> f64 {
+    weightlift_storage::residency(path).unwrap().fraction()
+}
+
+#[test]
+fn owned_loads_can_drop_what_they_read_from_the_page_cache() {
+    let dir = disk_tempdir();
+    let files = write_sharded(dir.path(), &split(dense(4, 256), 2), true);
+    // Freshly written pages are dirty, and dirty pages are not dropped: write them back.
+    for f in &files {
+        std::fs::File::open(f).unwrap().sync_all().unwrap();
+    }
+    let ckpt = Checkpoint::open_with(dir.path(), &OpenOptions::backend(Backend::pread())).unwrap();
+    let kept = ckpt.load(&LoadOptions::default()).unwrap();
+    assert!(files.iter().all(|f| resident(f) > 0.9));
+    let state = ckpt.load(&LoadOptions::default().drop_cache(true)).unwrap();
+    assert_eq!(bytes_by_name(&state), bytes_by_name(&kept));
+    for f in &files {
+        // The data is gone from the cache; at most the header's page stays.
+        assert!(resident(f) < 0.05, "{}: {}", f.display(), resident(f));
+    }
+}
