@@ -10,8 +10,9 @@ use weightlift_testkit::util::{parse_size, peak_rss};
 #[derive(clap::Args)]
 #[command(
     after_help = "Examples:\n  weightlift load model/\n  weightlift load model/ --backend direct --threads 8\n  \
-    weightlift load model/ --device meta --json\n\n\
-    With --backend mmap the files must not be modified or truncated during the load."
+    weightlift load model/ --device meta --json\n  weightlift load model/ --map auto\n\n\
+    With --backend mmap, and for files loaded mapped (--map), the files must not be modified \
+    or truncated during the load."
 )]
 pub(crate) struct Args {
     #[command(flatten)]
@@ -38,9 +39,41 @@ pub(crate) struct Args {
     /// For --device cuda: copy streams.
     #[arg(long, value_name = "N", default_value_t = 2)]
     streams: usize,
+    /// CPU loads: leave tensors in private mappings of the files instead of copying them
+    /// (never; always; auto: where the file is on a local disk or in memory).
+    #[arg(long, value_enum, default_value_t = MapArg::Never)]
+    map: MapArg,
+    /// After an owned CPU load, drop the bytes read from the page cache (so it does not hold
+    /// a second copy of the model).
+    #[arg(long)]
+    drop_cache: bool,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
+}
+
+/// `--map`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum MapArg {
+    /// Copy into owned memory.
+    Never,
+    /// Map every file.
+    Always,
+    /// Map files on local disks and in memory; copy from network filesystems and URLs.
+    Auto,
+}
+
+impl MapArg {
+    fn mapping(self) -> weightlift::Mapping {
+        match self {
+            MapArg::Never => weightlift::Mapping::never(),
+            // SAFETY: the user asked for mapped loads; --help and the README state that the
+            // files must not be modified or truncated while weightlift reads them.
+            MapArg::Always => unsafe { weightlift::Mapping::always() },
+            // SAFETY: as above.
+            MapArg::Auto => unsafe { weightlift::Mapping::auto() },
+        }
+    }
 }
 
 pub(crate) fn run(args: &Args) -> Result<(), String> {
@@ -50,6 +83,8 @@ pub(crate) fn run(args: &Args) -> Result<(), String> {
     let mut options = LoadOptions::default()
         .device(args.device)
         .huge_pages(args.huge_pages)
+        .mapping(args.map.mapping())
+        .drop_cache(args.drop_cache)
         .staging(weightlift::StagingOptions {
             buffers: args.pinned_buffers,
             buffer_size: args
@@ -106,10 +141,32 @@ pub(crate) fn run(args: &Args) -> Result<(), String> {
             s.copies,
         )
     });
+    // Per file: the backend and, for files the load touched, where their tensors went.
+    let placement = |i: usize| {
+        state.files().iter().find(|f| f.shard == i).map(|f| {
+            let place = match f.placement {
+                weightlift::Placement::Owned => "owned",
+                weightlift::Placement::Mapped => "mapped",
+                weightlift::Placement::Device => "device",
+                weightlift::Placement::Meta => "meta",
+            };
+            (place, f.reason.clone(), f.bytes_read)
+        })
+    };
     let files: Vec<_> = ckpt
         .shards()
         .iter()
-        .map(|s| json!({"path": s.location().to_string(), "backend": s.backend().name(), "reason": s.backend_reason()}))
+        .enumerate()
+        .map(|(i, s)| {
+            let p = placement(i);
+            json!({
+                "path": s.location().to_string(),
+                "backend": s.backend().name(),
+                "reason": p.as_ref().map_or_else(|| s.backend_reason().to_string(), |p| p.1.clone()),
+                "placement": p.as_ref().map(|p| p.0),
+                "bytes_read": p.as_ref().map_or(0, |p| p.2),
+            })
+        })
         .collect();
     if args.json {
         let out = json!({
@@ -127,6 +184,7 @@ pub(crate) fn run(args: &Args) -> Result<(), String> {
             "host_to_device_gbps": stages.map(|s| s.1),
             "staging_wait_seconds": stages.map(|s| s.2),
             "copies": stages.map(|s| s.3),
+            "bytes_read": state.bytes_read(),
             "files": files,
         });
         return print(&format!("{out}\n"));
@@ -156,13 +214,13 @@ pub(crate) fn run(args: &Args) -> Result<(), String> {
             human_bytes(r.bytes)
         ));
     }
-    for s in ckpt.shards() {
-        out.push_str(&format!(
-            "  {}: {} ({})\n",
-            s.name(),
-            s.backend(),
-            s.backend_reason()
-        ));
+    for (i, s) in ckpt.shards().iter().enumerate() {
+        let line = match placement(i) {
+            Some((place, reason, _)) if place == "mapped" => format!("mapped ({reason})"),
+            Some((place, reason, _)) => format!("{}, {place} ({reason})", s.backend()),
+            None => format!("{} ({})", s.backend(), s.backend_reason()),
+        };
+        out.push_str(&format!("  {}: {line}\n", s.name()));
     }
     print(&out)
 }

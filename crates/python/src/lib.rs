@@ -12,14 +12,20 @@ use dlpark::{DlpackFlags, Managed};
 use pyo3::create_exception;
 use pyo3::exceptions::{PyException, PyFileNotFoundError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict, PyList};
+use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
 use std::ffi::c_void;
 use std::ops::Range;
 use std::sync::Arc;
-use weightlift::{Backend, Checkpoint, Device, Dtype, Error, LoadOptions, OpenOptions, Tensor};
+use std::collections::HashMap;
+use std::sync::Mutex;
+use weightlift::device::DeviceMemory;
+use weightlift::{
+    Backend, Checkpoint, Device, Dtype, Error, FileReport, HostMemory, LoadOptions, Mapping,
+    OpenOptions, Placement, Tensor,
+};
 
 create_exception!(
-    _native,
+    weightlift,
     SafetensorError,
     PyException,
     "A malformed file, a missing tensor or a failed read (same name as safetensors' error)."
@@ -64,10 +70,7 @@ impl PyTensor {
     }
 
     fn dl_device(&self) -> DLDevice {
-        match self.tensor.device() {
-            Device::Cuda(n) => DLDevice::cuda(n as i32),
-            _ => DLDevice::CPU,
-        }
+        dl_device(self.tensor.device())
     }
 
     fn dl_dtype(&self) -> PyResult<DLDataType> {
@@ -216,10 +219,11 @@ impl PyTensor {
     }
 }
 
-/// One host allocation (a shard's tensors), as a flat uint8 array interface.
+/// One host allocation (a shard's tensors: owned memory or a file's private mapping), as a
+/// flat uint8 array interface.
 #[pyclass(name = "Memory", module = "weightlift._native", frozen)]
 struct PyMemory {
-    memory: Arc<weightlift::HostMemory>,
+    memory: Arc<HostMemory>,
 }
 
 #[pymethods]
@@ -229,40 +233,295 @@ impl PyMemory {
     fn __array_interface__<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         array_interface(py, self.memory.as_slice())
     }
+
+    /// Whether the memory is a private mapping of a file.
+    #[getter]
+    fn mapped(&self) -> bool {
+        self.memory.is_mapped()
+    }
+
+    /// The allocation's identity (its address): equal for every `Memory` object over the
+    /// same allocation, so Python can reuse what it built over one.
+    #[getter]
+    fn key(&self) -> usize {
+        Arc::as_ptr(&self.memory) as usize
+    }
+
+    fn __len__(&self) -> usize {
+        self.memory.len()
+    }
 }
 
-/// Groups host tensors by allocation: `[(memory, [(name, dtype, shape, offset), ...])]`, so
-/// that Python makes one array per allocation and cheap views into it per tensor (43,000
-/// tensors cost ~0.07 s that way, against several times that through one object each).
-fn grouped<'py>(py: Python<'py>, tensors: Vec<Tensor>) -> PyResult<Bound<'py, PyList>> {
-    type Entry = (String, &'static str, Vec<usize>, usize);
-    let mut groups: Vec<(Arc<weightlift::HostMemory>, Vec<Entry>)> = Vec::new();
-    for t in &tensors {
-        let (memory, offset) = t.host_allocation().ok_or_else(|| {
-            PyValueError::new_err(format!("tensor {:?} is not in host memory", t.name()))
-        })?;
-        let entry = (
-            t.name().to_string(),
-            t.dtype().name(),
-            t.shape().to_vec(),
-            offset,
-        );
-        match groups.last_mut() {
-            Some((m, entries)) if Arc::ptr_eq(m, memory) => entries.push(entry),
-            _ => groups.push((Arc::clone(memory), vec![entry])),
+/// One device allocation (a shard's tensors on a GPU), exported through DLPack as a flat
+/// uint8 tensor: torch makes one tensor of it, then cheap views per tensor.
+#[pyclass(name = "DeviceMemory", module = "weightlift._native", frozen)]
+struct PyDeviceMemory {
+    memory: Arc<dyn DeviceMemory>,
+}
+
+impl PyDeviceMemory {
+    fn managed<M: dlpark::ManagedTensorBase>(&self) -> PyResult<Managed<M>> {
+        let prepared = Dynamic::compact(vec![self.memory.len() as i64])
+            .prepare_as::<M>()
+            .map_err(|e| PyValueError::new_err(e.to_string()))?;
+        let mut init = prepared.initialize(Box::new(Arc::clone(&self.memory)));
+        init.set_data(self.memory.device_ptr() as *mut c_void);
+        init.set_dtype(DLDataType::U8);
+        init.set_device(dl_device(self.memory.device()));
+        // SAFETY: the pointer is the start of the device allocation, which the `Arc` in the
+        // context keeps alive until the consumer calls the deleter; the shape describes its
+        // exact length in bytes; every copy into it completed before the load returned.
+        Ok(unsafe { init.finish() })
+    }
+}
+
+impl DlpackExporter for PyDeviceMemory {
+    fn device(&self) -> DLDevice {
+        dl_device(self.memory.device())
+    }
+
+    fn flags(&self) -> DlpackFlags {
+        DlpackFlags::empty()
+    }
+
+    fn prepare_export(&self, _py: Python<'_>, _request: &ExportRequest<'_>) -> PyResult<()> {
+        Ok(())
+    }
+
+    fn export_legacy(&self, _py: Python<'_>) -> PyResult<Managed<DLManagedTensor>> {
+        self.managed()
+    }
+
+    fn export_versioned(&self, _py: Python<'_>) -> PyResult<Managed<DLManagedTensorVersioned>> {
+        self.managed()
+    }
+}
+
+#[pymethods]
+impl PyDeviceMemory {
+    /// DLPack export of the whole allocation as uint8 (zero-copy).
+    #[pyo3(signature = (*, stream=None, max_version=None, dl_device=None, copy=None))]
+    fn __dlpack__<'py>(
+        &self,
+        py: Python<'py>,
+        stream: Option<Bound<'py, PyAny>>,
+        max_version: Option<(u32, u32)>,
+        dl_device: Option<(u32, i32)>,
+        copy: Option<bool>,
+    ) -> PyResult<Py<PyAny>> {
+        let request = ExportRequest::parse(stream.as_ref(), max_version, dl_device, copy)?;
+        export_dlpack(self, py, request)
+    }
+
+    /// (device type, device id) in DLPack codes.
+    fn __dlpack_device__(&self) -> (u32, i32) {
+        let d = dl_device(self.memory.device());
+        (d.device_type.0, d.device_id)
+    }
+
+    fn __len__(&self) -> usize {
+        self.memory.len() as usize
+    }
+}
+
+fn dl_device(device: Device) -> DLDevice {
+    match device {
+        Device::Cuda(n) => DLDevice::cuda(n as i32),
+        _ => DLDevice::CPU,
+    }
+}
+
+/// How tensors are described to the Python side, which makes the arrays.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Layout {
+    /// numpy: `(name, dtype code, shape, byte offset)`.
+    Numpy,
+    /// torch: `(name, dtype code, shape, strides, element offset, byte offset)`, shapes
+    /// and strides as torch counts them (F4 packs two elements per byte: the last dimension
+    /// is halved), the element offset -1 where the byte offset is not a multiple of the
+    /// element size (such a tensor is copied).
+    Torch,
+}
+
+fn layout(name: &str) -> PyResult<Layout> {
+    match name {
+        "np" => Ok(Layout::Numpy),
+        "pt" => Ok(Layout::Torch),
+        other => Err(PyValueError::new_err(format!("unknown layout {other:?}"))),
+    }
+}
+
+/// One tensor's entry in `layout`, at `offset` bytes into its allocation.
+fn entry<'py>(
+    py: Python<'py>,
+    t: &Tensor,
+    offset: u64,
+    layout: Layout,
+) -> PyResult<Bound<'py, PyTuple>> {
+    let code = t.dtype().name();
+    match layout {
+        Layout::Numpy => (t.name(), code, t.shape(), offset).into_pyobject(py),
+        Layout::Torch => {
+            let mut shape = t.shape().to_vec();
+            let bits = t.dtype().bits();
+            let itemsize = if t.dtype() == Dtype::F4 {
+                match shape.last_mut() {
+                    Some(last) if *last % 2 == 0 => *last /= 2,
+                    _ => {
+                        return Err(SafetensorError::new_err(format!(
+                            "tensor {:?}: F4 (float4_e2m1fn_x2) needs a last dimension divisible by 2 in torch, got shape {:?}",
+                            t.name(),
+                            t.shape()
+                        )));
+                    }
+                }
+                1
+            } else {
+                (bits / 8).max(1) as u64
+            };
+            let mut strides = vec![1usize; shape.len()];
+            for d in (0..shape.len().saturating_sub(1)).rev() {
+                strides[d] = strides[d + 1] * shape[d + 1];
+            }
+            let elem = if offset % itemsize == 0 {
+                (offset / itemsize) as i64
+            } else {
+                -1
+            };
+            (t.name(), code, shape, strides, elem, offset).into_pyobject(py)
+        }
+    }
+}
+
+/// Groups tensors by allocation: `[(memory, [entry, ...]), ...]` in load order, so that
+/// Python makes one array (or torch tensor) per allocation and cheap views into it per
+/// tensor (43,000 tensors cost ~0.07 s that way, against several times that through one
+/// object each). Host allocations come as `Memory`, device ones as `DeviceMemory`.
+fn grouped<'py>(
+    py: Python<'py>,
+    tensors: &[Tensor],
+    layout: Layout,
+) -> PyResult<Bound<'py, PyList>> {
+    enum Alloc<'a> {
+        Host(&'a Arc<HostMemory>),
+        Device(&'a Arc<dyn DeviceMemory>),
+    }
+    let same = |a: &Alloc<'_>, b: &Alloc<'_>| match (a, b) {
+        (Alloc::Host(a), Alloc::Host(b)) => Arc::ptr_eq(a, b),
+        (Alloc::Device(a), Alloc::Device(b)) => Arc::ptr_eq(a, b),
+        _ => false,
+    };
+    let mut groups: Vec<(Alloc<'_>, Bound<'py, PyList>)> = Vec::new();
+    for t in tensors {
+        let (alloc, offset) = if let Some((m, o)) = t.host_allocation() {
+            (Alloc::Host(m), o as u64)
+        } else if let Some((m, o)) = t.device_allocation() {
+            (Alloc::Device(m), o)
+        } else {
+            return Err(PyValueError::new_err(format!(
+                "tensor {:?} has no data (meta)",
+                t.name()
+            )));
+        };
+        let e = entry(py, t, offset, layout)?;
+        match groups.last() {
+            Some((last, entries)) if same(last, &alloc) => entries.append(e)?,
+            _ => {
+                let entries = PyList::empty(py);
+                entries.append(e)?;
+                groups.push((alloc, entries));
+            }
         }
     }
     let items = groups
         .into_iter()
-        .map(|(memory, entries)| Ok((Py::new(py, PyMemory { memory })?, entries)))
+        .map(|(alloc, entries)| {
+            let memory: Py<PyAny> = match alloc {
+                Alloc::Host(m) => Py::new(
+                    py,
+                    PyMemory {
+                        memory: Arc::clone(m),
+                    },
+                )?
+                .into_any(),
+                Alloc::Device(m) => Py::new(
+                    py,
+                    PyDeviceMemory {
+                        memory: Arc::clone(m),
+                    },
+                )?
+                .into_any(),
+            };
+            Ok((memory, entries))
+        })
         .collect::<PyResult<Vec<_>>>()?;
     PyList::new(py, items)
+}
+
+/// A load's per-file report as dicts: `file`, `placement`, `reason`, `bytes_read`.
+fn report<'py>(py: Python<'py>, files: &[FileReport]) -> PyResult<Bound<'py, PyList>> {
+    let items = files
+        .iter()
+        .map(|f| {
+            let d = PyDict::new(py);
+            d.set_item("file", f.location.to_string())?;
+            d.set_item(
+                "placement",
+                match f.placement {
+                    Placement::Owned => "owned",
+                    Placement::Mapped => "mapped",
+                    Placement::Device => "device",
+                    Placement::Meta => "meta",
+                },
+            )?;
+            d.set_item("reason", &f.reason)?;
+            d.set_item("bytes_read", f.bytes_read)?;
+            Ok(d)
+        })
+        .collect::<PyResult<Vec<_>>>()?;
+    PyList::new(py, items)
+}
+
+/// Whether loads may map files: the Python API's `copy=`/`backend=` turned into a mode.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum MapMode {
+    Never,
+    Always,
+    Auto,
+}
+
+impl MapMode {
+    fn parse(name: &str) -> PyResult<MapMode> {
+        match name {
+            "never" => Ok(MapMode::Never),
+            "always" => Ok(MapMode::Always),
+            "auto" => Ok(MapMode::Auto),
+            other => Err(PyValueError::new_err(format!(
+                "unknown mapping {other:?}: use never, always or auto"
+            ))),
+        }
+    }
+
+    fn mapping(self) -> Mapping {
+        match self {
+            MapMode::Never => Mapping::never(),
+            // SAFETY: the Python API documents the contract safetensors' own loads have: files
+            // must not be modified or truncated while tensors loaded from them live. Users who
+            // cannot promise that pass copy=True (or backend="pread").
+            MapMode::Always => unsafe { Mapping::always() },
+            // SAFETY: as above.
+            MapMode::Auto => unsafe { Mapping::auto() },
+        }
+    }
 }
 
 /// An open checkpoint: one file, a directory of shards, an index file, or a URL.
 #[pyclass(name = "Checkpoint", module = "weightlift._native", frozen)]
 struct PyCheckpoint {
     ckpt: Arc<Checkpoint>,
+    mode: MapMode,
+    /// Per shard: whether lazy reads map it (decided on first use).
+    maps: Mutex<HashMap<usize, bool>>,
 }
 
 fn backend(name: &str) -> PyResult<Backend> {
@@ -286,48 +545,69 @@ fn device(name: &str) -> PyResult<Device> {
         .map_err(|e| PyValueError::new_err(e.to_string()))
 }
 
-fn tensor_dict<'py>(py: Python<'py>, tensors: Vec<Tensor>) -> PyResult<Bound<'py, PyList>> {
-    let items = tensors
-        .into_iter()
-        .map(|tensor| Py::new(py, PyTensor { tensor }))
-        .collect::<PyResult<Vec<_>>>()?;
-    PyList::new(py, items)
+impl PyCheckpoint {
+    /// Whether lazy reads of shard `s` map the file.
+    fn maps_shard(&self, s: usize) -> bool {
+        match self.mode {
+            MapMode::Never => false,
+            MapMode::Always => true,
+            MapMode::Auto => {
+                let mut maps = self.maps.lock().unwrap_or_else(|e| e.into_inner());
+                *maps.entry(s).or_insert_with(|| {
+                    self.ckpt.shards()[s]
+                        .path()
+                        .is_some_and(|p| weightlift::storage::map_advice(p).0)
+                })
+            }
+        }
+    }
+
+    /// One tensor (or the block `ranges` of it), mapped or read as the handle's mode says.
+    fn read(&self, py: Python<'_>, name: &str, ranges: Vec<Range<usize>>) -> PyResult<Tensor> {
+        let shard = self
+            .ckpt
+            .shards()
+            .iter()
+            .position(|s| s.header().get(name).is_some())
+            .ok_or_else(|| py_err(Error::NotFound(name.to_string())))?;
+        let mapped = self.maps_shard(shard);
+        let ckpt = Arc::clone(&self.ckpt);
+        let name = name.to_string();
+        py.detach(move || {
+            if mapped {
+                // SAFETY: see `MapMode::mapping`: the Python API's documented contract.
+                unsafe { ckpt.get_mapped(&name, &ranges) }
+            } else {
+                ckpt.get_slice(&name, &ranges)
+            }
+        })
+        .map_err(py_err)
+    }
 }
 
-impl PyCheckpoint {
-    /// A parallel load without the GIL.
-    fn run_load(
-        &self,
-        py: Python<'_>,
-        device: Device,
-        threads: Option<usize>,
-        prefix: Option<String>,
-    ) -> PyResult<Vec<Tensor>> {
-        let mut options = LoadOptions::default().device(device);
-        if let Some(t) = threads {
-            options = options.threads(t.max(1));
-        }
-        if let Some(p) = prefix {
-            options = options.prefix(p);
-        }
-        let ckpt = Arc::clone(&self.ckpt);
-        let state = py.detach(move || ckpt.load(&options)).map_err(py_err)?;
-        Ok(state.into_tensors())
-    }
+fn ranges_of(ranges: Option<Vec<(usize, usize)>>) -> Vec<Range<usize>> {
+    ranges
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(a, b)| a..b)
+        .collect()
 }
 
 #[pymethods]
 impl PyCheckpoint {
     /// Opens `path` (headers read and validated in parallel, without the GIL); `token` is a
-    /// bearer token for http(s) URLs.
+    /// bearer token for http(s) URLs; `mapping` ("never", "always", "auto") says whether CPU
+    /// loads and lazy reads may leave tensors in private mappings of local files.
     #[new]
-    #[pyo3(signature = (path, backend="auto", token=None))]
+    #[pyo3(signature = (path, backend="auto", token=None, mapping="never"))]
     fn new(
         py: Python<'_>,
         path: String,
         backend: &str,
         token: Option<String>,
+        mapping: &str,
     ) -> PyResult<PyCheckpoint> {
+        let mode = MapMode::parse(mapping)?;
         let mut options = OpenOptions::backend(self::backend(backend)?);
         options.remote.bearer_token = token;
         let ckpt = py
@@ -335,6 +615,8 @@ impl PyCheckpoint {
             .map_err(py_err)?;
         Ok(PyCheckpoint {
             ckpt: Arc::new(ckpt),
+            mode,
+            maps: Mutex::new(HashMap::new()),
         })
     }
 
@@ -384,51 +666,68 @@ impl PyCheckpoint {
         Ok((info.dtype.name(), info.shape.clone()))
     }
 
-    /// Reads one tensor, or the block `ranges` (one (start, stop) per leading dimension).
+    /// One tensor, or the block `ranges` (one (start, stop) per leading dimension), as
+    /// `(memory, entry)` in `layout` ("np" or "pt"; see `Layout`). Mapped (a view where
+    /// the block is contiguous) or read into owned memory, as the handle's mapping says.
+    #[pyo3(signature = (name, ranges=None, layout="np"))]
+    fn get<'py>(
+        &self,
+        py: Python<'py>,
+        name: &str,
+        ranges: Option<Vec<(usize, usize)>>,
+        layout: &str,
+    ) -> PyResult<Bound<'py, PyTuple>> {
+        let layout = self::layout(layout)?;
+        let tensor = self.read(py, name, ranges_of(ranges))?;
+        let groups = grouped(py, std::slice::from_ref(&tensor), layout)?;
+        let group = groups.get_item(0)?;
+        let (memory, entries): (Bound<'py, PyAny>, Bound<'py, PyList>) = group.extract()?;
+        (memory, entries.get_item(0)?).into_pyobject(py)
+    }
+
+    /// One tensor as a native object (DLPack and `__array_interface__` exporter).
     #[pyo3(signature = (name, ranges=None))]
-    fn get(
+    fn tensor(
         &self,
         py: Python<'_>,
         name: &str,
         ranges: Option<Vec<(usize, usize)>>,
     ) -> PyResult<PyTensor> {
-        let ranges: Vec<Range<usize>> = ranges
-            .unwrap_or_default()
-            .into_iter()
-            .map(|(a, b)| a..b)
-            .collect();
-        let ckpt = Arc::clone(&self.ckpt);
-        let name = name.to_string();
-        let tensor = py
-            .detach(move || ckpt.get_slice(&name, &ranges))
-            .map_err(py_err)?;
-        Ok(PyTensor { tensor })
+        Ok(PyTensor {
+            tensor: self.read(py, name, ranges_of(ranges))?,
+        })
     }
 
     /// Loads every tensor (or those starting with `prefix`) with the parallel loader, onto
-    /// `device` ("cpu" or "cuda:N"), without the GIL. Returns tensors in file order.
-    #[pyo3(signature = (device="cpu", threads=None, prefix=None))]
+    /// `device` ("cpu" or "cuda:N"), without the GIL. Returns `(groups, report)`: tensors
+    /// grouped by allocation in `layout` (see `grouped`), and one dict per file saying where
+    /// its tensors went and why.
+    #[pyo3(signature = (device="cpu", threads=None, prefix=None, drop_cache=false, layout="np"))]
     fn load<'py>(
         &self,
         py: Python<'py>,
         device: &str,
         threads: Option<usize>,
         prefix: Option<String>,
-    ) -> PyResult<Bound<'py, PyList>> {
-        let tensors = self.run_load(py, self::device(device)?, threads, prefix)?;
-        tensor_dict(py, tensors)
-    }
-
-    /// Like `load` onto the CPU, grouped by allocation (see `grouped`).
-    #[pyo3(signature = (threads=None, prefix=None))]
-    fn load_host<'py>(
-        &self,
-        py: Python<'py>,
-        threads: Option<usize>,
-        prefix: Option<String>,
-    ) -> PyResult<Bound<'py, PyList>> {
-        let tensors = self.run_load(py, Device::Cpu, threads, prefix)?;
-        grouped(py, tensors)
+        drop_cache: bool,
+        layout: &str,
+    ) -> PyResult<(Bound<'py, PyList>, Bound<'py, PyList>)> {
+        let layout = self::layout(layout)?;
+        let mut options = LoadOptions::default()
+            .device(self::device(device)?)
+            .mapping(self.mode.mapping())
+            .drop_cache(drop_cache);
+        if let Some(t) = threads {
+            options = options.threads(t.max(1));
+        }
+        if let Some(p) = prefix {
+            options = options.prefix(p);
+        }
+        let ckpt = Arc::clone(&self.ckpt);
+        let state = py.detach(move || ckpt.load(&options)).map_err(py_err)?;
+        let files = report(py, state.files())?;
+        let tensors = state.into_tensors();
+        Ok((grouped(py, &tensors, layout)?, files))
     }
 
     /// Number of tensors.
@@ -437,22 +736,19 @@ impl PyCheckpoint {
     }
 }
 
-/// Every tensor of a safetensors file held in `data` (the whole file), in file order:
-/// grouped by allocation (see `grouped`) with `group=True`, else one object each.
+/// Every tensor of a safetensors file held in `data` (the whole file), in file order,
+/// grouped by allocation in `layout` (see `grouped`).
 #[pyfunction]
-#[pyo3(signature = (data, group=false))]
+#[pyo3(signature = (data, layout="np"))]
 fn load_bytes<'py>(
     py: Python<'py>,
     data: &Bound<'py, PyBytes>,
-    group: bool,
+    layout: &str,
 ) -> PyResult<Bound<'py, PyList>> {
+    let layout = self::layout(layout)?;
     let bytes = data.as_bytes();
     let state = weightlift::load_bytes(bytes).map_err(py_err)?;
-    if group {
-        grouped(py, state.into_tensors())
-    } else {
-        tensor_dict(py, state.into_tensors())
-    }
+    grouped(py, &state.into_tensors(), layout)
 }
 
 #[pymodule]
@@ -471,6 +767,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyTensor>()?;
     m.add_class::<PyCheckpoint>()?;
     m.add_class::<PyMemory>()?;
+    m.add_class::<PyDeviceMemory>()?;
     m.add_function(wrap_pyfunction!(load_bytes, m)?)?;
     Ok(())
 }

@@ -246,7 +246,7 @@ def test_load_checkpoint_sharded_prefix_and_threads(files):
 
 def test_dlpack_exports_share_memory(files):
     with weightlift.safe_open(files["full"], "np") as f:
-        native = f._handle.get("f32")
+        native = f._handle.tensor("f32")
     assert native.__dlpack_device__() == (1, 0)
     via_dlpack = np.from_dlpack(native)
     same(via_dlpack, files["tensors"]["f32"])

@@ -211,6 +211,16 @@ impl Tensor {
         }
     }
 
+    /// The device allocation holding the bytes (shared with the other tensors of its
+    /// shard) and the offset of the first byte in it: what bindings need to hand out many
+    /// device tensors over one allocation. `None` for host and meta tensors.
+    pub fn device_allocation(&self) -> Option<(&Arc<dyn DeviceMemory>, u64)> {
+        match &self.storage {
+            Storage::Device { memory, offset } => Some((memory, *offset)),
+            _ => None,
+        }
+    }
+
     /// The device address of the first byte, for a tensor on a device (to hand to other
     /// libraries, e.g. through DLPack). The tensor (or a clone) must outlive its use.
     pub fn device_ptr(&self) -> Option<u64> {

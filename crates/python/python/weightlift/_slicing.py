@@ -1,10 +1,11 @@
 """Index expressions of ``PySafeSlice.__getitem__``, turned into what to read.
 
-Same semantics as safetensors' slices: integers (negative ones count from the end) select
-one position and drop the dimension; slices with a positive step (defaults: whole
-dimension, step 1); one ``...``; trailing dimensions are taken whole. Out-of-range
-positions are errors, not clamped. (Negative slice bounds also count from the end, which
-safetensors rejects with an ``OverflowError``.)
+The semantics and messages are safetensors' own: integers (negative ones count from the
+end) select one position and drop the dimension; slices with a positive step (defaults:
+whole dimension, step 1); one ``...``; ``()`` for everything; an empty list for an empty
+selection of the first dimension; trailing dimensions are taken whole. Out-of-range
+positions are errors, not clamped. (One deliberate difference: negative slice bounds count
+from the end, as in numpy, where safetensors raises ``OverflowError``.)
 """
 
 import operator
@@ -12,57 +13,80 @@ import operator
 from ._native import SafetensorError
 
 
-def _fail(index, shape, why):
-    return SafetensorError(f"Error during slicing {index!r} with shape {list(shape)}: {why}")
+def _show(start, stop, step):
+    text = f"{'' if start is None else start}:{'' if stop is None else stop}"
+    return text if step == 1 else f"{text}:{step}"
 
 
 def plan(index, shape, name):
     """Returns (ranges, steps, squeeze): one (start, stop) per dimension to read, the step to
     apply to each dimension of what was read, and the dimensions to drop."""
-    items = index if isinstance(index, tuple) else (index,)
+    if isinstance(index, list):
+        if index:
+            raise SafetensorError("Non empty lists are not implemented")
+        items = (slice(0, 0),)
+    else:
+        items = index if isinstance(index, tuple) else (index,)
     if sum(1 for i in items if i is Ellipsis) > 1:
-        raise _fail(index, shape, "an index can only have a single ellipsis ('...')")
+        raise SafetensorError("Only one ellipsis (...) is allowed in slice index")
     if Ellipsis in items:
         at = items.index(Ellipsis)
-        rest = len(items) - 1
-        fill = (slice(None),) * max(len(shape) - rest, 0)
+        fill = (slice(None),) * max(len(shape) - (len(items) - 1), 0)
         items = items[:at] + fill + items[at + 1 :]
-    if len(items) > len(shape):
-        raise _fail(index, shape, "more slicing indexes than dimensions in tensor")
 
-    ranges, steps, squeeze = [], [], set()
-    for dim, (item, size) in enumerate(zip(items, shape)):
+    # Each item as (start, stop, step, select, shown); checked against the shape below.
+    parsed = []
+    for dim, item in enumerate(items):
+        size = shape[dim] if dim < len(shape) else 0
         if isinstance(item, slice):
             step = 1 if item.step is None else operator.index(item.step)
             if step <= 0:
-                raise _fail(index, shape, f"slice step must be positive, got {step}")
-            start = 0 if item.start is None else operator.index(item.start)
-            stop = size if item.stop is None else operator.index(item.stop)
-            start = start + size if start < 0 else start
-            stop = stop + size if stop < 0 else stop
-            for bound in (start, stop):
-                if bound < 0 or bound > size:
-                    raise _fail(
-                        index,
-                        shape,
-                        f"index {bound} out of bounds for tensor dimension #{dim} of size {size}",
-                    )
-            ranges.append((start, max(start, stop)))
-            steps.append(step)
+                raise SafetensorError(f"Slice step must be a positive integer, got {step}")
+            start = None if item.start is None else operator.index(item.start)
+            stop = None if item.stop is None else operator.index(item.stop)
+            start = start + size if start is not None and start < 0 else start
+            stop = stop + size if stop is not None and stop < 0 else stop
+            parsed.append((start, stop, step, False, _show(start, stop, step)))
         else:
             try:
                 i = operator.index(item)
             except TypeError:
-                raise _fail(
-                    index, shape, f"unsupported index {item!r} (use integers, slices or ...)"
+                raise SafetensorError(
+                    f"Unsupported slice index at position {dim}: expected slice, int, or ellipsis"
                 ) from None
-            j = i + size if i < 0 else i
-            if not 0 <= j < size:
-                raise _fail(
-                    index, shape, f"index {i} out of bounds for tensor dimension #{dim} of size {size}"
-                )
-            ranges.append((j, j + 1))
-            steps.append(1)
+            if i < 0:
+                if i + size < 0:
+                    raise SafetensorError(f"Invalid index {i} for dimension {dim} of size {size}")
+                i += size
+            parsed.append((i, i + 1, 1, True, str(i)))
+
+    def fail(why):
+        shown = ", ".join(p[4] for p in parsed)
+        return SafetensorError(
+            f"Error during slicing [{shown}] with shape {list(shape)}: {why}"
+        )
+
+    if len(parsed) > len(shape):
+        raise fail("more slicing indexes than dimensions in tensor")
+    # Checked from the last dimension to the first, as safetensors does.
+    for dim in reversed(range(len(parsed))):
+        start, stop, _, _, _ = parsed[dim]
+        size = shape[dim]
+        start = 0 if start is None else start
+        stop = size if stop is None else stop
+        if start >= size or stop > size:
+            asked = start if start >= size else stop - 1
+            raise fail(
+                f"index {asked} out of bounds for tensor dimension #{dim} of size {size}"
+            )
+
+    ranges, steps, squeeze = [], [], set()
+    for dim, (start, stop, step, select, _) in enumerate(parsed):
+        start = 0 if start is None else start
+        stop = shape[dim] if stop is None else stop
+        ranges.append((start, max(start, stop)))
+        steps.append(step)
+        if select:
             squeeze.add(dim)
-    steps.extend([1] * (len(shape) - len(items)))
+    steps.extend([1] * (len(shape) - len(parsed)))
     return ranges, steps, squeeze

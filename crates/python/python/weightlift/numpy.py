@@ -4,9 +4,10 @@ from . import load as _load
 from . import load_file as _load_file
 
 
-def load_file(filename, backend="auto"):
-    """Loads a safetensors file into numpy arrays (sharing weightlift's memory)."""
-    return _load_file(filename, framework="np", backend=backend)
+def load_file(filename, *, backend="auto", copy=False):
+    """Loads a safetensors file into numpy arrays (sharing weightlift's memory; see
+    ``weightlift``'s docs for mapped files and ``copy=True``)."""
+    return _load_file(filename, framework="np", backend=backend, copy=copy)
 
 
 def load(data):

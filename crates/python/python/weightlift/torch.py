@@ -1,13 +1,14 @@
-"""Drop-in for ``safetensors.torch``'s loading functions (tensors through DLPack)."""
+"""Drop-in for ``safetensors.torch``'s loading functions."""
 
 from . import load as _load
 from . import load_file as _load_file
 
 
-def load_file(filename, device="cpu", backend="auto"):
+def load_file(filename, device="cpu", *, backend="auto", copy=False):
     """Loads a safetensors file into torch tensors; ``device="cuda:N"`` loads straight to
-    the GPU."""
-    return _load_file(filename, device=device, framework="pt", backend=backend)
+    the GPU. On a local disk the tensors are views of a private mapping of the file (see
+    ``weightlift``'s docs; ``copy=True`` for memory of their own)."""
+    return _load_file(filename, device=device, framework="pt", backend=backend, copy=copy)
 
 
 def load(data):

@@ -1,0 +1,162 @@
+"""``safe_open``: lazy access to one file or a whole checkpoint, like safetensors'."""
+
+import os
+
+from . import _arrays
+from ._native import Checkpoint as _Checkpoint
+from ._native import SafetensorError
+
+_URL_SCHEMES = ("http://", "https://", "s3://")
+
+
+def _is_url(path):
+    return path[:8].lower().startswith(_URL_SCHEMES)
+
+
+def _mode(backend, copy):
+    """(native backend, mapping) for the Python API's ``backend`` and ``copy``.
+
+    "auto" and "mmap" (safetensors' default, which most callers pass without choosing) map
+    files where mapping pays (local disks, tmpfs) and read the others into memory of their
+    own; "pread" and "direct" always read; ``copy=True`` never maps."""
+    backend = str(backend)
+    if backend in ("auto", "mmap"):
+        return "auto", ("never" if copy else "auto")
+    return backend, "never"
+
+
+def _open_handle(path, backend="auto", copy=False, token=None):
+    path = os.fspath(path)
+    native_backend, mapping = _mode(backend, copy)
+    if not _is_url(path) and not os.path.exists(path):
+        # safetensors' wording, which callers match on.
+        raise FileNotFoundError(f"No such file or directory: {path}")
+    return _Checkpoint(path, backend=native_backend, token=token, mapping=mapping)
+
+
+def _device_name(device):
+    if isinstance(device, int):
+        return f"cuda:{device}"
+    return str(device) if device is not None else "cpu"
+
+
+_FRAMEWORKS = {"np": "np", "numpy": "np", "pt": "pt", "torch": "pt", "pytorch": "pt"}
+
+
+class PySafeSlice:
+    """A tensor not read yet: index it (``[...]``, ``[:, 0:8]``, ``[3]``, ``[()]``) to read
+    only that part, like safetensors' slices. Where the file is mapped and the part is
+    contiguous (the whole tensor, or rows), the result is a view of the mapping."""
+
+    def __init__(self, owner, name):
+        self._owner = owner
+        self._name = name
+        self._dtype, self._shape = owner._h().info(name)
+
+    def get_shape(self):
+        return list(self._shape)
+
+    def get_dtype(self):
+        return self._dtype
+
+    def __len__(self):
+        if not self._shape:
+            raise TypeError("len() of a 0-d tensor")
+        return self._shape[0]
+
+    def __getitem__(self, index):
+        from ._slicing import plan
+
+        ranges, steps, squeeze = plan(index, self._shape, self._name)
+        out = self._owner._read(self._name, ranges)
+        if any(step != 1 for step in steps):
+            out = out[tuple(slice(None, None, step) for step in steps)]
+        if squeeze:
+            out = out.reshape([d for i, d in enumerate(out.shape) if i not in squeeze])
+        return out
+
+
+class safe_open:
+    """Opens a safetensors file (or, beyond safetensors, a sharded checkpoint directory,
+    an index file or an http(s):// / s3:// URL) for lazy access.
+
+    ``framework``: "np"/"numpy" or "pt"/"torch". ``device``: "cpu" (numpy), or any torch
+    device for "pt". ``backend``: "auto" (default) or "mmap": tensors are views of a private
+    mapping of files on local disks and in memory, read into memory of their own elsewhere;
+    "pread" or "direct": always read (see the package docs for the mapping contract).
+    ``token``: bearer token for http(s) URLs (e.g. a hub token).
+    """
+
+    def __init__(self, filename, framework, device="cpu", backend="auto", token=None):
+        fw = _FRAMEWORKS.get(str(framework).lower())
+        if fw is None:
+            raise SafetensorError(
+                f"framework {framework} is not supported by weightlift (use 'np' or 'pt')"
+            )
+        self._framework = fw
+        self._device = _device_name(device)
+        if fw == "np" and self._device != "cpu":
+            raise SafetensorError(f"device {device} is invalid for numpy: use 'cpu'")
+        self._handle = _open_handle(filename, backend, token=token)
+        self._bases = _arrays.TorchBases()
+
+    def _h(self):
+        if self._handle is None:
+            raise SafetensorError("File is closed")
+        return self._handle
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._handle = None
+        self._bases.clear()
+        return False
+
+    def keys(self):
+        """Tensor names, sorted."""
+        return self._h().keys()
+
+    def offset_keys(self):
+        """Tensor names in file order."""
+        return self._h().offset_keys()
+
+    def metadata(self):
+        """The ``__metadata__`` of the header (a dict of strings), or None."""
+        return self._h().metadata()
+
+    def _read(self, name, ranges=None):
+        memory, entry = self._h().get(name, ranges, layout=self._framework)
+        if self._framework == "np":
+            import numpy as np
+
+            _, code, shape, offset = entry
+            return np.ndarray(
+                shape, _arrays.numpy_dtype(code), buffer=np.asarray(memory), offset=offset
+            )
+        _, base, typed = self._bases.base(memory)
+        out = _arrays.torch_view(base, typed, entry)
+        if self._device != "cpu":
+            out = out.to(self._device)
+        return out
+
+    def get_tensor(self, name):
+        """The whole tensor."""
+        return self._read(name)
+
+    def get_slice(self, name):
+        """A :class:`PySafeSlice` to index into."""
+        return PySafeSlice(self, name)
+
+    def get_tensors(self):
+        """Every tensor, loaded in parallel, as a dict in file order."""
+        from . import _load_dict
+
+        return _load_dict(self._h(), self._framework, self._device)
+
+
+def _safe_open_handle(f, framework, device="cpu", *, backend="auto"):
+    """``safe_open`` of an open file object (its ``name``), as safetensors' handle API."""
+    if not hasattr(f, "fileno"):
+        raise SafetensorError("expected an open file object with a file descriptor")
+    return safe_open(f.name, framework, device, backend=backend)
