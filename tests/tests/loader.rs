@@ -109,13 +109,17 @@ fn single_file_all_dtypes() {
     write_file(&path, &all_dtypes());
     check_all(&path, std::slice::from_ref(&path), 4096);
     check_all(&path, std::slice::from_ref(&path), 16 << 20);
-    // Sub-byte tensors read whole, but cannot be sliced (elements are not byte-addressable).
+    // Sub-byte tensors (shape [3, 8]) slice where the slice falls on byte boundaries: a
+    // row of 8 F4 elements is 4 bytes, of 8 F6 elements 6 bytes; one F4 column is not.
     let ckpt = Checkpoint::open(&path).unwrap();
     let expected = reference(std::slice::from_ref(&path));
-    for name in ["t.f4", "t.f6_e2m3", "t.f6_e3m2"] {
+    for (name, row) in [("t.f4", 4), ("t.f6_e2m3", 6), ("t.f6_e3m2", 6)] {
         assert!(ckpt.get(name).unwrap().bytes().unwrap() == &expected[name].2[..]);
-        let err = ckpt.get_slice(name, &[0..1]).unwrap_err();
-        assert!(err.to_string().contains("not byte-addressable"), "{err}");
+        let rows = ckpt.get_slice(name, &[1..3]).unwrap();
+        assert!(rows.bytes().unwrap() == &expected[name].2[row..3 * row]);
+        assert_eq!(rows.shape(), [2, 8]);
+        let err = ckpt.get_slice(name, &[0..3, 1..2]).unwrap_err();
+        assert!(err.to_string().contains("byte boundaries"), "{err}");
     }
 }
 

@@ -13,10 +13,10 @@ use pyo3::create_exception;
 use pyo3::exceptions::{PyException, PyFileNotFoundError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
+use std::collections::HashMap;
 use std::ffi::c_void;
 use std::ops::Range;
 use std::sync::Arc;
-use std::collections::HashMap;
 use std::sync::Mutex;
 use weightlift::device::DeviceMemory;
 use weightlift::{

@@ -176,16 +176,11 @@ fn slice_plan(info: &TensorInfo, ranges: &[Range<usize>]) -> Result<slice::Slice
             runs: vec![(0, info.byte_len())],
         });
     }
-    if info.dtype.bits() % 8 != 0 {
-        return Err(Error::InvalidSlice {
+    slice::plan(&info.shape, ranges, info.dtype.bits() as u64).map_err(|reason| {
+        Error::InvalidSlice {
             tensor: info.name.clone(),
-            reason: format!("{} elements are not byte-addressable", info.dtype),
-        });
-    }
-    let elem = info.dtype.bits() as u64 / 8;
-    slice::plan(&info.shape, ranges, elem).map_err(|reason| Error::InvalidSlice {
-        tensor: info.name.clone(),
-        reason,
+            reason,
+        }
     })
 }
 

@@ -67,13 +67,24 @@ class PySafeSlice:
     def __getitem__(self, index):
         from ._slicing import plan
 
-        ranges, steps, squeeze = plan(index, self._shape, self._name)
-        out = self._owner._read(self._name, ranges)
+        owner = self._owner
+        try:
+            ranges, steps, squeeze = plan(index, self._shape, self._name)
+        except SafetensorError:
+            # For torch over a mapped file, safetensors indexes the whole tensor with
+            # torch's own rules (which, unlike its strict parser, accept e.g. `[...]` of an
+            # empty tensor or a stop past the end): so do we, on a view of the mapping.
+            if owner._framework == "pt":
+                whole, mapped = owner._read(self._name, None, to_device=False)
+                if mapped:
+                    return owner._to_device(whole[index])
+            raise
+        out, _ = owner._read(self._name, ranges, to_device=False)
         if any(step != 1 for step in steps):
             out = out[tuple(slice(None, None, step) for step in steps)]
         if squeeze:
             out = out.reshape([d for i, d in enumerate(out.shape) if i not in squeeze])
-        return out
+        return owner._to_device(out)
 
 
 class safe_open:
@@ -125,24 +136,30 @@ class safe_open:
         """The ``__metadata__`` of the header (a dict of strings), or None."""
         return self._h().metadata()
 
-    def _read(self, name, ranges=None):
+    def _read(self, name, ranges=None, to_device=True):
+        """The tensor (or block), and whether it lives in a mapping of the file."""
         memory, entry = self._h().get(name, ranges, layout=self._framework)
+        mapped = getattr(memory, "mapped", False)
         if self._framework == "np":
             import numpy as np
 
             _, code, shape, offset = entry
-            return np.ndarray(
+            out = np.ndarray(
                 shape, _arrays.numpy_dtype(code), buffer=np.asarray(memory), offset=offset
             )
+            return out, mapped
         _, base, typed = self._bases.base(memory)
         out = _arrays.torch_view(base, typed, entry)
+        return (self._to_device(out) if to_device else out), mapped
+
+    def _to_device(self, tensor):
         if self._device != "cpu":
-            out = out.to(self._device)
-        return out
+            return tensor.to(self._device)
+        return tensor
 
     def get_tensor(self, name):
         """The whole tensor."""
-        return self._read(name)
+        return self._read(name)[0]
 
     def get_slice(self, name):
         """A :class:`PySafeSlice` to index into."""
