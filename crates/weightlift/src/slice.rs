@@ -72,7 +72,7 @@ pub(crate) fn plan(
             .map(|(&i, &s)| i as u64 * s)
             .sum::<u64>()
             + full[k].start as u64 * strides[k];
-        if base_bits % 8 != 0 || run_bits % 8 != 0 {
+        if !base_bits.is_multiple_of(8) || !run_bits.is_multiple_of(8) {
             return Err(
                 "the slice does not start and end on byte boundaries, as sub-byte \
                         elements must"
