@@ -383,7 +383,7 @@ fn entry<'py>(
             for d in (0..shape.len().saturating_sub(1)).rev() {
                 strides[d] = strides[d + 1] * shape[d + 1];
             }
-            let elem = if offset % itemsize == 0 {
+            let elem = if offset.is_multiple_of(itemsize) {
                 (offset / itemsize) as i64
             } else {
                 -1
