@@ -216,7 +216,7 @@ pub(crate) fn run(args: &Args) -> Result<(), String> {
     }
     for (i, s) in ckpt.shards().iter().enumerate() {
         let line = match placement(i) {
-            Some((place, reason, _)) if place == "mapped" => format!("mapped ({reason})"),
+            Some(("mapped", reason, _)) => format!("mapped ({reason})"),
             Some((place, reason, _)) => format!("{}, {place} ({reason})", s.backend()),
             None => format!("{} ({})", s.backend(), s.backend_reason()),
         };
