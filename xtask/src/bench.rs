@@ -67,12 +67,25 @@ impl ProfileArg {
 
 /// Page-cache state before each measurement.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "kebab-case")]
 pub(crate) enum Cache {
     /// The files are in the page cache.
     Warm,
     /// Every file evicted (and checked) before each measurement.
     Cold,
+    /// Cold, read through a FUSE passthrough mount (`bindfs`) standing in for a network
+    /// filesystem: both the mount's and the disk's caches are evicted.
+    ColdFuse,
+}
+
+impl Cache {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Cache::Warm => "warm",
+            Cache::Cold => "cold",
+            Cache::ColdFuse => "cold-fuse",
+        }
+    }
 }
 
 /// One thing being timed.
@@ -108,6 +121,15 @@ pub(crate) enum Contender {
     PythonWeightlift,
     /// weightlift over HTTP from a local nginx serving the same files (loopback only).
     WeightliftHttpCpu,
+    /// A mapped CPU load (`Mapping::always`): tensors in private mappings of the files,
+    /// populated in parallel.
+    WeightliftMappedCpu,
+    /// `safetensors.torch.load_file` per shard, then one byte of every page touched.
+    PythonSafetensorsTorch,
+    /// `weightlift.torch.load_file` per shard (the drop-in), then the same touch.
+    PythonWeightliftTorch,
+    /// `weightlift.load_checkpoint(framework="pt")` of the directory, then the same touch.
+    PythonWeightliftTorchCheckpoint,
 }
 
 /// What a `weightlift-<backend>-<target>` contender produces.
@@ -206,6 +228,10 @@ pub(crate) fn run(args: &BenchArgs) -> Result<(), String> {
             "note: python3 cannot import safetensors.numpy and ml_dtypes (numpy has no bfloat16); skipping the python-safetensors contender"
         );
     }
+    let torch = python_imports("torch, safetensors.torch");
+    if !torch {
+        eprintln!("note: python3 cannot import torch: skipping the torch contenders");
+    }
     let nginx_binary = weightlift_testkit::servers::Nginx::binary();
     if nginx_binary.is_none() {
         eprintln!(
@@ -219,6 +245,10 @@ pub(crate) fn run(args: &BenchArgs) -> Result<(), String> {
         let available = match c {
             Contender::PythonSafetensors => python,
             Contender::PythonWeightlift => python && wanted(c) && python_weightlift_ready(),
+            Contender::PythonSafetensorsTorch => torch,
+            Contender::PythonWeightliftTorch | Contender::PythonWeightliftTorchCheckpoint => {
+                torch && wanted(c) && python_weightlift_ready()
+            }
             Contender::WeightliftHttpCpu => nginx_binary.is_some(),
             _ => true,
         };
@@ -233,19 +263,39 @@ pub(crate) fn run(args: &BenchArgs) -> Result<(), String> {
         .contains(&Contender::WeightliftHttpCpu)
         .then(|| weightlift_testkit::servers::Nginx::start(&data_dir));
 
+    // A FUSE passthrough of the data directory for `cold-fuse`.
+    let fuse = if args.cache.contains(&Cache::ColdFuse) {
+        Some(FuseMount::new(&data_dir)?)
+    } else {
+        None
+    };
+
     let mut records: Vec<Record> = Vec::new();
     for profile in args.profiles.iter().map(|p| p.profile()) {
-        let dir = data_dir.join(format!("{}-{}MiB", profile.name(), size >> 20));
-        let paths = ensure(&dir, profile, size)?;
-        let ckpt = Checkpoint::open(&dir).map_err(|e| e.to_string())?;
+        let disk_dir = data_dir.join(format!("{}-{}MiB", profile.name(), size >> 20));
+        let disk_paths = ensure(&disk_dir, profile, size)?;
+        let ckpt = Checkpoint::open(&disk_dir).map_err(|e| e.to_string())?;
         let (tensors, bytes) = (ckpt.len(), ckpt.data_bytes());
         drop(ckpt);
         for &cache in &args.cache {
-            let cold = cache == Cache::Cold;
+            let cold = cache != Cache::Warm;
+            // Through the FUSE mount: the same files under another path.
+            let (dir, paths) = match (cache, &fuse) {
+                (Cache::ColdFuse, Some(fuse)) => {
+                    let dir = fuse.mount.join(disk_dir.file_name().unwrap_or_default());
+                    let paths = disk_paths
+                        .iter()
+                        .map(|p| dir.join(p.file_name().unwrap_or_default()))
+                        .collect();
+                    (dir, paths)
+                }
+                _ => (disk_dir.clone(), disk_paths.clone()),
+            };
             eprintln!(
-                "== {} ({tensors} tensors, {:.2} GiB), {cache:?}, {reps} reps",
+                "== {} ({tensors} tensors, {:.2} GiB), {}, {reps} reps",
                 profile.name(),
-                bytes as f64 / (1u64 << 30) as f64
+                bytes as f64 / (1u64 << 30) as f64,
+                cache.name()
             );
             if !cold {
                 raw_read(&paths, cpus, 16 << 20).map_err(|e| e.to_string())?;
@@ -254,11 +304,16 @@ pub(crate) fn run(args: &BenchArgs) -> Result<(), String> {
             let mut max_resident: f64 = 0.0;
             let url = nginx
                 .as_ref()
-                .map(|n| n.url(&dir.file_name().unwrap_or_default().to_string_lossy()));
+                .map(|n| n.url(&disk_dir.file_name().unwrap_or_default().to_string_lossy()));
             for _ in 0..reps {
                 for (i, &c) in contenders.iter().enumerate() {
                     if cold {
-                        for p in &paths {
+                        // Through FUSE, both the mount's cache and the disk's are dropped.
+                        for p in paths.iter().chain(if cache == Cache::ColdFuse {
+                            &disk_paths[..]
+                        } else {
+                            &[]
+                        }) {
                             let r = evict(p).map_err(|e| e.to_string())?;
                             max_resident = max_resident.max(r.fraction());
                         }
@@ -497,6 +552,25 @@ fn measure(args: &OneArgs, paths: &[PathBuf], bytes: u64) -> Result<Sample, Stri
                 let state = ckpt.load(&opts).map_err(|e| e.to_string())?;
                 std::hint::black_box(&state);
             }
+            Contender::WeightliftMappedCpu => {
+                let ckpt = Checkpoint::open(dir).map_err(|e| e.to_string())?;
+                // SAFETY: the bench's generated files are not modified while mapped.
+                let opts = LoadOptions::default()
+                    .threads(threads)
+                    .request_size(request_size)
+                    .mapping(unsafe { weightlift::Mapping::always() });
+                let state = ckpt.load(&opts).map_err(|e| e.to_string())?;
+                std::hint::black_box(&state);
+            }
+            Contender::PythonSafetensorsTorch => {
+                return python_load_with(PY_TORCH, "safetensors", paths);
+            }
+            Contender::PythonWeightliftTorch => {
+                return python_load_with(PY_TORCH, "weightlift", paths);
+            }
+            Contender::PythonWeightliftTorchCheckpoint => {
+                return python_load_with(PY_TORCH, "weightlift-checkpoint", &[dir.to_path_buf()]);
+            }
             Contender::PythonSafetensors => return python_load(PY_SAFETENSORS, paths),
             Contender::PythonWeightlift => return python_load(PY_WEIGHTLIFT, &[dir.to_path_buf()]),
             Contender::FreshMemory => fresh_memory(bytes, threads).map_err(|e| e.to_string())?,
@@ -552,8 +626,13 @@ fn python() -> PathBuf {
 }
 
 fn python_available() -> bool {
+    python_imports("safetensors.numpy, ml_dtypes")
+}
+
+/// Whether the bench's interpreter can import `modules`.
+fn python_imports(modules: &str) -> bool {
     Command::new(python())
-        .args(["-c", "import safetensors.numpy, ml_dtypes"])
+        .args(["-c", &format!("import {modules}")])
         .output()
         .is_ok_and(|o| o.status.success())
 }
@@ -605,6 +684,76 @@ const PY_SAFETENSORS: &str = "import sys,time,resource\ntry:\n import ml_dtypes\
 const PY_WEIGHTLIFT: &str = "import sys,time,resource\nimport numpy\ntry:\n import ml_dtypes\nexcept ImportError:\n pass\nimport weightlift\nt=time.perf_counter()\n\
     d=weightlift.load_checkpoint(sys.argv[1])\n\
     print(time.perf_counter()-t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)";
+
+/// Loads to torch tensors (imports done first), then reads one byte of every 4 KiB page of
+/// every storage, as `load_state_dict` or a forward pass would touch them: for a mapped file
+/// that is where the page faults happen. `sys.argv[1]` says who loads: `safetensors`
+/// (`safetensors.torch.load_file` per shard), `weightlift` (`weightlift.torch.load_file` per
+/// shard) or `weightlift-checkpoint` (`weightlift.load_checkpoint` of the directory).
+const PY_TORCH: &str = r#"import sys, time, resource
+import torch
+mode, paths = sys.argv[1], sys.argv[2:]
+if mode == "safetensors":
+    from safetensors.torch import load_file
+else:
+    import weightlift, weightlift.torch
+    load_file = weightlift.torch.load_file
+t = time.perf_counter()
+if mode == "weightlift-checkpoint":
+    dicts = [weightlift.load_checkpoint(paths[0], framework="pt")]
+else:
+    dicts = [load_file(p) for p in paths]
+seen, total = set(), 0
+for d in dicts:
+    for v in d.values():
+        s = v.untyped_storage()
+        if s.nbytes() == 0 or s.data_ptr() in seen:
+            continue
+        seen.add(s.data_ptr())
+        total += int(torch.empty(0, dtype=torch.uint8).set_(s)[::4096].sum())
+print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"#;
+
+/// Runs a timing script with `mode` as its first argument.
+fn python_load_with(script: &str, mode: &str, args: &[PathBuf]) -> Result<Sample, String> {
+    let mut all = vec![PathBuf::from(mode)];
+    all.extend_from_slice(args);
+    python_load(script, &all)
+}
+
+/// A `bindfs` passthrough mount of the bench's data directory, unmounted when dropped.
+struct FuseMount {
+    mount: PathBuf,
+}
+
+impl FuseMount {
+    fn new(data_dir: &Path) -> Result<FuseMount, String> {
+        let mount = data_dir.with_file_name("bench-data-fuse");
+        let _ = Command::new("umount").arg(&mount).output();
+        std::fs::create_dir_all(&mount).map_err(|e| format!("{}: {e}", mount.display()))?;
+        let out = Command::new("bindfs")
+            .arg("--no-allow-other")
+            .arg(data_dir)
+            .arg(&mount)
+            .output()
+            .map_err(|e| format!("bindfs (apt-get install bindfs) for --cache cold-fuse: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "bindfs {} {}: {}",
+                data_dir.display(),
+                mount.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        Ok(FuseMount { mount })
+    }
+}
+
+impl Drop for FuseMount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.mount).output();
+    }
+}
 
 /// Runs a timing script; it prints seconds and peak RSS in KiB.
 fn python_load(script: &str, args: &[PathBuf]) -> Result<Sample, String> {

@@ -40,10 +40,7 @@ pub(crate) fn svg(records: &[Record]) -> String {
             .filter(in_panel)
             .find(|r| r.contender == "raw")
             .map_or(0.0, |r| r.gbps);
-        let cache = match cache {
-            Cache::Warm => "warm",
-            Cache::Cold => "cold",
-        };
+        let cache = cache.name();
         let _ = writeln!(
             body,
             r#"<text x="4" y="{:.0}" font-weight="bold">{profile}, {cache} cache (GB/s; line = raw read)</text>"#,
