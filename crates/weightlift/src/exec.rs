@@ -133,19 +133,24 @@ impl Checkpoint {
                 Ok(map)
             })
             .collect::<Result<Vec<_>>>()?;
+        // Requests are handed out in file order (each thread takes the next one): the device
+        // sees a few neighbouring streams, as a sequential reader's readahead would make,
+        // where rayon's halving would also start threads in the middle of files. On this
+        // machine's virtual disk the two measured within noise of each other (cold, 1 GiB:
+        // 0.83-1.10x the raw read either way).
+        let next = std::sync::atomic::AtomicUsize::new(0);
         pool.install(|| {
-            plan.requests
-                .par_iter()
-                .with_max_len(1)
-                .try_for_each(|request| {
+            (0..threads).into_par_iter().try_for_each(|_| {
+                while let Some(request) = plan.requests.get(next.fetch_add(1, Ordering::Relaxed)) {
                     let map = &maps[request.shard_plan as usize];
                     map.mapped()
                         .expect("a shard's mapping is a mapped file")
                         .populate(request.file_offset, request.len)
                         .map_err(|source| self.read_error(plan, request, source))?;
                     counters.done(plan, request, options.progress.as_deref());
-                    Ok::<(), Error>(())
-                })
+                }
+                Ok::<(), Error>(())
+            })
         })?;
         Ok(maps)
     }
