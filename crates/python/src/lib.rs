@@ -12,7 +12,7 @@ use dlpark::{DlpackFlags, Managed};
 use pyo3::create_exception;
 use pyo3::exceptions::{PyException, PyFileNotFoundError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
+use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
 use std::collections::HashMap;
 use std::ffi::c_void;
 use std::ops::Range;
@@ -358,9 +358,11 @@ fn entry<'py>(
     offset: u64,
     layout: Layout,
 ) -> PyResult<Bound<'py, PyTuple>> {
-    let code = t.dtype().name();
+    // Interned: one string object per dtype, not one per tensor. Shapes and strides are
+    // tuples: torch parses them faster than lists (~0.2 us per tensor here).
+    let code = PyString::intern(py, t.dtype().name());
     match layout {
-        Layout::Numpy => (t.name(), code, t.shape(), offset).into_pyobject(py),
+        Layout::Numpy => (t.name(), code, PyTuple::new(py, t.shape())?, offset).into_pyobject(py),
         Layout::Torch => {
             let mut shape = t.shape().to_vec();
             let bits = t.dtype().bits();
@@ -388,7 +390,15 @@ fn entry<'py>(
             } else {
                 -1
             };
-            (t.name(), code, shape, strides, elem, offset).into_pyobject(py)
+            (
+                t.name(),
+                code,
+                PyTuple::new(py, shape)?,
+                PyTuple::new(py, strides)?,
+                elem,
+                offset,
+            )
+                .into_pyobject(py)
         }
     }
 }
