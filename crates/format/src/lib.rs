@@ -30,5 +30,5 @@ mod write;
 pub use dtype::Dtype;
 pub use error::{FormatError, MAX_HEADER_SIZE, Result};
 pub use header::{Header, Metadata, PREFIX_LEN, TensorInfo, header_len_from_prefix};
-pub use index::{INDEX_FILE_NAME, ShardIndex};
+pub use index::{INDEX_FILE_NAME, ShardIndex, WeightMap};
 pub use write::{Layout, TensorRef, serialize, write_file, write_file_with, write_to};

@@ -370,7 +370,9 @@ impl<'a> TensorView<'a> {
 #[derive(Debug, Clone, Default)]
 pub struct StateDict {
     tensors: Vec<Tensor>,
-    by_name: Vec<u32>,
+    /// Positions sorted by name, built on the first lookup: loads that only iterate (the
+    /// Python bindings, meta loads) never pay for sorting tens of thousands of names.
+    by_name: std::sync::OnceLock<Vec<u32>>,
     staging: Option<StagingStats>,
     files: Vec<FileReport>,
 }
@@ -405,14 +407,24 @@ pub enum Placement {
 
 impl StateDict {
     pub(crate) fn new(tensors: Vec<Tensor>) -> StateDict {
-        let mut by_name: Vec<u32> = (0..tensors.len() as u32).collect();
-        by_name.sort_unstable_by(|&a, &b| tensors[a as usize].name.cmp(&tensors[b as usize].name));
         StateDict {
             tensors,
-            by_name,
+            by_name: std::sync::OnceLock::new(),
             staging: None,
             files: Vec::new(),
         }
+    }
+
+    fn by_name(&self) -> &[u32] {
+        self.by_name.get_or_init(|| {
+            let mut by_name: Vec<u32> = (0..self.tensors.len() as u32).collect();
+            by_name.sort_unstable_by(|&a, &b| {
+                self.tensors[a as usize]
+                    .name
+                    .cmp(&self.tensors[b as usize].name)
+            });
+            by_name
+        })
     }
 
     pub(crate) fn with_files(mut self, mut files: Vec<FileReport>) -> StateDict {
@@ -445,10 +457,11 @@ impl StateDict {
 
     /// The tensor called `name`.
     pub fn get(&self, name: &str) -> Option<&Tensor> {
-        self.by_name
+        let by_name = self.by_name();
+        by_name
             .binary_search_by(|&i| self.tensors[i as usize].name.as_str().cmp(name))
             .ok()
-            .map(|i| &self.tensors[self.by_name[i] as usize])
+            .map(|i| &self.tensors[by_name[i] as usize])
     }
 
     /// Number of tensors.
@@ -468,7 +481,7 @@ impl StateDict {
 
     /// Tensors in name order.
     pub fn iter_sorted(&self) -> impl ExactSizeIterator<Item = &Tensor> + '_ {
-        self.by_name.iter().map(|&i| &self.tensors[i as usize])
+        self.by_name().iter().map(|&i| &self.tensors[i as usize])
     }
 
     /// Sum of the tensors' byte lengths.
