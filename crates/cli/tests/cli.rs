@@ -176,6 +176,12 @@ fn load_reports_what_it_loaded() {
     let out = weightlift(&["load", dir.path().to_str().unwrap()]);
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(text.contains(&format!("loaded {count} tensors")), "{text}");
+    // Mapped where the files are local; owned (and dropped from the cache) when asked.
+    let v = ok_json(&["load", dir.path().to_str().unwrap(), "--json", "--map", "auto"]);
+    assert_eq!(v["files"][0]["placement"], "mapped", "{v}");
+    assert_eq!(v["bytes_read"].as_u64().unwrap(), bytes as u64);
+    let v = ok_json(&["load", dir.path().to_str().unwrap(), "--json", "--drop-cache"]);
+    assert_eq!(v["files"][1]["placement"], "owned", "{v}");
 }
 
 #[test]
