@@ -177,10 +177,21 @@ fn load_reports_what_it_loaded() {
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(text.contains(&format!("loaded {count} tensors")), "{text}");
     // Mapped where the files are local; owned (and dropped from the cache) when asked.
-    let v = ok_json(&["load", dir.path().to_str().unwrap(), "--json", "--map", "auto"]);
+    let v = ok_json(&[
+        "load",
+        dir.path().to_str().unwrap(),
+        "--json",
+        "--map",
+        "auto",
+    ]);
     assert_eq!(v["files"][0]["placement"], "mapped", "{v}");
     assert_eq!(v["bytes_read"].as_u64().unwrap(), bytes as u64);
-    let v = ok_json(&["load", dir.path().to_str().unwrap(), "--json", "--drop-cache"]);
+    let v = ok_json(&[
+        "load",
+        dir.path().to_str().unwrap(),
+        "--json",
+        "--drop-cache",
+    ]);
     assert_eq!(v["files"][1]["placement"], "owned", "{v}");
 }
 
@@ -321,4 +332,137 @@ fn urls_hash_like_local_files() {
         err.contains(&missing) && err.contains("404") && err.lines().count() == 1,
         "{err}"
     );
+}
+
+/// Model ids resolve in a Hugging Face cache laid out as huggingface_hub lays it out (blobs,
+/// snapshot symlinks, refs), and `hf://` URLs stream from a hub mirror (`HF_ENDPOINT`) whose
+/// repository demands the token and redirects file downloads to a CDN on another host,
+/// which must not see the token.
+#[test]
+fn model_ids_from_the_cache_and_hf_urls_from_a_hub() {
+    use weightlift_testkit::servers::Nginx;
+    let dir = disk_tempdir();
+    let root = dir.path();
+    let local = root.join("local");
+    std::fs::create_dir(&local).unwrap();
+    sharded(&local);
+    let expected = ok_json(&["hash", local.to_str().unwrap(), "--json"]);
+
+    // The cache: blobs named by content, snapshot files as relative symlinks to them.
+    let repo = root.join("cache/hub/models--org--tiny");
+    let commit = "0123456789abcdef0123456789abcdef01234567";
+    let snapshot = repo.join("snapshots").join(commit);
+    std::fs::create_dir_all(&snapshot).unwrap();
+    std::fs::create_dir_all(repo.join("blobs")).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), commit).unwrap();
+    for entry in std::fs::read_dir(&local).unwrap() {
+        let path = entry.unwrap().path();
+        let bytes = std::fs::read(&path).unwrap();
+        let blob = format!("{:x}", Sha256::digest(&bytes));
+        std::fs::write(repo.join("blobs").join(&blob), &bytes).unwrap();
+        std::os::unix::fs::symlink(
+            format!("../../blobs/{blob}"),
+            snapshot.join(path.file_name().unwrap()),
+        )
+        .unwrap();
+    }
+    let cached = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_weightlift"))
+            .args(args)
+            .current_dir(root)
+            .env("HF_HOME", root.join("cache"))
+            .env_remove("HF_HUB_CACHE")
+            .output()
+            .unwrap()
+    };
+    for id in ["org/tiny", &format!("org/tiny@{commit}")] {
+        let out = cached(&["hash", id, "--json"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            serde_json::from_slice::<Value>(&out.stdout).unwrap(),
+            expected,
+            "{id}"
+        );
+    }
+    let out = cached(&["inspect", "org/absent"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("org/absent") && err.contains("Hugging Face cache"),
+        "{err}"
+    );
+
+    // The hub: the index served by the hub itself, weights through a redirect to a CDN.
+    let cdn_root = root.join("cdn/files");
+    std::fs::create_dir_all(&cdn_root).unwrap();
+    let hub_repo = root.join("hub/org/gated/resolve/main");
+    std::fs::create_dir_all(&hub_repo).unwrap();
+    for entry in std::fs::read_dir(&local).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap();
+        let to = if path.extension().is_some_and(|e| e == "json") {
+            hub_repo.join(name)
+        } else {
+            cdn_root.join(name)
+        };
+        std::fs::copy(&path, to).unwrap();
+    }
+    // The CDN refuses requests that carry a token: it must never receive one.
+    let cdn = Nginx::start_with(
+        &root.join("cdn"),
+        "location /files/ { if ($http_authorization) { return 403; } }",
+    );
+    let cdn_port = cdn.addr().port();
+    let hub = Nginx::start_with(
+        &root.join("hub"),
+        &format!(
+            "location /org/gated/ {{ if ($http_authorization != \"Bearer hf_test_token\") {{ return 401; }} \
+             rewrite ^/org/gated/resolve/main/(.+\\.safetensors)$ http://localhost:{cdn_port}/files/$1 redirect; }}"
+        ),
+    );
+    let from_hub = |token: Option<&str>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_weightlift"));
+        cmd.args(["hash", "hf://org/gated", "--json"])
+            .env("HF_ENDPOINT", hub.url(""))
+            .env("HF_HOME", root.join("no-home"))
+            .env_remove("HF_TOKEN");
+        if let Some(token) = token {
+            cmd.env("HF_TOKEN", token);
+        }
+        cmd.output().unwrap()
+    };
+    let out = from_hub(Some("hf_test_token"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        serde_json::from_slice::<Value>(&out.stdout).unwrap(),
+        expected
+    );
+    let out = from_hub(None);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("401"));
+    // The token file under HF_HOME works like HF_TOKEN.
+    std::fs::create_dir_all(root.join("home")).unwrap();
+    std::fs::write(root.join("home/token"), "hf_test_token\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_weightlift"))
+        .args(["hash", "hf://org/gated@main", "--json"])
+        .env("HF_ENDPOINT", hub.url(""))
+        .env("HF_HOME", root.join("home"))
+        .env_remove("HF_TOKEN")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(cdn);
 }

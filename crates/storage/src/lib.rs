@@ -16,6 +16,7 @@ mod aligned;
 mod auto;
 mod direct;
 mod error;
+pub mod hub;
 mod location;
 mod mapped;
 mod mmap;

@@ -3,8 +3,10 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-/// A local path, or a URL (`http://`, `https://`, `s3://`) kept as text: a URL is never
-/// carried in a [`PathBuf`], where joining and normalising would mangle it.
+/// A local path, or a URL (`http://`, `https://`, `s3://`, `hf://`) kept as text: a URL is
+/// never carried in a [`PathBuf`], where joining and normalising would mangle it. A local
+/// path that does not exist but reads as a model id (`org/name`) is looked up in the Hugging
+/// Face cache when opened (see [`crate::hub`]).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Location {
     /// A path on a local (or network-mounted) filesystem.
@@ -14,7 +16,7 @@ pub enum Location {
 }
 
 /// URL schemes this crate knows.
-const SCHEMES: [&str; 3] = ["http://", "https://", "s3://"];
+const SCHEMES: [&str; 4] = ["http://", "https://", "s3://", "hf://"];
 
 /// Whether `text` starts with `scheme`, ignoring ASCII case.
 pub(crate) fn has_scheme(text: &str, scheme: &str) -> bool {
@@ -24,7 +26,7 @@ pub(crate) fn has_scheme(text: &str, scheme: &str) -> bool {
 
 impl Location {
     /// Reads `text` as a URL when it starts with a known scheme (`http://`, `https://`,
-    /// `s3://`, any case), else as a local path.
+    /// `s3://`, `hf://`, any case), else as a local path.
     pub fn parse(text: &str) -> Location {
         if SCHEMES.iter().any(|s| has_scheme(text, s)) {
             Location::Url(text.to_string())

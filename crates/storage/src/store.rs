@@ -92,7 +92,21 @@ pub struct StoreOptions {
 pub fn open_store(location: &Location, options: &StoreOptions) -> Result<(Arc<dyn Store>, Entry)> {
     match location {
         Location::Local(path) => {
-            let meta = std::fs::metadata(path)?;
+            let meta = match std::fs::metadata(path) {
+                Ok(meta) => meta,
+                // Not a path here: perhaps a model id (`org/name`) in the Hugging Face cache.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    let id = path.to_str().and_then(crate::hub::ModelId::parse);
+                    let cache = crate::hub::cache_dir(&crate::hub::process_env);
+                    let (Some(id), Some(cache)) = (id, cache) else {
+                        return Err(e.into());
+                    };
+                    let snapshot = crate::hub::cached_snapshot(&cache, &id)?;
+                    let store = LocalStore::new(snapshot, options.backend);
+                    return Ok((Arc::new(store), Entry::Directory));
+                }
+                Err(e) => return Err(e.into()),
+            };
             if meta.is_dir() {
                 let store = LocalStore::new(path.clone(), options.backend);
                 return Ok((Arc::new(store), Entry::Directory));
@@ -125,8 +139,20 @@ fn open_remote(location: &Location, options: &StoreOptions) -> Result<(Arc<dyn S
             "a fixed backend reads local files; URLs are read with range requests",
         ));
     }
-    let remote = crate::remote::Remote::new(options.remote.clone())?;
     let text = location.to_string();
+    if crate::location::has_scheme(&text, "hf://") {
+        // The hub: its resolve prefix, with the user's token unless one was given.
+        let env = crate::hub::process_env;
+        let (_, url) = crate::hub::resolve_url(&text, &crate::hub::endpoint(&env))?;
+        let mut remote_options = options.remote.clone();
+        if remote_options.bearer_token.is_none() {
+            remote_options.bearer_token = crate::hub::token(&env);
+        }
+        let remote = crate::remote::Remote::new(remote_options)?;
+        let store = crate::remote::RemoteStore::new(remote, Location::Url(url))?;
+        return Ok((Arc::new(store), Entry::Directory));
+    }
+    let remote = crate::remote::Remote::new(options.remote.clone())?;
     let name = location.file_name().unwrap_or_default().to_string();
     if name.ends_with(".safetensors") || name.ends_with(".json") {
         let store = crate::remote::RemoteStore::new(remote, location.parent())?;

@@ -36,6 +36,21 @@ impl Failure {
 /// Longest body accepted for a listing page.
 const MAX_LISTING: u64 = 16 << 20;
 
+/// Most redirects followed for one request.
+const MAX_REDIRECTS: usize = 10;
+
+/// `scheme://host:port` of a URL (the port made explicit), or `None` when it cannot be
+/// parsed.
+fn origin(url: &str) -> Option<String> {
+    let u = url::Url::parse(url).ok()?;
+    Some(format!(
+        "{}://{}:{}",
+        u.scheme(),
+        u.host_str()?,
+        u.port_or_known_default()?
+    ))
+}
+
 impl Remote {
     /// Runs `attempt` until it succeeds, fails for good, or runs out of retries.
     pub(super) fn retrying<T>(
@@ -76,16 +91,19 @@ impl Remote {
     }
 
     /// Sends one GET for `object` (optionally a byte range, inclusive), within the gate on
-    /// requests in flight, and sorts out the answers every caller retries the same way. The
-    /// permit comes back with the response: hold it until the body is read.
+    /// requests in flight, following redirects, and sorts out the answers every caller
+    /// retries the same way. The permit comes back with the response: hold it until the
+    /// body is read. The bearer token goes only to the first URL's origin (scheme, host and
+    /// port): a hub's redirect to its CDN, or down to plain http, goes without it. Also
+    /// says whether a redirect was followed.
     fn get(
         &self,
         object: &Object,
         range: Option<(u64, u64)>,
         if_match: Option<&str>,
-    ) -> std::result::Result<(Permit<'_>, Response<ureq::Body>), Failure> {
+    ) -> std::result::Result<(Permit<'_>, Response<ureq::Body>, bool), Failure> {
         let permit = self.inner.gate.acquire();
-        let (target, token) = match object {
+        let (mut target, token) = match object {
             Object::Http(u) => (u.clone(), self.inner.options.bearer_token.as_deref()),
             Object::Presigned(u) => (u.clone(), None),
             Object::S3 { bucket, key } => {
@@ -96,27 +114,42 @@ impl Remote {
                 (url.to_string(), None)
             }
         };
-        let mut request = self.inner.agent.get(&target);
-        if let Some(token) = token {
-            request = request.header("Authorization", format!("Bearer {token}"));
+        let home = origin(&target);
+        for hop in 0..=MAX_REDIRECTS {
+            let mut request = self.inner.agent.get(&target);
+            if let Some(token) = token.filter(|_| home.is_some() && origin(&target) == home) {
+                request = request.header("Authorization", format!("Bearer {token}"));
+            }
+            if let Some((first, last)) = range {
+                request = request.header("Range", format!("bytes={first}-{last}"));
+            }
+            if let Some(etag) = if_match {
+                request = request.header("If-Match", etag);
+            }
+            self.inner.requests.fetch_add(1, Ordering::Relaxed);
+            let response = request.call().map_err(transport_failure)?;
+            let status = response.status();
+            if status.is_redirection()
+                && let Some(next) = header(&response, "location")
+            {
+                target = url::Url::parse(&target)
+                    .and_then(|base| base.join(next))
+                    .map_err(|e| malformed_owned(format!("a redirect to {next:?} ({e})")))?
+                    .to_string();
+                continue;
+            }
+            if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
+                return Err(Failure::Retry {
+                    error: io::Error::other(format!("HTTP {status}")),
+                    after: retry_after(&response),
+                    progressed: false,
+                });
+            }
+            return Ok((permit, response, hop > 0));
         }
-        if let Some((first, last)) = range {
-            request = request.header("Range", format!("bytes={first}-{last}"));
-        }
-        if let Some(etag) = if_match {
-            request = request.header("If-Match", etag);
-        }
-        self.inner.requests.fetch_add(1, Ordering::Relaxed);
-        let response = request.call().map_err(transport_failure)?;
-        let status = response.status();
-        if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
-            return Err(Failure::Retry {
-                error: io::Error::other(format!("HTTP {status}")),
-                after: retry_after(&response),
-                progressed: false,
-            });
-        }
-        Ok((permit, response))
+        Err(malformed_owned(format!(
+            "more than {MAX_REDIRECTS} redirects"
+        )))
     }
 
     /// First request to an object: its first `probe` bytes, its length and validator.
@@ -125,9 +158,10 @@ impl Remote {
         object: &Object,
         url: &str,
         probe: u64,
-    ) -> Result<(u64, Validator, Vec<u8>)> {
+    ) -> Result<(u64, Validator, Vec<u8>, bool)> {
         Ok(self.retrying(url, || {
-            let (_permit, mut response) = self.get(object, Some((0, probe - 1)), None)?;
+            let (_permit, mut response, redirected) =
+                self.get(object, Some((0, probe - 1)), None)?;
             let validator = validator(&response);
             let (len, body_len) = match response.status().as_u16() {
                 206 => {
@@ -155,7 +189,7 @@ impl Remote {
             let mut reader = response.into_body().into_reader();
             read_body(&mut reader, &mut head).map_err(|(error, _)| Failure::retry(error))?;
             self.inner.bytes.fetch_add(body_len, Ordering::Relaxed);
-            Ok((len, validator.clone(), head))
+            Ok((len, validator.clone(), head, redirected))
         })?)
     }
 
@@ -168,7 +202,7 @@ impl Remote {
     ) -> Result<Option<Vec<u8>>> {
         let mut too_large = None;
         let fetched = self.retrying(url, || {
-            let (_permit, mut response) = self.get(object, None, None)?;
+            let (_permit, mut response, _) = self.get(object, None, None)?;
             match response.status().as_u16() {
                 200 => {}
                 404 => return Ok(None),
@@ -191,7 +225,7 @@ impl Remote {
         url: &str,
         offset: u64,
         bufs: &mut [&mut [u8]],
-        expected: &Validator,
+        (expected, redirected): (&Validator, bool),
         seen_len: &AtomicU64,
     ) -> io::Result<()> {
         let total: u64 = bufs.iter().map(|b| b.len() as u64).sum();
@@ -199,13 +233,17 @@ impl Remote {
             return Ok(());
         }
         let last = offset + total - 1;
-        // A weak ETag cannot be matched with If-Match (strong comparison): it is still
-        // compared below.
-        let if_match = expected.etag.as_deref().filter(|e| !e.starts_with("W/"));
+        // A weak ETag cannot be matched with If-Match (strong comparison), and a redirecting
+        // server would judge it against its own validator: either way it is still compared
+        // below.
+        let if_match = expected
+            .etag
+            .as_deref()
+            .filter(|e| !e.starts_with("W/") && !redirected);
         let mut done = 0u64;
         self.retrying(url, || {
             let first = offset + done;
-            let (_permit, mut response) = self.get(object, Some((first, last)), if_match)?;
+            let (_permit, mut response, _) = self.get(object, Some((first, last)), if_match)?;
             match response.status().as_u16() {
                 206 => {
                     let (from, to, len) = content_range(&response)
@@ -267,7 +305,7 @@ impl Remote {
             let signed = config.presign_list(bucket, &prefix, token.as_deref())?;
             let body = self.retrying(url, || {
                 let object = Object::Presigned(signed.to_string());
-                let (_permit, mut response) = self.get(&object, None, None)?;
+                let (_permit, mut response, _) = self.get(&object, None, None)?;
                 if response.status() != StatusCode::OK {
                     return Err(Failure::Fatal(status_error(&mut response)));
                 }
@@ -320,6 +358,10 @@ fn transport_failure(error: ureq::Error) -> Failure {
         ureq::Error::Timeout(_) => Failure::retry(io_error(io::ErrorKind::TimedOut)),
         _ => Failure::Fatal(io_error(io::ErrorKind::Other)),
     }
+}
+
+fn malformed_owned(what: String) -> Failure {
+    malformed(&what)
 }
 
 fn malformed(what: &str) -> Failure {
@@ -566,6 +608,21 @@ mod tests {
             Some("The specified bucket does not exist")
         );
         assert!(instant_xml::from_str::<S3ErrorBody>("<html>no</html>").is_err());
+    }
+
+    #[test]
+    fn origins_include_the_port_and_scheme() {
+        assert_eq!(
+            origin("https://hub.example/a/b").as_deref(),
+            Some("https://hub.example:443")
+        );
+        assert_ne!(
+            origin("http://127.0.0.1:80/x"),
+            origin("http://127.0.0.1:81/x")
+        );
+        assert_ne!(origin("https://h/x"), origin("http://h/x"));
+        assert_eq!(origin("http://h:80/x"), origin("http://h/y"));
+        assert_eq!(origin("not a url"), None);
     }
 
     #[test]

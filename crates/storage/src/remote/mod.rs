@@ -49,8 +49,9 @@ pub struct RemoteOptions {
     /// profile files on first use (see [`S3Config::from_env`]).
     pub s3: Option<S3Config>,
     /// Sent as `Authorization: Bearer ...` with `http(s)://` requests (a model hub's token
-    /// for gated repositories). Never sent to S3, nor after a redirect to another host or
-    /// to plain http.
+    /// for gated repositories), to the URL's own origin (scheme, host and port) only: never
+    /// to S3, never to the host a redirect leads to (a hub's CDN), never over plain http
+    /// after https.
     pub bearer_token: Option<String>,
     /// A PEM file of CA certificates to trust for https (a private object store or hub)
     /// instead of the built-in Mozilla roots. `None`: the file named by `SSL_CERT_FILE` or
@@ -140,7 +141,8 @@ impl Remote {
             .max_idle_connections(max_in_flight.max(10))
             .max_idle_connections_per_host(max_in_flight)
             .user_agent(concat!("weightlift/", env!("CARGO_PKG_VERSION")))
-            .redirect_auth_headers(ureq::config::RedirectAuthHeaders::SameHost)
+            // Redirects are followed in `get`, which decides per hop whether the token goes.
+            .max_redirects(0)
             .build();
         let s3 = OnceLock::new();
         if let Some(config) = &options.s3 {
@@ -178,7 +180,7 @@ impl Remote {
     /// than `probe` only when the object is shorter).
     pub fn open(&self, url: &str, probe: u64) -> Result<(RemoteSource, Vec<u8>)> {
         let object = Object::parse(url)?;
-        let (len, validator, head) = self.probe(&object, url, probe.max(1))?;
+        let (len, validator, head, redirected) = self.probe(&object, url, probe.max(1))?;
         let source = RemoteSource {
             remote: self.clone(),
             object,
@@ -186,6 +188,7 @@ impl Remote {
             len,
             seen_len: AtomicU64::new(len),
             validator,
+            redirected,
         };
         Ok((source, head))
     }
@@ -292,6 +295,10 @@ pub struct RemoteSource {
     /// The length as the server last reported it (less than `len` once the object shrank).
     seen_len: AtomicU64,
     validator: Validator,
+    /// Whether the object is served through a redirect (a hub's CDN): then `If-Match`,
+    /// which the redirecting server would judge against its own validator, is not sent,
+    /// and each answer's validator is compared instead.
+    redirected: bool,
 }
 
 impl RemoteSource {
@@ -327,7 +334,7 @@ impl ByteSource for RemoteSource {
             &self.url,
             offset,
             bufs,
-            &self.validator,
+            (&self.validator, self.redirected),
             &self.seen_len,
         )
     }
