@@ -198,3 +198,35 @@ fn owned_loads_can_drop_what_they_read_from_the_page_cache() {
         assert!(resident(f) < 0.05, "{}: {}", f.display(), resident(f));
     }
 }
+
+#[test]
+fn a_cancelled_load_stops_with_an_error_and_slices_of_loaded_tensors() {
+    let dir = disk_tempdir();
+    let path = dir.path().join("m.safetensors");
+    write_file(&path, &dense(2, 128));
+    let ckpt = Checkpoint::open(&path).unwrap();
+    let flag = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    for options in [LoadOptions::default(), mapped()] {
+        let err = ckpt.load(&options.cancel(flag.clone())).unwrap_err();
+        assert!(matches!(err, Error::Cancelled), "{err}");
+    }
+    // Slices of a loaded tensor: rows share its memory, columns are copies; both equal
+    // what a lazy read of the slice gives.
+    let state = ckpt.load(&LoadOptions::default()).unwrap();
+    let t = state.get("model.layers.1.mlp.up_proj.weight").unwrap();
+    for ranges in [vec![3..9], vec![0..256, 7..20], vec![]] {
+        let s = t.slice(&ranges).unwrap();
+        let lazy = ckpt.get_slice(t.name(), &ranges).unwrap();
+        assert_eq!(
+            (s.shape(), s.bytes()),
+            (lazy.shape(), lazy.bytes()),
+            "{ranges:?}"
+        );
+    }
+    let rows = t.slice(&[3..9]).unwrap();
+    assert!(std::sync::Arc::ptr_eq(
+        rows.host_allocation().unwrap().0,
+        t.host_allocation().unwrap().0
+    ));
+    assert!(t.slice(&[0..999]).is_err());
+}

@@ -532,6 +532,26 @@ struct PyCheckpoint {
     mode: MapMode,
     /// Per shard: whether lazy reads map it (decided on first use).
     maps: Mutex<HashMap<usize, bool>>,
+    /// A whole load started ahead of the reads that will want it (see `prefetch`).
+    prefetch: Mutex<Prefetch>,
+}
+
+/// A load running in the background for a handle, then its result.
+enum Prefetch {
+    None,
+    Running {
+        thread: std::thread::JoinHandle<weightlift::Result<weightlift::StateDict>>,
+        cancel: Arc<std::sync::atomic::AtomicBool>,
+    },
+    /// The finished load (`None`: it failed; reads then go to the files themselves and
+    /// report their own errors).
+    Done(Option<Arc<weightlift::StateDict>>),
+}
+
+impl Drop for PyCheckpoint {
+    fn drop(&mut self) {
+        self.cancel();
+    }
 }
 
 fn backend(name: &str) -> PyResult<Backend> {
@@ -572,7 +592,37 @@ impl PyCheckpoint {
         }
     }
 
-    /// One tensor (or the block `ranges` of it), mapped or read as the handle's mode says.
+    /// Calls off a prefetch that is still running (it stops before its next request).
+    fn cancel(&self) {
+        let state = self.prefetch.lock().unwrap_or_else(|e| e.into_inner());
+        if let Prefetch::Running { cancel, .. } = &*state {
+            cancel.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// The prefetched state dict, once it is complete (waiting for it, without the GIL);
+    /// `None` without a prefetch or when it failed.
+    fn prefetched(&self, py: Python<'_>) -> Option<Arc<weightlift::StateDict>> {
+        let mut state = self.prefetch.lock().unwrap_or_else(|e| e.into_inner());
+        if let Prefetch::Running { .. } = &*state {
+            let Prefetch::Running { thread, .. } = std::mem::replace(&mut *state, Prefetch::None)
+            else {
+                unreachable!("matched above")
+            };
+            let loaded = py.detach(move || thread.join());
+            *state = Prefetch::Done(match loaded {
+                Ok(Ok(dict)) => Some(Arc::new(dict)),
+                _ => None,
+            });
+        }
+        match &*state {
+            Prefetch::Done(dict) => dict.clone(),
+            _ => None,
+        }
+    }
+
+    /// One tensor (or the block `ranges` of it), mapped or read as the handle's mode says;
+    /// from a prefetched load where there is one for a file that is not mapped.
     fn read(&self, py: Python<'_>, name: &str, ranges: Vec<Range<usize>>) -> PyResult<Tensor> {
         let shard = self
             .ckpt
@@ -581,6 +631,12 @@ impl PyCheckpoint {
             .position(|s| s.header().get(name).is_some())
             .ok_or_else(|| py_err(Error::NotFound(name.to_string())))?;
         let mapped = self.maps_shard(shard);
+        if !mapped
+            && let Some(dict) = self.prefetched(py)
+            && let Some(t) = dict.get(name)
+        {
+            return t.slice(&ranges).map_err(py_err);
+        }
         let ckpt = Arc::clone(&self.ckpt);
         let name = name.to_string();
         py.detach(move || {
@@ -627,7 +683,39 @@ impl PyCheckpoint {
             ckpt: Arc::new(ckpt),
             mode,
             maps: Mutex::new(HashMap::new()),
+            prefetch: Mutex::new(Prefetch::None),
         })
+    }
+
+    /// Starts loading every tensor in the background (mapped and populated for files that
+    /// map, read into memory of its own for the others), so that the reads that follow find
+    /// their bytes in memory rather than faulting them in one page at a time, or waiting
+    /// for one small request each. Does nothing when a prefetch was started already.
+    #[pyo3(signature = (threads=None))]
+    fn prefetch(&self, threads: Option<usize>) {
+        let mut state = self.prefetch.lock().unwrap_or_else(|e| e.into_inner());
+        if !matches!(&*state, Prefetch::None) {
+            return;
+        }
+        let cancel = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut options = LoadOptions::default()
+            .mapping(self.mode.mapping())
+            .cancel(Arc::clone(&cancel));
+        if let Some(t) = threads {
+            options = options.threads(t.max(1));
+        }
+        let ckpt = Arc::clone(&self.ckpt);
+        let thread = std::thread::Builder::new()
+            .name("weightlift-prefetch".into())
+            .spawn(move || ckpt.load(&options));
+        if let Ok(thread) = thread {
+            *state = Prefetch::Running { thread, cancel };
+        }
+    }
+
+    /// Calls off a running prefetch (a handle being closed).
+    fn close(&self) {
+        self.cancel();
     }
 
     /// Tensor names, sorted.

@@ -86,6 +86,9 @@ pub enum Error {
     /// The target device failed.
     #[error(transparent)]
     Device(#[from] DeviceError),
+    /// The load was called off through [`crate::LoadOptions::cancel`].
+    #[error("the load was cancelled")]
+    Cancelled,
     /// The thread pool could not be built.
     #[error("cannot start {threads} loader threads: {reason}")]
     ThreadPool {

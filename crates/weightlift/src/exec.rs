@@ -99,6 +99,9 @@ impl Checkpoint {
             })
             .collect();
         fill_target(target, &sizes, &jobs, Some(&pool), |request, buf| {
+            if options.cancelled() {
+                return Err(Error::Cancelled);
+            }
             self.fill_request(plan, request, buf)?;
             counters.done(plan, request, options.progress.as_deref());
             Ok(())
@@ -142,6 +145,9 @@ impl Checkpoint {
         pool.install(|| {
             (0..threads).into_par_iter().try_for_each(|_| {
                 while let Some(request) = plan.requests.get(next.fetch_add(1, Ordering::Relaxed)) {
+                    if options.cancelled() {
+                        return Err(Error::Cancelled);
+                    }
                     let map = &maps[request.shard_plan as usize];
                     map.mapped()
                         .expect("a shard's mapping is a mapped file")

@@ -3,6 +3,7 @@
 use crate::progress::{Progress, ProgressFn};
 use std::fmt;
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use weightlift_device::{Device, StagingOptions};
 use weightlift_format::Dtype;
 
@@ -129,6 +130,10 @@ pub struct LoadOptions {
     /// (`POSIX_FADV_DONTNEED` on the ranges read), so that the cache does not hold a second
     /// copy of the model (default: off).
     pub drop_cache: bool,
+    /// When set (by another thread), the load stops before its next request and fails with
+    /// [`crate::Error::Cancelled`]: how a load started ahead of need (a prefetch) is called
+    /// off when nobody wants its result any more.
+    pub cancel: Option<Arc<AtomicBool>>,
 }
 
 impl Default for LoadOptions {
@@ -145,6 +150,7 @@ impl Default for LoadOptions {
             streams: 2,
             mapping: Mapping::never(),
             drop_cache: false,
+            cancel: None,
         }
     }
 }
@@ -163,6 +169,7 @@ impl fmt::Debug for LoadOptions {
             .field("streams", &self.streams)
             .field("mapping", &self.mapping)
             .field("drop_cache", &self.drop_cache)
+            .field("cancel", &self.cancel.is_some())
             .finish()
     }
 }
@@ -226,6 +233,18 @@ impl LoadOptions {
     pub fn drop_cache(mut self, on: bool) -> Self {
         self.drop_cache = on;
         self
+    }
+
+    /// Stops the load before its next request once `flag` is set.
+    pub fn cancel(mut self, flag: Arc<AtomicBool>) -> Self {
+        self.cancel = Some(flag);
+        self
+    }
+
+    pub(crate) fn cancelled(&self) -> bool {
+        self.cancel
+            .as_ref()
+            .is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed))
     }
 
     /// Reports progress to `f`.

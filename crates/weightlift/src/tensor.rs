@@ -309,6 +309,60 @@ impl Tensor {
         }
     }
 
+    /// The sub-block `ranges` of a tensor in host memory (one range per leading dimension,
+    /// as [`crate::Checkpoint::get_slice`] takes them): a view sharing the memory when the
+    /// block's bytes are contiguous (the whole tensor, or ranges on the leading dimension),
+    /// else a copy.
+    pub fn slice(&self, ranges: &[std::ops::Range<usize>]) -> Result<Tensor> {
+        let Storage::Host { memory, offset } = &self.storage else {
+            return Err(Error::InvalidSlice {
+                tensor: self.name.clone(),
+                reason: format!("the data is on {}: slice it there", self.device()),
+            });
+        };
+        if ranges.is_empty() {
+            return Ok(self.clone());
+        }
+        let plan = crate::slice::plan(&self.shape, ranges, self.dtype.bits() as u64).map_err(
+            |reason| Error::InvalidSlice {
+                tensor: self.name.clone(),
+                reason,
+            },
+        )?;
+        let total: u64 = plan.runs.iter().map(|r| r.1).sum();
+        let storage = match plan.runs.as_slice() {
+            [] => Storage::Host {
+                memory: Arc::clone(memory),
+                offset: *offset,
+            },
+            [(at, _)] => Storage::Host {
+                memory: Arc::clone(memory),
+                offset: offset + *at as usize,
+            },
+            runs => {
+                let bytes = &memory.as_slice()[*offset..*offset + self.byte_len];
+                let mut buf = HostBuffer::new(total)?;
+                let mut to = 0usize;
+                for &(at, len) in runs {
+                    let (at, len) = (at as usize, len as usize);
+                    buf.as_mut_slice()[to..to + len].copy_from_slice(&bytes[at..at + len]);
+                    to += len;
+                }
+                Storage::Host {
+                    memory: Arc::new(buf.into()),
+                    offset: 0,
+                }
+            }
+        };
+        Ok(Tensor {
+            name: self.name.clone(),
+            dtype: self.dtype,
+            shape: plan.shape,
+            byte_len: total as usize,
+            storage,
+        })
+    }
+
     /// A borrowed view of the tensor; `None` for a meta tensor.
     pub fn view(&self) -> Option<TensorView<'_>> {
         Some(TensorView {

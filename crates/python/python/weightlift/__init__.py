@@ -43,6 +43,9 @@ __all__ = [
     "load_file",
     "load",
     "load_checkpoint",
+    "patch",
+    "patched",
+    "unpatch",
     "__version__",
 ]
 
@@ -138,3 +141,7 @@ def load_checkpoint(
     """
     handle = _open_handle(path, backend, copy, token)
     return _load_dict(handle, _framework(framework), device, threads, prefix, drop_cache)
+
+
+# Last: the patch module wraps the functions above.
+from .patch import patch, patched, unpatch  # noqa: E402

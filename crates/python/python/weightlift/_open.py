@@ -1,12 +1,16 @@
 """``safe_open``: lazy access to one file or a whole checkpoint, like safetensors'."""
 
 import os
+import re
 
 from . import _arrays
 from ._native import Checkpoint as _Checkpoint
 from ._native import SafetensorError
 
-_URL_SCHEMES = ("http://", "https://", "s3://")
+_URL_SCHEMES = ("http://", "https://", "s3://", "hf://")
+# `org/name` or `org/name@revision`: looked up in the Hugging Face cache when no such path
+# exists (the native side resolves it).
+_MODEL_ID = re.compile(r"[A-Za-z0-9_][\w.-]*/[A-Za-z0-9_][\w.-]*(@[^/\\]+)?")
 
 
 def _is_url(path):
@@ -28,7 +32,7 @@ def _mode(backend, copy):
 def _open_handle(path, backend="auto", copy=False, token=None):
     path = os.fspath(path)
     native_backend, mapping = _mode(backend, copy)
-    if not _is_url(path) and not os.path.exists(path):
+    if not _is_url(path) and not os.path.exists(path) and not _MODEL_ID.fullmatch(path):
         # safetensors' wording, which callers match on.
         raise FileNotFoundError(f"No such file or directory: {path}")
     return _Checkpoint(path, backend=native_backend, token=token, mapping=mapping)
@@ -95,10 +99,15 @@ class safe_open:
     device for "pt". ``backend``: "auto" (default) or "mmap": tensors are views of a private
     mapping of files on local disks and in memory, read into memory of their own elsewhere;
     "pread" or "direct": always read (see the package docs for the mapping contract).
-    ``token``: bearer token for http(s) URLs (e.g. a hub token).
+    ``token``: bearer token for http(s) URLs (e.g. a hub token). ``prefetch``: start loading
+    every tensor in the background right away (mapped files are populated, others read),
+    for callers that will read all of them (``weightlift.patch()`` turns it on for the
+    libraries it patches); closing the handle calls it off.
     """
 
-    def __init__(self, filename, framework, device="cpu", backend="auto", token=None):
+    def __init__(
+        self, filename, framework, device="cpu", backend="auto", token=None, prefetch=False
+    ):
         fw = _FRAMEWORKS.get(str(framework).lower())
         if fw is None:
             raise SafetensorError(
@@ -110,6 +119,8 @@ class safe_open:
             raise SafetensorError(f"device {device} is invalid for numpy: use 'cpu'")
         self._handle = _open_handle(filename, backend, token=token)
         self._bases = _arrays.TorchBases()
+        if prefetch and self._device == "cpu":
+            self._handle.prefetch()
 
     def _h(self):
         if self._handle is None:
@@ -120,6 +131,8 @@ class safe_open:
         return self
 
     def __exit__(self, *exc):
+        if self._handle is not None:
+            self._handle.close()
         self._handle = None
         self._bases.clear()
         return False

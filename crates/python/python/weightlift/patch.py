@@ -1,0 +1,190 @@
+"""``weightlift.patch()``: safetensors' loading entry points load through weightlift.
+
+From ``patch()`` on, ``safetensors.safe_open``, ``safetensors.torch.load_file``/``load`` and
+``safetensors.numpy.load_file``/``load`` are weightlift's, and so is every name other
+modules already imported from them (``transformers.modeling_utils.safe_open``, accelerate's
+and diffusers' imports, anyone's ``from safetensors.torch import load_file``): every module in
+``sys.modules`` is searched for attributes that *are* the originals. Modules imported later
+get weightlift's from safetensors itself. ``unpatch()`` puts every original back.
+
+The patched ``safe_open`` starts the whole file's load as it opens it (``prefetch=True``):
+transformers opens every shard, takes ``get_slice`` of every key and materializes them in
+converter threads, so the bytes are in memory by the time it reads them, rather than faulted
+in 4 KiB at a time.
+"""
+
+import functools
+import sys
+import threading
+
+from . import _open
+from . import numpy as _wl_numpy
+from . import torch as _wl_torch
+from ._native import SafetensorError
+
+_lock = threading.RLock()
+# (module, attribute, original) of every name replaced, while patched.
+_replaced = []
+
+
+def _their_errors(fn):
+    """Raises weightlift's errors as safetensors' own ``SafetensorError`` (with weightlift's
+    message), so that code written against safetensors catches them."""
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except SafetensorError as e:
+            import safetensors
+
+            raise safetensors.SafetensorError(str(e)) from e
+
+    return call
+
+
+class _Slice:
+    """A ``PySafeSlice`` whose errors are safetensors' own."""
+
+    def __init__(self, inner):
+        self._inner = inner
+
+    get_shape = property(lambda self: self._inner.get_shape)
+    get_dtype = property(lambda self: self._inner.get_dtype)
+
+    def __len__(self):
+        return len(self._inner)
+
+    @_their_errors
+    def __getitem__(self, index):
+        return self._inner[index]
+
+
+class _PrefetchingSafeOpen(_open.safe_open):
+    """``safe_open`` as the patched libraries get it: it prefetches, takes safetensors'
+    arguments (``backend`` is keyword-only there) and raises safetensors' errors."""
+
+    @_their_errors
+    def __init__(self, filename, framework, device="cpu", *, backend="mmap", **kwargs):
+        kwargs.setdefault("prefetch", True)
+        super().__init__(filename, framework, device, backend=backend, **kwargs)
+
+    keys = _their_errors(_open.safe_open.keys)
+    offset_keys = _their_errors(_open.safe_open.offset_keys)
+    metadata = _their_errors(_open.safe_open.metadata)
+    get_tensor = _their_errors(_open.safe_open.get_tensor)
+    get_tensors = _their_errors(_open.safe_open.get_tensors)
+
+    @_their_errors
+    def get_slice(self, name):
+        return _Slice(super().get_slice(name))
+
+
+@_their_errors
+def _torch_load_file(filename, device="cpu", *, backend="mmap"):
+    return _wl_torch.load_file(filename, device=device, backend=backend)
+
+
+_torch_load = _their_errors(_wl_torch.load)
+
+
+@_their_errors
+def _numpy_load_file(filename, *, backend="mmap"):
+    return _wl_numpy.load_file(filename, backend=backend)
+
+
+_numpy_load = _their_errors(_wl_numpy.load)
+
+
+def _targets():
+    """{id(original): (original, replacement)} for the safetensors modules importable here."""
+    import safetensors
+
+    pairs = [(safetensors.safe_open, _PrefetchingSafeOpen)]
+    try:
+        import safetensors.torch as st_torch
+
+        pairs += [
+            (st_torch.load_file, _torch_load_file),
+            (st_torch.load, _torch_load),
+            (st_torch.safe_open, _PrefetchingSafeOpen),
+        ]
+    except ImportError:  # no torch
+        pass
+    import safetensors.numpy as st_numpy
+
+    pairs += [
+        (st_numpy.load_file, _numpy_load_file),
+        (st_numpy.load, _numpy_load),
+        (st_numpy.safe_open, _PrefetchingSafeOpen),
+    ]
+    return {id(orig): (orig, new) for orig, new in pairs if orig is not new}
+
+
+def _swap(found):
+    """Replaces, in every loaded module, each attribute whose value `found` maps (by
+    identity); returns (module, name, old value) for each replacement."""
+    done = []
+    for module in list(sys.modules.values()):
+        namespace = getattr(module, "__dict__", None)
+        if not isinstance(namespace, dict) or getattr(module, "__name__", "").startswith(
+            "weightlift"
+        ):
+            continue
+        for name, value in list(namespace.items()):
+            hit = found.get(id(value))
+            if hit is not None and hit[0] is value:
+                namespace[name] = hit[1]
+                done.append((module, name, value))
+    return done
+
+
+def patched():
+    """Whether safetensors' entry points load through weightlift now."""
+    with _lock:
+        return bool(_replaced)
+
+
+def unpatch():
+    """Puts every original back (also in modules imported since ``patch()``). Idempotent."""
+    with _lock:
+        if not _replaced:
+            return
+        originals = {id(new): (new, orig) for orig, new in _targets_from(_replaced)}
+        _swap(originals)
+        _replaced.clear()
+
+
+def _targets_from(replaced):
+    """(original, replacement) pairs of what was replaced."""
+    pairs = {}
+    for module, name, original in replaced:
+        pairs[id(original)] = (original, module.__dict__.get(name))
+    return [(orig, new) for orig, new in pairs.values() if new is not None]
+
+
+class _Patch:
+    """What ``patch()`` returns: usable as a context manager that restores the state it found."""
+
+    def __init__(self, was_patched):
+        self._was_patched = was_patched
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if not self._was_patched:
+            unpatch()
+        return False
+
+
+def patch():
+    """Makes safetensors' loading entry points, and the names already imported from them,
+    load through weightlift (see the module docs). Idempotent and thread-safe; undone by
+    ``unpatch()``; as ``with weightlift.patch(): ...`` it is undone on leaving the block
+    (unless it was patched before)."""
+    with _lock:
+        was = bool(_replaced)
+        if not was:
+            _replaced.extend(_swap(_targets()))
+        return _Patch(was)

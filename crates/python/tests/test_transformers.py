@@ -1,0 +1,262 @@
+"""transformers' ``from_pretrained`` through ``weightlift.patch()``: random tiny models made
+and saved by transformers itself (sharded), loaded stock and patched; every parameter must be
+byte-identical and the logits identical; model ids resolve in a Hugging Face cache laid out
+as huggingface_hub lays it out; bad checkpoints fail the way they fail stock."""
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import threading
+import warnings
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3MoeConfig  # noqa: E402
+
+import weightlift  # noqa: E402
+from weightlift import _open  # noqa: E402
+
+transformers.utils.logging.set_verbosity_error()
+warnings.filterwarnings("ignore")
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    torch.manual_seed(0)
+    moe = Qwen3MoeConfig(
+        vocab_size=256,
+        hidden_size=32,
+        intermediate_size=64,
+        moe_intermediate_size=16,
+        num_hidden_layers=24,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        num_experts=64,
+        num_experts_per_tok=2,
+        max_position_embeddings=64,
+    )
+    llama = LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    out = {}
+    for name, config, shard in (("moe", moe, "400KB"), ("llama", llama, "100KB")):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        model.save_pretrained(root / name, max_shard_size=shard)
+        out[name] = root / name
+    return out
+
+
+def tensors_in(path):
+    from safetensors import safe_open
+
+    n = 0
+    for f in os.listdir(path):
+        if f.endswith(".safetensors"):
+            with safe_open(os.path.join(path, f), "pt") as h:
+                n += len(h.keys())
+    return n
+
+
+def raw(t):
+    return t.contiguous().reshape(-1).view(torch.uint8)
+
+
+def assert_same_model(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert list(sa) == list(sb)
+    for k in sa:
+        assert sa[k].dtype == sb[k].dtype and sa[k].shape == sb[k].shape, k
+        assert torch.equal(raw(sa[k]), raw(sb[k])), k
+    x = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(a(x).logits, b(x).logits)
+
+
+@pytest.mark.parametrize("name", ["moe", "llama"])
+def test_patched_from_pretrained_equals_stock(models, name, monkeypatch):
+    path = models[name]
+    shards = [f for f in os.listdir(path) if f.endswith(".safetensors")]
+    assert len(shards) >= 3, shards
+    if name == "moe":
+        assert tensors_in(path) >= 4800
+    stock = AutoModelForCausalLM.from_pretrained(path)
+    opened = []
+    real = _open._open_handle
+    monkeypatch.setattr(_open, "_open_handle", lambda *a, **k: opened.append(a[0]) or real(*a, **k))
+    with weightlift.patch():
+        patched = AutoModelForCausalLM.from_pretrained(path)
+    assert sorted(os.path.basename(p) for p in opened) == sorted(shards), "weightlift opened the shards"
+    assert_same_model(stock, patched)
+
+
+def test_patch_replaces_every_imported_name_and_unpatch_restores_them(tmp_path, monkeypatch):
+    import safetensors
+    import safetensors.numpy
+    import safetensors.torch
+    import transformers.modeling_utils as mu
+
+    originals = {
+        "safe_open": safetensors.safe_open,
+        "torch.load_file": safetensors.torch.load_file,
+        "torch.load": safetensors.torch.load,
+        "numpy.load_file": safetensors.numpy.load_file,
+        "mu.safe_open": mu.safe_open,
+        "mu._safe_load_bytes": mu._safe_load_bytes,
+    }
+    current = lambda: {  # noqa: E731
+        "safe_open": safetensors.safe_open,
+        "torch.load_file": safetensors.torch.load_file,
+        "torch.load": safetensors.torch.load,
+        "numpy.load_file": safetensors.numpy.load_file,
+        "mu.safe_open": mu.safe_open,
+        "mu._safe_load_bytes": mu._safe_load_bytes,
+    }
+    # A module imported while patched takes weightlift's names from safetensors itself.
+    (tmp_path / "late_importer.py").write_text("from safetensors.torch import load_file\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    weightlift.patch()
+    weightlift.patch()  # idempotent
+    try:
+        assert weightlift.patched()
+        assert all(current()[k] is not originals[k] for k in originals), current()
+        import late_importer
+
+        assert late_importer.load_file is safetensors.torch.load_file
+    finally:
+        weightlift.unpatch()
+        weightlift.unpatch()
+    assert not weightlift.patched()
+    assert current() == originals
+    assert late_importer.load_file is originals["torch.load_file"]
+    # As a context manager, it leaves the state it found.
+    with weightlift.patch():
+        with weightlift.patch():
+            pass
+        assert weightlift.patched()
+    assert not weightlift.patched()
+
+
+def test_patch_is_thread_safe():
+    errors = []
+
+    def churn():
+        try:
+            for _ in range(50):
+                with weightlift.patch():
+                    import safetensors
+
+                    assert safetensors.safe_open is not None
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=churn) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    weightlift.unpatch()
+    assert not errors
+    import safetensors
+    import safetensors._safetensors_rust as native
+
+    assert safetensors.safe_open is native.safe_open
+
+
+def lay_out_cache(cache, repo, source):
+    """A Hugging Face cache entry as huggingface_hub writes one: content-addressed blobs,
+    a snapshot of relative symlinks, refs/main naming the commit."""
+    folder = cache / ("models--" + repo.replace("/", "--"))
+    commit = hashlib.sha1(repo.encode()).hexdigest()
+    snapshot = folder / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (folder / "blobs").mkdir()
+    (folder / "refs").mkdir()
+    (folder / "refs" / "main").write_text(commit)
+    for f in os.listdir(source):
+        data = (source / f).read_bytes()
+        blob = hashlib.sha256(data).hexdigest()
+        (folder / "blobs" / blob).write_bytes(data)
+        os.symlink(f"../../blobs/{blob}", snapshot / f)
+    return snapshot
+
+
+def test_model_ids_resolve_in_the_hugging_face_cache(models, tmp_path, monkeypatch):
+    cache = tmp_path / "hub"
+    lay_out_cache(cache, "org/tiny-llama", models["llama"])
+    # weightlift reads the cache's place from the environment when it opens a model id;
+    # transformers (huggingface_hub) read theirs at import, so they are told explicitly.
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.chdir(tmp_path)
+    offline = {"cache_dir": str(cache), "local_files_only": True}
+    direct = weightlift.load_checkpoint("org/tiny-llama", framework="pt")
+    files = weightlift.load_checkpoint(str(models["llama"]), framework="pt", copy=True)
+    assert list(direct) == list(files)
+    for k in files:
+        assert torch.equal(raw(direct[k]), raw(files[k])), k
+    stock = AutoModelForCausalLM.from_pretrained("org/tiny-llama", **offline)
+    with weightlift.patch():
+        patched = AutoModelForCausalLM.from_pretrained("org/tiny-llama", **offline)
+    assert_same_model(stock, patched)
+    with pytest.raises(FileNotFoundError, match="Hugging Face cache"):
+        weightlift.load_checkpoint("org/not-there")
+
+
+def outcome(path, patched):
+    try:
+        if patched:
+            with weightlift.patch():
+                AutoModelForCausalLM.from_pretrained(path)
+        else:
+            AutoModelForCausalLM.from_pretrained(path)
+        return None
+    except Exception as e:  # noqa: BLE001
+        return e
+
+
+def test_bad_checkpoints_fail_as_they_fail_stock(models, tmp_path):
+    import safetensors
+
+    source = models["llama"]
+    shards = sorted(f for f in os.listdir(source) if f.endswith(".safetensors"))
+
+    def variant(name, mutate):
+        path = tmp_path / name
+        shutil.copytree(source, path)
+        mutate(path)
+        return path
+
+    def truncate(p):
+        f = p / shards[1]
+        os.truncate(f, f.stat().st_size - 100)
+
+    def drop_shard(p):
+        os.remove(p / shards[-1])
+
+    def wrong_shapes(p):
+        config = json.loads((p / "config.json").read_text())
+        config["intermediate_size"] = 96
+        (p / "config.json").write_text(json.dumps(config))
+
+    cases = [("truncated", truncate), ("missing_shard", drop_shard), ("wrong_shapes", wrong_shapes)]
+    for name, mutate in cases:
+        path = variant(name, mutate)
+        stock, ours = outcome(path, False), outcome(path, True)
+        assert stock is not None and ours is not None, name
+        assert isinstance(ours, type(stock)), (name, stock, ours)
+        if name == "truncated":
+            assert isinstance(ours, safetensors.SafetensorError)
+            assert shards[1] in str(ours) and "truncated" in str(ours), ours
+        if name == "missing_shard":
+            assert shards[-1] in str(ours)
