@@ -323,6 +323,16 @@ def test_urls_load_like_files(files, tmp_path):
             same(f.get_slice("f32")[1:3], files["tensors"]["f32"][1:3])
         with pytest.raises(FileNotFoundError, match="404"):
             weightlift.load_file(f"{base}/missing.safetensors")
+        # hf:// from a hub mirror laid out as the hub serves files (HF_ENDPOINT).
+        shutil.copytree(files["sharded"], tmp_path / "org" / "m" / "resolve" / "main")
+        os.environ["HF_ENDPOINT"] = base
+        try:
+            hub = weightlift.load_checkpoint("hf://org/m")
+        finally:
+            del os.environ["HF_ENDPOINT"]
+        assert set(hub) == set(local)
+        for name in local:
+            same(hub[name], local[name])
     finally:
         server.kill()
         server.wait()
