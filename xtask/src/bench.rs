@@ -47,20 +47,37 @@ pub(crate) struct BenchArgs {
     plot: Option<PathBuf>,
 }
 
-/// A checkpoint layout (`synthetic::Profile`).
+/// A checkpoint layout: synthetic (`synthetic::Profile`, sized by `--size`), or a random
+/// model made and saved by transformers itself (with its config, for `from_pretrained`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub(crate) enum ProfileArg {
     /// A few hundred large tensors per GiB.
     Dense,
     /// Qwen3-30B-A3B-like: ~20,000 small tensors per GiB.
     Moe,
+    /// transformers' Qwen3-MoE, 24 layers x 64 experts (4,827 tensors, ~1.4 GB BF16),
+    /// saved with `save_pretrained(max_shard_size="200MB")`.
+    HfMoe,
+    /// transformers' Llama, 12 layers, hidden 2048 (~1.4 GB BF16), saved likewise.
+    HfDense,
 }
 
 impl ProfileArg {
-    pub(crate) fn profile(self) -> Profile {
+    /// The synthetic layout, or `None` for a transformers model.
+    pub(crate) fn profile(self) -> Option<Profile> {
         match self {
-            ProfileArg::Dense => Profile::Dense,
-            ProfileArg::Moe => Profile::Moe,
+            ProfileArg::Dense => Some(Profile::Dense),
+            ProfileArg::Moe => Some(Profile::Moe),
+            ProfileArg::HfMoe | ProfileArg::HfDense => None,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            ProfileArg::Dense => "dense",
+            ProfileArg::Moe => "moe",
+            ProfileArg::HfMoe => "hf-moe",
+            ProfileArg::HfDense => "hf-dense",
         }
     }
 }
@@ -130,6 +147,11 @@ pub(crate) enum Contender {
     PythonWeightliftTorch,
     /// `weightlift.load_checkpoint(framework="pt")` of the directory, then the same touch.
     PythonWeightliftTorchCheckpoint,
+    /// transformers' `AutoModelForCausalLM.from_pretrained` as shipped (hf-* profiles), then
+    /// one byte of every page of every parameter touched.
+    TransformersStock,
+    /// The same under `weightlift.patch()`.
+    TransformersWeightlift,
 }
 
 /// What a `weightlift-<backend>-<target>` contender produces.
@@ -232,6 +254,8 @@ pub(crate) fn run(args: &BenchArgs) -> Result<(), String> {
     if !torch {
         eprintln!("note: python3 cannot import torch: skipping the torch contenders");
     }
+    let transformers = args.profiles.iter().any(|p| p.profile().is_none())
+        && python_imports("torch, transformers");
     let nginx_binary = weightlift_testkit::servers::Nginx::binary();
     if nginx_binary.is_none() {
         eprintln!(
@@ -250,6 +274,10 @@ pub(crate) fn run(args: &BenchArgs) -> Result<(), String> {
                 torch && wanted(c) && python_weightlift_ready()
             }
             Contender::WeightliftHttpCpu => nginx_binary.is_some(),
+            Contender::TransformersStock => transformers,
+            Contender::TransformersWeightlift => {
+                transformers && wanted(c) && python_weightlift_ready()
+            }
             _ => true,
         };
         if available && wanted(c) {
@@ -271,9 +299,20 @@ pub(crate) fn run(args: &BenchArgs) -> Result<(), String> {
     };
 
     let mut records: Vec<Record> = Vec::new();
-    for profile in args.profiles.iter().map(|p| p.profile()) {
-        let disk_dir = data_dir.join(format!("{}-{}MiB", profile.name(), size >> 20));
-        let disk_paths = ensure(&disk_dir, profile, size)?;
+    for &profile_arg in &args.profiles {
+        let (disk_dir, disk_paths) = match profile_arg.profile() {
+            Some(profile) => {
+                let dir = data_dir.join(format!("{}-{}MiB", profile.name(), size >> 20));
+                let paths = ensure(&dir, profile, size)?;
+                (dir, paths)
+            }
+            None => {
+                let dir = data_dir.join(profile_arg.name());
+                let paths = ensure_transformers(&dir, profile_arg)?;
+                (dir, paths)
+            }
+        };
+        let hf = profile_arg.profile().is_none();
         let ckpt = Checkpoint::open(&disk_dir).map_err(|e| e.to_string())?;
         let (tensors, bytes) = (ckpt.len(), ckpt.data_bytes());
         drop(ckpt);
@@ -293,7 +332,7 @@ pub(crate) fn run(args: &BenchArgs) -> Result<(), String> {
             };
             eprintln!(
                 "== {} ({tensors} tensors, {:.2} GiB), {}, {reps} reps",
-                profile.name(),
+                profile_arg.name(),
                 bytes as f64 / (1u64 << 30) as f64,
                 cache.name()
             );
@@ -305,8 +344,23 @@ pub(crate) fn run(args: &BenchArgs) -> Result<(), String> {
             let url = nginx
                 .as_ref()
                 .map(|n| n.url(&disk_dir.file_name().unwrap_or_default().to_string_lossy()));
+            // The transformers contenders need a model with its config; the others run on
+            // any checkpoint.
+            let runs: Vec<bool> = contenders
+                .iter()
+                .map(|c| {
+                    let needs_model = matches!(
+                        c,
+                        Contender::TransformersStock | Contender::TransformersWeightlift
+                    );
+                    needs_model == hf || !needs_model
+                })
+                .collect();
             for _ in 0..reps {
                 for (i, &c) in contenders.iter().enumerate() {
+                    if !runs[i] {
+                        continue;
+                    }
                     if cold {
                         // Through FUSE, both the mount's cache and the disk's are dropped.
                         for p in paths.iter().chain(if cache == Cache::ColdFuse {
@@ -339,6 +393,7 @@ pub(crate) fn run(args: &BenchArgs) -> Result<(), String> {
                 .iter()
                 .map(|s| median(&s.iter().map(|x| x.secs).collect::<Vec<_>>()))
                 .collect();
+            let skipped = |i: usize| samples[i].is_empty();
             // "raw" is the better of the one-thread and many-thread reads.
             let best_raw = if medians[0] <= medians[1] { 0 } else { 1 };
             let raw = medians[best_raw];
@@ -357,6 +412,9 @@ pub(crate) fn run(args: &BenchArgs) -> Result<(), String> {
                 .chain(contenders.iter().enumerate().map(|(i, c)| (i, c.name())));
             let first = records.len();
             for (i, name) in named {
+                if skipped(i) {
+                    continue;
+                }
                 let secs: Vec<f64> = samples[i].iter().map(|x| x.secs).collect();
                 let ratio_to_local = (contenders[i] == Contender::WeightliftHttpCpu
                     && name != "raw")
@@ -369,7 +427,7 @@ pub(crate) fn run(args: &BenchArgs) -> Result<(), String> {
                     );
                 }
                 records.push(Record {
-                    profile: profile.name().to_string(),
+                    profile: profile_arg.name().to_string(),
                     cache,
                     contender: name,
                     median_s: medians[i],
@@ -571,6 +629,12 @@ fn measure(args: &OneArgs, paths: &[PathBuf], bytes: u64) -> Result<Sample, Stri
             Contender::PythonWeightliftTorchCheckpoint => {
                 return python_load_with(PY_TORCH, "weightlift-checkpoint", &[dir.to_path_buf()]);
             }
+            Contender::TransformersStock => {
+                return python_load_with(PY_TRANSFORMERS, "stock", &[dir.to_path_buf()]);
+            }
+            Contender::TransformersWeightlift => {
+                return python_load_with(PY_TRANSFORMERS, "weightlift", &[dir.to_path_buf()]);
+            }
             Contender::PythonSafetensors => return python_load(PY_SAFETENSORS, paths),
             Contender::PythonWeightlift => return python_load(PY_WEIGHTLIFT, &[dir.to_path_buf()]),
             Contender::FreshMemory => fresh_memory(bytes, threads).map_err(|e| e.to_string())?,
@@ -713,6 +777,82 @@ for d in dicts:
         total += int(torch.empty(0, dtype=torch.uint8).set_(s)[::4096].sum())
 print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 "#;
+
+/// `from_pretrained` of a transformers model directory, stock or under `weightlift.patch()`,
+/// then one byte of every page of every parameter's storage touched. Imports are done before
+/// timing, the model's module included (its first import alone takes seconds).
+const PY_TRANSFORMERS: &str = r#"import sys, time, resource, warnings
+warnings.filterwarnings("ignore")
+import torch, transformers
+from transformers import AutoConfig, AutoModelForCausalLM
+transformers.utils.logging.set_verbosity_error()
+transformers.utils.logging.disable_progress_bar()
+mode, path = sys.argv[1], sys.argv[2]
+config = AutoConfig.from_pretrained(path)
+AutoModelForCausalLM._model_mapping[type(config)]
+if mode == "weightlift":
+    import weightlift
+    weightlift.patch()
+t = time.perf_counter()
+model = AutoModelForCausalLM.from_pretrained(path)
+seen, total = set(), 0
+for p in model.parameters():
+    s = p.untyped_storage()
+    if s.nbytes() == 0 or s.data_ptr() in seen:
+        continue
+    seen.add(s.data_ptr())
+    total += int(torch.empty(0, dtype=torch.uint8).set_(s)[::4096].sum())
+print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"#;
+
+/// Makes a random transformers model and saves it (`hf-moe`, `hf-dense`).
+const PY_MAKE_MODEL: &str = r#"import sys, torch, transformers
+from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3MoeConfig
+kind, path = sys.argv[1], sys.argv[2]
+torch.manual_seed(0)
+if kind == "hf-moe":
+    config = Qwen3MoeConfig(vocab_size=8192, hidden_size=1024, intermediate_size=2048,
+        moe_intermediate_size=128, num_hidden_layers=24, num_attention_heads=8,
+        num_key_value_heads=4, head_dim=128, num_experts=64, num_experts_per_tok=4,
+        max_position_embeddings=2048)
+else:
+    config = LlamaConfig(vocab_size=16384, hidden_size=2048, intermediate_size=5632,
+        num_hidden_layers=12, num_attention_heads=16, num_key_value_heads=8,
+        max_position_embeddings=2048)
+model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+model.save_pretrained(path, max_shard_size="200MB")
+"#;
+
+/// The shard files of a transformers model in `dir`, made first if needed.
+fn ensure_transformers(dir: &Path, kind: ProfileArg) -> Result<Vec<PathBuf>, String> {
+    if let Ok(c) = Checkpoint::open(dir)
+        && dir.join("config.json").is_file()
+    {
+        return Ok(shard_paths(&c));
+    }
+    eprintln!(
+        "making a random {} with transformers in {}",
+        kind.name(),
+        dir.display()
+    );
+    let _ = std::fs::remove_dir_all(dir);
+    let out = Command::new(python())
+        .arg("-c")
+        .arg(PY_MAKE_MODEL)
+        .arg(kind.name())
+        .arg(dir)
+        .output()
+        .map_err(|e| e.to_string())?;
+    if !out.status.success() {
+        return Err(format!(
+            "making {}: {}",
+            kind.name(),
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    let c = Checkpoint::open(dir).map_err(|e| e.to_string())?;
+    Ok(shard_paths(&c))
+}
 
 /// Runs a timing script with `mode` as its first argument.
 fn python_load_with(script: &str, mode: &str, args: &[PathBuf]) -> Result<Sample, String> {
