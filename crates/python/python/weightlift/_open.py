@@ -37,6 +37,8 @@ def _mode(backend, copy):
 def _open_handle(path, backend="auto", copy=False, token=None):
     path = os.fspath(path)
     native_backend, mapping = _mode(backend, copy)
+    if _is_url(path) and native_backend == "pread" and str(backend) in ("auto", "mmap"):
+        native_backend = "auto"  # URLs are read with range requests
     if not _is_url(path) and not os.path.exists(path) and not _MODEL_ID.fullmatch(path):
         # safetensors' wording, which callers match on.
         raise FileNotFoundError(f"No such file or directory: {path}")
