@@ -5,7 +5,7 @@ use crate::checkpoint::Checkpoint;
 use crate::convert::convert;
 use crate::error::{Error, Result};
 use crate::options::LoadOptions;
-use crate::plan::{ReadPlan, Request};
+use crate::plan::{GAP, ReadPlan, Request};
 use crate::progress::Progress;
 use crate::tensor::HostMemory;
 use rayon::prelude::*;
@@ -200,11 +200,14 @@ impl Checkpoint {
         let infos = shard.header().tensors();
         let pieces = &plan.pieces[request.pieces.start as usize..request.pieces.end as usize];
         let needs_conversion = |slot: u32| {
-            infos[sp.tensors[slot as usize] as usize].dtype != sp.out_dtypes[slot as usize]
+            slot != GAP
+                && infos[sp.tensors[slot as usize] as usize].dtype != sp.out_dtypes[slot as usize]
         };
+        // Converted pieces and gaps are read into the scratch buffer.
+        let to_scratch = |slot: u32| slot == GAP || needs_conversion(slot);
         let scratch_len: u64 = pieces
             .iter()
-            .filter(|p| needs_conversion(p.slot))
+            .filter(|p| to_scratch(p.slot))
             .map(|p| p.len)
             .sum();
 
@@ -224,12 +227,12 @@ impl Checkpoint {
                 let (dst, tail) = tail.split_at_mut(p.dst_len as usize);
                 rest_dst = tail;
                 dst_at = p.dst + p.dst_len;
-                if needs_conversion(p.slot) {
+                if to_scratch(p.slot) {
                     let (src, tail) =
                         std::mem::take(&mut rest_scratch).split_at_mut(p.len as usize);
                     rest_scratch = tail;
                     slices.push(src);
-                    conversions.push((p.slot, dst));
+                    conversions.push((p.slot, p.len as usize, dst));
                 } else {
                     slices.push(dst);
                 }
@@ -240,11 +243,12 @@ impl Checkpoint {
                 .map_err(|source| self.read_error(plan, request, source))?;
             drop(slices);
             let mut src_at = 0usize;
-            for (slot, dst) in conversions {
-                let from = infos[sp.tensors[slot as usize] as usize].dtype;
-                let to = sp.out_dtypes[slot as usize];
-                let src_len = dst.len() * from.bits() / to.bits();
-                convert(from, to, &scratch[src_at..src_at + src_len], dst);
+            for (slot, src_len, dst) in conversions {
+                if slot != GAP {
+                    let from = infos[sp.tensors[slot as usize] as usize].dtype;
+                    let to = sp.out_dtypes[slot as usize];
+                    convert(from, to, &scratch[src_at..src_at + src_len], dst);
+                }
                 src_at += src_len;
             }
             Ok(())
@@ -268,6 +272,7 @@ impl Checkpoint {
         let tensor_of = |slot: u32| &infos[sp.tensors[slot as usize] as usize];
         let culprit = pieces
             .iter()
+            .filter(|p| p.slot != GAP)
             .map(|p| tensor_of(p.slot))
             .find(|t| data_start + t.data_offsets.1 > current_len)
             .or_else(|| pieces.first().map(|p| tensor_of(p.slot)));

@@ -38,7 +38,7 @@ pub use checkpoint::{Checkpoint, OpenOptions, Shard};
 pub use error::{Error, Result};
 pub use exec::default_threads;
 pub use lazy::MappedCheckpoint;
-pub use options::{DEFAULT_REQUEST_SIZE, Filter, LoadOptions, Mapping};
+pub use options::{DEFAULT_MAX_GAP, DEFAULT_REQUEST_SIZE, Filter, LoadOptions, Mapping, SliceFn};
 pub use progress::{Progress, ProgressFn};
 pub use tensor::{Element, FileReport, HostMemory, Placement, StateDict, Tensor, TensorView};
 
@@ -72,7 +72,7 @@ pub fn load_bytes(bytes: &[u8]) -> Result<StateDict> {
     let tensors = header
         .tensors()
         .iter()
-        .map(|info| Tensor::from_info(info, info.dtype, base.at(info.data_offsets.0)))
+        .map(|info| Tensor::from_info(info, info.dtype, None, base.at(info.data_offsets.0)))
         .collect();
     Ok(StateDict::new(tensors))
 }

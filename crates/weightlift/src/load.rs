@@ -6,7 +6,7 @@ use crate::convert::{converted, is_conversion_target};
 use crate::error::{Error, Result};
 use crate::exec::Counters;
 use crate::options::LoadOptions;
-use crate::plan::ReadPlan;
+use crate::plan::{Pick, ReadPlan};
 use crate::tensor::{FileReport, Placement, StateDict, Storage, Tensor};
 use std::sync::Arc;
 use weightlift_device::{CopyEngine, CpuTarget, Device, StagedTarget};
@@ -40,11 +40,12 @@ impl Checkpoint {
                 continue;
             }
             let shard = &self.shards()[i];
-            let converts = picks.iter().any(|&t| {
-                let dtype = shard.header().tensors()[t as usize].dtype;
+            let converts = picks.iter().any(|p| {
+                let dtype = shard.header().tensors()[p.tensor as usize].dtype;
                 convert_fn(dtype) != dtype
             });
-            let (map, reason) = self.placement(shard, options, converts)?;
+            let sliced = picks.iter().any(|p| p.slice.is_some());
+            let (map, reason) = self.placement(shard, options, converts, sliced)?;
             reasons[i] = reason;
             if map {
                 mapped[i] = picks;
@@ -89,7 +90,7 @@ impl Checkpoint {
                     .map(|&t| {
                         let info = &header.tensors()[t as usize];
                         let at = header.data_start() + info.data_offsets.0;
-                        Tensor::from_info(info, info.dtype, base.at(at))
+                        Tensor::from_info(info, info.dtype, None, base.at(at))
                     })
                     .collect();
                 groups.push((sp.shard, tensors));
@@ -107,6 +108,7 @@ impl Checkpoint {
         shard: &Shard,
         options: &LoadOptions,
         converts: bool,
+        sliced: bool,
     ) -> Result<(bool, String)> {
         let owned = |why: &str| Ok((false, format!("{why}; {}", shard.backend_reason())));
         if options.mapping.is_never() {
@@ -121,6 +123,10 @@ impl Checkpoint {
                 shard.location()
             )));
         };
+        if sliced {
+            // A block of a tensor is contiguous in the file only sometimes: gathered instead.
+            return owned("owned: a slice plan gathers each tensor's block");
+        }
         if converts {
             if options.mapping.is_auto() {
                 return owned("owned: dtype conversion needs new memory");
@@ -151,15 +157,15 @@ impl Checkpoint {
             shard: sp.shard,
             location: self.shards()[sp.shard].location().clone(),
             placement,
-            reason: if reasons[sp.shard].is_empty() {
-                self.shards()[sp.shard].backend_reason().to_string()
-            } else {
-                reasons[sp.shard].clone()
-            },
+            reason: reasons
+                .get(sp.shard)
+                .filter(|r| !r.is_empty())
+                .cloned()
+                .unwrap_or_else(|| self.shards()[sp.shard].backend_reason().to_string()),
             bytes_read: if placement == Placement::Meta {
                 0
             } else {
-                sp.bytes
+                sp.read_bytes
             },
         })
     }
@@ -178,7 +184,7 @@ impl Checkpoint {
     /// The read plan of the selected tensors; `max_dst` caps a request's destination span.
     pub(crate) fn plan(
         &self,
-        selected: Vec<Vec<u32>>,
+        selected: Vec<Vec<Pick>>,
         options: &LoadOptions,
         max_dst: Option<u64>,
         convert_fn: impl Fn(Dtype) -> Dtype,
@@ -189,6 +195,7 @@ impl Checkpoint {
             selected,
             options.request_size,
             max_dst,
+            options.max_gap,
             convert_fn,
         )
     }
@@ -213,6 +220,7 @@ impl Checkpoint {
                     Tensor::from_info(
                         &infos[t as usize],
                         sp.out_dtypes[slot],
+                        sp.shapes[slot].clone(),
                         base.at(sp.layout.offset(slot)),
                     )
                 })
@@ -222,31 +230,44 @@ impl Checkpoint {
         out
     }
 
-    /// The tensors a load selects (positions per shard, in file order) and the dtype each
-    /// becomes.
+    /// The tensors a load selects (per shard, in file order, each whole or the block the
+    /// options' `slices` asks for) and the dtype each becomes.
     pub(crate) fn selection(
         &self,
         options: &LoadOptions,
-    ) -> Result<(Vec<Vec<u32>>, impl Fn(Dtype) -> Dtype + use<>)> {
+    ) -> Result<(Vec<Vec<Pick>>, impl Fn(Dtype) -> Dtype + use<>)> {
         let to = options.convert_to;
         if let Some(to) = to.filter(|&d| !is_conversion_target(d)) {
             return Err(Error::InvalidOption(format!(
                 "cannot convert to {to}: conversion targets are F16, BF16 and F32"
             )));
         }
-        let selected: Vec<Vec<u32>> = self
-            .shards()
-            .iter()
-            .map(|s| {
-                s.header()
-                    .tensors()
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, t)| options.filter.matches(&t.name))
-                    .map(|(i, _)| i as u32)
-                    .collect()
-            })
-            .collect();
+        let mut selected: Vec<Vec<Pick>> = Vec::with_capacity(self.shards().len());
+        for s in self.shards() {
+            let mut picks = Vec::new();
+            for (i, t) in s.header().tensors().iter().enumerate() {
+                if !options.filter.matches(&t.name) {
+                    continue;
+                }
+                let block = options.slices.as_ref().and_then(|f| f(&t.name, &t.shape));
+                let slice = match block {
+                    None => None,
+                    Some(ranges) => Some(
+                        crate::slice::plan(&t.shape, &ranges, t.dtype.bits() as u64).map_err(
+                            |reason| Error::InvalidSlice {
+                                tensor: t.name.clone(),
+                                reason,
+                            },
+                        )?,
+                    ),
+                };
+                picks.push(Pick {
+                    tensor: i as u32,
+                    slice,
+                });
+            }
+            selected.push(picks);
+        }
         let convert_fn = move |d: Dtype| to.map_or(d, |to| converted(d, to));
         Ok((selected, convert_fn))
     }
@@ -287,7 +308,7 @@ impl Checkpoint {
 
     fn meta_tensors(
         &self,
-        selected: &[Vec<u32>],
+        selected: &[Vec<Pick>],
         convert_fn: impl Fn(Dtype) -> Dtype,
     ) -> StateDict {
         let mut tensors = Vec::with_capacity(selected.iter().map(Vec::len).sum());
@@ -302,11 +323,12 @@ impl Checkpoint {
                     bytes_read: 0,
                 });
             }
-            for &i in picks {
-                let info = &shard.header().tensors()[i as usize];
+            for pick in picks {
+                let info = &shard.header().tensors()[pick.tensor as usize];
                 tensors.push(Tensor::from_info(
                     info,
                     convert_fn(info.dtype),
+                    pick.slice.as_ref().map(|s| s.shape.clone()),
                     Storage::Meta,
                 ));
             }

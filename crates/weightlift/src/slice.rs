@@ -4,7 +4,7 @@ use std::ops::Range;
 
 /// The result of planning a slice: the new shape and the byte runs (offset within the
 /// tensor, length) to read, in output order.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct SlicePlan {
     pub shape: Vec<usize>,
     pub runs: Vec<(u64, u64)>,

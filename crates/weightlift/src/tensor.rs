@@ -1,6 +1,5 @@
 //! Loaded tensors, the state dict that owns them, and borrowed views.
 
-use crate::convert::converted_len;
 use crate::error::{Error, Result};
 use crate::exec::fill_target;
 use std::fmt;
@@ -140,13 +139,21 @@ pub struct Tensor {
 }
 
 impl Tensor {
-    /// The tensor a header entry becomes when loaded as `dtype` into `storage`.
-    pub(crate) fn from_info(info: &TensorInfo, dtype: Dtype, storage: Storage) -> Tensor {
+    /// The tensor a header entry becomes when loaded as `dtype` into `storage`: all of it,
+    /// or the block of shape `block` (elements in C order).
+    pub(crate) fn from_info(
+        info: &TensorInfo,
+        dtype: Dtype,
+        block: Option<Vec<usize>>,
+        storage: Storage,
+    ) -> Tensor {
+        let shape = block.unwrap_or_else(|| info.shape.clone());
+        let elements: u64 = shape.iter().map(|&d| d as u64).product();
         Tensor {
             name: info.name.clone(),
             dtype,
-            shape: info.shape.clone(),
-            byte_len: converted_len(info.byte_len(), info.dtype, dtype) as usize,
+            byte_len: (elements * dtype.bits() as u64).div_ceil(8) as usize,
+            shape,
             storage,
         }
     }
