@@ -84,6 +84,19 @@ impl Checkpoint {
         options: &LoadOptions,
         counters: &Counters,
     ) -> Result<Vec<T::Memory>> {
+        self.run_part(plan, target, options, counters, 0..plan.requests.len())
+    }
+
+    /// [`Checkpoint::run`] for the requests at positions `part` only (one rank's share):
+    /// every allocation is made, only those requests' regions are filled.
+    pub(crate) fn run_part<T: Target>(
+        &self,
+        plan: &ReadPlan,
+        target: &T,
+        options: &LoadOptions,
+        counters: &Counters,
+        part: Range<usize>,
+    ) -> Result<Vec<T::Memory>> {
         let threads = options.threads.unwrap_or_else(|| self.default_threads());
         let pool = thread_pool(threads, "weightlift")?;
         self.hint(plan);
@@ -92,7 +105,8 @@ impl Checkpoint {
             .shards
             .iter()
             .map(|sp| {
-                plan.requests[sp.requests.clone()]
+                let mine = sp.requests.start.max(part.start)..sp.requests.end.min(part.end);
+                plan.requests[mine.start..mine.end.max(mine.start)]
                     .iter()
                     .map(|r| (r.dst.clone(), r))
                     .collect()

@@ -31,6 +31,7 @@ mod load;
 mod options;
 mod plan;
 mod progress;
+mod share;
 mod slice;
 mod tensor;
 
@@ -40,6 +41,7 @@ pub use exec::default_threads;
 pub use lazy::MappedCheckpoint;
 pub use options::{DEFAULT_MAX_GAP, DEFAULT_REQUEST_SIZE, Filter, LoadOptions, Mapping, SliceFn};
 pub use progress::{Progress, ProgressFn};
+pub use share::{ExchangeSpan, Share, SharedLoad};
 pub use tensor::{Element, FileReport, HostMemory, Placement, StateDict, Tensor, TensorView};
 
 pub use weightlift_device as device;

@@ -58,15 +58,6 @@ pub(crate) struct Pick {
     pub slice: Option<SlicePlan>,
 }
 
-impl Pick {
-    pub(crate) fn whole(tensor: u32) -> Pick {
-        Pick {
-            tensor,
-            slice: None,
-        }
-    }
-}
-
 /// The part of the plan for one shard.
 #[derive(Debug, Clone)]
 pub(crate) struct ShardPlan {
@@ -248,7 +239,10 @@ impl ReadPlan {
             plan.shards.push(ShardPlan {
                 shard: shard_index,
                 tensors,
-                shapes: picks.into_iter().map(|p| p.slice.map(|s| s.shape)).collect(),
+                shapes: picks
+                    .into_iter()
+                    .map(|p| p.slice.map(|s| s.shape))
+                    .collect(),
                 out_dtypes,
                 layout,
                 requests: first_request..plan.requests.len(),
@@ -337,7 +331,12 @@ mod tests {
 
     /// Per tensor: dtype, shape, whether selected, and maybe a block to slice (raw numbers,
     /// folded into the shape below; invalid blocks, e.g. half a byte of F4, read whole).
-    type Spec = (Dtype, Vec<usize>, bool, Option<(usize, usize, Option<(usize, usize)>)>);
+    type Spec = (
+        Dtype,
+        Vec<usize>,
+        bool,
+        Option<(usize, usize, Option<(usize, usize)>)>,
+    );
 
     fn shard() -> impl Strategy<Value = Vec<Spec>> {
         let dtype = prop::sample::select(vec![
