@@ -800,7 +800,10 @@ impl PyCheckpoint {
     /// `device` ("cpu" or "cuda:N"), without the GIL. Returns `(groups, report)`: tensors
     /// grouped by allocation in `layout` (see `grouped`), and one dict per file saying where
     /// its tensors went and why.
-    #[pyo3(signature = (device="cpu", threads=None, prefix=None, drop_cache=false, layout="np"))]
+    /// `slices` maps tensor names to the block to load (one (start, stop) per leading
+    /// dimension); the others load whole.
+    #[pyo3(signature = (device="cpu", threads=None, prefix=None, drop_cache=false, layout="np", slices=None))]
+    #[allow(clippy::too_many_arguments)]
     fn load<'py>(
         &self,
         py: Python<'py>,
@@ -809,18 +812,12 @@ impl PyCheckpoint {
         prefix: Option<String>,
         drop_cache: bool,
         layout: &str,
+        slices: Option<HashMap<String, Vec<(usize, usize)>>>,
     ) -> PyResult<(Bound<'py, PyList>, Bound<'py, PyList>)> {
         let layout = self::layout(layout)?;
-        let mut options = LoadOptions::default()
-            .device(self::device(device)?)
+        let options = load_options(self::device(device)?, threads, prefix, slices)
             .mapping(self.mode.mapping())
             .drop_cache(drop_cache);
-        if let Some(t) = threads {
-            options = options.threads(t.max(1));
-        }
-        if let Some(p) = prefix {
-            options = options.prefix(p);
-        }
         let ckpt = Arc::clone(&self.ckpt);
         let state = py.detach(move || ckpt.load(&options)).map_err(py_err)?;
         let files = report(py, state.files())?;
@@ -828,10 +825,99 @@ impl PyCheckpoint {
         Ok((grouped(py, &tensors, layout)?, files))
     }
 
+    /// `rank`'s share of a load read by `world` processes (see `weightlift::Share`): every
+    /// allocation of the full size, this rank's share read into it. Returns `(groups,
+    /// report, spans, digest)`: the groups (see `load`) whose memory the caller fills with
+    /// the other ranks' spans, `(owner, allocation, start, end)` for every span (allocation =
+    /// position in `groups`), and a digest of what the load covers (equal on every rank that
+    /// asked for the same load).
+    #[pyo3(signature = (rank, world, device="cpu", threads=None, prefix=None, layout="np", slices=None))]
+    #[allow(clippy::too_many_arguments, clippy::type_complexity)]
+    fn load_share<'py>(
+        &self,
+        py: Python<'py>,
+        rank: usize,
+        world: usize,
+        device: &str,
+        threads: Option<usize>,
+        prefix: Option<String>,
+        layout: &str,
+        slices: Option<HashMap<String, Vec<(usize, usize)>>>,
+    ) -> PyResult<(
+        Bound<'py, PyList>,
+        Bound<'py, PyList>,
+        Vec<(usize, usize, u64, u64)>,
+        u64,
+    )> {
+        let layout = self::layout(layout)?;
+        let options = load_options(self::device(device)?, threads, prefix, slices);
+        let ckpt = Arc::clone(&self.ckpt);
+        let (state, spans) = py
+            .detach(move || {
+                let load = ckpt.load_share(&options, weightlift::Share { rank, world })?;
+                let spans: Vec<_> = load
+                    .spans()
+                    .iter()
+                    .map(|s| (s.owner, s.allocation, s.range.start, s.range.end))
+                    .collect();
+                Ok::<_, Error>((load.finish(), spans))
+            })
+            .map_err(py_err)?;
+        let files = report(py, state.files())?;
+        let tensors = state.into_tensors();
+        let digest = plan_digest(&self.ckpt.location().to_string(), &tensors);
+        Ok((grouped(py, &tensors, layout)?, files, spans, digest))
+    }
+
+    /// `(name, shape)` of every tensor, in file order.
+    fn shapes(&self) -> Vec<(&str, Vec<usize>)> {
+        self.ckpt
+            .tensors()
+            .map(|(_, t)| (t.name.as_str(), t.shape.clone()))
+            .collect()
+    }
+
     /// Number of tensors.
     fn __len__(&self) -> usize {
         self.ckpt.len()
     }
+}
+
+/// Load options from the Python arguments shared by `load` and `load_share`.
+fn load_options(
+    device: Device,
+    threads: Option<usize>,
+    prefix: Option<String>,
+    slices: Option<HashMap<String, Vec<(usize, usize)>>>,
+) -> LoadOptions {
+    let mut options = LoadOptions::default().device(device);
+    if let Some(t) = threads {
+        options = options.threads(t.max(1));
+    }
+    if let Some(p) = prefix {
+        options = options.prefix(p);
+    }
+    if let Some(map) = slices {
+        let map: HashMap<String, Vec<Range<usize>>> = map
+            .into_iter()
+            .map(|(k, v)| (k, v.into_iter().map(|(a, b)| a..b).collect()))
+            .collect();
+        options = options.slices(move |name, _| map.get(name).cloned());
+    }
+    options
+}
+
+/// What a load covers, as a number every rank of a shared load computes alike: the
+/// checkpoint, and every tensor's name, dtype and shape as loaded.
+fn plan_digest(location: &str, tensors: &[Tensor]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    // SipHash with fixed keys: the same input gives the same number in every process.
+    let mut h = std::hash::DefaultHasher::new();
+    location.hash(&mut h);
+    for t in tensors {
+        (t.name(), t.dtype().name(), t.shape()).hash(&mut h);
+    }
+    h.finish()
 }
 
 /// Every tensor of a safetensors file held in `data` (the whole file), in file order,

@@ -28,6 +28,9 @@ use std::ops::Range;
 use std::sync::Arc;
 use weightlift_device::{CopyEngine, CpuTarget, Device, DeviceMemory, HostBuffer, StagedTarget};
 
+/// The smallest request a shared load splits its plan into (see `share_into`).
+const MIN_SHARED_REQUEST: u64 = 64 << 10;
+
 /// Which share of a load this process reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Share {
@@ -137,7 +140,15 @@ impl Checkpoint {
             )));
         }
         let (selected, convert_fn) = self.selection(options)?;
-        let plan = self.plan(selected, options, max_dst, convert_fn);
+        let mut plan = self.plan(selected.clone(), options, max_dst, &convert_fn);
+        // Shares end on request boundaries: requests small against a share keep the ranks'
+        // bytes within a few percent of each other (1/64 of a share, not under 64 KiB).
+        let total: u64 = plan.requests.iter().map(|r| r.len).sum();
+        let balanced = (total / (share.world as u64 * 64)).max(MIN_SHARED_REQUEST);
+        if balanced < options.request_size {
+            let options = options.clone().request_size(balanced);
+            plan = self.plan(selected, &options, max_dst, &convert_fn);
+        }
         let part = plan.share(share.rank, share.world);
         let counters = Counters::new(self.shards().len(), &[&plan]);
         let memories = self

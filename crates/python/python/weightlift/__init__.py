@@ -74,24 +74,55 @@ class StateDict(dict):
     report = ()
 
 
-def _load_dict(handle, framework, device, threads=None, prefix=None, drop_cache=False):
+def _slice_plans(handle, slices):
+    """{name: ranges} for the native load and {name: (steps, squeeze)} for the views, from
+    ``slices(name, shape)`` (an index as ``get_slice`` takes, or None)."""
+    from ._slicing import plan
+
+    ranges, after = {}, {}
+    for name, shape in handle.shapes():
+        index = slices(name, list(shape))
+        if index is None:
+            continue
+        r, steps, squeeze = plan(index, shape, name)
+        ranges[name] = r
+        if squeeze or any(step != 1 for step in steps):
+            after[name] = (steps, squeeze)
+    return ranges, after
+
+
+def _finish_slices(out, after):
+    for name, (steps, squeeze) in after.items():
+        t = out[name]
+        if any(step != 1 for step in steps):
+            t = t[tuple(slice(None, None, step) for step in steps)]
+        if squeeze:
+            t = t.reshape([d for i, d in enumerate(t.shape) if i not in squeeze])
+        out[name] = t
+
+
+def _load_dict(handle, framework, device, threads=None, prefix=None, drop_cache=False, slices=None):
     device = _device_name(device)
     if framework == "np" and device != "cpu":
         raise SafetensorError("numpy arrays live on the cpu: use device='cpu'")
     # Tensors go to a GPU directly when torch will hold them there.
     native_device = device if device.startswith("cuda") else "cpu"
+    ranges, after = _slice_plans(handle, slices) if slices is not None else (None, {})
     groups, report = handle.load(
         device=native_device,
         threads=threads,
         prefix=prefix,
         drop_cache=drop_cache,
         layout=framework,
+        slices=ranges,
     )
     out = StateDict()
     out.report = report
     if framework == "np":
-        return _arrays.numpy_groups(groups, out)
-    _arrays.torch_groups(groups, out)
+        _arrays.numpy_groups(groups, out)
+    else:
+        _arrays.torch_groups(groups, out)
+    _finish_slices(out, after)
     if native_device != device:
         for name, t in out.items():
             out[name] = t.to(device)
@@ -126,10 +157,12 @@ def load_checkpoint(
     token=None,
     copy=False,
     drop_cache=False,
+    group=None,
+    slices=None,
 ):
     """Loads a whole checkpoint with the parallel loader: one file, a directory of shards
-    (with or without ``model.safetensors.index.json``), an index file, or a URL. Returns a
-    :class:`StateDict` (a ``dict`` with a ``report``).
+    (with or without ``model.safetensors.index.json``), an index file, a URL or a model id.
+    Returns a :class:`StateDict` (a ``dict`` with a ``report``).
 
     ``device``: "cpu", or "cuda:N" with ``framework="pt"`` (loaded straight to the GPU).
     ``threads``: loader threads (default: CPUs, at least 4). ``prefix``: load only tensors
@@ -138,9 +171,40 @@ def load_checkpoint(
     ``drop_cache``: after reading into memory of its own, drop the bytes read from the page
     cache, so it does not hold a second copy of the model. The GIL is released while
     loading.
+
+    ``group``: a ``torch.distributed`` process group (``True`` for the default one) whose
+    ranks all call this with the same arguments: each reads a share of the bytes and the shares are exchanged with the
+    group's collectives, so the storage is read once, not once per rank (gloo for CPU
+    tensors, NCCL with ``device="cuda:N"``). ``slices``: ``fn(name, shape)`` returning the
+    index to load of a tensor (as ``get_slice`` takes: ``[rank * n // w:(rank + 1) * n // w]``
+    and the like) or None for all of it: one planned load of many tensors' slices.
+    ``report`` says, per file, the bytes this rank read. A shared load fails on every rank
+    together (``SafetensorError`` naming the rank and why) when any rank cannot load its
+    share, asks for a different load, or dies.
     """
-    handle = _open_handle(path, backend, copy, token)
-    return _load_dict(handle, _framework(framework), device, threads, prefix, drop_cache)
+    framework = _framework(framework)
+    if group is None:
+        handle = _open_handle(path, backend, copy, token)
+        return _load_dict(handle, framework, device, threads, prefix, drop_cache, slices)
+
+    from ._distributed import load_shared
+
+    device = _device_name(device)
+    if framework == "np" and device != "cpu":
+        raise SafetensorError("numpy arrays live on the cpu: use device='cpu'")
+
+    def prepare():
+        # Inside the shared load, so that a rank that cannot open the checkpoint fails
+        # every rank, never leaves them waiting.
+        handle = _open_handle(path, backend, True, token)
+        ranges, after = _slice_plans(handle, slices) if slices is not None else (None, {})
+        return handle, ranges, after
+
+    out = StateDict()
+    loaded, out.report, after = load_shared(prepare, framework, device, group, threads, prefix)
+    out.update(loaded)
+    _finish_slices(out, after)
+    return out
 
 
 # Last: the patch module wraps the functions above.
