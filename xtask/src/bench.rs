@@ -471,7 +471,7 @@ pub(crate) fn ensure(dir: &Path, profile: Profile, size: u64) -> Result<Vec<Path
     synthetic::generate(dir, profile, size)
 }
 
-fn shard_paths(ckpt: &Checkpoint) -> Vec<PathBuf> {
+pub(crate) fn shard_paths(ckpt: &Checkpoint) -> Vec<PathBuf> {
     ckpt.shards()
         .iter()
         .filter_map(|s| s.path().map(Path::to_path_buf))
@@ -680,7 +680,7 @@ fn reference_load(paths: &[PathBuf], threads: Option<usize>) -> Result<(), Strin
 
 /// The interpreter of the Python contenders: the project's virtualenv (`.ci/run` makes
 /// it), else `python3`.
-fn python() -> PathBuf {
+pub(crate) fn python() -> PathBuf {
     let venv = workspace_root().join("target/py-venv/bin/python");
     if venv.is_file() {
         venv
@@ -694,7 +694,7 @@ fn python_available() -> bool {
 }
 
 /// Whether the bench's interpreter can import `modules`.
-fn python_imports(modules: &str) -> bool {
+pub(crate) fn python_imports(modules: &str) -> bool {
     Command::new(python())
         .args(["-c", &format!("import {modules}")])
         .output()
@@ -703,7 +703,7 @@ fn python_imports(modules: &str) -> bool {
 
 /// Builds the bindings in release mode into the virtualenv (incremental after the first
 /// time), so that `python-weightlift` times optimised code.
-fn python_weightlift_ready() -> bool {
+pub(crate) fn python_weightlift_ready() -> bool {
     let venv = workspace_root().join("target/py-venv");
     if !venv.join("bin/maturin").is_file() {
         eprintln!(

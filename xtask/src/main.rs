@@ -1,6 +1,7 @@
 //! `cargo xtask`: project tasks that need more than `cargo test`.
 
 mod bench;
+mod bench_dist;
 mod fuzz;
 mod gpu_check;
 mod plot;
@@ -22,6 +23,9 @@ enum Task {
     Fuzz(fuzz::FuzzArgs),
     /// Time weightlift against a raw read and the reference crate on the same bytes.
     Bench(bench::BenchArgs),
+    /// Time loads by several ranks (torch.distributed, gloo): each rank loading
+    /// everything, one shared load, tensor-parallel slice plans; bytes read per rank.
+    BenchDist(bench_dist::BenchDistArgs),
     /// On a machine with an NVIDIA GPU: verify loads to the GPU byte for byte (SHA-256)
     /// and time them against safetensors.torch and the plain copy rate.
     GpuCheck(gpu_check::GpuCheckArgs),
@@ -45,6 +49,7 @@ fn main() -> ExitCode {
         Task::Fuzz(args) => fuzz::run(&args),
         Task::Bench(args) => bench::run(&args),
         Task::BenchOne(args) => bench::run_one(&args),
+        Task::BenchDist(args) => bench_dist::run(&args),
         Task::GpuCheck(args) => gpu_check::run(&args),
         Task::Plot { json, out } => std::fs::read_to_string(&json)
             .map_err(|e| format!("{}: {e}", json.display()))

@@ -34,7 +34,7 @@ def plan(index, shape, name):
         fill = (slice(None),) * max(len(shape) - (len(items) - 1), 0)
         items = items[:at] + fill + items[at + 1 :]
 
-    # Each item as (start, stop, step, select, shown); checked against the shape below.
+    # Each item as (start, stop, step, select); checked against the shape below.
     parsed = []
     for dim, item in enumerate(items):
         size = shape[dim] if dim < len(shape) else 0
@@ -46,7 +46,7 @@ def plan(index, shape, name):
             stop = None if item.stop is None else operator.index(item.stop)
             start = start + size if start is not None and start < 0 else start
             stop = stop + size if stop is not None and stop < 0 else stop
-            parsed.append((start, stop, step, False, _show(start, stop, step)))
+            parsed.append((start, stop, step, False))
         else:
             try:
                 i = operator.index(item)
@@ -58,10 +58,11 @@ def plan(index, shape, name):
                 if i + size < 0:
                     raise SafetensorError(f"Invalid index {i} for dimension {dim} of size {size}")
                 i += size
-            parsed.append((i, i + 1, 1, True, str(i)))
+            parsed.append((i, i + 1, 1, True))
 
     def fail(why):
-        shown = ", ".join(p[4] for p in parsed)
+        # Shown as asked (negative positions already counted from the end).
+        shown = ", ".join(str(p[0]) if p[3] else _show(*p[:3]) for p in parsed)
         return SafetensorError(
             f"Error during slicing [{shown}] with shape {list(shape)}: {why}"
         )
@@ -70,7 +71,7 @@ def plan(index, shape, name):
         raise fail("more slicing indexes than dimensions in tensor")
     # Checked from the last dimension to the first, as safetensors does.
     for dim in reversed(range(len(parsed))):
-        start, stop, _, _, _ = parsed[dim]
+        start, stop, _, _ = parsed[dim]
         size = shape[dim]
         start = 0 if start is None else start
         stop = size if stop is None else stop
@@ -81,7 +82,7 @@ def plan(index, shape, name):
             )
 
     ranges, steps, squeeze = [], [], set()
-    for dim, (start, stop, step, select, _) in enumerate(parsed):
+    for dim, (start, stop, step, select) in enumerate(parsed):
         start = 0 if start is None else start
         stop = shape[dim] if stop is None else stop
         ranges.append((start, max(start, stop)))
