@@ -159,3 +159,21 @@ mod tests {
         assert_eq!(thousands(12), "12");
     }
 }
+
+/// The layouts of the built-in synthetic checkpoints (`demo`, `generate`).
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub(crate) enum ProfileArg {
+    /// Qwen3-30B-A3B-like: ~20,000 small tensors per GiB.
+    Moe,
+    /// A few hundred large tensors per GiB.
+    Dense,
+}
+
+impl ProfileArg {
+    pub(crate) fn profile(self) -> weightlift_testkit::synthetic::Profile {
+        match self {
+            ProfileArg::Moe => weightlift_testkit::synthetic::Profile::Moe,
+            ProfileArg::Dense => weightlift_testkit::synthetic::Profile::Dense,
+        }
+    }
+}

@@ -2,22 +2,13 @@
 //! checkpoint once (cached), then loads it with weightlift and reads the same bytes raw,
 //! side by side in one run, warm and cold.
 
-use crate::common::{human_bytes, print, table, thousands};
-use clap::ValueEnum;
+use crate::common::{ProfileArg, human_bytes, print, table, thousands};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 use weightlift::{Checkpoint, LoadOptions};
 use weightlift_testkit::synthetic::{self, Profile};
 use weightlift_testkit::util::{available_memory, free_space, median, parse_size};
 use weightlift_testkit::yardstick::{evict_all, raw_read};
-
-#[derive(Clone, Copy, ValueEnum)]
-enum ProfileArg {
-    /// Qwen3-30B-A3B-like: ~20,000 small tensors per GiB.
-    Moe,
-    /// A few hundred large tensors per GiB.
-    Dense,
-}
 
 #[derive(clap::Args)]
 #[command(
@@ -39,10 +30,7 @@ pub(crate) struct Args {
 }
 
 pub(crate) fn run(args: &Args) -> Result<(), String> {
-    let profile = match args.profile {
-        ProfileArg::Moe => Profile::Moe,
-        ProfileArg::Dense => Profile::Dense,
-    };
+    let profile = args.profile.profile();
     let base = args.dir.clone().unwrap_or_else(cache_dir);
     let size = args.size.unwrap_or_else(|| suitable_size(&base));
     let dir = base.join(format!("demo-{}-{}MiB", profile.name(), size >> 20));

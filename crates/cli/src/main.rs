@@ -2,6 +2,7 @@
 
 mod common;
 mod demo;
+mod generate;
 mod hash;
 mod inspect;
 mod load;
@@ -37,6 +38,8 @@ enum Command {
     Load(load::Args),
     /// Generate (once) a MoE-shaped checkpoint and load it against a raw read of its bytes.
     Demo(demo::Args),
+    /// Write a synthetic checkpoint (real layouts, pseudo-random bytes) to benchmark with.
+    Generate(generate::Args),
 }
 
 fn main() -> ExitCode {
@@ -50,6 +53,7 @@ fn main() -> ExitCode {
         Command::Hash(args) => hash::run(&args),
         Command::Load(args) => load::run(&args),
         Command::Demo(args) => demo::run(&args),
+        Command::Generate(args) => generate::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

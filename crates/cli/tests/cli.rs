@@ -466,3 +466,22 @@ fn model_ids_from_the_cache_and_hf_urls_from_a_hub() {
     );
     drop(cdn);
 }
+
+#[test]
+fn generate_writes_a_checkpoint_that_loads_and_refuses_to_overwrite() {
+    let dir = disk_tempdir();
+    let out = dir.path().join("moe");
+    let gen_args = ["generate", out.to_str().unwrap(), "--size", "4MiB"];
+    let first = weightlift(&gen_args);
+    assert!(first.status.success(), "{first:?}");
+    let said = String::from_utf8_lossy(&first.stdout);
+    assert!(said.contains("tensors in 2 shards"), "{said}");
+    let ckpt = weightlift::Checkpoint::open(&out).unwrap();
+    assert!(ckpt.len() > 50 && ckpt.shards().len() == 2);
+    let state = ckpt.load(&weightlift::LoadOptions::default()).unwrap();
+    assert_eq!(state.byte_len(), ckpt.data_bytes());
+
+    let again = weightlift(&gen_args);
+    assert_eq!(again.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already holds safetensors files"));
+}

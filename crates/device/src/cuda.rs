@@ -11,6 +11,7 @@ use crate::staged::{CopyEngine, DeviceMemory, StagedTarget, StagingOptions};
 use crate::{Device, DeviceError};
 use cudarc::driver::{CudaContext, CudaEvent, CudaStream, DriverError, result, sys};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 fn driver_error(ordinal: usize, operation: &'static str) -> impl Fn(DriverError) -> DeviceError {
@@ -27,6 +28,15 @@ pub struct CudaEngine {
     ordinal: usize,
     ctx: Arc<CudaContext>,
     streams: Vec<Arc<CudaStream>>,
+    pinned: Arc<PinnedCount>,
+}
+
+/// Page-locked bytes an engine's buffers hold now and at most: what a load's report and
+/// the GPU tests check against the configured pool.
+#[derive(Debug, Default)]
+struct PinnedCount {
+    now: AtomicU64,
+    peak: AtomicU64,
 }
 
 impl CudaEngine {
@@ -60,7 +70,26 @@ impl CudaEngine {
             ordinal,
             ctx,
             streams,
+            pinned: Arc::default(),
         })
+    }
+
+    /// Page-locked host bytes this engine's buffers hold now.
+    pub fn pinned_bytes(&self) -> u64 {
+        self.pinned.now.load(Ordering::Relaxed)
+    }
+
+    /// The most page-locked host bytes this engine's buffers held at once.
+    pub fn peak_pinned_bytes(&self) -> u64 {
+        self.pinned.peak.load(Ordering::Relaxed)
+    }
+
+    /// Free and total device memory, in bytes, as the driver reports them.
+    pub fn memory_info(&self) -> Result<(u64, u64), DeviceError> {
+        self.bind()?;
+        let (free, total) =
+            result::mem_get_info().map_err(driver_error(self.ordinal, "querying memory"))?;
+        Ok((free as u64, total as u64))
     }
 
     /// The device's name, as the driver reports it.
@@ -160,6 +189,7 @@ pub struct PinnedBuffer {
     ptr: *mut u8,
     len: usize,
     ctx: Arc<CudaContext>,
+    count: Arc<PinnedCount>,
 }
 
 // SAFETY: the buffer is plain host memory owned by this value; moving it between threads
@@ -172,6 +202,7 @@ impl Drop for PinnedBuffer {
         // SAFETY: `ptr` came from `malloc_host` and is freed only here; the staged target
         // drops buffers only after their copies completed.
         let _ = unsafe { result::free_host(self.ptr.cast()) };
+        self.count.now.fetch_sub(self.len as u64, Ordering::Relaxed);
     }
 }
 
@@ -231,10 +262,13 @@ impl CopyEngine for CudaEngine {
                 device: format!("cuda:{} (pinned host memory)", self.ordinal),
                 reason: format!("{e:?}"),
             })?;
+        let now = self.pinned.now.fetch_add(bytes as u64, Ordering::Relaxed) + bytes as u64;
+        self.pinned.peak.fetch_max(now, Ordering::Relaxed);
         Ok(PinnedBuffer {
             ptr: ptr.cast(),
             len: bytes,
             ctx: Arc::clone(&self.ctx),
+            count: Arc::clone(&self.pinned),
         })
     }
 
@@ -253,7 +287,11 @@ impl CopyEngine for CudaEngine {
         stream: usize,
     ) -> Result<CopyEvent, DeviceError> {
         let err = driver_error(self.ordinal, "host-to-device copy");
-        if len > pinned.len || offset + len as u64 > memory.len {
+        if len > pinned.len
+            || offset
+                .checked_add(len as u64)
+                .is_none_or(|end| end > memory.len)
+        {
             return Err(DeviceError::InvalidRegions(format!(
                 "copy of {len} bytes to {offset} does not fit"
             )));

@@ -7,6 +7,7 @@
 //!   scaled to 1 GiB.
 //! - [`Profile::Dense`]: a Llama-like dense model with a few hundred large matrices per GiB.
 
+use rayon::prelude::*;
 use std::path::{Path, PathBuf};
 use weightlift_format::{Dtype, FormatError, INDEX_FILE_NAME, Layout, ShardIndex};
 
@@ -173,40 +174,49 @@ pub fn generate(dir: &Path, profile: Profile, bytes: u64) -> Result<Vec<PathBuf>
         weight_map: Default::default(),
     };
     index.metadata.insert("total_size".into(), total.into());
-    let mut paths = Vec::with_capacity(n);
     let mut meta = weightlift_format::Metadata::new();
     meta.insert("format".into(), "pt".into());
-    for (s, group) in groups.iter().enumerate() {
-        let name = format!("model-{:05}-of-{n:05}.safetensors", s + 1);
-        let path = dir.join(&name);
-        let layout = Layout::new(
-            group
-                .iter()
-                .map(|(_, t)| (t.name.as_str(), t.dtype, t.shape.as_slice())),
-            Some(&meta),
-        )
-        .map_err(|e| fail(&path, e))?;
-        weightlift_format::write_file_with(&path, |w| {
-            w.write_all(layout.header_bytes())?;
-            let mut buf = Vec::new();
-            for &pos in layout.order() {
-                let (seed, t) = group[pos];
-                buf.resize(t.byte_len() as usize, 0);
-                fill(&mut buf, seed as u64);
-                w.write_all(&buf)?;
-            }
-            Ok(())
+    // Shards are independent: write them in parallel (generation is CPU-bound on fill).
+    let paths = groups
+        .par_iter()
+        .enumerate()
+        .map(|(s, group)| {
+            let path = dir.join(shard_name(s, n));
+            let layout = Layout::new(
+                group
+                    .iter()
+                    .map(|(_, t)| (t.name.as_str(), t.dtype, t.shape.as_slice())),
+                Some(&meta),
+            )
+            .map_err(|e| fail(&path, e))?;
+            weightlift_format::write_file_with(&path, |w| {
+                w.write_all(layout.header_bytes())?;
+                let mut buf = Vec::new();
+                for &pos in layout.order() {
+                    let (seed, t) = group[pos];
+                    buf.resize(t.byte_len() as usize, 0);
+                    fill(&mut buf, seed as u64);
+                    w.write_all(&buf)?;
+                }
+                Ok(())
+            })
+            .map_err(|e| fail(&path, e))?;
+            Ok(path)
         })
-        .map_err(|e| fail(&path, e))?;
+        .collect::<Result<Vec<PathBuf>, String>>()?;
+    for (s, group) in groups.iter().enumerate() {
         for (_, t) in group {
-            index.weight_map.insert(t.name.clone(), name.clone());
+            index.weight_map.insert(t.name.clone(), shard_name(s, n));
         }
-        paths.push(path);
     }
     let index_path = dir.join(INDEX_FILE_NAME);
     weightlift_format::write_file_with(&index_path, |w| w.write_all(index.to_json().as_bytes()))
         .map_err(|e| fail(&index_path, e))?;
     Ok(paths)
+}
+
+fn shard_name(s: usize, n: usize) -> String {
+    format!("model-{:05}-of-{n:05}.safetensors", s + 1)
 }
 
 /// Deterministic pseudo-random bytes (xorshift64*), never all zero.
