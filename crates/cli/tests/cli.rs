@@ -485,3 +485,34 @@ fn generate_writes_a_checkpoint_that_loads_and_refuses_to_overwrite() {
     assert_eq!(again.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&again.stderr).contains("already holds safetensors files"));
 }
+
+#[test]
+fn hash_filters_converts_and_refuses_meta() {
+    let dir = disk_tempdir();
+    let shards = sharded(dir.path());
+    let path = dir.path().to_str().unwrap();
+    let all = ok_json(&["hash", path, "--json"]);
+    let all = all["tensors"].as_object().unwrap();
+    let picked = ok_json(&["hash", path, "--filter", "*layers.1.*", "--json"]);
+    let picked = picked["tensors"].as_object().unwrap();
+    assert!(!picked.is_empty() && picked.len() < all.len());
+    for (name, t) in picked {
+        assert!(name.contains("layers.1."), "{name}");
+        assert_eq!(t, &all[name], "a filtered hash is the same hash");
+    }
+    // Converted: F32 bytes of each floating-point tensor, as a CPU conversion gives them.
+    let converted = ok_json(&["hash", path, "--convert", "f32", "--json"]);
+    let ckpt = weightlift::Checkpoint::open(dir.path()).unwrap();
+    let state = ckpt
+        .load(&weightlift::LoadOptions::default().convert_to(weightlift::Dtype::F32))
+        .unwrap();
+    for t in &state {
+        let hex = format!("{:x}", Sha256::digest(t.bytes().unwrap()));
+        assert_eq!(converted["tensors"][t.name()]["sha256"], hex.as_str());
+        assert_eq!(converted["tensors"][t.name()]["dtype"], t.dtype().name());
+    }
+    assert!(!shards.is_empty());
+    let meta = weightlift(&["hash", path, "--device", "meta"]);
+    assert_eq!(meta.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&meta.stderr).contains("meta tensors have no bytes"));
+}
