@@ -3,7 +3,7 @@
 mod bench;
 mod bench_dist;
 mod fuzz;
-mod gpu_check;
+mod gpu_bundle;
 mod plot;
 
 use clap::{Parser, Subcommand};
@@ -26,9 +26,9 @@ enum Task {
     /// Time loads by several ranks (torch.distributed, gloo): each rank loading
     /// everything, one shared load, tensor-parallel slice plans; bytes read per rank.
     BenchDist(bench_dist::BenchDistArgs),
-    /// On a machine with an NVIDIA GPU: verify loads to the GPU byte for byte (SHA-256)
-    /// and time them against safetensors.torch and the plain copy rate.
-    GpuCheck(gpu_check::GpuCheckArgs),
+    /// Build, here, the folder a GPU machine (no Rust, no network) needs to test and
+    /// measure the CUDA path in one call: CLI, GPU test binaries, wheels, run.sh.
+    GpuBundle(gpu_bundle::GpuBundleArgs),
     /// Redraw the bench's SVG from a saved `--json` file.
     Plot {
         /// Records written by `bench --json`.
@@ -50,7 +50,7 @@ fn main() -> ExitCode {
         Task::Bench(args) => bench::run(&args),
         Task::BenchOne(args) => bench::run_one(&args),
         Task::BenchDist(args) => bench_dist::run(&args),
-        Task::GpuCheck(args) => gpu_check::run(&args),
+        Task::GpuBundle(args) => gpu_bundle::run(&args),
         Task::Plot { json, out } => std::fs::read_to_string(&json)
             .map_err(|e| format!("{}: {e}", json.display()))
             .and_then(|text| {

@@ -172,7 +172,11 @@ pub fn split(specs: Vec<Spec>, n: usize) -> Vec<Vec<Spec>> {
 /// A temporary directory on a disk-backed filesystem (tmpfs would hide O_DIRECT alignment
 /// bugs), removed on drop: under the workspace's `target/`.
 pub fn disk_tempdir() -> tempfile::TempDir {
-    let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/test-tmp");
-    std::fs::create_dir_all(&base).expect("target/test-tmp");
+    // Test binaries carried to another machine (the GPU bundle) have no workspace there:
+    // `WEIGHTLIFT_TEST_TMPDIR` names a folder on a disk instead.
+    let base = std::env::var_os("WEIGHTLIFT_TEST_TMPDIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/test-tmp"));
+    std::fs::create_dir_all(&base).expect("a folder for test files");
     tempfile::tempdir_in(base).expect("temp dir")
 }
