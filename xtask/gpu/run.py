@@ -45,6 +45,7 @@ class Run:
     def __init__(self, out, budget):
         self.out = out
         self.budget = budget
+        self.only = None
         self.results = {
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "host": socket.gethostname(),
@@ -65,6 +66,8 @@ class Run:
     def stage(self, name, need, fn, *args):
         """Runs fn(*args) as stage `name` if about `need` seconds are left; records its result
         or error. Returns the result, or None."""
+        if self.only and name not in self.only and name not in ("environment", "generate"):
+            return None
         if self.left() < need:
             log(f"== {name}: skipped, {self.left():.0f} s left and it needs about {need} s")
             self.results["stages"][name] = {"skipped": f"time budget ({self.left():.0f} s left)"}
@@ -387,12 +390,9 @@ def cli_stages(a, dirs):
 
 def sweep(a, dirs):
     """Pinned pool (buffers x size), streams and reader threads, warm, one load each."""
-    grid = [
-        {"pinned_buffers": b, "pinned_buffer_size": s, "streams": st, "threads": t}
-        for (b, s) in [(4, "32MiB"), (8, "32MiB"), (4, "64MiB"), (8, "64MiB"), (16, "16MiB"), (2, "128MiB")]
-        for st in [2, 4]
-        for t in [8, 16]
-    ]
+    pools = [(4, "32MiB"), (8, "32MiB"), (8, "64MiB"), (16, "16MiB"), (4, "128MiB"), (2, "32MiB")]
+    grid = [{"pinned_buffers": b, "pinned_buffer_size": s, "streams": st, "threads": 16} for (b, s) in pools for st in [2, 4]]
+    grid += [{"pinned_buffers": 4, "pinned_buffer_size": "32MiB", "streams": 2, "threads": t} for t in [4, 8, 32]]
     out = {}
     for profile in ["dense", "moe"]:
         d = os.path.join(dirs["disk"], profile)
@@ -431,28 +431,33 @@ def transformers_rates(a, dirs):
 def summary(run):
     s = run.results["stages"]
     res = lambda k: (s.get(k) or {}).get("result") or {}
-    lines = [f"# weightlift GPU run, {run.results['date']}", ""]
+    device = run.results.get("args", {}).get("device")
+    lines = [f"# weightlift GPU run, {run.results['date']}, device {device}", ""]
     env = res("environment")
     lines.append(f"Machine: {env.get('nvidia-smi', '?')}; {env.get('cpus')} CPUs; torch {env.get('versions', {}).get('torch')}")
     lines.append("")
     bounds = res("read bounds")
     h2d = res("h2d bound")
-    ld = res("loaders")
+    ld = {}
+    for k in ["loaders", "peers"]:
+        for profile, by in res(k).items():
+            ld.setdefault(profile, {}).update(by)
     lines.append("| profile | cache | loader | seconds | GB/s | x bound | x weightlift |")
     lines.append("|---|---|---|---|---|---|---|")
     for profile, by in ld.items():
         b = bounds.get(profile, {})
         for cache in ["warm", "cold"]:
             bound = None
-            if cache == "warm" and b and h2d.get("pinned_h2d_gbps"):
-                bound = min(b["warm_gbps"], h2d["pinned_h2d_gbps"])
+            if cache == "warm" and b:
+                bound = min(b["warm_gbps"], h2d.get("pinned_h2d_gbps") or b["warm_gbps"])
             elif cache == "cold" and b:
                 bound = b["cold_gbps"]
             wl = None
             for name, r in by.items():
                 xs = [x["seconds"] for x in r.get("runs", []) if x["cache"] == cache]
                 if not xs:
-                    lines.append(f"| {profile} | {cache} | {name} | {r.get('skipped') or r.get('error', '-')[:80]} | | | |")
+                    why = (r.get("skipped") or r.get("error") or "-").strip().splitlines()[-1][:100]
+                    lines.append(f"| {profile} | {cache} | {name} | {why} | | | |")
                     continue
                 secs = min(xs) if cache == "cold" else median(xs)
                 gbps = r["bytes"] / secs / 1e9
@@ -463,12 +468,63 @@ def summary(run):
     lines.append("")
     lines.append(f"Bounds: pinned H2D {h2d.get('pinned_h2d_gbps', 'n/a')} GB/s; page cache / cold reads: "
                  + "; ".join(f"{p} {b.get('warm_gbps', 0):.2f} / {b.get('cold_gbps', 0):.2f} GB/s" for p, b in bounds.items()))
+    lines.append("x bound: warm against min(page-cache read, pinned H2D), cold against the raw read of the "
+                 "same files after the same eviction; x weightlift: the loader's time over weightlift's.")
+    stages_ = res("cli stages")
+    if stages_:
+        lines += ["", "| profile | cache | CLI load GB/s | storage->pinned GB/s | host->device GB/s | waits s | copies |", "|---|---|---|---|---|---|---|"]
+        for profile, by in stages_.items():
+            for cache, r in [("warm", by["warm"][-1]), ("cold", by["cold"])]:
+                lines.append(f"| {profile} | {cache} | {r['gbps']:.2f} | {r.get('disk_to_host_gbps') or 0:.2f} | "
+                             f"{r.get('host_to_device_gbps') or 0:.2f} | {r.get('staging_wait_seconds') or 0:.3f} | {r.get('copies')} |")
+    sw = res("sweep")
+    if sw:
+        lines += ["", "| profile | pinned buffers x size | streams | threads | seconds | GB/s |", "|---|---|---|---|---|---|"]
+        for profile, rows in sw.items():
+            for r in rows[:3] + rows[-1:]:
+                lines.append(f"| {profile} | {r['pinned_buffers']} x {r['pinned_buffer_size']} | {r['streams']} | {r['threads']} | "
+                             f"{r['seconds']:.3f} | {r['gbps']:.2f} |")
+    tf = res("transformers")
+    if tf:
+        lines += ["", "| from_pretrained | cold s | warm s (median) | same logits |", "|---|---|---|---|"]
+        for mode in ["stock", "weightlift"]:
+            runs_ = tf.get(mode, {}).get("runs", [])
+            cold = [r["seconds"] for r in runs_ if r["cache"] == "cold"]
+            warm = [r["seconds"] for r in runs_ if r["cache"] == "warm"]
+            lines.append(f"| {mode} | {min(cold) if cold else float('nan'):.3f} | {median(warm) if warm else float('nan'):.3f} | {tf.get('same_logits')} |")
+    lines.append("")
     for k in ["gpu hashes", "errors then next load", "rust gpu tests", "transformers"]:
         st = s.get(k, {})
         lines.append(f"- {k}: {'ok' if st.get('ok') else st.get('error') or st.get('skipped') or 'not run'}")
     with open(os.path.join(run.out, "summary.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
+
+
+def stages(a, run, dirs):
+    """Runs the stages; returns why the run stopped early, or None."""
+    run.stage("environment", 5, env_info, a)
+    if run.stage("generate", 20, generate, a, dirs) is None:
+        return "could not generate the checkpoints"
+    run.stage("read bounds", 20, read_bounds, a, dirs)
+    run.stage("cpu hashes", 10, cpu_hashes, a, dirs)
+    if a.device != "cpu":
+        try:
+            gpu_gate(a, dirs)
+        except GpuUnavailable as e:
+            run.results["stopped"] = f"{a.device} not available: {e}"
+            run.save()
+            return str(e)
+        run.stage("rust gpu tests", 20, rust_tests, a)
+        run.stage("gpu hashes", 30, gpu_hashes, a, dirs)
+    run.stage("errors then next load", 15, errors_then_next, a, dirs)
+    run.stage("h2d bound", 10, bounds_h2d, a)
+    run.stage("loaders", 60, loaders, a, dirs, ["weightlift", "safetensors"])
+    run.stage("cli stages", 20, cli_stages, a, dirs)
+    run.stage("peers", 60, loaders, a, dirs, ["fastsafetensors", "instanttensor", "runai"])
+    run.stage("sweep", 40, sweep, a, dirs)
+    run.stage("transformers", 60, transformers_rates, a, dirs)
+    return None
 
 
 def main():
@@ -483,50 +539,25 @@ def main():
     ap.add_argument("--warm", type=int, default=3)
     ap.add_argument("--hf-scale", type=float, default=1.0)
     ap.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
+    ap.add_argument("--only", help="comma-separated stages to run (a rerun of some), e.g. 'peers,sweep'")
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
     run = a.run = Run(a.out, a.budget)
+    run.only = set(a.only.split(",")) if a.only else None
     run.results["args"] = {k: v for k, v in vars(a).items() if k != "run"}
     dirs = {"disk": a.disk}
     if os.path.isdir(os.path.dirname(a.shm)):
         dirs["shm"] = a.shm
     try:
-        run.stage("environment", 5, env_info, a)
-        if run.stage("generate", 20, generate, a, dirs) is None:
-            raise SystemExit("could not generate the checkpoints")
-        run.stage("read bounds", 20, read_bounds, a, dirs)
-        run.stage("cpu hashes", 10, cpu_hashes, a, dirs)
-        if a.device != "cpu":
-            try:
-                gpu_gate(a, dirs)
-            except GpuUnavailable as e:
-                run.results["stopped"] = f"{a.device} not available: {e}"
-                run.save()
-                summary(run)
-                log(f"STOP: {e}")
-                log("every stage that needs no GPU ran (see above); the GPU stages need a machine with an NVIDIA driver")
-                return 3
-            run.stage("rust gpu tests", 20, rust_tests, a)
-            run.stage("gpu hashes", 30, gpu_hashes, a, dirs)
-        run.stage("errors then next load", 15, errors_then_next, a, dirs)
-        run.stage("h2d bound", 10, bounds_h2d, a)
-        run.stage("loaders", 60, loaders, a, dirs, ["weightlift", "safetensors"])
-        if a.device != "cpu":
-            run.stage("cli stages", 20, cli_stages, a, dirs)
-        run.stage("peers", 60, loaders, a, dirs, ["fastsafetensors", "instanttensor", "runai"])
-        # The peers' rows join the main table.
-        peers = (run.results["stages"].get("peers") or {}).get("result") or {}
-        main_rows = (run.results["stages"].get("loaders") or {}).get("result")
-        if main_rows is not None:
-            for profile, by in peers.items():
-                main_rows.setdefault(profile, {}).update(by)
-        if a.device != "cpu":
-            run.stage("sweep", 40, sweep, a, dirs)
-        run.stage("transformers", 60, transformers_rates, a, dirs)
+        stopped = stages(a, run, dirs)
     finally:
         summary(run)
         if not a.keep and "shm" in dirs:
             shutil.rmtree(dirs["shm"], ignore_errors=True)
+    if stopped:
+        log(f"every stage that needs no GPU ran (above); the rest needs a machine with an NVIDIA driver")
+        log(f"STOP: {stopped}")
+        return 3
     failed = [k for k, v in run.results["stages"].items() if v.get("ok") is False]
     log(f"done in {time.monotonic() - T0:.0f} s; failed stages: {failed or 'none'}")
     return 1 if failed else 0

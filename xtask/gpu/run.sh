@@ -15,9 +15,12 @@ exec > >(tee -a "$OUT/log") 2>&1
 echo "== weightlift GPU run $(date -u +%FT%TZ) on $(hostname); bundle $here"
 site="${WL_SITE:-/tmp/weightlift-gpu-site}"
 rm -rf "$site"
-if ! "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" "$here"/wheels/*.whl; then
-    echo "warning: installing the bundle's wheels failed; the loaders that need them will say so"
-fi
+# One wheel at a time: a peer that does not install must not keep the others out.
+for wheel in "$here"/wheels/*.whl; do
+    if ! "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" "$wheel"; then
+        echo "warning: $(basename "$wheel") did not install here; the loaders that need it will say so"
+    fi
+done
 export PYTHONPATH="$site:$here${PYTHONPATH:+:$PYTHONPATH}"
 "$py" "$here/run.py" --out "$OUT" "$@"
 rc=$?
