@@ -75,10 +75,17 @@ pub(crate) fn run(args: &GpuBundleArgs) -> Result<(), String> {
     }
 
     eprintln!("== the CLI (release, cuda)");
-    cmd(Command::new("cargo")
-        .current_dir(&root)
-        .args(["build", "--release", "--locked", "-p", "weightlift-cli"]))?;
-    strip_into(&root.join("target/release/weightlift"), &out.join("bin/weightlift"))?;
+    cmd(Command::new("cargo").current_dir(&root).args([
+        "build",
+        "--release",
+        "--locked",
+        "-p",
+        "weightlift-cli",
+    ]))?;
+    strip_into(
+        &root.join("target/release/weightlift"),
+        &out.join("bin/weightlift"),
+    )?;
 
     eprintln!("== the GPU test binaries (release)");
     for (package, selector, name) in [
@@ -107,7 +114,15 @@ pub(crate) fn run(args: &GpuBundleArgs) -> Result<(), String> {
     eprintln!("== the weightlift wheel (abi3)");
     cmd(Command::new(&python)
         .current_dir(root.join("crates/python"))
-        .args(["-m", "maturin", "build", "--release", "--locked", "--strip", "--out"])
+        .args([
+            "-m",
+            "maturin",
+            "build",
+            "--release",
+            "--locked",
+            "--strip",
+            "--out",
+        ])
         .arg(out.join("wheels")))?;
 
     if !args.no_peers {
@@ -138,7 +153,11 @@ pub(crate) fn run(args: &GpuBundleArgs) -> Result<(), String> {
         c.arg("-d").arg(&cache).args(PEERS);
         cmd(&mut c)?;
         for peer in PEERS {
-            let stem = peer.split("==").collect::<Vec<_>>().join("-").replace('-', "_");
+            let stem = peer
+                .split("==")
+                .collect::<Vec<_>>()
+                .join("-")
+                .replace('-', "_");
             let wheel = std::fs::read_dir(&cache)
                 .map_err(|e| format!("{}: {e}", cache.display()))?
                 .flatten()
@@ -149,7 +168,10 @@ pub(crate) fn run(args: &GpuBundleArgs) -> Result<(), String> {
                         .is_some_and(|n| n.replace('-', "_").starts_with(&stem))
                 })
                 .ok_or_else(|| format!("no wheel for {peer} in {}", cache.display()))?;
-            copy(&wheel, &out.join("wheels").join(wheel.file_name().expect("a file")))?;
+            copy(
+                &wheel,
+                &out.join("wheels").join(wheel.file_name().expect("a file")),
+            )?;
         }
     }
 
@@ -162,9 +184,17 @@ pub(crate) fn run(args: &GpuBundleArgs) -> Result<(), String> {
     files.sort();
     let total_bytes = files.iter().map(|f| f.1).sum();
     let manifest = Manifest {
-        commit: output(Command::new("git").current_dir(&root).args(["rev-parse", "HEAD"])),
-        dirty: !output(Command::new("git").current_dir(&root).args(["status", "--porcelain"]))
-            .is_empty(),
+        commit: output(
+            Command::new("git")
+                .current_dir(&root)
+                .args(["rev-parse", "HEAD"]),
+        ),
+        dirty: !output(
+            Command::new("git")
+                .current_dir(&root)
+                .args(["status", "--porcelain"]),
+        )
+        .is_empty(),
         built: output(Command::new("date").args(["-u", "+%Y-%m-%dT%H:%M:%SZ"])),
         rustc: output(Command::new("rustc").arg("--version")),
         files,
@@ -175,7 +205,11 @@ pub(crate) fn run(args: &GpuBundleArgs) -> Result<(), String> {
     for (name, size) in &manifest.files {
         eprintln!("   {:>6.1} MiB  {name}", *size as f64 / (1u64 << 20) as f64);
     }
-    let rel = out.strip_prefix(&root).unwrap_or(&out).display().to_string();
+    let rel = out
+        .strip_prefix(&root)
+        .unwrap_or(&out)
+        .display()
+        .to_string();
     eprintln!(
         "bundle: {rel}, {:.1} MiB in all",
         total_bytes as f64 / (1u64 << 20) as f64
@@ -242,7 +276,11 @@ fn collect(root: &Path, dir: &Path, out: &mut Vec<(String, u64)>) -> Result<(), 
         if meta.is_dir() {
             collect(root, &path, out)?;
         } else {
-            let rel = path.strip_prefix(root).unwrap_or(&path).display().to_string();
+            let rel = path
+                .strip_prefix(root)
+                .unwrap_or(&path)
+                .display()
+                .to_string();
             out.push((rel, meta.len()));
         }
     }

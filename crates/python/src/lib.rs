@@ -532,8 +532,12 @@ struct PyCheckpoint {
     mode: MapMode,
     /// Per shard: whether lazy reads map it (decided on first use).
     maps: Mutex<HashMap<usize, bool>>,
-    /// A whole load started ahead of the reads that will want it (see `prefetch`).
+    /// A whole load started ahead of the reads that will want it (see `prefetch`). Locked
+    /// only with the GIL released: a thread waiting for the prefetch holds this lock, then
+    /// needs the GIL back, so a thread holding the GIL must never wait for this lock.
     prefetch: Mutex<Prefetch>,
+    /// Calls off the prefetch (set by `close` and drop; read by the load between requests).
+    cancel: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// A load running in the background for a handle, then its result.
@@ -541,7 +545,6 @@ enum Prefetch {
     None,
     Running {
         thread: std::thread::JoinHandle<weightlift::Result<weightlift::StateDict>>,
-        cancel: Arc<std::sync::atomic::AtomicBool>,
     },
     /// The finished load (`None`: it failed; reads then go to the files themselves and
     /// report their own errors).
@@ -594,31 +597,32 @@ impl PyCheckpoint {
 
     /// Calls off a prefetch that is still running (it stops before its next request).
     fn cancel(&self) {
-        let state = self.prefetch.lock().unwrap_or_else(|e| e.into_inner());
-        if let Prefetch::Running { cancel, .. } = &*state {
-            cancel.store(true, std::sync::atomic::Ordering::Relaxed);
-        }
+        self.cancel
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// The prefetched state dict, once it is complete (waiting for it, without the GIL);
-    /// `None` without a prefetch or when it failed.
+    /// The prefetched state dict, once it is complete; `None` without a prefetch or when it
+    /// failed. Waits without the GIL, and takes the lock only without it (see `prefetch`):
+    /// taking it with the GIL held deadlocks against a thread that waited for the prefetch
+    /// under the lock and now wants the GIL back (transformers' converter threads did).
     fn prefetched(&self, py: Python<'_>) -> Option<Arc<weightlift::StateDict>> {
-        let mut state = self.prefetch.lock().unwrap_or_else(|e| e.into_inner());
-        if let Prefetch::Running { .. } = &*state {
-            let Prefetch::Running { thread, .. } = std::mem::replace(&mut *state, Prefetch::None)
-            else {
-                unreachable!("matched above")
-            };
-            let loaded = py.detach(move || thread.join());
-            *state = Prefetch::Done(match loaded {
-                Ok(Ok(dict)) => Some(Arc::new(dict)),
+        py.detach(|| {
+            let mut state = self.prefetch.lock().unwrap_or_else(|e| e.into_inner());
+            if let Prefetch::Running { .. } = &*state {
+                let Prefetch::Running { thread } = std::mem::replace(&mut *state, Prefetch::None)
+                else {
+                    unreachable!("matched above")
+                };
+                *state = Prefetch::Done(match thread.join() {
+                    Ok(Ok(dict)) => Some(Arc::new(dict)),
+                    _ => None,
+                });
+            }
+            match &*state {
+                Prefetch::Done(dict) => dict.clone(),
                 _ => None,
-            });
-        }
-        match &*state {
-            Prefetch::Done(dict) => dict.clone(),
-            _ => None,
-        }
+            }
+        })
     }
 
     /// One tensor (or the block `ranges` of it), mapped or read as the handle's mode says;
@@ -684,6 +688,7 @@ impl PyCheckpoint {
             mode,
             maps: Mutex::new(HashMap::new()),
             prefetch: Mutex::new(Prefetch::None),
+            cancel: Arc::default(),
         })
     }
 
@@ -692,25 +697,26 @@ impl PyCheckpoint {
     /// their bytes in memory rather than faulting them in one page at a time, or waiting
     /// for one small request each. Does nothing when a prefetch was started already.
     #[pyo3(signature = (threads=None))]
-    fn prefetch(&self, threads: Option<usize>) {
-        let mut state = self.prefetch.lock().unwrap_or_else(|e| e.into_inner());
-        if !matches!(&*state, Prefetch::None) {
-            return;
-        }
-        let cancel = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    fn prefetch(&self, py: Python<'_>, threads: Option<usize>) {
         let mut options = LoadOptions::default()
             .mapping(self.mode.mapping())
-            .cancel(Arc::clone(&cancel));
+            .cancel(Arc::clone(&self.cancel));
         if let Some(t) = threads {
             options = options.threads(t.max(1));
         }
-        let ckpt = Arc::clone(&self.ckpt);
-        let thread = std::thread::Builder::new()
-            .name("weightlift-prefetch".into())
-            .spawn(move || ckpt.load(&options));
-        if let Ok(thread) = thread {
-            *state = Prefetch::Running { thread, cancel };
-        }
+        py.detach(|| {
+            let mut state = self.prefetch.lock().unwrap_or_else(|e| e.into_inner());
+            if !matches!(&*state, Prefetch::None) {
+                return;
+            }
+            let ckpt = Arc::clone(&self.ckpt);
+            let thread = std::thread::Builder::new()
+                .name("weightlift-prefetch".into())
+                .spawn(move || ckpt.load(&options));
+            if let Ok(thread) = thread {
+                *state = Prefetch::Running { thread };
+            }
+        });
     }
 
     /// Calls off a running prefetch (a handle being closed).

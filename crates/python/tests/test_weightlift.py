@@ -336,3 +336,48 @@ def test_urls_load_like_files(files, tmp_path):
     finally:
         server.kill()
         server.wait()
+
+
+PREFETCH_READERS = """
+import sys, threading
+import weightlift
+path = sys.argv[1]
+f = weightlift.safe_open(path, "np", backend="pread", prefetch=True)
+names = f.keys()
+errors, done = [], []
+
+def read(k):
+    try:
+        for name in names[k::8]:
+            f.get_slice(name)[:2]
+        done.append(k)
+    except Exception as e:
+        errors.append(repr(e))
+
+threads = [threading.Thread(target=read, args=(k,)) for k in range(8)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+print(len(done), errors)
+"""
+
+
+def test_readers_waiting_for_a_prefetch_do_not_deadlock(tmp_path):
+    """Eight threads read slices while the prefetch still runs, as transformers' converter
+    threads do: the first waits for the prefetch, the others must not block on its lock with
+    the GIL held (a deadlock once the first wants the GIL back). In a child process, so that
+    a deadlock fails the test instead of hanging it."""
+    import subprocess
+
+    path = str(tmp_path / "many.safetensors")
+    save_file({f"t{i:04d}": np.full((256, 256), i, dtype=np.float32) for i in range(768)}, path)
+    for _ in range(3):
+        out = subprocess.run(
+            [sys.executable, "-c", PREFETCH_READERS, path],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.split(None, 1) == ["8", "[]\n"], out.stdout
