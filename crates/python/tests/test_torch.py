@@ -235,3 +235,33 @@ def test_stand_in_for_safetensors_native_module(tmp_path, every_dtype):
             assert g.keys() == sorted(g.keys())
     with pytest.raises(weightlift.SafetensorError):
         stand_in.TensorSpec(dtype="nonsense", shape=[1], data_ptr=0, data_len=0)
+
+
+def test_slice_plans_equal_get_slice_for_every_kind_of_index(tmp_path):
+    """``load_checkpoint(slices=fn)`` gives what ``get_slice(name)[index]`` gives, for plain
+    row and column blocks (the fast path) and for steps, integers, negative bounds and
+    ellipses (the general one); errors name the tensor."""
+    path = str(tmp_path / "m.safetensors")
+    tensors = {f"w{i}": torch.arange(i * 1000, i * 1000 + 12 * 10, dtype=torch.float32).reshape(12, 10) for i in range(8)}
+    tensors["bias"] = torch.arange(10, dtype=torch.bfloat16)
+    save_file(tensors, path)
+    index = {
+        "w0": (slice(0, 6),),
+        "w1": (slice(None), slice(5, 10)),
+        "w2": (slice(1, 11, 3),),
+        "w3": (2,),
+        "w4": (slice(-4, None), slice(None, -2)),
+        "w5": (Ellipsis, slice(0, 1)),
+        "w6": slice(3, 3),
+        "w7": None,
+        "bias": (slice(2, 8),),
+    }
+    got = weightlift.load_checkpoint(path, framework="pt", slices=lambda name, shape: index[name])
+    with weightlift.safe_open(path, "pt") as f:
+        for name, ix in index.items():
+            want = f.get_tensor(name) if ix is None else f.get_slice(name)[ix]
+            assert got[name].shape == want.shape, name
+            assert torch.equal(got[name], want), name
+            assert torch.equal(want, tensors[name] if ix is None else tensors[name][ix]), name
+    with pytest.raises(weightlift.SafetensorError, match="w0"):
+        weightlift.load_checkpoint(path, framework="pt", slices=lambda name, shape: (slice(0, 13),) if name == "w0" else None)

@@ -28,6 +28,7 @@ installed, and go to torch (``framework="pt"``) with their own dtype.
 mirror ``safetensors.numpy`` and ``safetensors.torch``.
 """
 
+import gc as _gc
 import os as _os
 
 from . import _arrays
@@ -77,18 +78,37 @@ class StateDict(dict):
 def _slice_plans(handle, slices):
     """{name: ranges} for the native load and {name: (steps, squeeze)} for the views, from
     ``slices(name, shape)`` (an index as ``get_slice`` takes, or None)."""
-    from ._slicing import plan
+    from ._slicing import plain_ranges, plan
 
     ranges, after = {}, {}
+    # Tens of thousands of small tuples: the collector would otherwise walk every live object
+    # (a model already loaded, say) several times over while they are made.
+    enabled = _gc.isenabled()
+    _gc.disable()
+    try:
+        _plan_each(handle, slices, ranges, after, plain_ranges, plan)
+    finally:
+        if enabled:
+            _gc.enable()
+    return ranges, after
+
+
+def _plan_each(handle, slices, ranges, after, plain_ranges, plan):
     for name, shape in handle.shapes():
         index = slices(name, list(shape))
         if index is None:
             continue
-        r, steps, squeeze = plan(index, shape, name)
+        r = plain_ranges(index, shape)
+        if r is not None:
+            ranges[name] = r
+            continue
+        try:
+            r, steps, squeeze = plan(index, shape, name)
+        except SafetensorError as e:
+            raise SafetensorError(f"slices for tensor {name!r}: {e}") from None
         ranges[name] = r
         if squeeze or any(step != 1 for step in steps):
             after[name] = (steps, squeeze)
-    return ranges, after
 
 
 def _finish_slices(out, after):

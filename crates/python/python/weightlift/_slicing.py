@@ -18,6 +18,27 @@ def _show(start, stop, step):
     return text if step == 1 else f"{text}:{step}"
 
 
+def plain_ranges(index, shape):
+    """The ranges of the common tensor-parallel index (a slice or a tuple of slices, no step,
+    bounds inside the shape and not negative) without ``plan``'s general parsing, or None
+    for any other index (``plan`` then parses it, and reports errors)."""
+    items = index if type(index) is tuple else (index,)
+    if len(items) > len(shape):
+        return None
+    ranges = []
+    for item, size in zip(items, shape):
+        if type(item) is not slice or (item.step is not None and item.step != 1):
+            return None
+        start = 0 if item.start is None else item.start
+        stop = size if item.stop is None else item.stop
+        if type(start) is not int or type(stop) is not int:
+            return None
+        if not (0 <= start < size and 0 <= stop <= size):
+            return None
+        ranges.append((start, max(start, stop)))
+    return ranges
+
+
 def plan(index, shape, name):
     """Returns (ranges, steps, squeeze): one (start, stop) per dimension to read, the step to
     apply to each dimension of what was read, and the dimensions to drop."""
