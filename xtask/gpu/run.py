@@ -527,6 +527,15 @@ def stages(a, run, dirs):
     return None
 
 
+def size_bytes(text):
+    """'4GiB', '256MiB', '1G', '512M' or a number of bytes."""
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    if t and t[-1] in units:
+        return int(float(t[:-1]) * units[t[-1]])
+    return int(t)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT") or os.path.join(HERE, "out"))
@@ -536,7 +545,7 @@ def main():
     ap.add_argument("--disk", default=os.environ.get("WL_DISK_DIR", "/var/tmp/weightlift-gpu"))
     ap.add_argument("--shm", default="/dev/shm/weightlift-gpu")
     ap.add_argument("--cold", type=int, default=1)
-    ap.add_argument("--warm", type=int, default=3)
+    ap.add_argument("--warm", type=int, default=2)
     ap.add_argument("--hf-scale", type=float, default=1.0)
     ap.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
     ap.add_argument("--only", help="comma-separated stages to run (a rerun of some), e.g. 'peers,sweep'")
@@ -546,8 +555,13 @@ def main():
     run.only = set(a.only.split(",")) if a.only else None
     run.results["args"] = {k: v for k, v in vars(a).items() if k != "run"}
     dirs = {"disk": a.disk}
-    if os.path.isdir(os.path.dirname(a.shm)):
+    # /dev/shm is often small in containers: use it only where both checkpoints fit twice.
+    need = 4 * size_bytes(a.size)
+    shm_parent = os.path.dirname(a.shm)
+    if os.path.isdir(shm_parent) and shutil.disk_usage(shm_parent).free > need:
         dirs["shm"] = a.shm
+    else:
+        log(f"note: {shm_parent} is missing or has under {need >> 30} GiB free: no /dev/shm copies")
     try:
         stopped = stages(a, run, dirs)
     finally:
