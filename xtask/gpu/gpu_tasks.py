@@ -313,8 +313,14 @@ def task_transformers(a):
         secs = time.perf_counter() - t
         with torch.no_grad():
             logits = model(torch.arange(16, device=a.device).unsqueeze(0)).logits
+            # Exact: a float64 sum per parameter (reductions are deterministic for the same
+            # input on the same device); the logits can differ in the last bits where a MoE
+            # layer adds with atomics, so they are compared with a tolerance.
+            sums = [float(p.detach().double().sum()) for _, p in sorted(model.named_parameters())]
+        params = hashlib.sha256(json.dumps(sums).encode()).hexdigest()
         digest = float(logits.float().sum())
-        runs.append({"cache": "cold" if i < a.cold else "warm", "seconds": secs, "cached_before": still, "logits_sum": digest})
+        runs.append({"cache": "cold" if i < a.cold else "warm", "seconds": secs, "cached_before": still,
+                     "logits_sum": digest, "params_digest": params})
         del model, logits
         free_device(a.device)
     return {"runs": runs}

@@ -420,8 +420,12 @@ def transformers_rates(a, dirs):
     for mode in ["stock", "weightlift"]:
         out[mode] = task(a.run, "transformers", mode, d, a.device, "--reps", 3, "--cold", 1, timeout=300)
         log(f"   {mode}: {out[mode]}")
-    sums = {m: [r["logits_sum"] for r in out[m]["runs"]] for m in out}
-    out["same_logits"] = len({round(x, 3) for v in sums.values() for x in v}) == 1
+    runs = [r for m in ("stock", "weightlift") for r in out[m]["runs"]]
+    out["same_parameters"] = len({r["params_digest"] for r in runs}) == 1
+    first = runs[0]["logits_sum"]
+    out["same_logits"] = all(abs(r["logits_sum"] - first) <= 1e-3 * max(1.0, abs(first)) for r in runs)
+    if not out["same_parameters"]:
+        raise RuntimeError("the patched model's parameters differ from stock's")
     return out
 
 
@@ -486,12 +490,13 @@ def summary(run):
                              f"{r['seconds']:.3f} | {r['gbps']:.2f} |")
     tf = res("transformers")
     if tf:
-        lines += ["", "| from_pretrained | cold s | warm s (median) | same logits |", "|---|---|---|---|"]
+        lines += ["", f"from_pretrained: same parameters {tf.get('same_parameters')}, same logits {tf.get('same_logits')}", "",
+                  "| from_pretrained | cold s | warm s (median) |", "|---|---|---|"]
         for mode in ["stock", "weightlift"]:
             runs_ = tf.get(mode, {}).get("runs", [])
             cold = [r["seconds"] for r in runs_ if r["cache"] == "cold"]
             warm = [r["seconds"] for r in runs_ if r["cache"] == "warm"]
-            lines.append(f"| {mode} | {min(cold) if cold else float('nan'):.3f} | {median(warm) if warm else float('nan'):.3f} | {tf.get('same_logits')} |")
+            lines.append(f"| {mode} | {min(cold) if cold else float('nan'):.3f} | {median(warm) if warm else float('nan'):.3f} |")
     lines.append("")
     for k in ["gpu hashes", "errors then next load", "rust gpu tests", "transformers"]:
         st = s.get(k, {})
