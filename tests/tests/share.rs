@@ -131,3 +131,42 @@ fn slice_plans_load_exactly_the_slices() {
         }
     }
 }
+
+/// With mapping allowed, row blocks (one run of the file each) are views of the populated
+/// mapping, equal to `get_slice`, and only their bytes are read; a plan with a block that is
+/// not contiguous (columns) gathers that shard into memory of its own instead.
+#[test]
+fn contiguous_slices_map_and_the_others_are_gathered() {
+    let dir = disk_tempdir();
+    std::fs::create_dir(dir.path().join("rows")).unwrap();
+    let shards = split(moe(2, 4, 64, 32), 2);
+    write_sharded(&dir.path().join("rows"), &shards, true);
+    let ckpt = Checkpoint::open(dir.path().join("rows")).unwrap();
+    for (columns, placement) in [
+        (false, weightlift::Placement::Mapped),
+        (true, weightlift::Placement::Owned),
+    ] {
+        let block = move |_: &str, shape: &[usize]| -> Option<Vec<Range<usize>>> {
+            match (shape.len(), columns) {
+                (2, false) => Some(vec![1..shape[0] / 2]),
+                (2, true) => Some(vec![0..shape[0], 1..shape[1] / 2]),
+                _ => None,
+            }
+        };
+        // SAFETY: the test's own files, not modified while loaded.
+        let mapping = unsafe { weightlift::Mapping::always() };
+        let options = LoadOptions::default().slices(block).mapping(mapping);
+        let state = ckpt.load(&options).unwrap();
+        assert!(state.files().iter().all(|f| f.placement == placement));
+        for t in &state {
+            let ranges = block(t.name(), ckpt.info(t.name()).unwrap().1.shape.as_slice());
+            let expected = ckpt
+                .get_slice(t.name(), ranges.as_deref().unwrap_or(&[]))
+                .unwrap();
+            assert_eq!(t.shape(), expected.shape(), "{}", t.name());
+            assert_eq!(t.bytes(), expected.bytes(), "{}", t.name());
+        }
+        let selected: u64 = state.iter().map(|t| t.byte_len() as u64).sum();
+        assert!(state.bytes_read() >= selected && state.bytes_read() * 32 <= selected * 33);
+    }
+}
