@@ -35,9 +35,6 @@ impl Checkpoint {
         let mut owned = vec![Vec::new(); selected.len()];
         let mut mapped = vec![Vec::new(); selected.len()];
         let mut reasons = vec![String::new(); selected.len()];
-        // Per mapped shard, in pick order: where each selected tensor (or its contiguous
-        // block) starts within the tensor's bytes.
-        let mut mapped_starts = vec![Vec::new(); selected.len()];
         for (i, picks) in selected.into_iter().enumerate() {
             if picks.is_empty() {
                 continue;
@@ -47,23 +44,10 @@ impl Checkpoint {
                 let dtype = shard.header().tensors()[p.tensor as usize].dtype;
                 convert_fn(dtype) != dtype
             });
-            // A block that is one run of the file (rows of a matrix, say) can be a view of
-            // the mapping; one made of several runs must be gathered into memory of its own.
-            let gathers = picks
-                .iter()
-                .any(|p| p.slice.as_ref().is_some_and(|s| s.runs.len() > 1));
-            let (map, reason) = self.placement(shard, options, converts, gathers)?;
+            let sliced = picks.iter().any(|p| p.slice.is_some());
+            let (map, reason) = self.placement(shard, options, converts, sliced)?;
             reasons[i] = reason;
             if map {
-                mapped_starts[i] = picks
-                    .iter()
-                    .map(|p| {
-                        p.slice
-                            .as_ref()
-                            .and_then(|s| s.runs.first())
-                            .map_or(0, |r| r.0)
-                    })
-                    .collect();
                 mapped[i] = picks;
             } else {
                 owned[i] = picks;
@@ -100,15 +84,13 @@ impl Checkpoint {
                     memory: map,
                     offset: 0,
                 };
-                let starts = &mapped_starts[sp.shard];
                 let tensors = sp
                     .tensors
                     .iter()
-                    .enumerate()
-                    .map(|(slot, &t)| {
+                    .map(|&t| {
                         let info = &header.tensors()[t as usize];
-                        let at = header.data_start() + info.data_offsets.0 + starts[slot];
-                        Tensor::from_info(info, info.dtype, sp.shapes[slot].clone(), base.at(at))
+                        let at = header.data_start() + info.data_offsets.0;
+                        Tensor::from_info(info, info.dtype, None, base.at(at))
                     })
                     .collect();
                 groups.push((sp.shard, tensors));
@@ -126,7 +108,7 @@ impl Checkpoint {
         shard: &Shard,
         options: &LoadOptions,
         converts: bool,
-        gathers: bool,
+        sliced: bool,
     ) -> Result<(bool, String)> {
         let owned = |why: &str| Ok((false, format!("{why}; {}", shard.backend_reason())));
         if options.mapping.is_never() {
@@ -141,9 +123,9 @@ impl Checkpoint {
                 shard.location()
             )));
         };
-        if gathers {
-            // A block made of several runs of the file is gathered into memory of its own.
-            return owned("owned: a slice plan gathers blocks that are not contiguous");
+        if sliced {
+            // A block of a tensor is contiguous in the file only sometimes: gathered instead.
+            return owned("owned: a slice plan gathers each tensor's block");
         }
         if converts {
             if options.mapping.is_auto() {
