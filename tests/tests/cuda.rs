@@ -9,11 +9,9 @@
 
 use std::sync::Mutex;
 use weightlift::device::{CopyEngine, CudaEngine};
-use weightlift::{
-    Checkpoint, Device, Dtype, Error, LoadOptions, StagedTarget, StagingOptions, StateDict,
-};
+use weightlift::{Checkpoint, Device, Dtype, Error, LoadOptions, StagedTarget, StagingOptions};
 use weightlift_testkit::files::{
-    all_dtypes, dense, disk_tempdir, moe, split, write_file, write_sharded,
+    all_dtypes, dense, disk_tempdir, host_bytes, moe, split, write_file, write_sharded,
 };
 
 /// One test at a time on the GPU: one of them takes most of the device's memory.
@@ -31,23 +29,6 @@ fn engine(streams: usize) -> Option<CudaEngine> {
             None
         }
     }
-}
-
-fn host_bytes(state: &StateDict) -> Vec<(String, Dtype, Vec<usize>, Vec<u8>)> {
-    let mut out: Vec<_> = state
-        .iter()
-        .map(|t| {
-            let host = t.to_host().unwrap();
-            (
-                t.name().to_string(),
-                t.dtype(),
-                t.shape().to_vec(),
-                host.bytes().unwrap().to_vec(),
-            )
-        })
-        .collect();
-    out.sort_by(|a, b| a.0.cmp(&b.0));
-    out
 }
 
 fn checkpoints(dir: &std::path::Path) {

@@ -3,30 +3,11 @@
 //! the pinned budget, and errors (a failed copy, a truncated file) surface cleanly.
 
 use std::time::Duration;
-use weightlift::{
-    Checkpoint, Device, Dtype, Error, LoadOptions, StagedTarget, StagingOptions, StateDict,
-};
+use weightlift::{Checkpoint, Device, Dtype, Error, LoadOptions, StagedTarget, StagingOptions};
 use weightlift_testkit::fake::FakeEngine;
 use weightlift_testkit::files::{
-    all_dtypes, dense, disk_tempdir, moe, split, write_file, write_sharded,
+    all_dtypes, dense, disk_tempdir, host_bytes, moe, split, write_file, write_sharded,
 };
-
-fn host_bytes(state: &StateDict) -> Vec<(String, Dtype, Vec<usize>, Vec<u8>)> {
-    let mut out: Vec<_> = state
-        .iter()
-        .map(|t| {
-            let host = t.to_host().unwrap();
-            (
-                t.name().to_string(),
-                t.dtype(),
-                t.shape().to_vec(),
-                host.bytes().unwrap().to_vec(),
-            )
-        })
-        .collect();
-    out.sort_by(|a, b| a.0.cmp(&b.0));
-    out
-}
 
 fn staging() -> StagingOptions {
     StagingOptions {

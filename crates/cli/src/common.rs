@@ -177,3 +177,10 @@ impl ProfileArg {
         }
     }
 }
+
+/// `--filter GLOB` (`*`, `?`, `[..]`) as a pattern, or None without one.
+pub(crate) fn filter_pattern(glob: Option<&str>) -> Result<Option<glob::Pattern>, String> {
+    glob.map(glob::Pattern::new)
+        .transpose()
+        .map_err(|e| format!("invalid --filter pattern: {e}"))
+}

@@ -5,7 +5,7 @@
 //! tensors go to the GPU and are copied back before hashing: the same hashes as a CPU load
 //! prove the device path moved every byte right.
 
-use crate::common::{CheckpointArgs, print};
+use crate::common::{CheckpointArgs, filter_pattern, print};
 use rayon::prelude::*;
 use serde_json::{Map, json};
 use sha2::{Digest, Sha256};
@@ -45,12 +45,7 @@ pub(crate) fn run(args: &Args) -> Result<(), String> {
     if args.device == Device::Meta {
         return Err("meta tensors have no bytes to hash: use --device cpu or cuda:N".into());
     }
-    let pattern = args
-        .filter
-        .as_deref()
-        .map(glob::Pattern::new)
-        .transpose()
-        .map_err(|e| format!("invalid --filter pattern: {e}"))?;
+    let pattern = filter_pattern(args.filter.as_deref())?;
     let ckpt = args.checkpoint.open()?;
     let mut hashes: BTreeMap<String, (String, Vec<usize>, String)> = BTreeMap::new();
     for shard in ckpt.shards() {

@@ -1,6 +1,6 @@
 //! `weightlift inspect`: what a checkpoint holds, from its headers alone.
 
-use crate::common::{CheckpointArgs, human_bytes, print, table, thousands};
+use crate::common::{CheckpointArgs, filter_pattern, human_bytes, print, table, thousands};
 use serde_json::{Map, Value, json};
 use std::collections::BTreeMap;
 use weightlift::Dtype;
@@ -22,12 +22,7 @@ pub(crate) struct Args {
 }
 
 pub(crate) fn run(args: &Args) -> Result<(), String> {
-    let pattern = args
-        .filter
-        .as_deref()
-        .map(glob::Pattern::new)
-        .transpose()
-        .map_err(|e| format!("invalid --filter pattern: {e}"))?;
+    let pattern = filter_pattern(args.filter.as_deref())?;
     let ckpt = args.checkpoint.open()?;
     let keep = |name: &str| pattern.as_ref().is_none_or(|p| p.matches(name));
 

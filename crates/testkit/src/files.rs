@@ -180,3 +180,22 @@ pub fn disk_tempdir() -> tempfile::TempDir {
     std::fs::create_dir_all(&base).expect("a folder for test files");
     tempfile::tempdir_in(base).expect("temp dir")
 }
+
+/// Every tensor of a load as (name, dtype, shape, bytes), sorted by name; device tensors are
+/// copied back first. What tests compare a device load with a CPU load by.
+pub fn host_bytes(state: &weightlift::StateDict) -> Vec<(String, Dtype, Vec<usize>, Vec<u8>)> {
+    let mut out: Vec<_> = state
+        .iter()
+        .map(|t| {
+            let host = t.to_host().expect("tensor copied to the host");
+            (
+                t.name().to_string(),
+                t.dtype(),
+                t.shape().to_vec(),
+                host.bytes().expect("host bytes").to_vec(),
+            )
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
