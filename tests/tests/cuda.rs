@@ -8,8 +8,8 @@
 //! a missing GPU into a failure so that a GPU run cannot pass by skipping.
 
 use std::sync::Mutex;
-use weightlift::device::{CopyEngine, CudaEngine};
 use weightlift::{Checkpoint, Device, Dtype, Error, LoadOptions, StagedTarget, StagingOptions};
+use weightlift::{CopyEngine, CudaEngine};
 use weightlift_testkit::files::{
     all_dtypes, dense, disk_tempdir, host_bytes, moe, split, write_file, write_sharded,
 };
@@ -72,10 +72,7 @@ fn small_pool_many_streams_same_bytes_and_pinned_is_the_pool() {
     let Some(engine) = engine(4) else { return };
     let dir = disk_tempdir();
     checkpoints(dir.path());
-    let pool = StagingOptions {
-        buffers: 3,
-        buffer_size: 64 << 10,
-    };
+    let pool = StagingOptions::new(3, 64 << 10);
     let target = StagedTarget::new(engine, pool).unwrap();
     for path in ["dense", "moe", "all.safetensors"] {
         let ckpt = Checkpoint::open(dir.path().join(path)).unwrap();
@@ -105,10 +102,7 @@ fn slices_and_host_tensors_go_to_the_device() {
     let slice = ckpt
         .get_slice("model.layers.1.mlp.up_proj.weight", &[3..200, 10..70])
         .unwrap();
-    let small = StagingOptions {
-        buffers: 2,
-        buffer_size: 4096,
-    };
+    let small = StagingOptions::new(2, 4096);
     let target = StagedTarget::new(engine, small).unwrap();
     let on_device = slice.to_device(&target).unwrap();
     assert_eq!(on_device.device(), Device::Cuda(0));

@@ -2,10 +2,7 @@
 //! panic, never a partial result passed off as complete.
 
 use std::path::Path;
-use weightlift::{
-    Backend, Checkpoint, Error, LoadOptions, OpenOptions,
-    format::{FormatError, ShardIndex},
-};
+use weightlift::{Backend, Checkpoint, Error, FormatError, LoadOptions, OpenOptions, ShardIndex};
 use weightlift_testkit::files::{Spec, dense, disk_tempdir, moe, split, write_file, write_sharded};
 
 fn sharded(dir: &Path) -> Vec<std::path::PathBuf> {
@@ -209,7 +206,7 @@ fn file_shrinking_during_the_load_is_an_error_not_garbage() {
         let dir = disk_tempdir();
         let path = dir.path().join("m.safetensors");
         write_file(&path, &dense(2, 256));
-        let ckpt = Checkpoint::open_with(&path, &OpenOptions::backend(backend)).unwrap();
+        let ckpt = Checkpoint::open_with(&path, &OpenOptions::default().backend(backend)).unwrap();
         let (_, last) = ckpt.tensors().last().map(|(s, t)| (s, t.clone())).unwrap();
         let file_len = ckpt.shards()[0].header().file_len();
         std::fs::OpenOptions::new()

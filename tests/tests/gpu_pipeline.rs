@@ -10,10 +10,7 @@ use weightlift_testkit::files::{
 };
 
 fn staging() -> StagingOptions {
-    StagingOptions {
-        buffers: 3,
-        buffer_size: 64 << 10,
-    }
+    StagingOptions::new(3, 64 << 10)
 }
 
 #[test]
@@ -82,10 +79,7 @@ fn slices_go_to_the_device_too() {
     let slice = ckpt
         .get_slice("model.layers.1.mlp.up_proj.weight", &[3..200, 10..70])
         .unwrap();
-    let small = StagingOptions {
-        buffers: 2,
-        buffer_size: 4096,
-    };
+    let small = StagingOptions::new(2, 4096);
     let target = StagedTarget::new(FakeEngine::new(Duration::from_micros(100)), small).unwrap();
     let on_device = slice.to_device(&target).unwrap();
     assert_eq!(on_device.device(), Device::Cuda(0));

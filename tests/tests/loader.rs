@@ -42,7 +42,8 @@ fn backends() -> Vec<(&'static str, Backend)> {
 fn check_all(open_path: &Path, files: &[std::path::PathBuf], request_size: u64) {
     let expected = reference(files);
     for (bname, backend) in backends() {
-        let ckpt = Checkpoint::open_with(open_path, &OpenOptions::backend(backend)).unwrap();
+        let ckpt =
+            Checkpoint::open_with(open_path, &OpenOptions::default().backend(backend)).unwrap();
         assert_eq!(ckpt.len(), expected.len(), "{bname}");
 
         // cpu: owned buffers.
@@ -185,7 +186,8 @@ fn slices_equal_the_corresponding_elements() {
         Spec::new("v", Dtype::I64, &[9]),
     ];
     write_file(&path, &specs);
-    let ckpt = Checkpoint::open_with(&path, &OpenOptions::backend(Backend::direct())).unwrap();
+    let ckpt =
+        Checkpoint::open_with(&path, &OpenOptions::default().backend(Backend::direct())).unwrap();
     for spec in &specs {
         let elem = spec.dtype.bits() / 8;
         let shape = &spec.shape;
@@ -296,12 +298,13 @@ fn unselected_bytes_stay_out_of_the_page_cache() {
         .collect();
     write_file(&path, &specs);
     assert!(
-        weightlift_testkit::yardstick::evict(&path)
+        weightlift_workload::yardstick::evict(&path)
             .unwrap()
             .fraction()
             < 0.05
     );
-    let ckpt = Checkpoint::open_with(&path, &OpenOptions::backend(Backend::pread())).unwrap();
+    let ckpt =
+        Checkpoint::open_with(&path, &OpenOptions::default().backend(Backend::pread())).unwrap();
     let state = ckpt
         .load(&LoadOptions::default().filter(|n| n == "t1" || n == "t5"))
         .unwrap();

@@ -20,15 +20,21 @@ fn bytes_by_name(state: &StateDict) -> Vec<(String, Vec<u8>)> {
     out
 }
 
-fn mapped() -> LoadOptions {
+fn always() -> Mapping {
     // SAFETY: the tests' files are private to them and not modified while mapped (where a
     // test cuts one, it does so on purpose and only checks the error).
-    LoadOptions::default().mapping(unsafe { Mapping::always() })
+    unsafe { Mapping::always() }
 }
 
-fn auto() -> LoadOptions {
-    // SAFETY: as in `mapped`.
-    LoadOptions::default().mapping(unsafe { Mapping::auto() })
+fn auto() -> Mapping {
+    // SAFETY: as in `always`.
+    unsafe { Mapping::auto() }
+}
+
+/// `path` opened with `mapping` (and `backend`).
+fn open(path: &Path, backend: Backend, mapping: Mapping) -> Checkpoint {
+    let options = OpenOptions::default().backend(backend).mapping(mapping);
+    Checkpoint::open_with(path, &options).unwrap()
 }
 
 #[test]
@@ -45,20 +51,22 @@ fn mapped_loads_equal_owned_loads() {
     );
     write_file(&dir.path().join("all.safetensors"), &all_dtypes());
     for path in ["dense", "moe", "all.safetensors"] {
-        let ckpt = Checkpoint::open(dir.path().join(path)).unwrap();
-        for (options, filtered) in [
-            (mapped(), false),
-            (auto(), false),
-            (mapped().request_size(4096).threads(3), false),
-            (mapped().prefix("model.layers.1."), true),
+        let path = dir.path().join(path);
+        let never = Checkpoint::open(&path).unwrap();
+        let (always, auto) = (
+            open(&path, Backend::auto(), always()),
+            open(&path, Backend::auto(), auto()),
+        );
+        let plain = LoadOptions::default();
+        for (ckpt, options, filtered) in [
+            (&always, plain.clone(), false),
+            (&auto, plain.clone(), false),
+            (&always, plain.clone().request_size(4096).threads(3), false),
+            (&always, plain.clone().prefix("model.layers.1."), true),
         ] {
-            let owned = ckpt
-                .load(&LoadOptions {
-                    mapping: Mapping::never(),
-                    ..options.clone()
-                })
-                .unwrap();
+            let owned = never.load(&options).unwrap();
             let state = ckpt.load(&options).unwrap();
+            let path = path.display();
             assert_eq!(bytes_by_name(&state), bytes_by_name(&owned), "{path}");
             if !filtered {
                 assert_eq!(state.len(), ckpt.len());
@@ -87,19 +95,24 @@ fn auto_copies_what_it_converts_and_always_refuses_to() {
     let dir = disk_tempdir();
     let path = dir.path().join("m.safetensors");
     write_file(&path, &dense(2, 64));
-    let ckpt = Checkpoint::open(&path).unwrap();
-    let state = ckpt.load(&auto().convert_to(Dtype::F32)).unwrap();
+    let ckpt = open(&path, Backend::auto(), auto());
+    let f32s = LoadOptions::default().convert_to(Dtype::F32);
+    let state = ckpt.load(&f32s).unwrap();
     assert!(state.iter().all(|t| t.dtype() != Dtype::BF16));
     let f = &state.files()[0];
     assert_eq!(f.placement, Placement::Owned);
     assert!(f.reason.contains("conversion"), "{}", f.reason);
-    let err = ckpt.load(&mapped().convert_to(Dtype::F32)).unwrap_err();
+    let err = open(&path, Backend::auto(), always())
+        .load(&f32s)
+        .unwrap_err();
     assert!(matches!(err, Error::InvalidOption(_)), "{err}");
     // In memory (tmpfs): mapped too.
     let shm = tempfile::tempdir_in("/dev/shm").unwrap();
     let in_memory = shm.path().join("m.safetensors");
     std::fs::copy(&path, &in_memory).unwrap();
-    let state = Checkpoint::open(&in_memory).unwrap().load(&auto()).unwrap();
+    let state = open(&in_memory, Backend::auto(), auto())
+        .load(&LoadOptions::default())
+        .unwrap();
     assert!(
         state.files()[0].reason.contains("tmpfs"),
         "{:?}",
@@ -112,13 +125,14 @@ fn a_file_cut_under_the_mapping_is_an_error_naming_file_and_tensor() {
     let dir = disk_tempdir();
     let path = dir.path().join("m.safetensors");
     write_file(&path, &dense(2, 256));
-    let ckpt = Checkpoint::open_with(&path, &OpenOptions::backend(Backend::pread())).unwrap();
+    // The truncation below is the point of the test: nothing touches the bytes past the cut;
+    // the populate reports them instead.
+    let ckpt = open(&path, Backend::pread(), always());
     let last = ckpt.tensors().last().unwrap().1.name.clone();
     let first = ckpt.tensors().next().unwrap().1.name.clone();
     // Map the file (one tensor keeps the mapping alive), then cut it.
-    // SAFETY: the truncation below is the point of the test: nothing touches the bytes past
-    // the cut; the populate reports them instead.
-    let kept = unsafe { ckpt.get_mapped(&first, &[]) }.unwrap();
+    let kept = ckpt.get(&first).unwrap();
+    assert!(kept.host_allocation().unwrap().0.is_mapped());
     let len = std::fs::metadata(&path).unwrap().len();
     std::fs::OpenOptions::new()
         .write(true)
@@ -126,7 +140,7 @@ fn a_file_cut_under_the_mapping_is_an_error_naming_file_and_tensor() {
         .unwrap()
         .set_len(len - 3000)
         .unwrap();
-    let err = ckpt.load(&mapped()).unwrap_err();
+    let err = ckpt.load(&LoadOptions::default()).unwrap_err();
     match &err {
         Error::Read {
             location, tensor, ..
@@ -139,41 +153,104 @@ fn a_file_cut_under_the_mapping_is_an_error_naming_file_and_tensor() {
     assert!(err.to_string().contains("truncated"), "{err}");
     assert_eq!(kept.bytes().unwrap().len(), kept.byte_len());
     drop(kept);
-    // Mapped afresh, the cut file fails before any page is touched.
-    let err = ckpt.load(&mapped()).unwrap_err();
+    // Mapped afresh, the cut file fails before any page is touched (one check, shared by
+    // loads and reads).
+    let err = ckpt.load(&LoadOptions::default()).unwrap_err();
+    assert!(matches!(err, Error::Io { .. }), "{err}");
+    let err = ckpt.get(&first).unwrap_err();
     assert!(matches!(err, Error::Io { .. }), "{err}");
 }
 
 #[test]
-fn get_mapped_views_and_copies() {
+fn lazy_reads_of_mapped_files_are_views_and_copies_of_the_one_mapping() {
     let dir = disk_tempdir();
     let path = dir.path().join("m.safetensors");
     write_file(&path, &all_dtypes());
-    let ckpt = Checkpoint::open(&path).unwrap();
+    let owned = Checkpoint::open(&path).unwrap();
+    let ckpt = open(&path, Backend::auto(), auto());
+    let load = ckpt.load(&LoadOptions::default()).unwrap();
+    let shared = load.iter().next().unwrap().host_allocation().unwrap().0;
     for name in ["big", "t.bf16", "scalar", "empty", "t.f4"] {
-        // SAFETY: the file is not modified while mapped.
-        let view = unsafe { ckpt.get_mapped(name, &[]) }.unwrap();
-        assert_eq!(view.bytes(), ckpt.get(name).unwrap().bytes(), "{name}");
+        let view = ckpt.get(name).unwrap();
+        let copy = owned.get(name).unwrap();
+        assert_eq!(view.bytes(), copy.bytes(), "{name}");
         assert!(view.host_allocation().unwrap().0.is_mapped());
+        assert!(!copy.host_allocation().unwrap().0.is_mapped());
+        // One mapping per shard: the load's and the reads' are the same.
+        assert!(std::sync::Arc::ptr_eq(
+            view.host_allocation().unwrap().0,
+            shared
+        ));
     }
     // Rows: contiguous, a view. Columns: copied.
-    // SAFETY: as above.
-    let rows = unsafe { ckpt.get_mapped("big", &[10..20]) }.unwrap();
+    let rows = ckpt.get_slice("big", &[10..20]).unwrap();
     assert!(rows.host_allocation().unwrap().0.is_mapped());
     assert_eq!(
         rows.bytes(),
-        ckpt.get_slice("big", &[10..20]).unwrap().bytes()
+        owned.get_slice("big", &[10..20]).unwrap().bytes()
     );
-    // SAFETY: as above.
-    let cols = unsafe { ckpt.get_mapped("big", &[0..300, 5..9]) }.unwrap();
+    let cols = ckpt.get_slice("big", &[0..300, 5..9]).unwrap();
     assert!(!cols.host_allocation().unwrap().0.is_mapped());
     assert_eq!(cols.shape(), [300, 4]);
     assert_eq!(
         cols.bytes(),
-        ckpt.get_slice("big", &[0..300, 5..9]).unwrap().bytes()
+        owned.get_slice("big", &[0..300, 5..9]).unwrap().bytes()
     );
-    // SAFETY: as above.
-    assert!(unsafe { ckpt.get_mapped("nope", &[]) }.is_err());
+    assert!(ckpt.get("nope").is_err());
+    // Zero-copy views of `map()` are the same mapping's bytes.
+    // SAFETY: the file is not modified while mapped.
+    let mapped = unsafe { ckpt.map() }.unwrap();
+    let view = mapped.view("big").unwrap();
+    let t = ckpt.get("big").unwrap();
+    assert_eq!(view.bytes.as_ptr(), t.bytes().unwrap().as_ptr());
+}
+
+#[test]
+fn the_one_policy_decides_loads_and_lazy_reads_alike() {
+    let dir = disk_tempdir();
+    let path = dir.path().join("m.safetensors");
+    write_file(&path, &dense(2, 64));
+    let name = "model.layers.1.mlp.up_proj.weight";
+    // Local disk under `auto`: mapped, for loads and reads.
+    let local = open(&path, Backend::auto(), auto());
+    assert!(
+        local
+            .get(name)
+            .unwrap()
+            .host_allocation()
+            .unwrap()
+            .0
+            .is_mapped()
+    );
+    let state = local.load(&LoadOptions::default()).unwrap();
+    assert_eq!(state.files()[0].placement, Placement::Mapped);
+    // `never` (the default): owned, for both.
+    let never = Checkpoint::open(&path).unwrap();
+    assert!(
+        !never
+            .get(name)
+            .unwrap()
+            .host_allocation()
+            .unwrap()
+            .0
+            .is_mapped()
+    );
+    let state = never.load(&LoadOptions::default()).unwrap();
+    assert_eq!(state.files()[0].placement, Placement::Owned);
+    // A FUSE mount (a stand-in for a network filesystem) under `auto`: owned, for both.
+    if let Some(mount) = weightlift_testkit::fuse::Mount::new(dir.path()) {
+        let over_fuse = mount.path().join("m.safetensors");
+        let ckpt = open(&over_fuse, Backend::auto(), auto());
+        let t = ckpt.get(name).unwrap();
+        assert!(!t.host_allocation().unwrap().0.is_mapped());
+        assert_eq!(t.bytes(), never.get(name).unwrap().bytes());
+        let state = ckpt.load(&LoadOptions::default()).unwrap();
+        let f = &state.files()[0];
+        assert_eq!(f.placement, Placement::Owned);
+        assert!(f.reason.contains("fuse"), "{}", f.reason);
+    } else {
+        eprintln!("skipped the FUSE half: bindfs is not installed or cannot mount here");
+    }
 }
 
 fn resident(path: &Path) -> f64 {
@@ -188,7 +265,11 @@ fn owned_loads_can_drop_what_they_read_from_the_page_cache() {
     for f in &files {
         std::fs::File::open(f).unwrap().sync_all().unwrap();
     }
-    let ckpt = Checkpoint::open_with(dir.path(), &OpenOptions::backend(Backend::pread())).unwrap();
+    let ckpt = Checkpoint::open_with(
+        dir.path(),
+        &OpenOptions::default().backend(Backend::pread()),
+    )
+    .unwrap();
     let kept = ckpt.load(&LoadOptions::default()).unwrap();
     assert!(files.iter().all(|f| resident(f) > 0.9));
     let state = ckpt.load(&LoadOptions::default().drop_cache(true)).unwrap();
@@ -206,8 +287,10 @@ fn a_cancelled_load_stops_with_an_error_and_slices_of_loaded_tensors() {
     write_file(&path, &dense(2, 128));
     let ckpt = Checkpoint::open(&path).unwrap();
     let flag = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
-    for options in [LoadOptions::default(), mapped()] {
-        let err = ckpt.load(&options.cancel(flag.clone())).unwrap_err();
+    for ckpt in [&ckpt, &open(&path, Backend::auto(), always())] {
+        let err = ckpt
+            .load(&LoadOptions::default().cancel(flag.clone()))
+            .unwrap_err();
         assert!(matches!(err, Error::Cancelled), "{err}");
     }
     // Slices of a loaded tensor: rows share its memory, columns are copies; both equal

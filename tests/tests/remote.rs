@@ -41,22 +41,14 @@ fn local(path: &Path) -> Tensors {
 
 /// Fast retries, so fault tests take milliseconds.
 fn quick_retries() -> RemoteOptions {
-    RemoteOptions {
-        backoff: Duration::from_millis(1),
-        max_backoff: Duration::from_millis(5),
-        read_timeout: Duration::from_secs(10),
-        ..RemoteOptions::default()
-    }
+    RemoteOptions::default()
+        .backoff(Duration::from_millis(1))
+        .max_backoff(Duration::from_millis(5))
+        .read_timeout(Duration::from_secs(10))
 }
 
 fn open(url: &str, remote: RemoteOptions) -> Result<Checkpoint, Error> {
-    Checkpoint::open_with(
-        url,
-        &OpenOptions {
-            remote,
-            ..OpenOptions::default()
-        },
-    )
+    Checkpoint::open_with(url, &OpenOptions::default().remote(remote))
 }
 
 /// A directory with: `single.safetensors` (every dtype), `sharded/` (3 shards + index),
@@ -160,7 +152,7 @@ fn http_errors_name_the_url() {
     // A fixed local backend makes no sense for a URL.
     let err = Checkpoint::open_with(
         nginx.url("single.safetensors"),
-        &OpenOptions::backend(weightlift::Backend::pread()),
+        &OpenOptions::default().backend(weightlift::Backend::pread()),
     )
     .unwrap_err();
     assert!(matches!(err, Error::InvalidOption(_)), "{err}");
@@ -176,19 +168,13 @@ fn https_with_a_private_ca() {
     // The built-in (Mozilla) roots do not know the test CA.
     let err = open(&url, quick_retries()).unwrap_err();
     assert!(err.to_string().contains(&url), "{err}");
-    let trusting = RemoteOptions {
-        ca_certs: Some(nginx.ca_pem()),
-        ..RemoteOptions::default()
-    };
+    let trusting = RemoteOptions::default().ca_certs(Some(nginx.ca_pem()));
     let ckpt = open(&url, trusting).unwrap();
     assert_eq!(
         load_all(&ckpt, &LoadOptions::default().request_size(64 << 10)),
         local(&root.join("sharded"))
     );
-    let missing = RemoteOptions {
-        ca_certs: Some(root.join("no-such.pem")),
-        ..RemoteOptions::default()
-    };
+    let missing = RemoteOptions::default().ca_certs(Some(root.join("no-such.pem")));
     let err = open(&url, missing).unwrap_err();
     assert!(err.to_string().contains("no-such.pem"), "{err}");
 }
@@ -204,10 +190,7 @@ fn http_bearer_token_opens_protected_paths() {
     let url = nginx.url("sharded");
     let err = open(&url, RemoteOptions::default()).unwrap_err();
     assert!(err.to_string().contains("401"), "{err}");
-    let with_token = RemoteOptions {
-        bearer_token: Some("s3cret".into()),
-        ..RemoteOptions::default()
-    };
+    let with_token = RemoteOptions::default().bearer_token(Some("s3cret".into()));
     assert!(
         !format!("{with_token:?}").contains("s3cret"),
         "the token stays out of logs"
@@ -311,10 +294,7 @@ fn http_retries_run_out_with_a_clear_error() {
             Fault::Status(503)
         }
     });
-    let remote = RemoteOptions {
-        max_retries: 3,
-        ..quick_retries()
-    };
+    let remote = quick_retries().max_retries(3);
     let ckpt = open(&proxy.url("sharded"), remote).unwrap();
     let err = ckpt.load(&LoadOptions::default()).unwrap_err();
     let msg = err.to_string();
@@ -349,10 +329,7 @@ fn s3_loads_equal_local_loads() {
         )
         .unwrap()
     };
-    let remote = RemoteOptions {
-        s3: Some(config(&s3.endpoint())),
-        ..quick_retries()
-    };
+    let remote = quick_retries().s3(Some(config(&s3.endpoint())));
 
     for (url, local_path) in [
         ("s3://models/single.safetensors", "single.safetensors"),
@@ -381,10 +358,7 @@ fn s3_loads_equal_local_loads() {
         5 => Fault::Drop,
         _ => Fault::Pass,
     });
-    let faulty = RemoteOptions {
-        s3: Some(config(&proxy.endpoint())),
-        ..quick_retries()
-    };
+    let faulty = quick_retries().s3(Some(config(&proxy.endpoint())));
     let ckpt = open("s3://models/moe", faulty).unwrap();
     let options = LoadOptions::default().request_size(16 << 10);
     assert_eq!(load_all(&ckpt, &options), local(&root.join("moe")));

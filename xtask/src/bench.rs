@@ -6,9 +6,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 use weightlift::{Backend, Checkpoint, Device, LoadOptions, OpenOptions};
-use weightlift_testkit::synthetic::{self, Profile};
-use weightlift_testkit::util::{median, parse_size, peak_rss, reset_peak_rss};
-use weightlift_testkit::yardstick::{evict, fresh_memory, raw_read};
+use weightlift_workload::synthetic::{self, Profile};
+use weightlift_workload::util::{median, parse_size, peak_rss, reset_peak_rss};
+use weightlift_workload::yardstick::{evict, fresh_memory, raw_read};
 
 #[derive(Args)]
 pub(crate) struct BenchArgs {
@@ -293,7 +293,8 @@ pub(crate) fn run(args: &BenchArgs) -> Result<(), String> {
 
     // A FUSE passthrough of the data directory for `cold-fuse`.
     let fuse = if args.cache.contains(&Cache::ColdFuse) {
-        Some(FuseMount::new(&data_dir)?)
+        let mount = data_dir.with_file_name("bench-data-fuse");
+        Some(weightlift_testkit::fuse::Mount::at(&data_dir, &mount)?)
     } else {
         None
     };
@@ -321,7 +322,7 @@ pub(crate) fn run(args: &BenchArgs) -> Result<(), String> {
             // Through the FUSE mount: the same files under another path.
             let (dir, paths) = match (cache, &fuse) {
                 (Cache::ColdFuse, Some(fuse)) => {
-                    let dir = fuse.mount.join(disk_dir.file_name().unwrap_or_default());
+                    let dir = fuse.path().join(disk_dir.file_name().unwrap_or_default());
                     let paths = disk_paths
                         .iter()
                         .map(|p| dir.join(p.file_name().unwrap_or_default()))
@@ -562,7 +563,7 @@ fn measure(args: &OneArgs, paths: &[PathBuf], bytes: u64) -> Result<Sample, Stri
     reset_peak_rss();
     let start = Instant::now();
     if let Some((b, target)) = args.contender.weightlift() {
-        let ckpt = Checkpoint::open_with(dir, &OpenOptions::backend(backend(b)))
+        let ckpt = Checkpoint::open_with(dir, &OpenOptions::default().backend(backend(b)))
             .map_err(|e| e.to_string())?;
         let opts = LoadOptions::default()
             .threads(threads)
@@ -611,12 +612,13 @@ fn measure(args: &OneArgs, paths: &[PathBuf], bytes: u64) -> Result<Sample, Stri
                 std::hint::black_box(&state);
             }
             Contender::WeightliftMappedCpu => {
-                let ckpt = Checkpoint::open(dir).map_err(|e| e.to_string())?;
                 // SAFETY: the bench's generated files are not modified while mapped.
+                let mapping = unsafe { weightlift::Mapping::always() };
+                let ckpt = Checkpoint::open_with(dir, &OpenOptions::default().mapping(mapping))
+                    .map_err(|e| e.to_string())?;
                 let opts = LoadOptions::default()
                     .threads(threads)
-                    .request_size(request_size)
-                    .mapping(unsafe { weightlift::Mapping::always() });
+                    .request_size(request_size);
                 let state = ckpt.load(&opts).map_err(|e| e.to_string())?;
                 std::hint::black_box(&state);
             }
@@ -859,40 +861,6 @@ fn python_load_with(script: &str, mode: &str, args: &[PathBuf]) -> Result<Sample
     let mut all = vec![PathBuf::from(mode)];
     all.extend_from_slice(args);
     python_load(script, &all)
-}
-
-/// A `bindfs` passthrough mount of the bench's data directory, unmounted when dropped.
-struct FuseMount {
-    mount: PathBuf,
-}
-
-impl FuseMount {
-    fn new(data_dir: &Path) -> Result<FuseMount, String> {
-        let mount = data_dir.with_file_name("bench-data-fuse");
-        let _ = Command::new("umount").arg(&mount).output();
-        std::fs::create_dir_all(&mount).map_err(|e| format!("{}: {e}", mount.display()))?;
-        let out = Command::new("bindfs")
-            .arg("--no-allow-other")
-            .arg(data_dir)
-            .arg(&mount)
-            .output()
-            .map_err(|e| format!("bindfs (apt-get install bindfs) for --cache cold-fuse: {e}"))?;
-        if !out.status.success() {
-            return Err(format!(
-                "bindfs {} {}: {}",
-                data_dir.display(),
-                mount.display(),
-                String::from_utf8_lossy(&out.stderr).trim()
-            ));
-        }
-        Ok(FuseMount { mount })
-    }
-}
-
-impl Drop for FuseMount {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.mount).output();
-    }
 }
 
 /// Runs a timing script; it prints seconds and peak RSS in KiB.

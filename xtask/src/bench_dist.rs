@@ -13,8 +13,8 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Instant;
 use weightlift::Checkpoint;
-use weightlift_testkit::util::{median, parse_size};
-use weightlift_testkit::yardstick::{evict_all, raw_read};
+use weightlift_workload::util::{median, parse_size};
+use weightlift_workload::yardstick::{evict_all, raw_read};
 
 #[derive(Args)]
 pub(crate) struct BenchDistArgs {

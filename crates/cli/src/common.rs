@@ -2,7 +2,7 @@
 
 use clap::ValueEnum;
 use std::io::Write;
-use weightlift::{Backend, OpenOptions};
+use weightlift::{Backend, Mapping, OpenOptions};
 
 /// The environment variable holding a bearer token for http(s) URLs.
 #[cfg(feature = "remote")]
@@ -21,8 +21,14 @@ pub(crate) struct CheckpointArgs {
 impl CheckpointArgs {
     /// Opens the checkpoint.
     pub(crate) fn open(&self) -> Result<weightlift::Checkpoint, String> {
-        weightlift::Checkpoint::open_with(self.path.as_str(), &self.source.open_options())
-            .map_err(|e| e.to_string())
+        self.open_with(Mapping::never())
+    }
+
+    /// Opens the checkpoint, letting its tensors stay in mappings of the files as `mapping`
+    /// says.
+    pub(crate) fn open_with(&self, mapping: Mapping) -> Result<weightlift::Checkpoint, String> {
+        let options = self.source.open_options().mapping(mapping);
+        weightlift::Checkpoint::open_with(self.path.as_str(), &options).map_err(|e| e.to_string())
     }
 }
 
@@ -44,14 +50,14 @@ pub(crate) struct SourceArgs {
 
 impl SourceArgs {
     pub(crate) fn open_options(&self) -> OpenOptions {
-        #[cfg_attr(not(feature = "remote"), allow(unused_mut))]
-        let mut options = OpenOptions::backend(self.backend.backend());
+        let options = OpenOptions::default().backend(self.backend.backend());
         #[cfg(feature = "remote")]
-        {
-            options.remote.max_in_flight = self.in_flight.max(1);
-            options.remote.max_retries = self.retries;
-            options.remote.bearer_token = std::env::var(TOKEN_VAR).ok().filter(|t| !t.is_empty());
-        }
+        let options = options.remote(
+            weightlift::remote::RemoteOptions::default()
+                .max_in_flight(self.in_flight.max(1))
+                .max_retries(self.retries)
+                .bearer_token(std::env::var(TOKEN_VAR).ok().filter(|t| !t.is_empty())),
+        );
         options
     }
 }
@@ -170,10 +176,10 @@ pub(crate) enum ProfileArg {
 }
 
 impl ProfileArg {
-    pub(crate) fn profile(self) -> weightlift_testkit::synthetic::Profile {
+    pub(crate) fn profile(self) -> weightlift_workload::synthetic::Profile {
         match self {
-            ProfileArg::Moe => weightlift_testkit::synthetic::Profile::Moe,
-            ProfileArg::Dense => weightlift_testkit::synthetic::Profile::Dense,
+            ProfileArg::Moe => weightlift_workload::synthetic::Profile::Moe,
+            ProfileArg::Dense => weightlift_workload::synthetic::Profile::Dense,
         }
     }
 }

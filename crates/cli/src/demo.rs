@@ -6,9 +6,9 @@ use crate::common::{ProfileArg, human_bytes, print, table, thousands};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 use weightlift::{Checkpoint, LoadOptions};
-use weightlift_testkit::synthetic::{self, Profile};
-use weightlift_testkit::util::{available_memory, free_space, median, parse_size};
-use weightlift_testkit::yardstick::{evict_all, raw_read};
+use weightlift_workload::synthetic::{self, Profile};
+use weightlift_workload::util::{available_memory, free_space, median, parse_size};
+use weightlift_workload::yardstick::{evict_all, raw_read};
 
 #[derive(clap::Args)]
 #[command(

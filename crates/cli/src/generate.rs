@@ -4,8 +4,8 @@
 use crate::common::{ProfileArg, human_bytes, print, thousands};
 use std::path::PathBuf;
 use weightlift::Checkpoint;
-use weightlift_testkit::synthetic;
-use weightlift_testkit::util::parse_size;
+use weightlift_workload::synthetic;
+use weightlift_workload::util::parse_size;
 
 #[derive(clap::Args)]
 #[command(

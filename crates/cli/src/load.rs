@@ -5,7 +5,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::json;
 use std::time::Instant;
 use weightlift::{Device, LoadOptions};
-use weightlift_testkit::util::{parse_size, peak_rss};
+use weightlift_workload::util::{parse_size, peak_rss};
 
 #[derive(clap::Args)]
 #[command(
@@ -83,29 +83,25 @@ pub(crate) fn run(args: &Args) -> Result<(), String> {
     let init = Instant::now();
     #[cfg(feature = "cuda")]
     let _context = match args.device {
-        Device::Cuda(n) => {
-            Some(weightlift::device::CudaEngine::new(n, 1).map_err(|e| e.to_string())?)
-        }
+        Device::Cuda(n) => Some(weightlift::CudaEngine::new(n, 1).map_err(|e| e.to_string())?),
         _ => None,
     };
     let init_secs = init.elapsed().as_secs_f64();
     let start = Instant::now();
-    let ckpt = args.checkpoint.open()?;
+    let ckpt = args.checkpoint.open_with(args.map.mapping())?;
     let open_secs = start.elapsed().as_secs_f64();
     let mut options = LoadOptions::default()
         .device(args.device)
         .huge_pages(args.huge_pages)
-        .mapping(args.map.mapping())
         .drop_cache(args.drop_cache)
-        .staging(weightlift::StagingOptions {
-            buffers: args.pinned_buffers,
-            buffer_size: args
-                .pinned_buffer_size
+        .staging(weightlift::StagingOptions::new(
+            args.pinned_buffers,
+            args.pinned_buffer_size
                 .map_or(weightlift::StagingOptions::default().buffer_size, |s| {
                     s as usize
                 }),
-        });
-    options.streams = args.streams;
+        ))
+        .streams(args.streams);
     if let Some(t) = args.threads {
         options = options.threads(t);
     }

@@ -222,7 +222,7 @@ fn bad_input_is_one_line_and_exit_code_1() {
     assert!(text.contains(": 1 file, 1 tensor, 4 parameters"), "{text}");
     // Without a CUDA driver, `cuda:0` is a one-line error; with one (a GPU machine), it loads.
     let out = weightlift(&["load", good.to_str().unwrap(), "--device", "cuda:0"]);
-    if weightlift::device::CudaEngine::new(0, 1).is_ok() {
+    if weightlift::CudaEngine::new(0, 1).is_ok() {
         assert!(
             out.status.success(),
             "{}",

@@ -85,11 +85,22 @@ pub trait CopyEngine: Send + Sync {
 
 /// Size of the pinned staging pool.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct StagingOptions {
     /// Number of staging buffers (default 4).
     pub buffers: usize,
     /// Bytes per buffer (default 32 MiB). A region is at most this long.
     pub buffer_size: usize,
+}
+
+impl StagingOptions {
+    /// `buffers` buffers of `buffer_size` bytes.
+    pub fn new(buffers: usize, buffer_size: usize) -> StagingOptions {
+        StagingOptions {
+            buffers,
+            buffer_size,
+        }
+    }
 }
 
 impl Default for StagingOptions {

@@ -61,10 +61,7 @@ fn fill_all<R: Region + Send>(
 
 #[test]
 fn every_byte_arrives_and_pinned_memory_stays_in_the_pool() {
-    let options = StagingOptions {
-        buffers: 3,
-        buffer_size: 8192,
-    };
+    let options = StagingOptions::new(3, 8192);
     let target = StagedTarget::new(FakeEngine::new(Duration::from_micros(800)), options).unwrap();
     let pinned_after_setup = target.engine().pinned_bytes();
     assert_eq!(pinned_after_setup, 3 * 8192);
@@ -97,10 +94,7 @@ fn every_byte_arrives_and_pinned_memory_stays_in_the_pool() {
 
 #[test]
 fn a_failed_fill_returns_its_buffer_and_copies_nothing() {
-    let options = StagingOptions {
-        buffers: 1,
-        buffer_size: 4096,
-    };
+    let options = StagingOptions::new(1, 4096);
     let target = StagedTarget::new(FakeEngine::new(Duration::from_micros(200)), options).unwrap();
     let mut alloc = target.allocate(3 * 4096).unwrap();
     let ranges = [0..4096, 4096..8192, 8192..12288];
@@ -137,10 +131,7 @@ fn a_failed_fill_returns_its_buffer_and_copies_nothing() {
 #[test]
 fn a_failed_copy_surfaces_as_an_error() {
     let engine = FakeEngine::new(Duration::from_micros(300)).failing_copy(5);
-    let options = StagingOptions {
-        buffers: 2,
-        buffer_size: 4096,
-    };
+    let options = StagingOptions::new(2, 4096);
     let target = StagedTarget::new(engine, options).unwrap();
     let mut alloc = target.allocate(200_000).unwrap();
     let ranges = ranges(200_000, 4096);
@@ -162,10 +153,7 @@ fn a_failed_copy_surfaces_as_an_error() {
 #[test]
 fn regions_longer_than_a_buffer_and_failed_allocations_are_errors() {
     let engine = FakeEngine::default().failing_alloc(1);
-    let options = StagingOptions {
-        buffers: 2,
-        buffer_size: 4096,
-    };
+    let options = StagingOptions::new(2, 4096);
     let target = StagedTarget::new(engine, options).unwrap();
     assert_eq!(target.max_region(), Some(4096));
     let mut alloc = target.allocate(10_000).unwrap();
@@ -180,10 +168,7 @@ fn regions_longer_than_a_buffer_and_failed_allocations_are_errors() {
 }
 
 fn small_pool(delay: Duration) -> StagedTarget<FakeEngine> {
-    let options = StagingOptions {
-        buffers: 3,
-        buffer_size: 4096,
-    };
+    let options = StagingOptions::new(3, 4096);
     StagedTarget::new(FakeEngine::new(delay), options).unwrap()
 }
 

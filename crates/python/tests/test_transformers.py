@@ -18,7 +18,7 @@ transformers = pytest.importorskip("transformers")
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3MoeConfig  # noqa: E402
 
 import weightlift  # noqa: E402
-from weightlift import _open  # noqa: E402
+from weightlift import _handle  # noqa: E402
 
 transformers.utils.logging.set_verbosity_error()
 warnings.filterwarnings("ignore")
@@ -93,8 +93,8 @@ def test_patched_from_pretrained_equals_stock(models, name, monkeypatch):
         assert tensors_in(path) >= 4800
     stock = AutoModelForCausalLM.from_pretrained(path)
     opened = []
-    real = _open._open_handle
-    monkeypatch.setattr(_open, "_open_handle", lambda *a, **k: opened.append(a[0]) or real(*a, **k))
+    real = _handle.open_handle
+    monkeypatch.setattr(_handle, "open_handle", lambda *a, **k: opened.append(a[0]) or real(*a, **k))
     with weightlift.patch():
         patched = AutoModelForCausalLM.from_pretrained(path)
     assert sorted(os.path.basename(p) for p in opened) == sorted(shards), "weightlift opened the shards"

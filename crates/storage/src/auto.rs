@@ -29,14 +29,30 @@ use std::fs::File;
 use std::io;
 use std::path::Path;
 
-/// Thresholds of the automatic choice.
+/// Thresholds of the automatic choice: [`AutoPolicy::default`] and the setters.
 #[derive(Debug, Clone, Copy, PartialEq)]
+#[non_exhaustive]
 pub struct AutoPolicy {
     /// Cold files at least this large are read with `O_DIRECT`; `None`: half of the
     /// memory available (`MemAvailable`) when the file is opened.
     pub direct_min_bytes: Option<u64>,
     /// Files with at least this fraction of pages cached are read buffered.
     pub cached_fraction: f64,
+}
+
+impl AutoPolicy {
+    /// Cold files at least this large are read with `O_DIRECT` (`None`: half of the memory
+    /// available when the file is opened).
+    pub fn direct_min_bytes(mut self, bytes: Option<u64>) -> AutoPolicy {
+        self.direct_min_bytes = bytes;
+        self
+    }
+
+    /// Files with at least this fraction of pages cached are read buffered.
+    pub fn cached_fraction(mut self, fraction: f64) -> AutoPolicy {
+        self.cached_fraction = fraction;
+        self
+    }
 }
 
 impl Default for AutoPolicy {

@@ -78,12 +78,28 @@ pub enum Entry {
 
 /// How to reach stores.
 #[derive(Debug, Clone, Default)]
+#[non_exhaustive]
 pub struct StoreOptions {
     /// Which backend reads local files.
     pub backend: Backend,
     /// How URLs are read.
     #[cfg(feature = "remote")]
     pub remote: crate::remote::RemoteOptions,
+}
+
+impl StoreOptions {
+    /// Which backend reads local files.
+    pub fn backend(mut self, backend: Backend) -> StoreOptions {
+        self.backend = backend;
+        self
+    }
+
+    /// How URLs are read.
+    #[cfg(feature = "remote")]
+    pub fn remote(mut self, remote: crate::remote::RemoteOptions) -> StoreOptions {
+        self.remote = remote;
+        self
+    }
 }
 
 /// The store holding `location`, and what `location` is inside it: a local directory,

@@ -1,20 +1,16 @@
-//! Test support for weightlift, kept out of the libraries' public API: the pieces its tests,
-//! `cargo xtask bench` and the CLI's `demo` share.
+//! Test support for weightlift, kept out of the libraries' public API: the pieces its tests
+//! and `cargo xtask` share. (What the CLI needs too, the synthetic checkpoints and the
+//! yardsticks, is the publishable `weightlift-workload`.)
 //!
-//! - [`synthetic`]: large checkpoints shaped like real models (dense, MoE), generated.
 //! - [`files`]: small checkpoints with known bytes, for tests.
-//! - [`yardstick`]: what loads are measured against (a raw read of the same bytes, filling
-//!   fresh memory) and cold-cache eviction.
 //! - [`fake`]: a stand-in GPU that runs the staged pipeline on any machine and counts
 //!   contract violations a real device cannot report.
+//! - [`fuse`]: a FUSE passthrough mount (`bindfs`), a stand-in for a network filesystem.
 //! - [`servers`] (feature `servers`): nginx, an S3-compatible server and a fault proxy on
 //!   127.0.0.1.
-//! - [`util`]: sizes, medians, peak memory, free space.
 
 pub mod fake;
 pub mod files;
+pub mod fuse;
 #[cfg(feature = "servers")]
 pub mod servers;
-pub mod synthetic;
-pub mod util;
-pub mod yardstick;

@@ -5,143 +5,52 @@
 //! checked against the shards before any tensor byte is read.
 
 use crate::error::{Error, Result};
-use crate::exec::thread_pool;
-use crate::tensor::HostMemory;
+use crate::mapping::Mapping;
+use crate::pool::thread_pool;
+use crate::shard::{Shard, open_shard};
 use rayon::prelude::*;
 use std::collections::HashMap;
-use std::path::Path;
-use std::sync::{Arc, Mutex, Weak};
-use weightlift_format::{
-    FormatError, Header, INDEX_FILE_NAME, PREFIX_LEN, ShardIndex, TensorInfo,
-    header_len_from_prefix,
-};
-use weightlift_storage::{
-    Backend, BackendKind, ByteSource, Entry, Location, MappedFile, RemoteStats, Store,
-    StoreOptions, open_store,
-};
+use std::sync::Arc;
+use weightlift_format::{Header, INDEX_FILE_NAME, ShardIndex, TensorInfo};
+use weightlift_storage::{Backend, Entry, Location, RemoteStats, Store, StoreOptions, open_store};
 
-/// How to open a checkpoint.
+/// How to open a checkpoint: how its files are read, and whether its tensors may stay in
+/// mappings of them. Built with [`OpenOptions::default`] and the setters.
 #[derive(Debug, Clone, Default)]
 pub struct OpenOptions {
-    /// Which storage backend reads local files (default: chosen per file).
-    pub backend: Backend,
-    /// How URLs (`http://`, `https://`, `s3://`) are read.
+    backend: Backend,
+    mapping: Mapping,
     #[cfg(feature = "remote")]
-    pub remote: weightlift_storage::remote::RemoteOptions,
+    remote: weightlift_storage::remote::RemoteOptions,
 }
 
 impl OpenOptions {
-    /// Options with `backend` for local files.
-    // The other fields depend on cargo features.
-    #[allow(clippy::needless_update)]
-    pub fn backend(backend: Backend) -> OpenOptions {
-        OpenOptions {
-            backend,
-            ..OpenOptions::default()
-        }
+    /// Which storage backend reads local files (default: chosen per file).
+    pub fn backend(mut self, backend: Backend) -> OpenOptions {
+        self.backend = backend;
+        self
     }
 
-    // The other fields depend on cargo features.
-    #[allow(clippy::needless_update)]
+    /// Whether CPU loads, lazy reads and prefetches may leave tensors in private mappings
+    /// of local files (default: never; see [`Mapping`]). Decided here, once, for every use
+    /// of the checkpoint.
+    pub fn mapping(mut self, mapping: Mapping) -> OpenOptions {
+        self.mapping = mapping;
+        self
+    }
+
+    /// How URLs (`http://`, `https://`, `s3://`, `hf://`) are read.
+    #[cfg(feature = "remote")]
+    pub fn remote(mut self, remote: weightlift_storage::remote::RemoteOptions) -> OpenOptions {
+        self.remote = remote;
+        self
+    }
+
     fn store_options(&self) -> StoreOptions {
-        StoreOptions {
-            backend: self.backend,
-            #[cfg(feature = "remote")]
-            remote: self.remote.clone(),
-            ..StoreOptions::default()
-        }
-    }
-}
-
-/// One safetensors file of a checkpoint.
-#[derive(Debug)]
-pub struct Shard {
-    pub(crate) location: Location,
-    pub(crate) name: String,
-    pub(crate) header: Header,
-    pub(crate) source: Arc<dyn ByteSource>,
-    pub(crate) backend_reason: String,
-    /// The file's private mapping while any tensor uses it: made on first use by a mapped
-    /// load or `get_mapped`, shared by every tensor of the file, unmapped with the last.
-    mapping: Mutex<Weak<HostMemory>>,
-}
-
-impl Shard {
-    /// Where the file is.
-    pub fn location(&self) -> &Location {
-        &self.location
-    }
-
-    /// The file's path, for a local file.
-    pub fn path(&self) -> Option<&Path> {
-        self.location.as_local()
-    }
-
-    /// The name as the index (or directory listing) gives it, relative to the checkpoint
-    /// directory.
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
-    /// The validated header.
-    pub fn header(&self) -> &Header {
-        &self.header
-    }
-
-    /// The backend that reads this file.
-    pub fn backend(&self) -> BackendKind {
-        self.source.kind()
-    }
-
-    /// Why that backend was chosen.
-    pub fn backend_reason(&self) -> &str {
-        &self.backend_reason
-    }
-
-    /// The source that reads the file.
-    pub fn source(&self) -> &Arc<dyn ByteSource> {
-        &self.source
-    }
-
-    /// The file's private mapping (made now if it was not yet), checked to cover what the
-    /// header describes.
-    ///
-    /// # Safety
-    ///
-    /// The contract of [`crate::Mapping::always`]: the file is not truncated or modified
-    /// while the mapping or anything made from it lives.
-    pub(crate) unsafe fn mapping(&self) -> Result<Arc<HostMemory>> {
-        let mut slot = self.mapping.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(map) = slot.upgrade() {
-            return Ok(map);
-        }
-        let io = |source: weightlift_storage::Error| Error::Io {
-            location: self.location.clone(),
-            context: "mapping the file",
-            source,
-        };
-        let path = self.path().ok_or_else(|| {
-            io(weightlift_storage::Error::Unsupported(
-                "only local files can be mapped",
-            ))
-        })?;
-        // SAFETY: the caller promises the file is neither truncated nor modified while the
-        // mapping lives (this function's contract, passed on from `Mapping`).
-        let map = unsafe { MappedFile::open(path) }.map_err(|e| io(e.into()))?;
-        if (map.len() as u64) < self.header.file_len() {
-            return Err(io(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                format!(
-                    "file is {} bytes, its header needs {} (was it truncated?)",
-                    map.len(),
-                    self.header.file_len()
-                ),
-            )
-            .into()));
-        }
-        let map = Arc::new(HostMemory::from(map));
-        *slot = Arc::downgrade(&map);
-        Ok(map)
+        let options = StoreOptions::default().backend(self.backend);
+        #[cfg(feature = "remote")]
+        let options = options.remote(self.remote.clone());
+        options
     }
 }
 
@@ -153,6 +62,7 @@ pub struct Checkpoint {
     shards: Vec<Shard>,
     tensor_count: usize,
     store: Arc<dyn Store>,
+    mapping: Mapping,
 }
 
 /// The file a store that cannot be listed is expected to hold.
@@ -160,9 +70,6 @@ const SINGLE_FILE: &str = "model.safetensors";
 
 /// Largest index file read (real ones are a few MiB).
 const MAX_INDEX: u64 = 256 << 20;
-
-/// First read of a file: usually covers the whole header, so one request suffices.
-const HEADER_PROBE: u64 = 64 << 10;
 
 impl Checkpoint {
     /// Opens `location` with the default options.
@@ -189,13 +96,19 @@ impl Checkpoint {
                 context: "opening the checkpoint",
                 source,
             })?;
-        Checkpoint::open_in(store, entry, location)
+        Checkpoint::open_in(store, entry, location, options)
     }
 
     /// Opens the checkpoint `entry` of `store` (what [`Checkpoint::open_with`] does once it
     /// has found the store): for stores of your own, or to share one store between opens.
-    /// `location` is how the checkpoint is named in messages.
-    pub fn open_in(store: Arc<dyn Store>, entry: Entry, location: Location) -> Result<Checkpoint> {
+    /// `location` is how the checkpoint is named in messages. Of `options`, only what is not
+    /// the store's business applies (the mapping): the store already reads its files.
+    pub fn open_in(
+        store: Arc<dyn Store>,
+        entry: Entry,
+        location: Location,
+        options: &OpenOptions,
+    ) -> Result<Checkpoint> {
         let io = |location: Location, context| {
             move |source| Error::Io {
                 location,
@@ -274,7 +187,7 @@ impl Checkpoint {
             }
             other => other,
         })?;
-        Checkpoint::assemble(location, index, shards, store)
+        Checkpoint::assemble(location, index, shards, store, options.mapping)
     }
 
     /// Checks the shards against the index (or each other) and builds the checkpoint.
@@ -283,12 +196,11 @@ impl Checkpoint {
         index: Option<(Location, ShardIndex)>,
         shards: Vec<Shard>,
         store: Arc<dyn Store>,
+        mapping: Mapping,
     ) -> Result<Checkpoint> {
         if let Some((index_location, index)) = &index {
-            let pairs: Vec<(&str, &Header)> = shards
-                .iter()
-                .map(|s| (s.name.as_str(), &s.header))
-                .collect();
+            let pairs: Vec<(&str, &Header)> =
+                shards.iter().map(|s| (s.name(), s.header())).collect();
             index.check(&pairs).map_err(|source| Error::Format {
                 location: index_location.clone(),
                 source,
@@ -299,20 +211,20 @@ impl Checkpoint {
         // a name in two shards (each header already rejects repeats within itself).
         if index.is_none() && shards.len() > 1 {
             let mut seen: HashMap<&str, usize> =
-                HashMap::with_capacity(shards.iter().map(|s| s.header.len()).sum());
+                HashMap::with_capacity(shards.iter().map(|s| s.header().len()).sum());
             for (i, shard) in shards.iter().enumerate() {
-                for t in shard.header.tensors() {
+                for t in shard.header().tensors() {
                     if let Some(first) = seen.insert(&t.name, i) {
                         return Err(Error::DuplicateTensor {
                             tensor: t.name.clone(),
-                            first: shards[first].location.clone(),
-                            second: shard.location.clone(),
+                            first: shards[first].location().clone(),
+                            second: shard.location().clone(),
                         });
                     }
                 }
             }
         }
-        let tensor_count = shards.iter().map(|s| s.header.len()).sum();
+        let tensor_count = shards.iter().map(|s| s.header().len()).sum();
 
         Ok(Checkpoint {
             location,
@@ -320,12 +232,18 @@ impl Checkpoint {
             shards,
             tensor_count,
             store,
+            mapping,
         })
     }
 
     /// Where the checkpoint was opened from.
     pub fn location(&self) -> &Location {
         &self.location
+    }
+
+    /// Whether its tensors may stay in mappings of the files (see [`OpenOptions::mapping`]).
+    pub fn mapping(&self) -> Mapping {
+        self.mapping
     }
 
     /// The store holding the checkpoint's files.
@@ -355,14 +273,14 @@ impl Checkpoint {
 
     /// Total bytes of tensor data in all shards.
     pub fn data_bytes(&self) -> u64 {
-        self.shards.iter().map(|s| s.header.data_len()).sum()
+        self.shards.iter().map(|s| s.header().data_len()).sum()
     }
 
     /// Every tensor with its shard, shard by shard in file order.
     pub fn tensors(&self) -> impl Iterator<Item = (&Shard, &TensorInfo)> + '_ {
         self.shards
             .iter()
-            .flat_map(|s| s.header.tensors().iter().map(move |t| (s, t)))
+            .flat_map(|s| s.header().tensors().iter().map(move |t| (s, t)))
     }
 
     /// Tensor names, sorted (built on each call).
@@ -375,7 +293,7 @@ impl Checkpoint {
     /// Finds a tensor by name.
     pub fn info(&self, name: &str) -> Option<(&Shard, &TensorInfo)> {
         self.locate(name)
-            .map(|(s, t)| (&self.shards[s], &self.shards[s].header.tensors()[t]))
+            .map(|(s, t)| (&self.shards[s], &self.shards[s].header().tensors()[t]))
     }
 
     /// (shard, position) of a tensor: a binary search in each shard's own name index
@@ -384,7 +302,7 @@ impl Checkpoint {
         self.shards
             .iter()
             .enumerate()
-            .find_map(|(s, shard)| shard.header.position(name).map(|t| (s, t)))
+            .find_map(|(s, shard)| shard.header().position(name).map(|t| (s, t)))
     }
 
     /// Requests, retries and bytes received so far, when the checkpoint is read over the
@@ -398,7 +316,7 @@ impl Checkpoint {
     pub fn default_threads(&self) -> usize {
         self.store
             .preferred_threads()
-            .unwrap_or_else(crate::exec::default_threads)
+            .unwrap_or_else(crate::pool::default_threads)
     }
 }
 
@@ -411,70 +329,4 @@ fn parse_index(location: &Location, bytes: &[u8]) -> Result<ShardIndex> {
         location: location.clone(),
         source,
     })
-}
-
-fn open_shard(store: &dyn Store, name: String, from_index: bool) -> Result<Shard> {
-    let location = store.location().join(&name);
-    let opened = store
-        .open(&name, HEADER_PROBE)
-        .map_err(|source| Error::Io {
-            location: location.clone(),
-            context: if from_index {
-                "opening a shard listed in the index"
-            } else {
-                "opening the file"
-            },
-            source,
-        })?;
-    let header = read_header(&*opened.source, opened.head).map_err(|e| match e {
-        HeaderError::Format(source) => Error::Format {
-            location: location.clone(),
-            source,
-        },
-        HeaderError::Io(source) => Error::Io {
-            location: location.clone(),
-            context: "reading the header",
-            source: source.into(),
-        },
-    })?;
-    Ok(Shard {
-        location,
-        name,
-        header,
-        source: opened.source,
-        backend_reason: opened.reason,
-        mapping: Mutex::new(Weak::new()),
-    })
-}
-
-enum HeaderError {
-    Format(FormatError),
-    Io(std::io::Error),
-}
-
-/// Reads and validates a header through a byte source, checking every length against the
-/// source's real length before allocating for it. `head` holds the file's first bytes as
-/// far as the store read them with the opening (possibly none); the rest is read here.
-fn read_header(source: &dyn ByteSource, mut head: Vec<u8>) -> Result<Header, HeaderError> {
-    let len = source.len();
-    if len < PREFIX_LEN {
-        return Err(HeaderError::Format(FormatError::HeaderTooSmall { len }));
-    }
-    if head.len() < PREFIX_LEN as usize {
-        head = vec![0u8; len.min(HEADER_PROBE) as usize];
-        source
-            .read_exact_at(0, &mut head)
-            .map_err(HeaderError::Io)?;
-    }
-    let prefix: [u8; 8] = head[..8].try_into().expect("at least 8 bytes");
-    let header_len = header_len_from_prefix(prefix, len).map_err(HeaderError::Format)?;
-    let end = (PREFIX_LEN + header_len) as usize;
-    if end > head.len() {
-        let have = head.len();
-        head.resize(end, 0);
-        source
-            .read_exact_at(have as u64, &mut head[have..])
-            .map_err(HeaderError::Io)?;
-    }
-    Header::parse(&head[PREFIX_LEN as usize..end], len).map_err(HeaderError::Format)
 }

@@ -1,41 +1,22 @@
-//! Running a load: the plan's requests are read in parallel on a rayon pool, each landing
-//! in its region of the target's memory. This is the loop that moves bytes.
+//! Running a read plan: its requests are read in parallel on a rayon pool, each landing in
+//! its region of a target's memory (or, for mapped files, populating the mapping's range).
+//! This is the loop that moves bytes. It is handed what it runs on (the shards' sources, the
+//! plan, the pool, a progress sink and a cancel flag) and knows nothing of checkpoints or
+//! load options.
 
-use crate::checkpoint::Checkpoint;
 use crate::convert::convert;
 use crate::error::{Error, Result};
-use crate::options::LoadOptions;
+use crate::memory::HostMemory;
 use crate::plan::{GAP, ReadPlan, Request};
-use crate::progress::Progress;
-use crate::tensor::HostMemory;
+use crate::progress::ProgressSink;
+use crate::shard::Shard;
 use rayon::prelude::*;
 use std::cell::RefCell;
 use std::ops::Range;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use weightlift_device::{DeviceError, Region, Target};
 use weightlift_storage::AccessPattern;
-
-/// A rayon pool of `threads` threads named `name-N`.
-pub(crate) fn thread_pool(threads: usize, name: &'static str) -> Result<rayon::ThreadPool> {
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .thread_name(move |i| format!("{name}-{i}"))
-        .build()
-        .map_err(|e| Error::ThreadPool {
-            threads,
-            reason: e.to_string(),
-        })
-}
-
-/// Loader threads when nothing else decides: the number of CPUs, at least 4. Reads block
-/// in the kernel, so more threads than cores keep the device queue full; page faults on
-/// fresh memory scale with cores too.
-pub fn default_threads() -> usize {
-    std::thread::available_parallelism()
-        .map_or(4, |n| n.get())
-        .max(4)
-}
 
 /// Allocates one allocation of `sizes[i]` bytes per entry of `jobs` on `target`, fills
 /// each job's range of its allocation with `fill` (in parallel on `pool`, or in order
@@ -74,32 +55,33 @@ pub(crate) fn fill_target<T: Target, J: Sync>(
         .collect()
 }
 
-impl Checkpoint {
-    /// Executes `plan` into `target`: one allocation per shard, one region per request,
-    /// all requests in parallel.
-    pub(crate) fn run<T: Target>(
-        &self,
-        plan: &ReadPlan,
-        target: &T,
-        options: &LoadOptions,
-        counters: &Counters,
-    ) -> Result<Vec<T::Memory>> {
-        self.run_part(plan, target, options, counters, 0..plan.requests.len())
+/// One execution of a read plan: what it reads from, where it reports, what calls it off.
+pub(crate) struct Exec<'a> {
+    /// Every shard of the checkpoint (the plan refers to them by position).
+    pub(crate) shards: &'a [Shard],
+    pub(crate) plan: &'a ReadPlan,
+    pub(crate) pool: &'a rayon::ThreadPool,
+    pub(crate) progress: &'a ProgressSink,
+    /// When set, the execution stops before its next request with [`Error::Cancelled`].
+    pub(crate) cancel: Option<&'a AtomicBool>,
+}
+
+impl Exec<'_> {
+    fn cancelled(&self) -> bool {
+        self.cancel.is_some_and(|c| c.load(Ordering::Relaxed))
     }
 
-    /// [`Checkpoint::run`] for the requests at positions `part` only (one rank's share):
-    /// every allocation is made, only those requests' regions are filled.
-    pub(crate) fn run_part<T: Target>(
-        &self,
-        plan: &ReadPlan,
-        target: &T,
-        options: &LoadOptions,
-        counters: &Counters,
-        part: Range<usize>,
-    ) -> Result<Vec<T::Memory>> {
-        let threads = options.threads.unwrap_or_else(|| self.default_threads());
-        let pool = thread_pool(threads, "weightlift")?;
-        self.hint(plan);
+    fn reported(&self, request: &Request) {
+        let sp = &self.plan.shards[request.shard_plan as usize];
+        self.progress.done(sp.shard, sp.bytes, request.len);
+    }
+
+    /// Reads the requests at positions `part` of the plan (all of them for a whole load,
+    /// one rank's share for a shared one) into `target`: one allocation per shard of the
+    /// plan (every allocation is made, whatever `part` is), one region per request.
+    pub(crate) fn fill<T: Target>(&self, target: &T, part: Range<usize>) -> Result<Vec<T::Memory>> {
+        let plan = self.plan;
+        self.hint();
         let sizes: Vec<u64> = plan.shards.iter().map(|sp| sp.layout.total()).collect();
         let jobs: Vec<Vec<(Range<u64>, &Request)>> = plan
             .shards
@@ -112,78 +94,62 @@ impl Checkpoint {
                     .collect()
             })
             .collect();
-        fill_target(target, &sizes, &jobs, Some(&pool), |request, buf| {
-            if options.cancelled() {
+        fill_target(target, &sizes, &jobs, Some(self.pool), |request, buf| {
+            if self.cancelled() {
                 return Err(Error::Cancelled);
             }
-            self.fill_request(plan, request, buf)?;
-            counters.done(plan, request, options.progress.as_deref());
+            self.fill_request(request, buf)?;
+            self.reported(request);
             Ok(())
         })
     }
 
-    /// Executes `plan` by mapping each shard privately and populating the plan's ranges of
-    /// the mappings in parallel: the tensors' bytes stay where the page cache has them.
-    /// Returns each shard's mapping, in the plan's shard order.
-    ///
-    /// # Safety
-    ///
-    /// The contract of [`crate::Mapping::always`] for the plan's shards.
-    pub(crate) unsafe fn run_mapped(
-        &self,
-        plan: &ReadPlan,
-        options: &LoadOptions,
-        counters: &Counters,
-    ) -> Result<Vec<Arc<HostMemory>>> {
-        let threads = options.threads.unwrap_or_else(|| self.default_threads());
-        let pool = thread_pool(threads, "weightlift")?;
-        let maps = plan
-            .shards
-            .iter()
-            .map(|sp| {
-                let shard = &self.shards()[sp.shard];
-                // SAFETY: passed on from this function's contract.
-                let map = unsafe { shard.mapping() }?;
-                map.mapped()
-                    .expect("a shard's mapping is a mapped file")
-                    .hint(pattern(sp.bytes, shard.header().data_len()));
-                Ok(map)
-            })
-            .collect::<Result<Vec<_>>>()?;
+    /// Populates the plan's ranges of the shards' mappings (`maps`, one per shard of the
+    /// plan, in its order) in parallel: the tensors' bytes stay where the page cache has
+    /// them.
+    pub(crate) fn populate(&self, maps: &[Arc<HostMemory>]) -> Result<()> {
+        let plan = self.plan;
+        let mapping = |i: usize| {
+            maps[i]
+                .mapping()
+                .expect("a shard's mapping is a mapped file")
+        };
+        for (i, sp) in plan.shards.iter().enumerate() {
+            let header = self.shards[sp.shard].header();
+            mapping(i).hint(pattern(sp.bytes, header.data_len()));
+        }
         // Requests are handed out in file order (each thread takes the next one): the device
         // sees a few neighbouring streams, as a sequential reader's readahead would make,
         // where rayon's halving would also start threads in the middle of files. On this
         // machine's virtual disk the two measured within noise of each other (cold, 1 GiB:
         // 0.83-1.10x the raw read either way).
-        let next = std::sync::atomic::AtomicUsize::new(0);
-        pool.install(|| {
+        let next = AtomicUsize::new(0);
+        let threads = self.pool.current_num_threads();
+        self.pool.install(|| {
             (0..threads).into_par_iter().try_for_each(|_| {
                 while let Some(request) = plan.requests.get(next.fetch_add(1, Ordering::Relaxed)) {
-                    if options.cancelled() {
+                    if self.cancelled() {
                         return Err(Error::Cancelled);
                     }
-                    let map = &maps[request.shard_plan as usize];
-                    map.mapped()
-                        .expect("a shard's mapping is a mapped file")
+                    mapping(request.shard_plan as usize)
                         .populate(request.file_offset, request.len)
-                        .map_err(|source| self.read_error(plan, request, source))?;
-                    counters.done(plan, request, options.progress.as_deref());
+                        .map_err(|source| self.read_error(request, source))?;
+                    self.reported(request);
                 }
                 Ok::<(), Error>(())
             })
-        })?;
-        Ok(maps)
+        })
     }
 
     /// After an owned load: tells each source that the bytes read from it (the header at
     /// open, the plan's requests now) will not be read again, so the page cache can drop
     /// them. Neighbouring ranges are merged: the kernel only drops pages (and large folios)
     /// that a range covers whole.
-    pub(crate) fn drop_cache(&self, plan: &ReadPlan) {
-        for sp in &plan.shards {
-            let shard = &self.shards()[sp.shard];
+    pub(crate) fn drop_cache(&self) {
+        for sp in &self.plan.shards {
+            let shard = &self.shards[sp.shard];
             let mut run = 0..shard.header().data_start();
-            for r in &plan.requests[sp.requests.clone()] {
+            for r in &self.plan.requests[sp.requests.clone()] {
                 if r.file_offset == run.end {
                     run.end += r.len;
                 } else {
@@ -196,21 +162,22 @@ impl Checkpoint {
     }
 
     /// Tells each source how the plan reads it.
-    pub(crate) fn hint(&self, plan: &ReadPlan) {
-        for sp in &plan.shards {
-            let header = self.shards()[sp.shard].header();
-            self.shards()[sp.shard]
+    fn hint(&self) {
+        for sp in &self.plan.shards {
+            let shard = &self.shards[sp.shard];
+            shard
                 .source()
-                .hint(pattern(sp.bytes, header.data_len()));
+                .hint(pattern(sp.bytes, shard.header().data_len()));
         }
     }
 
     /// Reads one request into `buf` (its destination range): one scatter read straight
     /// into the tensors' slots, skipping alignment padding; converted pieces go through a
     /// per-thread scratch buffer.
-    fn fill_request(&self, plan: &ReadPlan, request: &Request, buf: &mut [u8]) -> Result<()> {
+    fn fill_request(&self, request: &Request, buf: &mut [u8]) -> Result<()> {
+        let plan = self.plan;
         let sp = &plan.shards[request.shard_plan as usize];
-        let shard = &self.shards()[sp.shard];
+        let shard = &self.shards[sp.shard];
         let infos = shard.header().tensors();
         let pieces = &plan.pieces[request.pieces.start as usize..request.pieces.end as usize];
         let needs_conversion = |slot: u32| {
@@ -254,7 +221,7 @@ impl Checkpoint {
             shard
                 .source()
                 .read_scatter_at(request.file_offset, &mut slices)
-                .map_err(|source| self.read_error(plan, request, source))?;
+                .map_err(|source| self.read_error(request, source))?;
             drop(slices);
             let mut src_at = 0usize;
             for (slot, src_len, dst) in conversions {
@@ -271,14 +238,10 @@ impl Checkpoint {
 
     /// Names the tensor a failed read was for: the first of the request that runs past the
     /// file's current end (a file that shrank), else the request's first tensor.
-    pub(crate) fn read_error(
-        &self,
-        plan: &ReadPlan,
-        request: &Request,
-        source: std::io::Error,
-    ) -> Error {
+    fn read_error(&self, request: &Request, source: std::io::Error) -> Error {
+        let plan = self.plan;
         let sp = &plan.shards[request.shard_plan as usize];
-        let shard = &self.shards()[sp.shard];
+        let shard = &self.shards[sp.shard];
         let infos = shard.header().tensors();
         let current_len = shard.source().current_len().unwrap_or(0);
         let data_start = shard.header().data_start();
@@ -310,44 +273,4 @@ fn pattern(selected: u64, data_len: u64) -> AccessPattern {
 thread_local! {
     /// Per-thread staging for converted pieces: bounded by the request size.
     static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
-}
-
-/// Byte counters for progress reports, over every plan of one load (a CPU load may run an
-/// owned and a mapped plan).
-pub(crate) struct Counters {
-    total: AtomicU64,
-    /// Per shard of the checkpoint.
-    per_file: Vec<AtomicU64>,
-    bytes_total: u64,
-}
-
-impl Counters {
-    pub(crate) fn new(shards: usize, plans: &[&ReadPlan]) -> Counters {
-        Counters {
-            total: AtomicU64::new(0),
-            per_file: (0..shards).map(|_| AtomicU64::new(0)).collect(),
-            bytes_total: plans.iter().map(|p| p.bytes).sum(),
-        }
-    }
-
-    pub(crate) fn done(
-        &self,
-        plan: &ReadPlan,
-        request: &Request,
-        progress: Option<&(dyn Fn(&Progress) + Send + Sync)>,
-    ) {
-        let sp = &plan.shards[request.shard_plan as usize];
-        let bytes_done = self.total.fetch_add(request.len, Ordering::Relaxed) + request.len;
-        let file_done =
-            self.per_file[sp.shard].fetch_add(request.len, Ordering::Relaxed) + request.len;
-        if let Some(report) = progress {
-            report(&Progress {
-                file: sp.shard,
-                file_bytes_done: file_done,
-                file_bytes_total: sp.bytes,
-                bytes_done,
-                bytes_total: self.bytes_total,
-            });
-        }
-    }
 }

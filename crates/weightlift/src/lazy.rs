@@ -1,18 +1,20 @@
 //! On-demand access without loading the whole checkpoint: one tensor, a slice of one
-//! (reading only its byte runs), or zero-copy views into memory-mapped shards.
+//! (reading only its byte runs), or zero-copy views into the shards' mappings.
 
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
-use crate::slice;
+use crate::mapping::Use;
+use crate::memory::HostMemory;
+use crate::shard::Shard;
+use crate::slice::{self, SlicePlan};
 use crate::tensor::{Storage, Tensor, TensorView};
 use std::ops::Range;
 use std::sync::Arc;
 use weightlift_device::HostBuffer;
 use weightlift_format::TensorInfo;
-use weightlift_storage::MmapSource;
 
 impl Checkpoint {
-    /// Reads one tensor into owned memory.
+    /// Reads one tensor (see [`Checkpoint::get_slice`]).
     pub fn get(&self, name: &str) -> Result<Tensor> {
         self.get_slice(name, &[])
     }
@@ -20,6 +22,12 @@ impl Checkpoint {
     /// Reads the sub-block `ranges` of a tensor: one range per leading dimension (missing
     /// trailing dimensions are taken whole), e.g. `&[0..rows, c0..c1]` for a column shard
     /// of a matrix. Reads only the bytes of the slice: one run per contiguous block.
+    ///
+    /// Where the checkpoint's [`crate::Mapping`] maps the tensor's file, the block comes from
+    /// the file's private mapping (shared with mapped loads and views while any of them
+    /// lives): its pages are populated in one call, then a block whose bytes are contiguous
+    /// (the whole tensor, or ranges on its leading dimension) is a view of the mapping, any
+    /// other block a copy out of it. Elsewhere it is read into memory of its own.
     pub fn get_slice(&self, name: &str, ranges: &[Range<usize>]) -> Result<Tensor> {
         let (s, t) = self
             .locate(name)
@@ -27,88 +35,32 @@ impl Checkpoint {
         let shard = &self.shards()[s];
         let info = &shard.header().tensors()[t];
         let plan = slice_plan(info, ranges)?;
-        let total: u64 = plan.runs.iter().map(|r| r.1).sum();
-        let mut buf = HostBuffer::new(total)?;
+        let (map, _) = shard.maps(self.mapping(), Use::Read)?;
         let base = shard.header().data_start() + info.data_offsets.0;
-        let mut out = buf.as_mut_slice();
-        for &(offset, len) in &plan.runs {
-            let (dst, rest) = std::mem::take(&mut out).split_at_mut(len as usize);
-            out = rest;
-            shard
-                .source()
-                .read_exact_at(base + offset, dst)
-                .map_err(|source| Error::Read {
-                    location: shard.location().clone(),
-                    tensor: name.to_string(),
-                    source,
-                })?;
-        }
-        Ok(Tensor {
-            name: info.name.clone(),
-            dtype: info.dtype,
-            shape: plan.shape,
-            byte_len: total as usize,
-            storage: Storage::Host {
-                memory: Arc::new(buf.into()),
+        let total: u64 = plan.runs.iter().map(|r| r.1).sum();
+        let storage = if map {
+            // SAFETY: the policy maps only under a `Mapping` made by its unsafe
+            // constructors, whose contract the caller took on when opening the checkpoint.
+            let memory = unsafe { shard.mapping() }?;
+            from_mapping(shard, info, &plan, memory, base)?
+        } else {
+            let mut buf = HostBuffer::new(total)?;
+            let mut out = buf.as_mut_slice();
+            for &(offset, len) in &plan.runs {
+                let (dst, rest) = std::mem::take(&mut out).split_at_mut(len as usize);
+                out = rest;
+                shard
+                    .source()
+                    .read_exact_at(base + offset, dst)
+                    .map_err(|source| Error::Read {
+                        location: shard.location().clone(),
+                        tensor: name.to_string(),
+                        source,
+                    })?;
+            }
+            Storage::Host {
+                memory: Arc::new(HostMemory::owned(buf)),
                 offset: 0,
-            },
-        })
-    }
-
-    /// Like [`Checkpoint::get_slice`], but from a private mapping of the tensor's file
-    /// (mapped on first use, shared with mapped loads while any tensor uses it): the slice's
-    /// pages are populated in one call, then a block whose bytes are contiguous (the whole
-    /// tensor, or ranges on its leading dimension) is a view of the mapping, no copy; any
-    /// other block is copied out of it. Local files only.
-    ///
-    /// # Safety
-    ///
-    /// The contract of [`crate::Mapping::always`]: the file is not truncated or modified
-    /// while the returned tensor (or its mapping) lives.
-    pub unsafe fn get_mapped(&self, name: &str, ranges: &[Range<usize>]) -> Result<Tensor> {
-        let (s, t) = self
-            .locate(name)
-            .ok_or_else(|| Error::NotFound(name.to_string()))?;
-        let shard = &self.shards()[s];
-        let info = &shard.header().tensors()[t];
-        let plan = slice_plan(info, ranges)?;
-        // SAFETY: passed on from this function's contract.
-        let map = unsafe { shard.mapping() }?;
-        let base = shard.header().data_start() + info.data_offsets.0;
-        let total: u64 = plan.runs.iter().map(|r| r.1).sum();
-        if let (Some(first), Some(last)) = (plan.runs.first(), plan.runs.last()) {
-            let (start, end) = (base + first.0, base + last.0 + last.1);
-            map.mapped()
-                .expect("a shard's mapping is a mapped file")
-                .populate(start, end - start)
-                .map_err(|source| Error::Read {
-                    location: shard.location().clone(),
-                    tensor: name.to_string(),
-                    source,
-                })?;
-        }
-        let storage = match plan.runs.as_slice() {
-            [] => Storage::Host {
-                memory: map,
-                offset: base as usize,
-            },
-            [(offset, _)] => Storage::Host {
-                memory: map,
-                offset: (base + offset) as usize,
-            },
-            runs => {
-                let mut buf = HostBuffer::new(total)?;
-                let mut at = 0usize;
-                for &(offset, len) in runs {
-                    let from = (base + offset) as usize;
-                    buf.as_mut_slice()[at..at + len as usize]
-                        .copy_from_slice(&map.as_slice()[from..from + len as usize]);
-                    at += len as usize;
-                }
-                Storage::Host {
-                    memory: Arc::new(buf.into()),
-                    offset: 0,
-                }
             }
         };
         Ok(Tensor {
@@ -120,8 +72,9 @@ impl Checkpoint {
         })
     }
 
-    /// Maps every shard for zero-copy access. Views borrow the returned value, which
-    /// borrows the checkpoint: the compiler rejects any view that outlives either.
+    /// Maps every shard for zero-copy access (the shards' own mappings, shared with mapped
+    /// loads and reads). Views borrow the returned value, which borrows the checkpoint: the
+    /// compiler rejects any view that outlives either.
     ///
     /// # Safety
     ///
@@ -132,33 +85,8 @@ impl Checkpoint {
         let maps = self
             .shards()
             .iter()
-            .map(|s| {
-                let io = |source: weightlift_storage::Error| Error::Io {
-                    location: s.location().clone(),
-                    context: "memory-mapping the file",
-                    source,
-                };
-                let path = s.path().ok_or_else(|| {
-                    io(weightlift_storage::Error::Unsupported(
-                        "only local files can be memory-mapped",
-                    ))
-                })?;
-                // SAFETY: the caller promises the files are not truncated or modified while
-                // the mapping lives (this function's contract).
-                let map = unsafe { MmapSource::open(path) }.map_err(|e| io(e.into()))?;
-                if (map.as_slice().len() as u64) < s.header().file_len() {
-                    return Err(io(std::io::Error::new(
-                        std::io::ErrorKind::UnexpectedEof,
-                        format!(
-                            "file is {} bytes, its header needs {}",
-                            map.as_slice().len(),
-                            s.header().file_len()
-                        ),
-                    )
-                    .into()));
-                }
-                Ok(map)
-            })
+            // SAFETY: passed on from this function's contract.
+            .map(|s| unsafe { s.mapping() })
             .collect::<Result<Vec<_>>>()?;
         Ok(MappedCheckpoint {
             checkpoint: self,
@@ -167,11 +95,59 @@ impl Checkpoint {
     }
 }
 
+/// The block `plan` of a tensor at `base` in a shard's mapping: its pages populated, then a
+/// view where the block is one run, else a copy of its runs.
+fn from_mapping(
+    shard: &Shard,
+    info: &TensorInfo,
+    plan: &SlicePlan,
+    memory: Arc<HostMemory>,
+    base: u64,
+) -> Result<Storage> {
+    let map = memory
+        .mapping()
+        .expect("a shard's mapping is a mapped file");
+    if let (Some(first), Some(last)) = (plan.runs.first(), plan.runs.last()) {
+        let (start, end) = (base + first.0, base + last.0 + last.1);
+        map.populate(start, end - start)
+            .map_err(|source| Error::Read {
+                location: shard.location().clone(),
+                tensor: info.name.clone(),
+                source,
+            })?;
+    }
+    Ok(match plan.runs.as_slice() {
+        [] => Storage::Host {
+            memory,
+            offset: base as usize,
+        },
+        [(offset, _)] => Storage::Host {
+            memory,
+            offset: (base + offset) as usize,
+        },
+        runs => {
+            let total: u64 = runs.iter().map(|r| r.1).sum();
+            let mut buf = HostBuffer::new(total)?;
+            let mut at = 0usize;
+            for &(offset, len) in runs {
+                let from = (base + offset) as usize;
+                buf.as_mut_slice()[at..at + len as usize]
+                    .copy_from_slice(&memory.as_slice()[from..from + len as usize]);
+                at += len as usize;
+            }
+            Storage::Host {
+                memory: Arc::new(HostMemory::owned(buf)),
+                offset: 0,
+            }
+        }
+    })
+}
+
 /// The byte runs of `ranges` of a tensor (the whole tensor for no ranges).
-fn slice_plan(info: &TensorInfo, ranges: &[Range<usize>]) -> Result<slice::SlicePlan> {
+fn slice_plan(info: &TensorInfo, ranges: &[Range<usize>]) -> Result<SlicePlan> {
     if ranges.is_empty() {
         // The whole tensor: one run, for every dtype (sub-byte ones included).
-        return Ok(slice::SlicePlan {
+        return Ok(SlicePlan {
             shape: info.shape.clone(),
             runs: vec![(0, info.byte_len())],
         });
@@ -201,7 +177,7 @@ fn slice_plan(info: &TensorInfo, ranges: &[Range<usize>]) -> Result<slice::Slice
 #[derive(Debug)]
 pub struct MappedCheckpoint<'a> {
     checkpoint: &'a Checkpoint,
-    maps: Vec<MmapSource>,
+    maps: Vec<Arc<HostMemory>>,
 }
 
 impl MappedCheckpoint<'_> {
@@ -232,7 +208,8 @@ impl MappedCheckpoint<'_> {
             name: &info.name,
             dtype: info.dtype,
             shape: &info.shape,
-            // In bounds: `map` checked each file is at least as long as its header says.
+            // In bounds: the shard's mapping was checked to be at least as long as its
+            // header says.
             bytes: &self.maps[s].as_slice()[start..end],
         }
     }

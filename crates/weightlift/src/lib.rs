@@ -20,7 +20,7 @@
 //! Cargo features: `remote` opens `http(s)://` and `s3://` URLs like paths (see
 //! `remote::RemoteOptions`); `cuda` loads to NVIDIA GPUs with `Device::Cuda(n)` (the driver
 //! is loaded at run time, so the feature builds anywhere). [`Checkpoint::load_staged`] runs
-//! the GPU pipeline over any [`device::CopyEngine`].
+//! the GPU pipeline over any [`CopyEngine`].
 
 mod checkpoint;
 mod convert;
@@ -28,28 +28,49 @@ mod error;
 mod exec;
 mod lazy;
 mod load;
+mod mapping;
+mod memory;
 mod options;
 mod plan;
+mod pool;
+mod prefetch;
 mod progress;
+mod shard;
 mod share;
 mod slice;
 mod tensor;
 
-pub use checkpoint::{Checkpoint, OpenOptions, Shard};
+pub use checkpoint::{Checkpoint, OpenOptions};
 pub use error::{Error, Result};
-pub use exec::default_threads;
 pub use lazy::MappedCheckpoint;
-pub use options::{DEFAULT_MAX_GAP, DEFAULT_REQUEST_SIZE, Filter, LoadOptions, Mapping, SliceFn};
+pub use mapping::Mapping;
+pub use memory::HostMemory;
+pub use options::{DEFAULT_MAX_GAP, DEFAULT_REQUEST_SIZE, Filter, LoadOptions, SliceFn};
+pub use pool::default_threads;
+pub use prefetch::Prefetch;
 pub use progress::{Progress, ProgressFn};
+pub use shard::Shard;
 pub use share::{ExchangeSpan, Share, SharedLoad};
-pub use tensor::{Element, FileReport, HostMemory, Placement, StateDict, Tensor, TensorView};
+pub use tensor::{Element, FileReport, Placement, StateDict, Tensor, TensorView};
 
-pub use weightlift_device as device;
-pub use weightlift_device::{Device, StagedTarget, StagingOptions, StagingStats};
-pub use weightlift_format as format;
-pub use weightlift_format::Dtype;
-pub use weightlift_storage as storage;
-pub use weightlift_storage::{AutoPolicy, Backend, BackendKind, Location, RemoteStats};
+// The items of the lower crates that this crate's API uses (in signatures, errors and
+// options), so that users need no other dependency; the crates themselves are not
+// re-exported whole.
+#[cfg(feature = "cuda")]
+pub use weightlift_device::CudaEngine;
+pub use weightlift_device::{
+    CopyEngine, Device, DeviceError, DeviceMemory, StagedTarget, StagingOptions, StagingStats,
+};
+pub use weightlift_format::{Dtype, FormatError, Header, ShardIndex, TensorInfo};
+/// The storage layer's error (the source of [`Error::Io`]).
+pub use weightlift_storage::Error as StorageError;
+/// A Hugging Face model id (`org/name[@revision]`), as [`Checkpoint::open`] takes them.
+pub use weightlift_storage::hub::ModelId;
+pub use weightlift_storage::{
+    AccessPattern, AutoPolicy, Backend, BackendKind, ByteSource, Entry, LocalStore, Location,
+    Opened, RemoteStats, Store, StoreOptions, open_store,
+};
+
 /// Remote storage options (feature `remote`).
 #[cfg(feature = "remote")]
 pub mod remote {
@@ -63,12 +84,12 @@ pub fn load_bytes(bytes: &[u8]) -> Result<StateDict> {
         location: Location::Local("<bytes>".into()),
         source,
     };
-    let header = format::Header::from_file_bytes(bytes).map_err(format_error)?;
+    let header = Header::from_file_bytes(bytes).map_err(format_error)?;
     let data = &bytes[header.data_start() as usize..];
-    let mut buf = device::HostBuffer::new(data.len() as u64)?;
+    let mut buf = weightlift_device::HostBuffer::new(data.len() as u64)?;
     buf.as_mut_slice().copy_from_slice(data);
     let base = tensor::Storage::Host {
-        memory: std::sync::Arc::new(buf.into()),
+        memory: std::sync::Arc::new(HostMemory::owned(buf)),
         offset: 0,
     };
     let tensors = header

@@ -1,12 +1,16 @@
 //! Loads: which tensors (the selection), planned how, onto which device. CPU and device
 //! loads run the same plan through [`crate::exec`]; meta loads read nothing.
 
-use crate::checkpoint::{Checkpoint, Shard};
+use crate::checkpoint::Checkpoint;
 use crate::convert::{converted, is_conversion_target};
 use crate::error::{Error, Result};
-use crate::exec::Counters;
+use crate::exec::Exec;
+use crate::mapping::Use;
+use crate::memory::HostMemory;
 use crate::options::LoadOptions;
 use crate::plan::{Pick, ReadPlan};
+use crate::pool::thread_pool;
+use crate::progress::ProgressSink;
 use crate::tensor::{FileReport, Placement, StateDict, Storage, Tensor};
 use std::sync::Arc;
 use weightlift_device::{CopyEngine, CpuTarget, Device, StagedTarget};
@@ -28,8 +32,9 @@ impl Checkpoint {
         }
     }
 
-    /// A CPU load: shards that map (see [`crate::Mapping`]) are mapped and populated, the
-    /// others read into owned memory; the tensors come back in shard order either way.
+    /// A CPU load: shards that map (the checkpoint's [`crate::Mapping`], asked through the one
+    /// policy) are mapped and populated, the others read into owned memory; the tensors come
+    /// back in shard order either way.
     fn load_cpu(&self, options: &LoadOptions) -> Result<StateDict> {
         let (selected, convert_fn) = self.selection(options)?;
         let mut owned = vec![Vec::new(); selected.len()];
@@ -45,7 +50,7 @@ impl Checkpoint {
                 convert_fn(dtype) != dtype
             });
             let sliced = picks.iter().any(|p| p.slice.is_some());
-            let (map, reason) = self.placement(shard, options, converts, sliced)?;
+            let (map, reason) = shard.maps(self.mapping(), Use::Load { converts, sliced })?;
             reasons[i] = reason;
             if map {
                 mapped[i] = picks;
@@ -55,29 +60,44 @@ impl Checkpoint {
         }
         let owned_plan = self.plan(owned, options, None, &convert_fn);
         let mapped_plan = self.plan(mapped, options, None, |d| d);
-        let counters = Counters::new(self.shards().len(), &[&owned_plan, &mapped_plan]);
+        let progress = self.progress_sink(options, owned_plan.bytes + mapped_plan.bytes);
+        let pool = self.pool(options)?;
+        let exec = |plan| Exec {
+            shards: self.shards(),
+            plan,
+            pool: &pool,
+            progress: &progress,
+            cancel: options.cancel.as_deref(),
+        };
         let mut groups: Vec<(usize, Vec<Tensor>)> = Vec::new();
         let mut files = Vec::new();
         if !owned_plan.shards.is_empty() {
             let target = CpuTarget {
                 huge_pages: options.huge_pages,
             };
-            let memories = self.run(&owned_plan, &target, options, &counters)?;
+            let run = exec(&owned_plan);
+            let memories = run.fill(&target, 0..owned_plan.requests.len())?;
             if options.drop_cache {
-                self.drop_cache(&owned_plan);
+                run.drop_cache();
             }
             groups.extend(
                 self.shard_tensors(&owned_plan, memories, |memory| Storage::Host {
-                    memory: Arc::new(memory.into()),
+                    memory: Arc::new(HostMemory::owned(memory)),
                     offset: 0,
                 }),
             );
             files.extend(self.reports(&owned_plan, Placement::Owned, &reasons));
         }
         if !mapped_plan.shards.is_empty() {
-            // SAFETY: only shards whose placement the caller allowed to map (through the
-            // unsafe constructors of `Mapping`, whose contract they took on) are in this plan.
-            let maps = unsafe { self.run_mapped(&mapped_plan, options, &counters) }?;
+            let maps = mapped_plan
+                .shards
+                .iter()
+                // SAFETY: only shards the policy mapped are in this plan, and it maps only
+                // under a `Mapping` made by its unsafe constructors, whose contract the
+                // caller took on when opening the checkpoint.
+                .map(|sp| unsafe { self.shards()[sp.shard].mapping() })
+                .collect::<Result<Vec<_>>>()?;
+            exec(&mapped_plan).populate(&maps)?;
             for (sp, map) in mapped_plan.shards.iter().zip(maps) {
                 let header = self.shards()[sp.shard].header();
                 let base = Storage::Host {
@@ -102,48 +122,15 @@ impl Checkpoint {
         Ok(StateDict::new(tensors).with_files(files))
     }
 
-    /// Whether `shard`'s selected tensors map, and why.
-    fn placement(
-        &self,
-        shard: &Shard,
-        options: &LoadOptions,
-        converts: bool,
-        sliced: bool,
-    ) -> Result<(bool, String)> {
-        let owned = |why: &str| Ok((false, format!("{why}; {}", shard.backend_reason())));
-        if options.mapping.is_never() {
-            return Ok((false, shard.backend_reason().to_string()));
-        }
-        let Some(path) = shard.path() else {
-            if options.mapping.is_auto() {
-                return owned("owned: a URL cannot be mapped");
-            }
-            return Err(Error::InvalidOption(format!(
-                "{}: a URL cannot be mapped (use Mapping::auto or never)",
-                shard.location()
-            )));
-        };
-        if sliced {
-            // A block of a tensor is contiguous in the file only sometimes: gathered instead.
-            return owned("owned: a slice plan gathers each tensor's block");
-        }
-        if converts {
-            if options.mapping.is_auto() {
-                return owned("owned: dtype conversion needs new memory");
-            }
-            return Err(Error::InvalidOption(
-                "a mapped load cannot convert dtypes (use Mapping::auto or never)".into(),
-            ));
-        }
-        if !options.mapping.is_auto() {
-            return Ok((true, "mapped: asked for".into()));
-        }
-        let (map, reason) = weightlift_storage::map_advice(path);
-        if map {
-            Ok((true, reason))
-        } else {
-            owned(&reason)
-        }
+    /// The loader threads of a load.
+    pub(crate) fn pool(&self, options: &LoadOptions) -> Result<rayon::ThreadPool> {
+        let threads = options.threads.unwrap_or_else(|| self.default_threads());
+        thread_pool(threads, "weightlift")
+    }
+
+    /// Where a load of `bytes` bytes reports its progress.
+    pub(crate) fn progress_sink(&self, options: &LoadOptions, bytes: u64) -> ProgressSink {
+        ProgressSink::new(self.shards().len(), bytes, options.progress.clone())
     }
 
     /// One report per shard of `plan`.
@@ -290,8 +277,16 @@ impl Checkpoint {
             weightlift_device::Target::max_region(target),
             convert_fn,
         );
-        let counters = Counters::new(self.shards().len(), &[&plan]);
-        let memories = self.run(&plan, target, options, &counters)?;
+        let progress = self.progress_sink(options, plan.bytes);
+        let pool = self.pool(options)?;
+        let run = Exec {
+            shards: self.shards(),
+            plan: &plan,
+            pool: &pool,
+            progress: &progress,
+            cancel: options.cancel.as_deref(),
+        };
+        let memories = run.fill(target, 0..plan.requests.len())?;
         let tensors = self
             .shard_tensors(&plan, memories, |memory| Storage::Device {
                 memory: Arc::new(memory),

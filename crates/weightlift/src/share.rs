@@ -20,7 +20,8 @@
 
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
-use crate::exec::Counters;
+use crate::exec::Exec;
+use crate::memory::HostMemory;
 use crate::options::LoadOptions;
 use crate::plan::ReadPlan;
 use crate::tensor::{FileReport, Placement, StateDict, Storage};
@@ -150,12 +151,16 @@ impl Checkpoint {
             plan = self.plan(selected, &options, max_dst, &convert_fn);
         }
         let part = plan.share(share.rank, share.world);
-        let counters = Counters::new(self.shards().len(), &[&plan]);
-        let memories = self
-            .run_part(&plan, target, options, &counters, part)?
-            .into_iter()
-            .map(wrap)
-            .collect();
+        let progress = self.progress_sink(options, plan.bytes);
+        let pool = self.pool(options)?;
+        let run = Exec {
+            shards: self.shards(),
+            plan: &plan,
+            pool: &pool,
+            progress: &progress,
+            cancel: options.cancel.as_deref(),
+        };
+        let memories = run.fill(target, part)?.into_iter().map(wrap).collect();
         let spans = plan
             .spans(share.world)
             .into_iter()
@@ -191,6 +196,28 @@ impl SharedLoad<'_> {
                 .get_mut(span.range.start as usize..span.range.end as usize),
             Memory::Device(_) => None,
         }
+    }
+
+    /// What this load covers, as a number every rank that asked for the same load computes
+    /// alike (the checkpoint's location, every tensor's name, dtype and shape as loaded,
+    /// and the plan's requests): ranks compare it before exchanging, so that ranks that
+    /// were asked for different loads fail together rather than exchange the wrong bytes.
+    /// Stable across processes of one build (not across weightlift versions).
+    pub fn digest(&self) -> u64 {
+        use std::hash::{Hash, Hasher};
+        // SipHash with fixed keys: the same input gives the same number in every process.
+        let mut h = std::hash::DefaultHasher::new();
+        self.ckpt.location().to_string().hash(&mut h);
+        for sp in &self.plan.shards {
+            let infos = self.ckpt.shards()[sp.shard].header().tensors();
+            for (slot, &t) in sp.tensors.iter().enumerate() {
+                let info = &infos[t as usize];
+                let shape = sp.shapes[slot].as_deref().unwrap_or(&info.shape);
+                (&info.name, sp.out_dtypes[slot].name(), shape).hash(&mut h);
+            }
+        }
+        (self.plan.requests.len(), self.plan.bytes).hash(&mut h);
+        h.finish()
     }
 
     /// Bytes this rank read from storage (its share of the requests).
@@ -235,7 +262,7 @@ impl SharedLoad<'_> {
             .ckpt
             .shard_tensors(&self.plan, self.memories, |m| match m {
                 Memory::Host(buf) => Storage::Host {
-                    memory: Arc::new(buf.into()),
+                    memory: Arc::new(HostMemory::owned(buf)),
                     offset: 0,
                 },
                 Memory::Device(memory) => Storage::Device { memory, offset: 0 },

@@ -2,12 +2,12 @@
 
 use crate::error::{Error, Result};
 use crate::exec::fill_target;
-use std::fmt;
+use crate::memory::HostMemory;
 use std::ops::Range;
 use std::sync::Arc;
 use weightlift_device::{CopyEngine, Device, DeviceMemory, HostBuffer, StagedTarget, StagingStats};
 use weightlift_format::{Dtype, TensorInfo};
-use weightlift_storage::{Location, MappedFile};
+use weightlift_storage::Location;
 
 /// An element type with a safetensors dtype, for typed views.
 pub trait Element: bytemuck::Pod {
@@ -26,73 +26,6 @@ elements!(
     u64 => U64, i64 => I64, f32 => F32, f64 => F64,
     half::f16 => F16, half::bf16 => BF16,
 );
-
-/// Host memory holding loaded tensors: one allocation per shard, shared by its tensors.
-pub struct HostMemory(HostKind);
-
-enum HostKind {
-    /// Owned memory the bytes were read into.
-    Owned(HostBuffer),
-    /// A private mapping of the whole file.
-    Mapped(MappedFile),
-}
-
-impl HostMemory {
-    /// The bytes.
-    pub fn as_slice(&self) -> &[u8] {
-        match &self.0 {
-            HostKind::Owned(b) => b.as_slice(),
-            HostKind::Mapped(m) => m.as_slice(),
-        }
-    }
-
-    /// Whether this is a private mapping of a file (rather than owned memory).
-    pub fn is_mapped(&self) -> bool {
-        matches!(self.0, HostKind::Mapped(_))
-    }
-
-    pub(crate) fn mapped(&self) -> Option<&MappedFile> {
-        match &self.0 {
-            HostKind::Mapped(m) => Some(m),
-            HostKind::Owned(_) => None,
-        }
-    }
-
-    /// Length in bytes.
-    pub fn len(&self) -> usize {
-        self.as_slice().len()
-    }
-
-    /// Whether it holds no bytes.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
-
-impl From<HostBuffer> for HostMemory {
-    fn from(buffer: HostBuffer) -> HostMemory {
-        HostMemory(HostKind::Owned(buffer))
-    }
-}
-
-impl From<MappedFile> for HostMemory {
-    fn from(map: MappedFile) -> HostMemory {
-        HostMemory(HostKind::Mapped(map))
-    }
-}
-
-impl fmt::Debug for HostMemory {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let kind = match &self.0 {
-            HostKind::Owned(_) => "owned",
-            HostKind::Mapped(_) => "mapped",
-        };
-        f.debug_struct("HostMemory")
-            .field("kind", &kind)
-            .field("len", &self.len())
-            .finish()
-    }
-}
 
 /// Where a tensor's bytes are.
 #[derive(Debug, Clone)]
@@ -281,10 +214,10 @@ impl Tensor {
     #[cfg(feature = "cuda")]
     fn to_cuda(&self, ordinal: usize) -> Result<Tensor> {
         let default = weightlift_device::StagingOptions::default();
-        let staging = weightlift_device::StagingOptions {
-            buffers: 2,
-            buffer_size: self.byte_len.clamp(4096, default.buffer_size),
-        };
+        let staging = weightlift_device::StagingOptions::new(
+            2,
+            self.byte_len.clamp(4096, default.buffer_size),
+        );
         self.to_device(&StagedTarget::cuda(ordinal, 1, staging)?)
     }
 
@@ -303,7 +236,7 @@ impl Tensor {
                 memory.read_back(*offset, buf.as_mut_slice())?;
                 Ok(Tensor {
                     storage: Storage::Host {
-                        memory: Arc::new(buf.into()),
+                        memory: Arc::new(HostMemory::owned(buf)),
                         offset: 0,
                     },
                     ..self.clone()
@@ -356,7 +289,7 @@ impl Tensor {
                     to += len;
                 }
                 Storage::Host {
-                    memory: Arc::new(buf.into()),
+                    memory: Arc::new(HostMemory::owned(buf)),
                     offset: 0,
                 }
             }

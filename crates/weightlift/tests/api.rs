@@ -5,14 +5,15 @@
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use weightlift::format::{Header, ShardIndex, TensorInfo, TensorRef, write_file};
-use weightlift::storage::{Entry, LocalStore, Store, StoreOptions, open_store};
 use weightlift::{
-    AutoPolicy, Backend, BackendKind, Checkpoint, DEFAULT_REQUEST_SIZE, Device, Dtype, Element,
-    Error, Filter, HostMemory, LoadOptions, Location, MappedCheckpoint, OpenOptions, Progress,
-    ProgressFn, RemoteStats, Result, Shard, StagedTarget, StagingOptions, StagingStats, StateDict,
-    Tensor, TensorView,
+    AutoPolicy, Backend, BackendKind, ByteSource, Checkpoint, DEFAULT_MAX_GAP,
+    DEFAULT_REQUEST_SIZE, Device, Dtype, Element, Entry, Error, Filter, Header, HostMemory,
+    LoadOptions, LocalStore, Location, MappedCheckpoint, Mapping, OpenOptions, Placement, Prefetch,
+    Progress, RemoteStats, Result, Shard, ShardIndex, Share, SharedLoad, StagedTarget,
+    StagingOptions, StagingStats, StateDict, Store, StoreOptions, Tensor, TensorInfo, TensorView,
+    open_store,
 };
+use weightlift_format::{TensorRef, write_file};
 
 fn write(dir: &Path) -> std::path::PathBuf {
     let path = dir.join("model.safetensors");
@@ -37,12 +38,14 @@ fn write(dir: &Path) -> std::path::PathBuf {
 }
 
 fn open_and_inspect(path: &Path) -> Result<Checkpoint> {
-    let options: OpenOptions = OpenOptions::backend(Backend::auto_with(AutoPolicy {
-        direct_min_bytes: None,
-        cached_fraction: 0.5,
-    }));
-    let _: Backend = options.backend;
+    let policy = AutoPolicy::default()
+        .direct_min_bytes(None)
+        .cached_fraction(0.5);
+    let options: OpenOptions = OpenOptions::default()
+        .backend(Backend::auto_with(policy))
+        .mapping(Mapping::never());
     let ckpt = Checkpoint::open_with(path, &options)?;
+    assert_eq!(ckpt.mapping(), Mapping::never());
     let _: &Location = ckpt.location();
     let _: &Arc<dyn Store> = ckpt.store();
     let _: Option<(&Location, &ShardIndex)> = ckpt.index();
@@ -57,6 +60,7 @@ fn open_and_inspect(path: &Path) -> Result<Checkpoint> {
     let _: (&Location, Option<&Path>, &str, &Header) =
         (shard.location(), shard.path(), shard.name(), shard.header());
     let _: (BackendKind, &str) = (shard.backend(), shard.backend_reason());
+    let _: &Arc<dyn ByteSource> = shard.source();
     let (_, info): (&Shard, &TensorInfo) = ckpt.info("layer.w").unwrap();
     assert_eq!(info.shape, [2, 3]);
     assert_eq!(ckpt.tensors().count(), 2);
@@ -83,9 +87,11 @@ fn the_public_api_as_users_write_it() -> Result<()> {
             let _: (usize, u64, u64, u64) =
                 (p.file, p.file_bytes_done, p.file_bytes_total, p.bytes_total);
             counter.store(p.bytes_done, Ordering::Relaxed);
-        });
-    let _: Option<ProgressFn> = options.progress.clone();
-    assert!(matches!(options.filter, Filter::Prefix(_)));
+        })
+        .streams(2)
+        .max_gap(DEFAULT_MAX_GAP)
+        .drop_cache(false);
+    assert!(matches!(options.selection(), Filter::Prefix(_)));
     let state: StateDict = ckpt.load(&options)?;
     assert_eq!(seen.load(Ordering::Relaxed), 32);
     assert_eq!(
@@ -159,13 +165,14 @@ fn the_public_api_as_users_write_it() -> Result<()> {
     let location = Location::from(dir.path());
     let (store, entry) = open_store(&location, &StoreOptions::default()).unwrap();
     assert_eq!(entry, Entry::Directory);
-    let again = Checkpoint::open_in(store, entry, location)?;
+    let again = Checkpoint::open_in(store, entry, location, &OpenOptions::default())?;
     assert_eq!(again.len(), 2);
     let local: Arc<dyn Store> = Arc::new(LocalStore::new(dir.path().into(), Backend::pread()));
     let single = Checkpoint::open_in(
         local,
         Entry::File("model.safetensors".into()),
         path.as_path().into(),
+        &OpenOptions::default(),
     )?;
     assert_eq!(single.shards()[0].backend(), BackendKind::Pread);
 
@@ -176,19 +183,46 @@ fn the_public_api_as_users_write_it() -> Result<()> {
     Ok(())
 }
 
+#[test]
+fn mapped_checkpoints_prefetches_and_shared_loads() -> Result<()> {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(dir.path());
+    // SAFETY: the test's own file is not modified while mapped.
+    let mapping = unsafe { Mapping::auto() };
+    let ckpt = Arc::new(Checkpoint::open_with(
+        &path,
+        &OpenOptions::default().mapping(mapping),
+    )?);
+    let state = ckpt.load(&LoadOptions::default())?;
+    assert_eq!(state.files()[0].placement, Placement::Mapped);
+    let prefetch: Prefetch = ckpt.prefetch(LoadOptions::default().threads(1));
+    let _: &Arc<Checkpoint> = prefetch.checkpoint();
+    let rows: Tensor = prefetch.get_slice("layer.w", &[1..2])?;
+    assert_eq!(rows.bytes().unwrap(), &(12..24u8).collect::<Vec<_>>()[..]);
+    let _: Option<&Arc<StateDict>> = prefetch.wait();
+    prefetch.cancel();
+
+    let mut shared: SharedLoad<'_> =
+        ckpt.load_share(&LoadOptions::default(), Share { rank: 0, world: 1 })?;
+    let digest: u64 = shared.digest();
+    assert_eq!(
+        digest,
+        ckpt.load_share(&LoadOptions::default(), Share { rank: 0, world: 1 })?
+            .digest()
+    );
+    assert!(shared.span_mut(0).is_some());
+    assert_eq!(shared.bytes_read(), 32);
+    assert_eq!(shared.finish().len(), 2);
+    Ok(())
+}
+
 #[cfg(feature = "remote")]
 #[test]
 fn remote_options_are_public() {
-    let options = weightlift::remote::RemoteOptions {
-        max_in_flight: 4,
-        ..Default::default()
-    };
+    let options = weightlift::remote::RemoteOptions::default().max_in_flight(4);
+    assert_eq!(options.max_in_flight, 4);
     let s3 =
         weightlift::remote::S3Config::new(Some("http://127.0.0.1:9"), "us-east-1", None).unwrap();
     assert!(!s3.signed());
-    let open = OpenOptions {
-        remote: options,
-        ..OpenOptions::default()
-    };
-    assert_eq!(open.remote.max_in_flight, 4);
+    let _: OpenOptions = OpenOptions::default().remote(options.s3(Some(s3)));
 }

@@ -132,7 +132,7 @@ class TorchBases:
         key = getattr(memory, "key", None)
         found = self._bases.get(key) if key is not None else None
         if found is None:
-            found = (memory, _torch_base(memory), {})
+            found = (memory, torch_base(memory), {})
             if key is not None:
                 self._bases[key] = found
         return found
@@ -141,7 +141,7 @@ class TorchBases:
         self._bases.clear()
 
 
-def _torch_base(memory):
+def torch_base(memory):
     import torch
 
     if isinstance(memory, DeviceMemory):
@@ -182,7 +182,7 @@ def torch_groups(groups, out):
     gc.disable()
     try:
         for memory, entries in groups:
-            base = _torch_base(memory)
+            base = torch_base(memory)
             typed = {}
             for entry in entries:
                 name, code, shape, strides, elem, _ = entry

@@ -13,7 +13,7 @@ checkpoint, tensors, dtypes and shapes). A rank that failed or disagrees makes e
 the group's timeout, which is raised the same way, never a hang.
 """
 
-from . import _arrays
+from . import _arrays, _handle, _slicing
 from ._native import SafetensorError
 
 # Bytes per broadcast: large enough to keep the transport busy, small enough to bound the
@@ -34,9 +34,11 @@ def _collective(what, call):
         ) from e
 
 
-def load_shared(prepare, framework, device, group, threads=None, prefix=None):
-    """``(out, report, after)`` of a load shared by `group`'s ranks (see the module docs).
-    ``prepare()`` opens the checkpoint: ``(handle, slice ranges, slice steps)``."""
+def load_shared(path, framework, device, group, backend="auto", token=None, threads=None,
+                prefix=None, slices=None):
+    """The ``StateDict`` of a load of `path` shared by `group`'s ranks (see the module docs):
+    ``load_checkpoint(..., group=)``. Shares are read into memory of their own (never
+    mapped: the other ranks' spans are written into them)."""
     import torch.distributed as dist
 
     if not dist.is_available() or not dist.is_initialized():
@@ -51,8 +53,12 @@ def load_shared(prepare, framework, device, group, threads=None, prefix=None):
             "a shared load to a GPU exchanges device memory: use an NCCL group, "
             "or load to the cpu with gloo"
         )
+    after = {}
     try:
-        handle, ranges, after = prepare()
+        # Opened and planned here, so that a rank that cannot open the checkpoint fails
+        # every rank, never leaves them waiting.
+        handle = _handle.open_handle(path, backend, True, token)
+        ranges, after = _slicing.plans(handle, slices) if slices is not None else (None, {})
         groups, report, spans, digest = handle.load_share(
             rank,
             world,
@@ -84,7 +90,7 @@ def load_shared(prepare, framework, device, group, threads=None, prefix=None):
             f"plan digests {by_rank})"
         )
 
-    bases = [_arrays._torch_base(memory) for memory, _ in groups]
+    bases = [_arrays.torch_base(memory) for memory, _ in groups]
     for owner, allocation, start, end in spans:
         src = dist.get_global_rank(group, owner)
         base = bases[allocation]
@@ -94,9 +100,8 @@ def load_shared(prepare, framework, device, group, threads=None, prefix=None):
                 f"receiving rank {owner}'s share",
                 lambda part=part: dist.broadcast(part, src=src, group=group),
             )
-    out = {}
-    if framework == "np":
-        _arrays.numpy_groups(groups, out)
-    else:
-        _arrays.torch_groups(groups, out)
-    return out, report, after
+    out = _handle.StateDict()
+    out.report = report
+    _handle.arrays(groups, framework, out)
+    _slicing.finish_all(out, after)
+    return out

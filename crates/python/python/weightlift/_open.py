@@ -1,57 +1,9 @@
 """``safe_open``: lazy access to one file or a whole checkpoint, like safetensors'."""
 
 import os
-import re
 
-from . import _arrays
-from ._native import Checkpoint as _Checkpoint
+from . import _args, _arrays, _handle, _slicing
 from ._native import SafetensorError
-
-_URL_SCHEMES = ("http://", "https://", "s3://", "hf://")
-# `org/name` or `org/name@revision`: looked up in the Hugging Face cache when no such path
-# exists (the native side resolves it).
-_MODEL_ID = re.compile(r"[A-Za-z0-9_][\w.-]*/[A-Za-z0-9_][\w.-]*(@[^/\\]+)?")
-
-
-def _is_url(path):
-    return path[:8].lower().startswith(_URL_SCHEMES)
-
-
-def _mode(backend, copy):
-    """(native backend, mapping) for the Python API's ``backend`` and ``copy``.
-
-    "auto" and "mmap" (safetensors' default, which most callers pass without choosing) map
-    files where mapping pays (local disks, tmpfs) and read the others into memory of their
-    own; "pread" and "direct" always read; ``copy=True`` never maps."""
-    backend = str(backend)
-    if backend in ("auto", "mmap"):
-        if copy:
-            return "auto", "never"
-        # Files that map never go through the read backend, and those that do not (network
-        # filesystems) get pread from the automatic rule anyway: skip the rule's page-cache
-        # census (~2 ms per file), which only chooses between pread and O_DIRECT.
-        return "pread", "auto"
-    return backend, "never"
-
-
-def _open_handle(path, backend="auto", copy=False, token=None):
-    path = os.fspath(path)
-    native_backend, mapping = _mode(backend, copy)
-    if _is_url(path) and native_backend == "pread" and str(backend) in ("auto", "mmap"):
-        native_backend = "auto"  # URLs are read with range requests
-    if not _is_url(path) and not os.path.exists(path) and not _MODEL_ID.fullmatch(path):
-        # safetensors' wording, which callers match on.
-        raise FileNotFoundError(f"No such file or directory: {path}")
-    return _Checkpoint(path, backend=native_backend, token=token, mapping=mapping)
-
-
-def _device_name(device):
-    if isinstance(device, int):
-        return f"cuda:{device}"
-    return str(device) if device is not None else "cpu"
-
-
-_FRAMEWORKS = {"np": "np", "numpy": "np", "pt": "pt", "torch": "pt", "pytorch": "pt"}
 
 
 class PySafeSlice:
@@ -76,11 +28,9 @@ class PySafeSlice:
         return self._shape[0]
 
     def __getitem__(self, index):
-        from ._slicing import plan
-
         owner = self._owner
         try:
-            ranges, steps, squeeze = plan(index, self._shape, self._name)
+            ranges, steps, squeeze = _slicing.plan(index, self._shape, self._name)
         except SafetensorError:
             # For torch over a mapped file, safetensors indexes the whole tensor with
             # torch's own rules (which, unlike its strict parser, accept e.g. `[...]` of an
@@ -91,16 +41,12 @@ class PySafeSlice:
                     return owner._to_device(whole[index])
             raise
         out, _ = owner._read(self._name, ranges, to_device=False)
-        if any(step != 1 for step in steps):
-            out = out[tuple(slice(None, None, step) for step in steps)]
-        if squeeze:
-            out = out.reshape([d for i, d in enumerate(out.shape) if i not in squeeze])
-        return owner._to_device(out)
+        return owner._to_device(_slicing.finish(out, steps, squeeze))
 
 
 class safe_open:
     """Opens a safetensors file (or, beyond safetensors, a sharded checkpoint directory,
-    an index file or an http(s):// / s3:// URL) for lazy access.
+    an index file, an http(s):// / s3:// / hf:// URL or a model id) for lazy access.
 
     ``framework``: "np"/"numpy" or "pt"/"torch". ``device``: "cpu" (numpy), or any torch
     device for "pt". ``backend``: "auto" (default) or "mmap": tensors are views of a private
@@ -115,16 +61,9 @@ class safe_open:
     def __init__(
         self, filename, framework, device="cpu", backend="auto", token=None, prefetch=False
     ):
-        fw = _FRAMEWORKS.get(str(framework).lower())
-        if fw is None:
-            raise SafetensorError(
-                f"framework {framework} is not supported by weightlift (use 'np' or 'pt')"
-            )
-        self._framework = fw
-        self._device = _device_name(device)
-        if fw == "np" and self._device != "cpu":
-            raise SafetensorError(f"device {device} is invalid for numpy: use 'cpu'")
-        self._handle = _open_handle(filename, backend, token=token)
+        self._framework = _args.framework(framework)
+        self._device = _args.device(self._framework, device)
+        self._handle = _handle.open_handle(filename, backend, token=token)
         self._bases = _arrays.TorchBases()
         if prefetch and self._device == "cpu":
             # Callers that prefetch open every shard of a checkpoint one after the other, so
@@ -190,9 +129,7 @@ class safe_open:
 
     def get_tensors(self):
         """Every tensor, loaded in parallel, as a dict in file order."""
-        from . import _load_dict
-
-        return _load_dict(self._h(), self._framework, self._device)
+        return _handle.load_dict(self._h(), self._framework, self._device)
 
 
 def _safe_open_handle(f, framework, device="cpu", *, backend="auto"):

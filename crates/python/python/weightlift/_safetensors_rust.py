@@ -13,8 +13,8 @@ import importlib.machinery
 import importlib.util
 import sys
 
-from . import _arrays
 from ._native import SafetensorError
+from ._native import byte_len as _byte_len
 from ._native import load_bytes as _load_bytes
 from ._open import _safe_open_handle, safe_open
 
@@ -84,27 +84,8 @@ def deserialize(data):
             count = 1
             for d in shape:
                 count *= d
-            nbytes = _nbytes(code, count)
+            nbytes = _byte_len(code, count)
             out.append(
                 (name, {"dtype": code, "shape": list(shape), "data": base[offset : offset + nbytes].tobytes()})
             )
     return out
-
-
-_BITS = {"F4": 4, "F6_E2M3": 6, "F6_E3M2": 6}
-
-
-def _nbytes(code, count):
-    bits = _BITS.get(code)
-    if bits is not None:
-        return count * bits // 8
-    if code in ("BOOL", "U8", "I8") or code.startswith("F8"):
-        return count
-    if code in ("F16", "BF16", "I16", "U16"):
-        return 2 * count
-    if code in ("F32", "I32", "U32"):
-        return 4 * count
-    return 8 * count
-
-
-del _arrays

@@ -1,4 +1,5 @@
-"""Index expressions of ``PySafeSlice.__getitem__``, turned into what to read.
+"""Index expressions (``PySafeSlice.__getitem__``, ``slices=`` of ``load_checkpoint``), turned
+into what to read, and what to do to the block once read.
 
 The semantics and messages are safetensors' own: integers (negative ones count from the
 end) select one position and drop the dimension; slices with a positive step (defaults:
@@ -6,6 +7,9 @@ whole dimension, step 1); one ``...``; ``()`` for everything; an empty list for 
 selection of the first dimension; trailing dimensions are taken whole. Out-of-range
 positions are errors, not clamped. (One deliberate difference: negative slice bounds count
 from the end, as in numpy, where safetensors raises ``OverflowError``.)
+
+The bounds are checked here, once, in safetensors' words; the native side reads exactly the
+ranges it is given.
 """
 
 import operator
@@ -41,7 +45,7 @@ def plain_ranges(index, shape):
 
 def plan(index, shape, name):
     """Returns (ranges, steps, squeeze): one (start, stop) per dimension to read, the step to
-    apply to each dimension of what was read, and the dimensions to drop."""
+    apply to each dimension of what was read, and the dimensions to drop (see ``finish``)."""
     if isinstance(index, list):
         if index:
             raise SafetensorError("Non empty lists are not implemented")
@@ -112,3 +116,51 @@ def plan(index, shape, name):
             squeeze.add(dim)
     steps.extend([1] * (len(shape) - len(parsed)))
     return ranges, steps, squeeze
+
+
+def finish(block, steps, squeeze):
+    """The read block with the index's steps applied and its selected dimensions dropped."""
+    if any(step != 1 for step in steps):
+        block = block[tuple(slice(None, None, step) for step in steps)]
+    if squeeze:
+        block = block.reshape([d for i, d in enumerate(block.shape) if i not in squeeze])
+    return block
+
+
+def plans(handle, slices):
+    """{name: ranges} for the native load and {name: (steps, squeeze)} for ``finish_all``,
+    from ``slices(name, shape)`` (an index as ``get_slice`` takes, or None) over every
+    tensor of `handle`."""
+    import gc
+
+    ranges, after = {}, {}
+    # Tens of thousands of small tuples: the collector would otherwise walk every live object
+    # (a model already loaded, say) several times over while they are made.
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for name, shape in handle.shapes():
+            index = slices(name, list(shape))
+            if index is None:
+                continue
+            r = plain_ranges(index, shape)
+            if r is not None:
+                ranges[name] = r
+                continue
+            try:
+                r, steps, squeeze = plan(index, shape, name)
+            except SafetensorError as e:
+                raise SafetensorError(f"slices for tensor {name!r}: {e}") from None
+            ranges[name] = r
+            if squeeze or any(step != 1 for step in steps):
+                after[name] = (steps, squeeze)
+    finally:
+        if enabled:
+            gc.enable()
+    return ranges, after
+
+
+def finish_all(out, after):
+    """``finish`` for every tensor of `out` that ``plans`` said needs it."""
+    for name, (steps, squeeze) in after.items():
+        out[name] = finish(out[name], steps, squeeze)

@@ -1,7 +1,7 @@
 """Drop-in for ``safetensors.numpy``'s loading functions."""
 
-from . import load as _load
-from . import load_file as _load_file
+from ._load import load as _load
+from ._load import load_file as _load_file
 
 
 def load_file(filename, *, backend="auto", copy=False):

@@ -27,8 +27,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::Duration;
 
-/// How remote objects are read.
+/// How remote objects are read: [`RemoteOptions::default`] and the setters (one per field).
 #[derive(Clone)]
+#[non_exhaustive]
 pub struct RemoteOptions {
     /// Most requests in flight at once, over all objects of the client (default 16).
     pub max_in_flight: usize,
@@ -73,6 +74,62 @@ impl fmt::Debug for RemoteOptions {
             .field("bearer_token", &self.bearer_token.as_ref().map(|_| "<set>"))
             .field("ca_certs", &self.ca_certs)
             .finish()
+    }
+}
+
+impl RemoteOptions {
+    /// Most requests in flight at once (see the field).
+    pub fn max_in_flight(mut self, max_in_flight: usize) -> RemoteOptions {
+        self.max_in_flight = max_in_flight;
+        self
+    }
+
+    /// Retries of one request before a read fails (see the field).
+    pub fn max_retries(mut self, max_retries: u32) -> RemoteOptions {
+        self.max_retries = max_retries;
+        self
+    }
+
+    /// First retry delay (see the field).
+    pub fn backoff(mut self, backoff: Duration) -> RemoteOptions {
+        self.backoff = backoff;
+        self
+    }
+
+    /// Longest delay between retries.
+    pub fn max_backoff(mut self, max_backoff: Duration) -> RemoteOptions {
+        self.max_backoff = max_backoff;
+        self
+    }
+
+    /// Connection timeout.
+    pub fn connect_timeout(mut self, connect_timeout: Duration) -> RemoteOptions {
+        self.connect_timeout = connect_timeout;
+        self
+    }
+
+    /// Longest wait for a response or for the next bytes of a body.
+    pub fn read_timeout(mut self, read_timeout: Duration) -> RemoteOptions {
+        self.read_timeout = read_timeout;
+        self
+    }
+
+    /// Where and as whom to reach S3 (see the field).
+    pub fn s3(mut self, s3: Option<S3Config>) -> RemoteOptions {
+        self.s3 = s3;
+        self
+    }
+
+    /// The bearer token for `http(s)://` requests (see the field).
+    pub fn bearer_token(mut self, bearer_token: Option<String>) -> RemoteOptions {
+        self.bearer_token = bearer_token;
+        self
+    }
+
+    /// A PEM file of CA certificates to trust for https (see the field).
+    pub fn ca_certs(mut self, ca_certs: Option<std::path::PathBuf>) -> RemoteOptions {
+        self.ca_certs = ca_certs;
+        self
     }
 }
 

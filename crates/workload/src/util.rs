@@ -1,4 +1,4 @@
-//! Small helpers the CLI, the bench and the tests share: sizes as people write them,
+//! Small helpers the CLI and the bench share: sizes as people write them,
 //! medians, peak memory, free disk space.
 
 use std::path::Path;

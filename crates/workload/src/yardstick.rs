@@ -46,7 +46,7 @@ pub fn raw_read(paths: &[PathBuf], threads: usize, buf_len: usize) -> io::Result
 /// Faults in and fills `bytes` of new memory from `threads` threads: the floor under any
 /// load that produces owned memory (one page fault and zeroing per 4 KiB page).
 pub fn fresh_memory(bytes: u64, threads: usize) -> io::Result<()> {
-    let mut mem = weightlift::device::HostBuffer::new(bytes).map_err(io::Error::other)?;
+    let mut mem = weightlift_device::HostBuffer::new(bytes).map_err(io::Error::other)?;
     let chunk = (bytes as usize).div_ceil(threads.max(1)).max(1);
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads.max(1))
@@ -88,7 +88,8 @@ mod tests {
 
     #[test]
     fn raw_reads_every_byte_and_eviction_empties_the_cache() {
-        let dir = crate::files::disk_tempdir();
+        // On the disk (tmpfs has no page cache to evict from).
+        let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
         let paths: Vec<PathBuf> = (0..3)
             .map(|i| {
                 let p = dir.path().join(format!("f{i}"));

@@ -1,0 +1,26 @@
+"""The arguments every entry point takes alike: the framework and the device."""
+
+from ._native import SafetensorError
+
+_FRAMEWORKS = {"np": "np", "numpy": "np", "pt": "pt", "torch": "pt", "pytorch": "pt"}
+
+
+def framework(name):
+    """"np" or "pt" for the names safetensors accepts."""
+    fw = _FRAMEWORKS.get(str(name).lower())
+    if fw is None:
+        raise SafetensorError(
+            f"framework {name} is not supported by weightlift (use 'np' or 'pt')"
+        )
+    return fw
+
+
+def device(framework, device):
+    """The device as a string ("cpu", "cuda:N", any torch device), checked against the
+    framework: numpy arrays live on the cpu."""
+    if isinstance(device, int):
+        device = f"cuda:{device}"
+    device = str(device) if device is not None else "cpu"
+    if framework == "np" and device != "cpu":
+        raise SafetensorError(f"device {device} is invalid for numpy: use 'cpu'")
+    return device

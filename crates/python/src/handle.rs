@@ -1,0 +1,311 @@
+//! The open checkpoint behind `safe_open` and `load_checkpoint`: the user's arguments turned
+//! into open options (the mapping is decided by the facade's one policy, not here), lazy
+//! reads served by a prefetch where there is one, and loads, all without the GIL.
+
+use crate::errors::{open_err, py_err};
+use crate::layout::{grouped, layout, report};
+use crate::tensor::PyTensor;
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyList, PyTuple};
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::{Arc, OnceLock};
+use weightlift::{
+    Backend, Checkpoint, Device, Error, LoadOptions, Location, Mapping, OpenOptions, Prefetch,
+    Tensor,
+};
+
+/// An open checkpoint: one file, a directory of shards, an index file, a URL or a model id.
+#[pyclass(name = "Checkpoint", module = "weightlift._native", frozen)]
+pub(crate) struct PyCheckpoint {
+    ckpt: Arc<Checkpoint>,
+    /// A whole load started ahead of the reads that will want it (see `prefetch`).
+    prefetch: OnceLock<Prefetch>,
+}
+
+/// Open options for the Python API's `backend` and `copy`: "auto" and "mmap" (safetensors'
+/// default, which most callers pass without choosing) leave tensors in mappings of files
+/// where the facade's policy maps them (local disks, tmpfs) and read the others into memory
+/// of their own; "pread" and "direct" always read; `copy=True` never maps.
+fn open_options(path: &str, backend: &str, copy: bool) -> PyResult<OpenOptions> {
+    let url = Location::parse(path).is_url();
+    let (backend, mapping) = match backend {
+        "auto" | "mmap" if copy || url => (Backend::auto(), Mapping::never()),
+        // Files that map never go through the read backend, and those that do not (network
+        // filesystems) get pread from the automatic rule anyway: skip the rule's page-cache
+        // census (~2 ms per file), which only chooses between pread and O_DIRECT.
+        // SAFETY: the Python API documents the contract safetensors' own loads have: files
+        // must not be modified or truncated while tensors loaded from them live. Users who
+        // cannot promise that pass copy=True (or backend="pread").
+        "auto" | "mmap" => (Backend::pread(), unsafe { Mapping::auto() }),
+        "pread" => (Backend::pread(), Mapping::never()),
+        "direct" => (Backend::direct(), Mapping::never()),
+        other => {
+            return Err(PyValueError::new_err(format!(
+                "unknown backend {other:?}: use auto, pread, direct or mmap"
+            )));
+        }
+    };
+    Ok(OpenOptions::default().backend(backend).mapping(mapping))
+}
+
+fn device(name: &str) -> PyResult<Device> {
+    name.parse::<Device>()
+        .map_err(|e| PyValueError::new_err(e.to_string()))
+}
+
+fn ranges_of(ranges: Option<Vec<(usize, usize)>>) -> Vec<Range<usize>> {
+    ranges
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(a, b)| a..b)
+        .collect()
+}
+
+impl PyCheckpoint {
+    /// One tensor (or the block `ranges` of it), through the prefetch where there is one.
+    fn read(&self, py: Python<'_>, name: &str, ranges: Vec<Range<usize>>) -> PyResult<Tensor> {
+        // Without the GIL: a read may wait for the prefetch, and the prefetch's own lock is
+        // never held outside the facade (see `weightlift::Prefetch`).
+        py.detach(|| match self.prefetch.get() {
+            Some(prefetch) => prefetch.get_slice(name, &ranges),
+            None => self.ckpt.get_slice(name, &ranges),
+        })
+        .map_err(py_err)
+    }
+}
+
+#[pymethods]
+impl PyCheckpoint {
+    /// Opens `path` (headers read and validated in parallel, without the GIL); `backend`
+    /// and `copy` as the Python API takes them (see `open_options`); `token` is a bearer
+    /// token for http(s) URLs.
+    #[new]
+    #[pyo3(signature = (path, backend="auto", copy=false, token=None))]
+    fn new(
+        py: Python<'_>,
+        path: String,
+        backend: &str,
+        copy: bool,
+        token: Option<String>,
+    ) -> PyResult<PyCheckpoint> {
+        let options = open_options(&path, backend, copy)?
+            .remote(weightlift::remote::RemoteOptions::default().bearer_token(token));
+        let ckpt = py
+            .detach(|| Checkpoint::open_with(path.as_str(), &options))
+            .map_err(|e| open_err(&path, e))?;
+        Ok(PyCheckpoint {
+            ckpt: Arc::new(ckpt),
+            prefetch: OnceLock::new(),
+        })
+    }
+
+    /// Starts loading every tensor in the background (mapped and populated for files that
+    /// map, read into memory of its own for the others), so that the reads that follow find
+    /// their bytes in memory rather than faulting them in one page at a time, or waiting
+    /// for one small request each. Does nothing when a prefetch was started already.
+    #[pyo3(signature = (threads=None))]
+    fn prefetch(&self, py: Python<'_>, threads: Option<usize>) {
+        let mut options = LoadOptions::default();
+        if let Some(t) = threads {
+            options = options.threads(t.max(1));
+        }
+        py.detach(|| self.prefetch.get_or_init(|| self.ckpt.prefetch(options)));
+    }
+
+    /// Calls off a running prefetch (a handle being closed).
+    fn close(&self) {
+        if let Some(prefetch) = self.prefetch.get() {
+            prefetch.cancel();
+        }
+    }
+
+    /// Tensor names, sorted.
+    fn keys(&self) -> Vec<&str> {
+        self.ckpt.names()
+    }
+
+    /// Tensor names in file order (shard by shard, by offset).
+    fn offset_keys(&self) -> Vec<&str> {
+        self.ckpt.tensors().map(|(_, t)| t.name.as_str()).collect()
+    }
+
+    /// The first shard's `__metadata__`, or the index's metadata for a sharded checkpoint
+    /// (as strings); None when there is none.
+    fn metadata<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyDict>>> {
+        let d = PyDict::new(py);
+        if let Some((_, index)) = self.ckpt.index() {
+            // Index metadata is JSON (e.g. a numeric total_size): strings, as safetensors gives.
+            for (k, v) in &index.metadata {
+                match v {
+                    serde_json::Value::String(s) => d.set_item(k, s)?,
+                    other => d.set_item(k, other.to_string())?,
+                }
+            }
+        } else if let Some(meta) = self
+            .ckpt
+            .shards()
+            .first()
+            .and_then(|s| s.header().metadata())
+        {
+            for (k, v) in meta {
+                d.set_item(k, v)?;
+            }
+        } else {
+            return Ok(None);
+        }
+        Ok(Some(d))
+    }
+
+    /// (dtype code, shape) of a tensor.
+    fn info(&self, name: &str) -> PyResult<(&'static str, Vec<usize>)> {
+        let (_, info) = self
+            .ckpt
+            .info(name)
+            .ok_or_else(|| py_err(Error::NotFound(name.to_string())))?;
+        Ok((info.dtype.name(), info.shape.clone()))
+    }
+
+    /// One tensor, or the block `ranges` (one (start, stop) per leading dimension), as
+    /// `(memory, entry)` in `layout` ("np" or "pt"; see `Layout`). Mapped (a view where
+    /// the block is contiguous) or read into memory of its own, as the checkpoint's mapping
+    /// policy says.
+    #[pyo3(signature = (name, ranges=None, layout="np"))]
+    fn get<'py>(
+        &self,
+        py: Python<'py>,
+        name: &str,
+        ranges: Option<Vec<(usize, usize)>>,
+        layout: &str,
+    ) -> PyResult<Bound<'py, PyTuple>> {
+        let layout = self::layout(layout)?;
+        let tensor = self.read(py, name, ranges_of(ranges))?;
+        let groups = grouped(py, std::slice::from_ref(&tensor), layout)?;
+        let group = groups.get_item(0)?;
+        let (memory, entries): (Bound<'py, PyAny>, Bound<'py, PyList>) = group.extract()?;
+        (memory, entries.get_item(0)?).into_pyobject(py)
+    }
+
+    /// One tensor as a native object (DLPack and `__array_interface__` exporter).
+    #[pyo3(signature = (name, ranges=None))]
+    fn tensor(
+        &self,
+        py: Python<'_>,
+        name: &str,
+        ranges: Option<Vec<(usize, usize)>>,
+    ) -> PyResult<PyTensor> {
+        Ok(PyTensor {
+            tensor: self.read(py, name, ranges_of(ranges))?,
+        })
+    }
+
+    /// Loads every tensor (or those starting with `prefix`) with the parallel loader, onto
+    /// `device` ("cpu" or "cuda:N"), without the GIL. Returns `(groups, report)`: tensors
+    /// grouped by allocation in `layout` (see `grouped`), and one dict per file saying where
+    /// its tensors went and why.
+    /// `slices` maps tensor names to the block to load (one (start, stop) per leading
+    /// dimension); the others load whole.
+    #[pyo3(signature = (device="cpu", threads=None, prefix=None, drop_cache=false, layout="np", slices=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn load<'py>(
+        &self,
+        py: Python<'py>,
+        device: &str,
+        threads: Option<usize>,
+        prefix: Option<String>,
+        drop_cache: bool,
+        layout: &str,
+        slices: Option<HashMap<String, Vec<(usize, usize)>>>,
+    ) -> PyResult<(Bound<'py, PyList>, Bound<'py, PyList>)> {
+        let layout = self::layout(layout)?;
+        let options =
+            load_options(self::device(device)?, threads, prefix, slices).drop_cache(drop_cache);
+        let state = py.detach(|| self.ckpt.load(&options)).map_err(py_err)?;
+        let files = report(py, state.files())?;
+        let tensors = state.into_tensors();
+        Ok((grouped(py, &tensors, layout)?, files))
+    }
+
+    /// `rank`'s share of a load read by `world` processes (see `weightlift::Share`): every
+    /// allocation of the full size, this rank's share read into it. Returns `(groups,
+    /// report, spans, digest)`: the groups (see `load`) whose memory the caller fills with
+    /// the other ranks' spans, `(owner, allocation, start, end)` for every span (allocation =
+    /// position in `groups`), and the load's digest (`weightlift::SharedLoad::digest`: equal
+    /// on every rank that asked for the same load).
+    #[pyo3(signature = (rank, world, device="cpu", threads=None, prefix=None, layout="np", slices=None))]
+    #[allow(clippy::too_many_arguments, clippy::type_complexity)]
+    fn load_share<'py>(
+        &self,
+        py: Python<'py>,
+        rank: usize,
+        world: usize,
+        device: &str,
+        threads: Option<usize>,
+        prefix: Option<String>,
+        layout: &str,
+        slices: Option<HashMap<String, Vec<(usize, usize)>>>,
+    ) -> PyResult<(
+        Bound<'py, PyList>,
+        Bound<'py, PyList>,
+        Vec<(usize, usize, u64, u64)>,
+        u64,
+    )> {
+        let layout = self::layout(layout)?;
+        let options = load_options(self::device(device)?, threads, prefix, slices);
+        let (state, spans, digest) = py
+            .detach(|| {
+                let load = self
+                    .ckpt
+                    .load_share(&options, weightlift::Share { rank, world })?;
+                let spans: Vec<_> = load
+                    .spans()
+                    .iter()
+                    .map(|s| (s.owner, s.allocation, s.range.start, s.range.end))
+                    .collect();
+                let digest = load.digest();
+                Ok::<_, Error>((load.finish(), spans, digest))
+            })
+            .map_err(py_err)?;
+        let files = report(py, state.files())?;
+        let tensors = state.into_tensors();
+        Ok((grouped(py, &tensors, layout)?, files, spans, digest))
+    }
+
+    /// `(name, shape)` of every tensor, in file order.
+    fn shapes(&self) -> Vec<(&str, Vec<usize>)> {
+        self.ckpt
+            .tensors()
+            .map(|(_, t)| (t.name.as_str(), t.shape.clone()))
+            .collect()
+    }
+
+    /// Number of tensors.
+    fn __len__(&self) -> usize {
+        self.ckpt.len()
+    }
+}
+
+/// Load options from the Python arguments shared by `load` and `load_share`.
+fn load_options(
+    device: Device,
+    threads: Option<usize>,
+    prefix: Option<String>,
+    slices: Option<HashMap<String, Vec<(usize, usize)>>>,
+) -> LoadOptions {
+    let mut options = LoadOptions::default().device(device);
+    if let Some(t) = threads {
+        options = options.threads(t.max(1));
+    }
+    if let Some(p) = prefix {
+        options = options.prefix(p);
+    }
+    if let Some(map) = slices {
+        let map: HashMap<String, Vec<Range<usize>>> = map
+            .into_iter()
+            .map(|(k, v)| (k, v.into_iter().map(|(a, b)| a..b).collect()))
+            .collect();
+        options = options.slices(move |name, _| map.get(name).cloned());
+    }
+    options
+}
