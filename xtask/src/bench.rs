@@ -1,7 +1,7 @@
+use crate::record::{Cache, Record};
 use crate::workspace_root;
 use clap::{Args, ValueEnum};
 use rayon::prelude::*;
-use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
@@ -78,29 +78,6 @@ impl ProfileArg {
             ProfileArg::Moe => "moe",
             ProfileArg::HfMoe => "hf-moe",
             ProfileArg::HfDense => "hf-dense",
-        }
-    }
-}
-
-/// Page-cache state before each measurement.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
-#[serde(rename_all = "kebab-case")]
-pub(crate) enum Cache {
-    /// The files are in the page cache.
-    Warm,
-    /// Every file evicted (and checked) before each measurement.
-    Cold,
-    /// Cold, read through a FUSE passthrough mount (`bindfs`) standing in for a network
-    /// filesystem: both the mount's and the disk's caches are evicted.
-    ColdFuse,
-}
-
-impl Cache {
-    pub(crate) fn name(self) -> &'static str {
-        match self {
-            Cache::Warm => "warm",
-            Cache::Cold => "cold",
-            Cache::ColdFuse => "cold-fuse",
         }
     }
 }
@@ -195,26 +172,6 @@ impl Contender {
     fn is_reference(self) -> bool {
         matches!(self, Contender::Reference | Contender::ReferenceRayon)
     }
-}
-
-/// One contender's result in one (profile, cache) cell.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub(crate) struct Record {
-    pub(crate) profile: String,
-    pub(crate) cache: Cache,
-    pub(crate) contender: String,
-    pub(crate) median_s: f64,
-    pub(crate) min_s: f64,
-    pub(crate) max_s: f64,
-    pub(crate) gbps: f64,
-    pub(crate) ratio_to_raw: f64,
-    pub(crate) ratio_to_reference: f64,
-    pub(crate) peak_rss_bytes: u64,
-    pub(crate) tensors: usize,
-    pub(crate) bytes: u64,
-    /// For the http contender: its speed relative to the same load from local files.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub(crate) ratio_to_local: Option<f64>,
 }
 
 fn backend(name: &str) -> Backend {

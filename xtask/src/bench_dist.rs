@@ -5,7 +5,8 @@
 //! slice plan (`slices=`: each rank reads only its rows of every matrix). Reports the wall
 //! time (the slowest rank, after a barrier) and the bytes each rank read from storage.
 
-use crate::bench::{Cache, ProfileArg, ensure, python, python_imports, python_weightlift_ready};
+use crate::bench::{ProfileArg, ensure, python, python_imports, python_weightlift_ready};
+use crate::record::Cache;
 use crate::workspace_root;
 use clap::{Args, ValueEnum};
 use serde::{Deserialize, Serialize};

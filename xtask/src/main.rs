@@ -5,6 +5,7 @@ mod bench_dist;
 mod fuzz;
 mod gpu_bundle;
 mod plot;
+mod record;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -54,7 +55,7 @@ fn main() -> ExitCode {
         Task::Plot { json, out } => std::fs::read_to_string(&json)
             .map_err(|e| format!("{}: {e}", json.display()))
             .and_then(|text| {
-                serde_json::from_str::<Vec<bench::Record>>(&text)
+                serde_json::from_str::<Vec<record::Record>>(&text)
                     .map_err(|e| format!("{}: {e}", json.display()))
             })
             .and_then(|records| {

@@ -2,7 +2,7 @@
 //! (profile, cache state), with the raw read's throughput drawn as a line across each.
 //! Plain SVG text: a dozen rectangles need no plotting library.
 
-use crate::bench::{Cache, Record};
+use crate::record::{Cache, Record};
 use std::fmt::Write;
 
 const BAR_H: f64 = 16.0;

@@ -319,8 +319,13 @@ def test_urls_load_like_files(files, tmp_path):
         assert set(remote) == set(local)
         for name in local:
             same(remote[name], local[name])
+        # URLs are read into memory of their own, by loads and lazy reads alike (the one
+        # mapping policy), with the automatic backend whatever the caller passed.
+        assert {r["placement"] for r in remote.report} == {"owned"}
         with weightlift.safe_open(f"{base}/all.safetensors", framework="np") as f:
             same(f.get_slice("f32")[1:3], files["tensors"]["f32"][1:3])
+            memory, _ = f._h().get("f32")
+            assert not memory.mapped
         with pytest.raises(FileNotFoundError, match="404"):
             weightlift.load_file(f"{base}/missing.safetensors")
         # hf:// from a hub mirror laid out as the hub serves files (HF_ENDPOINT).
