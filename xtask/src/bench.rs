@@ -39,6 +39,10 @@ pub(crate) struct BenchArgs {
     /// Coalesced read size for weightlift, e.g. 16MiB (default: the library's).
     #[arg(long, value_parser = parse_size)]
     request_size: Option<u64>,
+    /// The memory cgroup limit of `--cache cold-limited` (below the checkpoint's size, so the
+    /// kernel evicts as on a host with less memory than the model).
+    #[arg(long, default_value = "768MiB", value_parser = parse_size)]
+    memory_limit: u64,
     /// Write the records as a JSON array to this file.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -124,6 +128,12 @@ pub(crate) enum Contender {
     PythonWeightliftTorch,
     /// `weightlift.load_checkpoint(framework="pt")` of the directory, then the same touch.
     PythonWeightliftTorchCheckpoint,
+    /// safetensors' `safe_open` of every shard first, then each tensor read in file order,
+    /// one byte of each page touched, and dropped (as transformers and vLLM's default loader
+    /// read): the pattern a prefetch must not overrun.
+    PythonSafetensorsStream,
+    /// The same under `weightlift.patch()` (prefetching through the window).
+    PythonWeightliftStream,
     /// transformers' `AutoModelForCausalLM.from_pretrained` as shipped (hf-* profiles), then
     /// one byte of every page of every parameter touched.
     TransformersStock,
@@ -187,6 +197,10 @@ fn backend(name: &str) -> Backend {
 struct Sample {
     secs: f64,
     peak_rss: u64,
+    /// Bytes read from storage, where the child reported them.
+    read_bytes: Option<u64>,
+    /// Killed for want of memory (in a memory cgroup).
+    oom_killed: bool,
 }
 
 pub(crate) fn run(args: &BenchArgs) -> Result<(), String> {
@@ -227,9 +241,10 @@ pub(crate) fn run(args: &BenchArgs) -> Result<(), String> {
             Contender::PythonSafetensors => python,
             Contender::PythonWeightlift => python && wanted(c) && python_weightlift_ready(),
             Contender::PythonSafetensorsTorch => torch,
-            Contender::PythonWeightliftTorch | Contender::PythonWeightliftTorchCheckpoint => {
-                torch && wanted(c) && python_weightlift_ready()
-            }
+            Contender::PythonSafetensorsStream => torch,
+            Contender::PythonWeightliftTorch
+            | Contender::PythonWeightliftTorchCheckpoint
+            | Contender::PythonWeightliftStream => torch && wanted(c) && python_weightlift_ready(),
             Contender::WeightliftHttpCpu => nginx_binary.is_some(),
             Contender::TransformersStock => transformers,
             Contender::TransformersWeightlift => {
@@ -252,6 +267,17 @@ pub(crate) fn run(args: &BenchArgs) -> Result<(), String> {
     let fuse = if args.cache.contains(&Cache::ColdFuse) {
         let mount = data_dir.with_file_name("bench-data-fuse");
         Some(weightlift_testkit::fuse::Mount::at(&data_dir, &mount)?)
+    } else {
+        None
+    };
+
+    // A memory cgroup for `cold-limited`, made once.
+    let cgroup = if args.cache.contains(&Cache::ColdLimited) {
+        let name = format!("weightlift-bench-{}", std::process::id());
+        Some(weightlift_testkit::cgroup::MemoryCgroup::new(
+            &name,
+            args.memory_limit,
+        )?)
     } else {
         None
     };
@@ -337,6 +363,11 @@ pub(crate) fn run(args: &BenchArgs) -> Result<(), String> {
                         threads,
                         raw_threads: cpus.max(2),
                         request_size: args.request_size,
+                        cgroup: if cache == Cache::ColdLimited {
+                            cgroup.as_ref()
+                        } else {
+                            None
+                        },
                     };
                     samples[i].push(measure_in_child(&one)?);
                 }
@@ -398,6 +429,10 @@ pub(crate) fn run(args: &BenchArgs) -> Result<(), String> {
                     tensors,
                     bytes,
                     ratio_to_local,
+                    read_bytes: median_u64(samples[i].iter().filter_map(|x| x.read_bytes)),
+                    memory_limit: (cache == Cache::ColdLimited).then_some(args.memory_limit),
+                    oom_kills: (cache == Cache::ColdLimited)
+                        .then(|| samples[i].iter().filter(|x| x.oom_killed).count() as u64),
                 });
             }
             print_table(&records[first..]);
@@ -436,6 +471,13 @@ pub(crate) fn shard_paths(ckpt: &Checkpoint) -> Vec<PathBuf> {
         .collect()
 }
 
+/// The median of some byte counts (`None` for none).
+fn median_u64(values: impl Iterator<Item = u64>) -> Option<u64> {
+    let mut v: Vec<u64> = values.collect();
+    v.sort_unstable();
+    v.get(v.len() / 2).copied()
+}
+
 /// One measurement: what the parent passes to its `bench-one` child.
 struct One<'a> {
     contender: Contender,
@@ -444,6 +486,8 @@ struct One<'a> {
     threads: usize,
     raw_threads: usize,
     request_size: Option<u64>,
+    /// The memory cgroup the child runs in (`cold-limited`).
+    cgroup: Option<&'a weightlift_testkit::cgroup::MemoryCgroup>,
 }
 
 /// Runs one measurement in a fresh process, so that its peak RSS is its own and no
@@ -452,23 +496,38 @@ fn measure_in_child(one: &One<'_>) -> Result<Sample, String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let request_size = one.request_size.unwrap_or(weightlift::DEFAULT_REQUEST_SIZE);
     let c = one.contender;
-    let out = Command::new(exe)
-        .args([
-            "bench-one",
-            "--contender",
-            &c.name(),
-            "--threads",
-            &one.threads.to_string(),
-            "--raw-threads",
-            &one.raw_threads.to_string(),
-            "--request-size",
-            &request_size.to_string(),
-        ])
-        .arg("--dir")
-        .arg(one.dir)
-        .args(one.url.map(|u| ["--url", u]).into_iter().flatten())
-        .output()
-        .map_err(|e| e.to_string())?;
+    let kills = one.cgroup.map(|g| g.oom_kills());
+    let out = match one.cgroup {
+        Some(group) => group.command(&exe),
+        None => Command::new(exe),
+    }
+    .args([
+        "bench-one",
+        "--contender",
+        &c.name(),
+        "--threads",
+        &one.threads.to_string(),
+        "--raw-threads",
+        &one.raw_threads.to_string(),
+        "--request-size",
+        &request_size.to_string(),
+    ])
+    .arg("--dir")
+    .arg(one.dir)
+    .args(one.url.map(|u| ["--url", u]).into_iter().flatten())
+    .output()
+    .map_err(|e| e.to_string())?;
+    if let (Some(group), Some(before)) = (one.cgroup, kills)
+        && group.oom_kills() > before
+    {
+        eprintln!("   {}: OOM-killed in the memory cgroup", c.name());
+        return Ok(Sample {
+            secs: f64::NAN,
+            peak_rss: 0,
+            read_bytes: None,
+            oom_killed: true,
+        });
+    }
     if !out.status.success() {
         return Err(format!(
             "{}: {}",
@@ -480,10 +539,28 @@ fn measure_in_child(one: &One<'_>) -> Result<Sample, String> {
     let mut parts = text.split_whitespace();
     let secs = parts.next().and_then(|s| s.parse().ok());
     let peak = parts.next().and_then(|s| s.parse().ok());
+    let read_bytes = parts.next().and_then(|s| s.parse().ok());
     match (secs, peak) {
-        (Some(secs), Some(peak_rss)) => Ok(Sample { secs, peak_rss }),
+        (Some(secs), Some(peak_rss)) => Ok(Sample {
+            secs,
+            peak_rss,
+            read_bytes,
+            oom_killed: false,
+        }),
         _ => Err(format!("{}: unexpected output {text:?}", c.name())),
     }
+}
+
+/// Bytes this process (and the children it waited for) read from storage so far.
+fn read_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/io")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("read_bytes: "))
+                .and_then(|n| n.trim().parse().ok())
+        })
+        .unwrap_or(0)
 }
 
 /// Arguments of the hidden `bench-one` task (one measurement, run by `bench`).
@@ -510,8 +587,14 @@ pub(crate) fn run_one(args: &OneArgs) -> Result<(), String> {
     let bytes = ckpt.data_bytes();
     drop(ckpt);
     reset_peak_rss();
+    let before = read_bytes();
     let sample = measure(args, &paths, bytes)?;
-    println!("{} {}", sample.secs, sample.peak_rss);
+    println!(
+        "{} {} {}",
+        sample.secs,
+        sample.peak_rss,
+        read_bytes() - before
+    );
     Ok(())
 }
 
@@ -585,6 +668,12 @@ fn measure(args: &OneArgs, paths: &[PathBuf], bytes: u64) -> Result<Sample, Stri
             Contender::PythonWeightliftTorch => {
                 return python_load_with(PY_TORCH, "weightlift", paths);
             }
+            Contender::PythonSafetensorsStream => {
+                return python_load_with(PY_STREAM, "safetensors", paths);
+            }
+            Contender::PythonWeightliftStream => {
+                return python_load_with(PY_STREAM, "weightlift", paths);
+            }
             Contender::PythonWeightliftTorchCheckpoint => {
                 return python_load_with(PY_TORCH, "weightlift-checkpoint", &[dir.to_path_buf()]);
             }
@@ -603,6 +692,8 @@ fn measure(args: &OneArgs, paths: &[PathBuf], bytes: u64) -> Result<Sample, Stri
     Ok(Sample {
         secs: start.elapsed().as_secs_f64(),
         peak_rss: peak_rss().unwrap_or(0),
+        read_bytes: None,
+        oom_killed: false,
     })
 }
 
@@ -737,6 +828,29 @@ for d in dicts:
 print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 "#;
 
+/// Every shard opened with `safetensors.safe_open` first (stock, or under `weightlift.patch()`:
+/// prefetching), then each tensor read in file order, one byte of each page touched, and
+/// dropped: how transformers and vLLM's default loader read.
+const PY_STREAM: &str = r#"import sys, time, resource
+import torch, safetensors
+mode, paths = sys.argv[1], sys.argv[2:]
+if mode == "weightlift":
+    import weightlift
+    weightlift.patch()
+t = time.perf_counter()
+handles = [safetensors.safe_open(p, framework="pt") for p in paths]
+total = 0
+for h in handles:
+    for name in h.offset_keys():
+        v = h.get_tensor(name)
+        if v.numel():
+            total += int(v.reshape(-1).view(torch.uint8)[::4096].sum())
+        del v
+for h in handles:
+    h.__exit__(None, None, None)
+print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"#;
+
 /// `from_pretrained` of a transformers model directory, stock or under `weightlift.patch()`,
 /// then one byte of every page of every parameter's storage touched. Imports are done before
 /// timing, the model's module included (its first import alone takes seconds).
@@ -839,6 +953,8 @@ fn python_load(script: &str, args: &[PathBuf]) -> Result<Sample, String> {
         (Some(secs), Some(kib)) => Ok(Sample {
             secs,
             peak_rss: kib * 1024,
+            read_bytes: None,
+            oom_killed: false,
         }),
         _ => Err(format!("python output: {text:?}")),
     }
@@ -846,12 +962,25 @@ fn python_load(script: &str, args: &[PathBuf]) -> Result<Sample, String> {
 
 fn print_table(records: &[Record]) {
     println!(
-        "{:<26} {:>9} {:>9} {:>9} {:>8} {:>8} {:>8} {:>10}",
-        "contender", "median s", "min s", "max s", "GB/s", "x raw", "x ref", "peak RSS"
+        "{:<26} {:>9} {:>9} {:>9} {:>8} {:>8} {:>8} {:>10} {:>7} {:>4}",
+        "contender",
+        "median s",
+        "min s",
+        "max s",
+        "GB/s",
+        "x raw",
+        "x ref",
+        "peak RSS",
+        "read x",
+        "oom"
     );
     for r in records {
+        let read = r.read_bytes.map_or("-".to_string(), |b| {
+            format!("{:.2}", b as f64 / r.bytes as f64)
+        });
+        let oom = r.oom_kills.map_or("-".to_string(), |n| n.to_string());
         println!(
-            "{:<26} {:>9.3} {:>9.3} {:>9.3} {:>8.2} {:>8.2} {:>8.2} {:>9.0}M",
+            "{:<26} {:>9.3} {:>9.3} {:>9.3} {:>8.2} {:>8.2} {:>8.2} {:>9.0}M {:>7} {:>4}",
             r.contender,
             r.median_s,
             r.min_s,
@@ -860,6 +989,8 @@ fn print_table(records: &[Record]) {
             r.ratio_to_raw,
             r.ratio_to_reference,
             r.peak_rss_bytes as f64 / 1048576.0,
+            read,
+            oom,
         );
     }
     println!();

@@ -15,6 +15,10 @@ pub(crate) enum Cache {
     /// Cold, read through a FUSE passthrough mount (`bindfs`) standing in for a network
     /// filesystem: both the mount's and the disk's caches are evicted.
     ColdFuse,
+    /// Cold, each measurement in a memory cgroup of `--memory-limit` bytes (a host or
+    /// container with less memory than the model): bytes read from storage are reported
+    /// beside the time.
+    ColdLimited,
 }
 
 impl Cache {
@@ -23,6 +27,7 @@ impl Cache {
             Cache::Warm => "warm",
             Cache::Cold => "cold",
             Cache::ColdFuse => "cold-fuse",
+            Cache::ColdLimited => "cold-limited",
         }
     }
 }
@@ -45,4 +50,12 @@ pub(crate) struct Record {
     /// For the http contender: its speed relative to the same load from local files.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) ratio_to_local: Option<f64>,
+    /// Bytes read from storage (`/proc/self/io`), median over the repetitions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) read_bytes: Option<u64>,
+    /// For `cold-limited`: the cgroup's limit, and OOM kills seen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) memory_limit: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) oom_kills: Option<u64>,
 }

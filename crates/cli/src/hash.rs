@@ -1,7 +1,9 @@
 //! `weightlift hash`: SHA-256 of every tensor's raw bytes, read through the loader.
 //!
-//! Shards are loaded one at a time, so memory stays at one shard's tensors however large
-//! the checkpoint; hashing runs in parallel over the tensors. With `--device cuda:N` the
+//! Tensors are loaded a group at a time, each group within the prefetch window of the memory
+//! budget (a shard, or a part of one: see `weightlift::MemoryBudget`), so memory stays
+//! bounded however large the checkpoint, container limits included; hashing runs in parallel
+//! over a group's tensors. With `--device cuda:N` the
 //! tensors go to the GPU and are copied back before hashing: the same hashes as a CPU load
 //! prove the device path moved every byte right.
 
@@ -11,7 +13,7 @@ use serde_json::{Map, json};
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
-use weightlift::{Device, Dtype, LoadOptions};
+use weightlift::{Device, Dtype, LoadOptions, MemoryBudget};
 
 #[derive(clap::Args)]
 #[command(
@@ -47,20 +49,29 @@ pub(crate) fn run(args: &Args) -> Result<(), String> {
     }
     let pattern = filter_pattern(args.filter.as_deref())?;
     let ckpt = args.checkpoint.open()?;
+    let window = MemoryBudget::detect().window().max(1 << 20);
     let mut hashes: BTreeMap<String, (String, Vec<usize>, String)> = BTreeMap::new();
-    for shard in ckpt.shards() {
-        let names: Arc<HashSet<String>> = Arc::new(
-            shard
-                .header()
-                .tensors()
-                .iter()
-                .map(|t| t.name.clone())
-                .filter(|n| pattern.as_ref().is_none_or(|p| p.matches(n)))
-                .collect(),
-        );
-        if names.is_empty() {
-            continue;
+    let groups = ckpt.shards().iter().flat_map(|shard| {
+        // Consecutive tensors of the shard, as many as the window holds (at least one).
+        let mut groups: Vec<HashSet<String>> = Vec::new();
+        let mut bytes = 0u64;
+        for t in shard.header().tensors() {
+            if pattern.as_ref().is_some_and(|p| !p.matches(&t.name)) {
+                continue;
+            }
+            // Converted tensors grow at most twice (16-bit floats to F32).
+            let len = t.byte_len() * if args.convert.is_some() { 2 } else { 1 };
+            if groups.is_empty() || bytes + len > window {
+                groups.push(HashSet::new());
+                bytes = 0;
+            }
+            bytes += len;
+            groups.last_mut().expect("a group").insert(t.name.clone());
         }
+        groups
+    });
+    for names in groups {
+        let names = Arc::new(names);
         let mut options = LoadOptions::default()
             .device(args.device)
             .filter(move |n| names.contains(n));

@@ -101,13 +101,15 @@ impl PyCheckpoint {
         })
     }
 
-    /// Starts loading every tensor in the background (mapped and populated for files that
-    /// map, read into memory of its own for the others), so that the reads that follow find
-    /// their bytes in memory rather than faulting them in one page at a time, or waiting
-    /// for one small request each. Does nothing when a prefetch was started already.
-    #[pyo3(signature = (threads=None))]
-    fn prefetch(&self, py: Python<'_>, threads: Option<usize>) {
-        let mut options = LoadOptions::default();
+    /// Starts bringing every tensor into memory in the background (see
+    /// `weightlift::Prefetch`: through the process's prefetch window, in the order readers
+    /// read, never more than the window ahead of them; files that fit loaded whole), so that
+    /// the reads that follow find their bytes in memory rather than faulting them in one page
+    /// at a time, or waiting for one small request each. `drop_cache`: release the pages of
+    /// what readers have read. Does nothing when a prefetch was started already.
+    #[pyo3(signature = (threads=None, drop_cache=false))]
+    fn prefetch(&self, py: Python<'_>, threads: Option<usize>, drop_cache: bool) {
+        let mut options = LoadOptions::default().drop_cache(drop_cache);
         if let Some(t) = threads {
             options = options.threads(t.max(1));
         }
@@ -229,10 +231,11 @@ impl PyCheckpoint {
 
     /// `rank`'s share of a load read by `world` processes (see `weightlift::Share`): every
     /// allocation of the full size, this rank's share read into it. Returns `(groups,
-    /// report, spans, digest)`: the groups (see `load`) whose memory the caller fills with
-    /// the other ranks' spans, `(owner, allocation, start, end)` for every span (allocation =
-    /// position in `groups`), and the load's digest (`weightlift::SharedLoad::digest`: equal
-    /// on every rank that asked for the same load).
+    /// report, spans, digest, read)`: the groups (see `load`) whose memory the caller fills
+    /// with the other ranks' spans, `(owner, allocation, start, end)` for every span
+    /// (allocation = position in `groups`), the load's digest
+    /// (`weightlift::SharedLoad::digest`: equal on every rank that asked for the same load),
+    /// and the `(shard, start, end)` ranges this rank read (for `drop_cache`).
     #[pyo3(signature = (rank, world, device="cpu", threads=None, prefix=None, layout="np", slices=None))]
     #[allow(clippy::too_many_arguments, clippy::type_complexity)]
     fn load_share<'py>(
@@ -250,10 +253,11 @@ impl PyCheckpoint {
         Bound<'py, PyList>,
         Vec<(usize, usize, u64, u64)>,
         u64,
+        Vec<(usize, u64, u64)>,
     )> {
         let layout = self::layout(layout)?;
         let options = load_options(self::device(device)?, threads, prefix, slices);
-        let (state, spans, digest) = py
+        let (state, spans, digest, read) = py
             .detach(|| {
                 let load = self
                     .ckpt
@@ -264,12 +268,25 @@ impl PyCheckpoint {
                     .map(|s| (s.owner, s.allocation, s.range.start, s.range.end))
                     .collect();
                 let digest = load.digest();
-                Ok::<_, Error>((load.finish(), spans, digest))
+                let read: Vec<_> = load
+                    .read_ranges()
+                    .into_iter()
+                    .map(|(s, r)| (s, r.start, r.end))
+                    .collect();
+                Ok::<_, Error>((load.finish(), spans, digest, read))
             })
             .map_err(py_err)?;
         let files = report(py, state.files())?;
         let tensors = state.into_tensors();
-        Ok((grouped(py, &tensors, layout)?, files, spans, digest))
+        Ok((grouped(py, &tensors, layout)?, files, spans, digest, read))
+    }
+
+    /// Drops `ranges` (`(shard, start, end)`, as `load_share` returns them) from the page
+    /// cache.
+    fn drop_cache(&self, py: Python<'_>, ranges: Vec<(usize, u64, u64)>) {
+        let ranges: Vec<(usize, Range<u64>)> =
+            ranges.into_iter().map(|(s, a, b)| (s, a..b)).collect();
+        py.detach(|| self.ckpt.drop_cache(&ranges));
     }
 
     /// `(name, shape)` of every tensor, in file order.

@@ -31,6 +31,17 @@ def digest(t):
     return [str(t.dtype), list(t.shape), hashlib.sha256(raw).hexdigest()]
 
 
+def cached(path):
+    """Bytes of the checkpoint's files in the page cache (``fincore``), or None."""
+    import subprocess
+
+    files = [os.path.join(path, f) for f in sorted(os.listdir(path)) if f.endswith(".safetensors")]
+    out = subprocess.run(["fincore", "--bytes", "--noheadings", *files], capture_output=True, text=True)
+    if out.returncode != 0:
+        return None
+    return sum(int(line.split()[0]) for line in out.stdout.splitlines() if line.strip())
+
+
 def tp_slices(rank, world):
     """Rows of matrices named ``*.row``, columns of those named ``*.col``: a tensor-parallel
     rank's slices."""
@@ -79,6 +90,18 @@ def scenario(name, path, rank, world):
         return weightlift.load_checkpoint(
             os.environ["WL_COPY"] if rank == world - 1 else path, framework="pt", group=group
         )
+    if name == "too-big":
+        # A budget smaller than the checkpoint: refused at planning, on every rank together.
+        os.environ["WEIGHTLIFT_MEMORY_BUDGET"] = "64KiB"
+        try:
+            return weightlift.load_checkpoint(path, framework="pt", group=group)
+        finally:
+            del os.environ["WEIGHTLIFT_MEMORY_BUDGET"]
+    if name == "shared-drop":
+        state = weightlift.load_checkpoint(path, framework="pt", group=group, drop_cache=True)
+        # Every rank has dropped its share before any looks at the page cache.
+        dist.barrier(group=group)
+        return state
     if name == "killed":
         if rank == world - 1:
             os._exit(3)
@@ -106,6 +129,7 @@ def main():
                 "ok": True,
                 "tensors": {k: digest(v) for k, v in state.items()},
                 "bytes_read": sum(f["bytes_read"] for f in state.report),
+                "cached": cached(path),
             }
         except Exception as e:  # noqa: BLE001 (the test checks the type)
             results[name] = {"ok": False, "type": type(e).__name__, "error": str(e)}

@@ -29,7 +29,7 @@ from dist_worker import tp_slices  # noqa: E402
 DEADLINE = 240
 WORLDS = {
     2: ["shared", "shared-np", "sliced", "shared-sliced", "missing-shard", "bad-header",
-        "other-filter", "other-path", "killed"],
+        "other-filter", "other-path", "too-big", "shared-drop", "killed"],
     4: ["shared", "sliced", "shared-sliced", "missing-shard", "other-path", "killed"],
 }
 
@@ -221,6 +221,7 @@ def test_a_group_shares_a_slice_plan(world, checkpoint):
         ("bad-header", ["model-00003-of-00003.safetensors", "header"]),
         ("other-filter", ["different loads"]),
         ("other-path", ["different loads"]),
+        ("too-big", ["more than its budget", "WEIGHTLIFT_MEMORY_BUDGET"]),
     ],
 )
 def test_a_rank_that_fails_or_disagrees_fails_every_rank(world, scenario, words):
@@ -233,6 +234,19 @@ def test_a_rank_that_fails_or_disagrees_fails_every_rank(world, scenario, words)
         assert r["type"] == "SafetensorError", (rank, r)
         for word in words:
             assert word in r["error"], (rank, word, r["error"])
+
+
+def test_a_shared_load_can_leave_the_page_cache_as_it_found_it(world, checkpoint):
+    got = outcome(world, "shared-drop")
+    if not got:
+        pytest.skip("shared-drop is run with world 2 only")
+    want = {name: digest(t) for name, t in checkpoint["full"].items()}
+    for rank, r in got.items():
+        assert r["ok"], (rank, r)
+        assert r["tensors"] == want
+        if r["cached"] is not None:
+            # What every rank read is dropped once all are done (headers' pages may stay).
+            assert r["cached"] <= 3 * (64 << 10), (rank, r["cached"])
 
 
 def test_a_killed_rank_ends_every_other_rank_with_an_error(world):

@@ -19,6 +19,7 @@ mod error;
 pub mod hub;
 mod location;
 mod mapped;
+mod memory;
 mod mmap;
 mod pread;
 #[cfg(feature = "remote")]
@@ -33,6 +34,7 @@ pub use direct::{BOUNCE_LEN, DirectSource};
 pub use error::{Error, Result, S3ConfigError};
 pub use location::Location;
 pub use mapped::MappedFile;
+pub use memory::{MemoryInfo, human, memory_info, parse_size};
 pub use mmap::MmapSource;
 pub use pread::PreadSource;
 pub use store::{Entry, LocalStore, Opened, RemoteStats, Store, StoreOptions, open_store};

@@ -75,6 +75,32 @@ impl MappedFile {
         let _ = self.map.advise(advice);
     }
 
+    /// Gives the pages of `offset..offset + len` (the whole pages inside it) back to the
+    /// kernel: reclaimed from this mapping (`MADV_PAGEOUT`) and dropped from the page cache
+    /// (`POSIX_FADV_DONTNEED`), so that bytes already read do not hold memory a host short
+    /// of it needs. Nothing is lost: a later touch reads them from the file again (and
+    /// private copies of written pages are anonymous memory, which this leaves alone). A
+    /// hint: failures only cost memory.
+    pub fn release(&self, offset: u64, len: u64) {
+        let page = 4096u64;
+        let start = offset.div_ceil(page) * page;
+        let end = (offset.saturating_add(len).min(self.map.len() as u64) / page) * page;
+        if start >= end {
+            return;
+        }
+        // SAFETY: `start..end` lies inside the live mapping (clamped to its length above) and
+        // is page-aligned. MADV_PAGEOUT only reclaims pages: their contents are read from the
+        // file again on the next touch, and no Rust reference sees them change.
+        let _ = unsafe {
+            rustix::mm::madvise(
+                self.map.as_ptr().add(start as usize) as *mut std::ffi::c_void,
+                (end - start) as usize,
+                rustix::mm::Advice::LinuxPageOut,
+            )
+        };
+        crate::pread::drop_cache(&self.file, start, end - start);
+    }
+
     /// Brings the pages of `offset..offset + len` in (reading them from the file where they
     /// are not in the page cache) and maps them, so that touching them later costs nothing.
     /// Safe to call from many threads on disjoint or overlapping ranges.

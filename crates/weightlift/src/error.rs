@@ -72,6 +72,16 @@ pub enum Error {
         /// Why.
         reason: String,
     },
+    /// A placement (see [`crate::Fill`]) that cannot be honoured: its block is not what the
+    /// destination expects, falls outside it, overlaps another, or needs a conversion
+    /// weightlift does not make. Refused before any byte is read.
+    #[error("tensor {tensor:?}: invalid placement: {reason}")]
+    InvalidPlacement {
+        /// The tensor.
+        tensor: String,
+        /// Why.
+        reason: String,
+    },
     /// A typed view was asked for with the wrong element type or alignment.
     #[error("tensor {tensor:?}: {reason}")]
     TypedView {
@@ -86,6 +96,21 @@ pub enum Error {
     /// The target device failed.
     #[error(transparent)]
     Device(#[from] DeviceError),
+    /// A CPU load whose tensors need more memory of its own than the memory budget allows
+    /// (see [`crate::MemoryBudget`]): refused at planning, before any byte is read, rather
+    /// than killed midway for want of memory.
+    #[error(
+        "the load needs {} of memory for its tensors, more than its budget of {budget}: load a part \
+         of it (prefix, filter, slices), map the files, load to a GPU, or set {}",
+        weightlift_storage::human(*needed),
+        crate::budget::BUDGET_VAR
+    )]
+    DoesNotFit {
+        /// Bytes the load's tensors need.
+        needed: u64,
+        /// The budget, and where it comes from.
+        budget: String,
+    },
     /// The load was called off through [`crate::LoadOptions::cancel`].
     #[error("the load was cancelled")]
     Cancelled,

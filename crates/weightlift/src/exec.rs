@@ -104,10 +104,10 @@ impl Exec<'_> {
         })
     }
 
-    /// Populates the plan's ranges of the shards' mappings (`maps`, one per shard of the
-    /// plan, in its order) in parallel: the tensors' bytes stay where the page cache has
-    /// them.
-    pub(crate) fn populate(&self, maps: &[Arc<HostMemory>]) -> Result<()> {
+    /// Populates the ranges of `requests` (the plan's, or the first of them) in the shards'
+    /// mappings (`maps`, one per shard of the plan, in its order) in parallel: the tensors'
+    /// bytes stay where the page cache has them.
+    pub(crate) fn populate(&self, maps: &[Arc<HostMemory>], requests: &[Request]) -> Result<()> {
         let plan = self.plan;
         let mapping = |i: usize| {
             maps[i]
@@ -127,7 +127,7 @@ impl Exec<'_> {
         let threads = self.pool.current_num_threads();
         self.pool.install(|| {
             (0..threads).into_par_iter().try_for_each(|_| {
-                while let Some(request) = plan.requests.get(next.fetch_add(1, Ordering::Relaxed)) {
+                while let Some(request) = requests.get(next.fetch_add(1, Ordering::Relaxed)) {
                     if self.cancelled() {
                         return Err(Error::Cancelled);
                     }

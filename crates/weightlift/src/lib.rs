@@ -22,6 +22,7 @@
 //! is loaded at run time, so the feature builds anywhere). [`Checkpoint::load_staged`] runs
 //! the GPU pipeline over any [`CopyEngine`].
 
+mod budget;
 mod checkpoint;
 mod convert;
 mod error;
@@ -31,6 +32,7 @@ mod load;
 mod mapping;
 mod memory;
 mod options;
+mod place;
 mod plan;
 mod pool;
 mod prefetch;
@@ -39,13 +41,16 @@ mod shard;
 mod share;
 mod slice;
 mod tensor;
+mod window;
 
+pub use budget::{BUDGET_VAR, MemoryBudget, WINDOW_VAR};
 pub use checkpoint::{Checkpoint, OpenOptions};
 pub use error::{Error, Result};
 pub use lazy::MappedCheckpoint;
 pub use mapping::Mapping;
 pub use memory::HostMemory;
 pub use options::{DEFAULT_MAX_GAP, DEFAULT_REQUEST_SIZE, Filter, LoadOptions, SliceFn};
+pub use place::{Fill, FillReport};
 pub use pool::default_threads;
 pub use prefetch::Prefetch;
 pub use progress::{Progress, ProgressFn};
@@ -70,6 +75,7 @@ pub use weightlift_storage::{
     AccessPattern, AutoPolicy, Backend, BackendKind, ByteSource, Entry, LocalStore, Location,
     Opened, RemoteStats, Store, StoreOptions, open_store,
 };
+pub use weightlift_storage::{MemoryInfo, memory_info};
 
 /// Remote storage options (feature `remote`).
 #[cfg(feature = "remote")]

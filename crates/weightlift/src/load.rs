@@ -1,6 +1,7 @@
 //! Loads: which tensors (the selection), planned how, onto which device. CPU and device
 //! loads run the same plan through [`crate::exec`]; meta loads read nothing.
 
+use crate::budget::MemoryBudget;
 use crate::checkpoint::Checkpoint;
 use crate::convert::{converted, is_conversion_target};
 use crate::error::{Error, Result};
@@ -15,6 +16,19 @@ use crate::tensor::{FileReport, Placement, StateDict, Storage, Tensor};
 use std::sync::Arc;
 use weightlift_device::{CopyEngine, CpuTarget, Device, StagedTarget};
 use weightlift_format::Dtype;
+use weightlift_storage::human;
+
+/// An owned CPU load of `plan` must fit `budget`: refused before anything is allocated.
+fn check_fits(plan: &ReadPlan, budget: &MemoryBudget) -> Result<()> {
+    let needed: u64 = plan.shards.iter().map(|sp| sp.layout.total()).sum();
+    if needed > budget.bytes() {
+        return Err(Error::DoesNotFit {
+            needed,
+            budget: budget.describe(),
+        });
+    }
+    Ok(())
+}
 
 impl Checkpoint {
     /// Loads the selected tensors (all by default) onto the options' device.
@@ -60,7 +74,14 @@ impl Checkpoint {
         }
         let owned_plan = self.plan(owned, options, None, &convert_fn);
         let mapped_plan = self.plan(mapped, options, None, |d| d);
-        let progress = self.progress_sink(options, owned_plan.bytes + mapped_plan.bytes);
+        let budget = options.budget();
+        check_fits(&owned_plan, &budget)?;
+        // Mapped tensors are page-cache pages, which the kernel can take back and fault in
+        // again: what does not fit in the window is left to fault in on first touch, rather
+        // than populated now and evicted before anyone reads it.
+        let populate = mapped_plan.prefix_within(budget.window());
+        let populated = populate.iter().map(|r| r.len).sum::<u64>();
+        let progress = self.progress_sink(options, owned_plan.bytes + populated);
         let pool = self.pool(options)?;
         let exec = |plan| Exec {
             shards: self.shards(),
@@ -97,7 +118,22 @@ impl Checkpoint {
                 // caller took on when opening the checkpoint.
                 .map(|sp| unsafe { self.shards()[sp.shard].mapping() })
                 .collect::<Result<Vec<_>>>()?;
-            exec(&mapped_plan).populate(&maps)?;
+            exec(&mapped_plan).populate(&maps, populate)?;
+            let mut per_shard = vec![0u64; self.shards().len()];
+            for r in populate {
+                per_shard[mapped_plan.shards[r.shard_plan as usize].shard] += r.len;
+            }
+            if populated < mapped_plan.bytes {
+                for sp in &mapped_plan.shards {
+                    reasons[sp.shard].push_str(&format!(
+                        "; {} of {} populated up front, the rest is read on first touch \
+                         (the mapped tensors need more than the prefetch window of {})",
+                        human(per_shard[sp.shard]),
+                        human(sp.bytes),
+                        human(budget.window())
+                    ));
+                }
+            }
             for (sp, map) in mapped_plan.shards.iter().zip(maps) {
                 let header = self.shards()[sp.shard].header();
                 let base = Storage::Host {
@@ -115,11 +151,22 @@ impl Checkpoint {
                     .collect();
                 groups.push((sp.shard, tensors));
             }
-            files.extend(self.reports(&mapped_plan, Placement::Mapped, &reasons));
+            files.extend(
+                self.reports(&mapped_plan, Placement::Mapped, &reasons)
+                    .map(|f| FileReport {
+                        bytes_read: per_shard[f.shard],
+                        ..f
+                    }),
+            );
         }
         groups.sort_by_key(|g| g.0);
         let tensors = groups.into_iter().flat_map(|g| g.1).collect();
         Ok(StateDict::new(tensors).with_files(files))
+    }
+
+    /// Checks, before anything is allocated, that an owned CPU load fits the budget.
+    pub(crate) fn check_fits_cpu(&self, plan: &ReadPlan, options: &LoadOptions) -> Result<()> {
+        check_fits(plan, &options.budget())
     }
 
     /// The loader threads of a load.

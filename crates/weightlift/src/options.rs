@@ -1,5 +1,6 @@
 //! What a load reads and where it puts it: [`LoadOptions`] and the tensor [`Filter`].
 
+use crate::budget::MemoryBudget;
 use crate::progress::{Progress, ProgressFn};
 use std::fmt;
 use std::sync::Arc;
@@ -68,6 +69,7 @@ pub struct LoadOptions {
     pub(crate) cancel: Option<Arc<AtomicBool>>,
     pub(crate) slices: Option<SliceFn>,
     pub(crate) max_gap: u64,
+    pub(crate) memory_budget: Option<MemoryBudget>,
 }
 
 impl Default for LoadOptions {
@@ -86,6 +88,7 @@ impl Default for LoadOptions {
             cancel: None,
             slices: None,
             max_gap: DEFAULT_MAX_GAP,
+            memory_budget: None,
         }
     }
 }
@@ -106,6 +109,7 @@ impl fmt::Debug for LoadOptions {
             .field("cancel", &self.cancel.is_some())
             .field("slices", &self.slices.as_ref().map(|_| ".."))
             .field("max_gap", &self.max_gap)
+            .field("memory_budget", &self.memory_budget)
             .finish()
     }
 }
@@ -212,6 +216,22 @@ impl LoadOptions {
     pub fn cancel(mut self, flag: Arc<AtomicBool>) -> Self {
         self.cancel = Some(flag);
         self
+    }
+
+    /// The memory budget and prefetch window (default: [`MemoryBudget::detect`] when the
+    /// load starts): an owned CPU load needing more than the budget fails at planning; a
+    /// mapped load populates at most the window up front; a prefetch runs at most the window
+    /// ahead of its reader.
+    pub fn memory_budget(mut self, budget: MemoryBudget) -> Self {
+        self.memory_budget = Some(budget);
+        self
+    }
+
+    /// The budget a load runs under: the options', else detected now.
+    pub(crate) fn budget(&self) -> MemoryBudget {
+        self.memory_budget
+            .clone()
+            .unwrap_or_else(MemoryBudget::detect)
     }
 
     /// Reports progress to `f`, once per completed read, from loader threads.

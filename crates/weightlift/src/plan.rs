@@ -90,6 +90,21 @@ pub(crate) struct ReadPlan {
 }
 
 impl ReadPlan {
+    /// The plan's first requests whose lengths add up to at most `bytes` (all of them when
+    /// the plan reads no more).
+    pub(crate) fn prefix_within(&self, bytes: u64) -> &[Request] {
+        let mut total = 0u64;
+        let end = self
+            .requests
+            .iter()
+            .position(|r| {
+                total += r.len;
+                total > bytes
+            })
+            .unwrap_or(self.requests.len());
+        &self.requests[..end]
+    }
+
     /// Plans reads of the selected tensors: `picks[i]` lists the tensors of shard `i` to read
     /// (in file order), each whole or in part; `convert` maps a tensor's dtype to the dtype to
     /// load it as. With `max_dst`, no request's destination range (its pieces, converted,

@@ -1,56 +1,142 @@
-//! Prefetching: a whole load started in the background ahead of the reads that will want
-//! it (a `safe_open` handle whose caller will read every tensor), and those reads served
-//! from it.
+//! Prefetching: a checkpoint's bytes brought into memory in the background, ahead of the
+//! reads that will want them (a `safe_open` handle whose caller will read every tensor), and
+//! those reads served from them.
 //!
-//! Reads of files the checkpoint maps go to the mapping, which the prefetch populates: they
-//! never wait. Reads of other files wait for the prefetch and take their tensor from it
-//! (or, if it failed or was called off, read the file themselves and report their own
-//! errors). No lock is held outside this module: a caller cannot keep one while it waits
-//! for something else (an interpreter's lock, say), so a reader cannot deadlock against
-//! the prefetch or another reader.
+//! Each shard is prefetched one of three ways, decided when the prefetch starts:
+//! - a shard the checkpoint maps, and a local file it reads: through the process's
+//!   prefetch window ([`crate::window`]), which populates the page cache in the order the
+//!   readers read, never more than the window's bytes ahead of them, so a checkpoint larger
+//!   than memory is read once;
+//! - a shard read into memory of its own while everything prefetched that way fits in the
+//!   window (a network filesystem, a URL): loaded whole in the background, reads take their
+//!   tensors from the load (a view, no copy);
+//! - a URL that does not fit: not prefetched; reads fetch their own bytes.
+//!
+//! Reads of mapped files never wait: they take the mapping's pages, populated or not. Reads
+//! of files loaded whole wait for the load (or, if it failed or was called off, read the
+//! file themselves and report their own errors). No lock is held outside this module and
+//! the window: a caller cannot keep one while it waits for something else (an interpreter's
+//! lock, say), so a reader cannot deadlock against the prefetch or another reader.
 
 use crate::checkpoint::Checkpoint;
 use crate::error::Result;
 use crate::mapping::Use;
 use crate::options::LoadOptions;
+use crate::pool::default_threads;
 use crate::tensor::{StateDict, Tensor};
+use crate::window::{Job, window};
+use std::collections::HashSet;
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 
-/// A load running in the background for a checkpoint, and the reads it serves.
+/// How one shard is prefetched.
+#[derive(Debug)]
+enum Way {
+    /// Through the prefetch window.
+    Window(Arc<Job>),
+    /// Loaded whole into memory of its own, with the others that fit.
+    Owned,
+    /// Not at all.
+    None,
+}
+
+/// A prefetch of a checkpoint, and the reads it serves.
 #[derive(Debug)]
 pub struct Prefetch {
     ckpt: Arc<Checkpoint>,
+    ways: Vec<Way>,
     cancel: Arc<AtomicBool>,
+    /// The load of the shards prefetched whole, and the bytes it holds of the window's
+    /// allowance for such loads.
     thread: Mutex<Option<JoinHandle<Result<StateDict>>>>,
-    /// The finished load (`None`: it failed, was called off, or never started).
+    owned_bytes: u64,
+    /// The finished load (`None`: it failed, was called off, or there is none).
     done: OnceLock<Option<Arc<StateDict>>>,
 }
 
 impl Checkpoint {
-    /// Starts `options`' load of this checkpoint on a thread of its own (its cancel flag is
-    /// the prefetch's: see [`Prefetch::cancel`]). Reads through the returned [`Prefetch`]
-    /// find their bytes in memory rather than faulting them in one page at a time or waiting
-    /// on one small request each.
+    /// Starts prefetching this checkpoint (see [`Prefetch`]) with `options`: its memory
+    /// budget sets the window, its threads the loads of shards prefetched whole, and
+    /// `drop_cache` releases the pages of what readers have read once they are past them.
+    /// Reads through the returned [`Prefetch`] find their bytes in memory rather than
+    /// faulting them in one page at a time or waiting on one small request each.
     pub fn prefetch(self: &Arc<Self>, options: LoadOptions) -> Prefetch {
+        let budget = options.budget();
+        let limit = budget.window();
         let cancel = Arc::new(AtomicBool::new(false));
-        let options = options.cancel(Arc::clone(&cancel));
-        let ckpt = Arc::clone(self);
-        let thread = std::thread::Builder::new()
-            .name("weightlift-prefetch".into())
-            .spawn(move || ckpt.load(&options))
-            .ok();
+        let mut ways = Vec::with_capacity(self.shards().len());
+        let mut owned = HashSet::new();
+        let mut owned_bytes = 0u64;
+        for (s, shard) in self.shards().iter().enumerate() {
+            let bytes = shard.header().data_len();
+            let mapped = shard
+                .maps(self.mapping(), Use::Read)
+                .map(|(m, _)| m)
+                .unwrap_or(false);
+            let way = if mapped {
+                // SAFETY: the policy maps only under a `Mapping` made by its unsafe
+                // constructors, whose contract the caller took on when opening the checkpoint.
+                match unsafe { shard.mapping() } {
+                    Ok(map) => Way::Window(window().register(
+                        self,
+                        s,
+                        Some(map),
+                        options.drop_cache,
+                        limit,
+                        default_threads(),
+                    )),
+                    Err(_) => Way::None,
+                }
+            } else if window().reserve_owned(bytes, limit) {
+                owned.insert(s);
+                owned_bytes += bytes;
+                Way::Owned
+            } else if shard.path().is_some() {
+                Way::Window(window().register(
+                    self,
+                    s,
+                    None,
+                    options.drop_cache,
+                    limit,
+                    default_threads(),
+                ))
+            } else {
+                Way::None
+            };
+            ways.push(way);
+        }
         let done = OnceLock::new();
-        if thread.is_none() {
-            // No thread could be started: reads go to the files.
+        let mut thread = None;
+        if owned.is_empty() {
             let _ = done.set(None);
+        } else {
+            let ckpt = Arc::clone(self);
+            let names: HashSet<String> = self
+                .shards()
+                .iter()
+                .enumerate()
+                .filter(|(s, _)| owned.contains(s))
+                .flat_map(|(_, shard)| shard.header().tensors().iter().map(|t| t.name.clone()))
+                .collect();
+            let options = options
+                .cancel(Arc::clone(&cancel))
+                .filter(move |n| names.contains(n));
+            thread = std::thread::Builder::new()
+                .name("weightlift-prefetch".into())
+                .spawn(move || ckpt.load(&options))
+                .ok();
+            if thread.is_none() {
+                let _ = done.set(None);
+            }
         }
         Prefetch {
             ckpt: Arc::clone(self),
+            ways,
             cancel,
             thread: Mutex::new(thread),
+            owned_bytes,
             done,
         }
     }
@@ -62,13 +148,19 @@ impl Prefetch {
         &self.ckpt
     }
 
-    /// Calls the load off: it stops before its next request. Reads that follow go to the
+    /// Calls the prefetch off: nothing more is brought in. Reads that follow go to the
     /// files.
     pub fn cancel(&self) {
         self.cancel.store(true, Ordering::Relaxed);
+        for way in &self.ways {
+            if let Way::Window(job) = way {
+                job.cancel();
+            }
+        }
     }
 
-    /// Waits for the load; its result, unless it failed or was called off.
+    /// Waits for the load of the shards prefetched whole; its result, unless it failed or
+    /// was called off (or no shard is prefetched that way).
     pub fn wait(&self) -> Option<&Arc<StateDict>> {
         self.done
             .get_or_init(|| {
@@ -81,24 +173,29 @@ impl Prefetch {
             .as_ref()
     }
 
-    /// [`Checkpoint::get_slice`], served by the prefetch: from the file's mapping where the
-    /// checkpoint maps it (populated by the prefetch, or now), else from the finished load.
+    /// [`Checkpoint::get_slice`], served by the prefetch (see [`Prefetch`]).
     pub fn get_slice(&self, name: &str, ranges: &[Range<usize>]) -> Result<Tensor> {
-        let Some((shard, _)) = self.ckpt.info(name) else {
+        let Some((s, t)) = self.ckpt.locate(name) else {
             return self.ckpt.get_slice(name, ranges);
         };
-        if !shard.maps(self.ckpt.mapping(), Use::Read)?.0
-            && let Some(state) = self.wait()
-            && let Some(t) = state.get(name)
-        {
-            return t.slice(ranges);
+        match &self.ways[s] {
+            Way::Window(job) => {
+                let read = self.ckpt.get_slice(name, ranges);
+                window().consumed(job, t);
+                read
+            }
+            Way::Owned => match self.wait().and_then(|state| state.get(name)) {
+                Some(tensor) => tensor.slice(ranges),
+                None => self.ckpt.get_slice(name, ranges),
+            },
+            Way::None => self.ckpt.get_slice(name, ranges),
         }
-        self.ckpt.get_slice(name, ranges)
     }
 }
 
 impl Drop for Prefetch {
     fn drop(&mut self) {
         self.cancel();
+        window().release_owned(self.owned_bytes);
     }
 }

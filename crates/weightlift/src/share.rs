@@ -150,6 +150,10 @@ impl Checkpoint {
             let options = options.clone().request_size(balanced);
             plan = self.plan(selected, &options, max_dst, &convert_fn);
         }
+        if max_dst.is_none() {
+            // Host memory: every rank holds every tensor.
+            self.check_fits_cpu(&plan, options)?;
+        }
         let part = plan.share(share.rank, share.world);
         let progress = self.progress_sink(options, plan.bytes);
         let pool = self.pool(options)?;
@@ -177,6 +181,21 @@ impl Checkpoint {
             memories,
             spans,
         })
+    }
+}
+
+impl Checkpoint {
+    /// Tells the page cache that `ranges` (shard position, byte range) will not be read
+    /// again, so that a host with less memory than the model does not keep them: after a
+    /// shared load, once every rank is done (see [`SharedLoad::read_ranges`]).
+    pub fn drop_cache(&self, ranges: &[(usize, Range<u64>)]) {
+        for (shard, range) in ranges {
+            if let Some(shard) = self.shards().get(*shard) {
+                shard
+                    .source()
+                    .drop_cache(range.start, range.end - range.start);
+            }
+        }
     }
 }
 
@@ -218,6 +237,20 @@ impl SharedLoad<'_> {
         }
         (self.plan.requests.len(), self.plan.bytes).hash(&mut h);
         h.finish()
+    }
+
+    /// The file ranges this rank read (its share), as (shard position in the checkpoint,
+    /// byte range): what [`Checkpoint::drop_cache`] releases once every rank is done
+    /// reading (after the exchange: ranks on one host share the page cache).
+    pub fn read_ranges(&self) -> Vec<(usize, Range<u64>)> {
+        let part = self.plan.share(self.share.rank, self.share.world);
+        self.plan.requests[part]
+            .iter()
+            .map(|r| {
+                let sp = &self.plan.shards[r.shard_plan as usize];
+                (sp.shard, r.file_offset..r.file_offset + r.len)
+            })
+            .collect()
     }
 
     /// Bytes this rank read from storage (its share of the requests).

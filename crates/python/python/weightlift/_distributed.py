@@ -35,10 +35,11 @@ def _collective(what, call):
 
 
 def load_shared(path, framework, device, group, backend="auto", token=None, threads=None,
-                prefix=None, slices=None):
+                prefix=None, slices=None, drop_cache=False):
     """The ``StateDict`` of a load of `path` shared by `group`'s ranks (see the module docs):
     ``load_checkpoint(..., group=)``. Shares are read into memory of their own (never
-    mapped: the other ranks' spans are written into them)."""
+    mapped: the other ranks' spans are written into them). ``drop_cache``: once every rank
+    has its tensors, each drops what it read from the page cache."""
     import torch.distributed as dist
 
     if not dist.is_available() or not dist.is_initialized():
@@ -59,7 +60,7 @@ def load_shared(path, framework, device, group, backend="auto", token=None, thre
         # every rank, never leaves them waiting.
         handle = _handle.open_handle(path, backend, True, token)
         ranges, after = _slicing.plans(handle, slices) if slices is not None else (None, {})
-        groups, report, spans, digest = handle.load_share(
+        groups, report, spans, digest, read = handle.load_share(
             rank,
             world,
             device=device,
@@ -100,6 +101,11 @@ def load_shared(path, framework, device, group, backend="auto", token=None, thre
                 f"receiving rank {owner}'s share",
                 lambda part=part: dist.broadcast(part, src=src, group=group),
             )
+    if drop_cache:
+        # Ranks on one host share the page cache: drop only once every rank is done.
+        _collective("waiting for every rank before dropping the page cache",
+                    lambda: dist.barrier(group=group))
+        handle.drop_cache(read)
     out = _handle.StateDict()
     out.report = report
     _handle.arrays(groups, framework, out)

@@ -44,8 +44,14 @@ def load_checkpoint(
     whose names start with it. ``token``: bearer token for http(s) URLs. ``copy``: read
     into memory of its own even where mapping is possible (see the package docs).
     ``drop_cache``: after reading into memory of its own, drop the bytes read from the page
-    cache, so it does not hold a second copy of the model. The GIL is released while
-    loading.
+    cache, so it does not hold a second copy of the model (with ``group=``, once every rank
+    is done). The GIL is released while loading.
+
+    Memory: a load into memory of its own must fit the memory budget (default: the memory
+    available to the process, container limits included; ``WEIGHTLIFT_MEMORY_BUDGET``), or it
+    fails before reading anything, naming the bytes needed and available. A mapped load
+    populates at most the prefetch window up front (``WEIGHTLIFT_PREFETCH_WINDOW``, default
+    half the budget); the rest is read on first touch.
 
     ``group``: a ``torch.distributed`` process group (``True`` for the default one) whose
     ranks all call this with the same arguments: each reads a share of the bytes and the
@@ -66,5 +72,5 @@ def load_checkpoint(
     from ._distributed import load_shared
 
     return load_shared(
-        path, framework, device, group, backend, token, threads, prefix, slices
+        path, framework, device, group, backend, token, threads, prefix, slices, drop_cache
     )

@@ -52,24 +52,41 @@ class safe_open:
     device for "pt". ``backend``: "auto" (default) or "mmap": tensors are views of a private
     mapping of files on local disks and in memory, read into memory of their own elsewhere;
     "pread" or "direct": always read (see the package docs for the mapping contract).
-    ``token``: bearer token for http(s) URLs (e.g. a hub token). ``prefetch``: start loading
-    every tensor in the background right away (mapped files are populated, others read),
-    for callers that will read all of them (``weightlift.patch()`` turns it on for the
-    libraries it patches); closing the handle calls it off.
+    ``token``: bearer token for http(s) URLs (e.g. a hub token). ``prefetch``: start bringing
+    every tensor into memory in the background right away, for callers that will read all of
+    them (``weightlift.patch()`` turns it on for the libraries it patches): through the
+    process's prefetch window, in the order the handles were opened and are read, never more
+    than the window ahead of the readers (``WEIGHTLIFT_PREFETCH_WINDOW``, default half the
+    memory available); closing the handle calls it off. ``drop_cache``: with ``prefetch``,
+    release the page-cache pages of what was read once the reader is past them (default:
+    ``WEIGHTLIFT_DROP_CACHE=1`` in the environment), for hosts with less memory than the
+    model.
     """
 
     def __init__(
-        self, filename, framework, device="cpu", backend="auto", token=None, prefetch=False
+        self,
+        filename,
+        framework,
+        device="cpu",
+        backend="auto",
+        token=None,
+        prefetch=False,
+        drop_cache=None,
     ):
         self._framework = _args.framework(framework)
         self._device = _args.device(self._framework, device)
         self._handle = _handle.open_handle(filename, backend, token=token)
         self._bases = _arrays.TorchBases()
         if prefetch and self._device == "cpu":
+            if drop_cache is None:
+                drop_cache = os.environ.get("WEIGHTLIFT_DROP_CACHE", "") not in ("", "0")
             # Callers that prefetch open every shard of a checkpoint one after the other, so
-            # the shards' loads run side by side: two threads each keep a disk queue full
-            # without crowding the caller's own threads.
-            self._handle.prefetch(threads=int(os.environ.get("WEIGHTLIFT_PREFETCH_THREADS", "2")))
+            # the loads of shards prefetched whole run side by side: two threads each keep a
+            # disk queue full without crowding the caller's own threads.
+            self._handle.prefetch(
+                threads=int(os.environ.get("WEIGHTLIFT_PREFETCH_THREADS", "2")),
+                drop_cache=bool(drop_cache),
+            )
 
     def _h(self):
         if self._handle is None:

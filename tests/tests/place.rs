@@ -1,0 +1,185 @@
+//! Placement loads: blocks of tensors read straight into the caller's memory, where the
+//! caller says; the fused layouts model loaders build (experts stacked, gate and up side by
+//! side, q/k/v cut from one tensor, a column block) equal what copying in memory gives, with
+//! conversions; bad placements refuse before reading anything.
+
+use half::bf16;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use weightlift::{Checkpoint, Dtype, Error, Fill, LoadOptions};
+use weightlift_testkit::files::{disk_tempdir, moe, split, write_sharded};
+
+fn bytes(ckpt: &Checkpoint, name: &str) -> Vec<u8> {
+    ckpt.get(name).unwrap().bytes().unwrap().to_vec()
+}
+
+#[test]
+fn experts_stacked_and_gate_up_side_by_side_in_one_load() {
+    let dir = disk_tempdir();
+    // 2 layers x 4 experts, hidden 16, intermediate 8 (BF16), over 3 shards.
+    write_sharded(dir.path(), &split(moe(2, 4, 16, 8), 3), true);
+    let ckpt = Checkpoint::open(dir.path()).unwrap();
+    let (experts, inter, hidden) = (4usize, 8usize, 16usize);
+    // gate_up_proj [E, 2I, H] and down_proj [E, H, I] per layer, BF16.
+    let gate_up_len = experts * 2 * inter * hidden * 2;
+    let down_len = experts * hidden * inter * 2;
+    let mut fills = Vec::new();
+    for layer in 0..2 {
+        for e in 0..experts {
+            let p = format!("model.layers.{layer}.mlp.experts.{e}");
+            let dest = layer * 2;
+            let at = (e * 2 * inter * hidden * 2) as u64;
+            fills.push(
+                Fill::new(format!("{p}.gate_proj.weight"), dest, at).shape(vec![inter, hidden]),
+            );
+            fills.push(
+                Fill::new(
+                    format!("{p}.up_proj.weight"),
+                    dest,
+                    at + (inter * hidden * 2) as u64,
+                )
+                .shape(vec![inter, hidden]),
+            );
+            fills.push(Fill::new(
+                format!("{p}.down_proj.weight"),
+                dest + 1,
+                (e * hidden * inter * 2) as u64,
+            ));
+        }
+    }
+    let mut memory: Vec<Vec<u8>> = (0..4)
+        .map(|i| vec![0u8; if i % 2 == 0 { gate_up_len } else { down_len }])
+        .collect();
+    let done = Arc::new(AtomicU64::new(0));
+    let seen = Arc::clone(&done);
+    let options = LoadOptions::default()
+        .request_size(4096)
+        .threads(3)
+        .progress(move |p| seen.store(p.bytes_done, Ordering::Relaxed));
+    let report = ckpt
+        .load_into(
+            &fills,
+            memory.iter_mut().map(|m| &mut m[..]).collect(),
+            &options,
+        )
+        .unwrap();
+    assert!(report.requests > 1);
+    assert_eq!(done.load(Ordering::Relaxed), report.bytes_read);
+    // What stacking and concatenating copies in memory would give.
+    for layer in 0..2 {
+        let mut want_gate_up = Vec::new();
+        let mut want_down = Vec::new();
+        for e in 0..experts {
+            let p = format!("model.layers.{layer}.mlp.experts.{e}");
+            want_gate_up.extend(bytes(&ckpt, &format!("{p}.gate_proj.weight")));
+            want_gate_up.extend(bytes(&ckpt, &format!("{p}.up_proj.weight")));
+            want_down.extend(bytes(&ckpt, &format!("{p}.down_proj.weight")));
+        }
+        assert_eq!(memory[layer * 2], want_gate_up, "layer {layer} gate_up");
+        assert_eq!(memory[layer * 2 + 1], want_down, "layer {layer} down");
+    }
+}
+
+#[test]
+fn blocks_with_strides_and_conversions() {
+    let dir = disk_tempdir();
+    write_sharded(dir.path(), &split(moe(1, 2, 16, 8), 1), false);
+    let ckpt = Checkpoint::open(dir.path()).unwrap();
+    let name = "model.layers.0.mlp.experts.1.gate_proj.weight"; // [8, 16] BF16
+    let src = ckpt.get(name).unwrap();
+    let vals: Vec<f32> = src
+        .as_slice::<bf16>()
+        .unwrap()
+        .iter()
+        .map(|v| v.to_f32())
+        .collect();
+    // q/k/v-style: rows 0..2, 2..5, 5..8 cut into three destinations, as F32.
+    // Column block 4..12 of every row into the right half of a [8, 16] F32 matrix (stride 16).
+    let mut q = vec![0u8; 2 * 16 * 4];
+    let mut k = vec![0u8; 3 * 16 * 4];
+    let mut v = vec![0u8; 3 * 16 * 4];
+    let mut cols = vec![0u8; 8 * 16 * 4];
+    let fills = vec![
+        Fill::new(name, 0, 0).block(vec![0..2]).dtype(Dtype::F32),
+        Fill::new(name, 1, 0).block(vec![2..5]).dtype(Dtype::F32),
+        Fill::new(name, 2, 0).block(vec![5..8]).dtype(Dtype::F32),
+        Fill::new(name, 3, 8 * 4)
+            .block(vec![0..8, 4..12])
+            .shape(vec![8, 8])
+            .strides(vec![16, 1])
+            .dtype(Dtype::F32),
+    ];
+    ckpt.load_into(
+        &fills,
+        vec![&mut q[..], &mut k[..], &mut v[..], &mut cols[..]],
+        &LoadOptions::default(),
+    )
+    .unwrap();
+    let f32s = |b: &[u8]| -> Vec<f32> {
+        b.chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect()
+    };
+    assert_eq!(f32s(&q), vals[0..32]);
+    assert_eq!(f32s(&k), vals[32..80]);
+    assert_eq!(f32s(&v), vals[80..128]);
+    let got = f32s(&cols);
+    for r in 0..8 {
+        assert_eq!(got[r * 16..r * 16 + 8], [0.0; 8], "left half untouched");
+        assert_eq!(
+            got[r * 16 + 8..r * 16 + 16],
+            vals[r * 16 + 4..r * 16 + 12],
+            "row {r}"
+        );
+    }
+}
+
+#[test]
+fn bad_placements_refuse_before_reading() {
+    let dir = disk_tempdir();
+    write_sharded(dir.path(), &split(moe(1, 2, 16, 8), 1), false);
+    let ckpt = Checkpoint::open(dir.path()).unwrap();
+    let name = "model.layers.0.mlp.experts.0.up_proj.weight"; // [8, 16] BF16: 256 bytes
+    let read = Arc::new(AtomicU64::new(0));
+    let seen = Arc::clone(&read);
+    let options =
+        LoadOptions::default().progress(move |p| seen.store(p.bytes_done, Ordering::Relaxed));
+    let mut a = vec![0u8; 512];
+    let cases: Vec<(Vec<Fill>, &str)> = vec![
+        (vec![Fill::new(name, 0, 300)], "outside destination 0"),
+        (
+            vec![Fill::new(name, 1, 0)],
+            "destination 1 of 1 does not exist",
+        ),
+        (
+            vec![Fill::new(name, 0, 0), Fill::new(name, 0, 200)],
+            "overlaps",
+        ),
+        (
+            vec![Fill::new(name, 0, 0).shape(vec![16, 8])],
+            "expects a block of shape [16, 8]",
+        ),
+        (
+            vec![Fill::new(name, 0, 0).dtype(Dtype::I32)],
+            "cannot convert BF16 to I32",
+        ),
+        (
+            vec![Fill::new(name, 0, 0).strides(vec![1, 8])],
+            "last dimension must be contiguous",
+        ),
+    ];
+    for (fills, words) in cases {
+        let err = ckpt
+            .load_into(&fills, vec![&mut a[..]], &options)
+            .unwrap_err();
+        assert!(matches!(err, Error::InvalidPlacement { .. }), "{err}");
+        assert!(err.to_string().contains(words), "{err}");
+        assert!(err.to_string().contains(name), "{err}");
+    }
+    let err = ckpt
+        .load_into(&[Fill::new("nope", 0, 0)], vec![&mut a[..]], &options)
+        .unwrap_err();
+    assert!(matches!(err, Error::NotFound(_)), "{err}");
+    assert_eq!(read.load(Ordering::Relaxed), 0, "nothing was read");
+    assert_eq!(a, vec![0u8; 512], "nothing was written");
+}
