@@ -8,12 +8,12 @@ use crate::tensor::PyTensor;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyTuple};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ops::Range;
 use std::sync::{Arc, OnceLock};
 use weightlift::{
-    Backend, Checkpoint, Device, Error, LoadOptions, Location, Mapping, OpenOptions, Prefetch,
-    Tensor,
+    Backend, Checkpoint, Device, Dtype, Error, Fill, LoadOptions, Location, Mapping, OpenOptions,
+    Prefetch, Tensor,
 };
 
 /// An open checkpoint: one file, a directory of shards, an index file, a URL or a model id.
@@ -208,7 +208,8 @@ impl PyCheckpoint {
     /// its tensors went and why.
     /// `slices` maps tensor names to the block to load (one (start, stop) per leading
     /// dimension); the others load whole.
-    #[pyo3(signature = (device="cpu", threads=None, prefix=None, drop_cache=false, layout="np", slices=None))]
+    /// `names`: load only these tensors.
+    #[pyo3(signature = (device="cpu", threads=None, prefix=None, drop_cache=false, layout="np", slices=None, names=None))]
     #[allow(clippy::too_many_arguments)]
     fn load<'py>(
         &self,
@@ -219,10 +220,14 @@ impl PyCheckpoint {
         drop_cache: bool,
         layout: &str,
         slices: Option<HashMap<String, Vec<(usize, usize)>>>,
+        names: Option<HashSet<String>>,
     ) -> PyResult<(Bound<'py, PyList>, Bound<'py, PyList>)> {
         let layout = self::layout(layout)?;
-        let options =
+        let mut options =
             load_options(self::device(device)?, threads, prefix, slices).drop_cache(drop_cache);
+        if let Some(names) = names {
+            options = options.filter(move |n| names.contains(n));
+        }
         let state = py.detach(|| self.ckpt.load(&options)).map_err(py_err)?;
         let files = report(py, state.files())?;
         let tensors = state.into_tensors();
@@ -235,7 +240,8 @@ impl PyCheckpoint {
     /// with the other ranks' spans, `(owner, allocation, start, end)` for every span
     /// (allocation = position in `groups`), the load's digest
     /// (`weightlift::SharedLoad::digest`: equal on every rank that asked for the same load),
-    /// and the `(shard, start, end)` ranges this rank read (for `drop_cache`).
+    /// and the `(shard, start, end)` file ranges the load read, all ranks together (for
+    /// `drop_cache` once every rank is done).
     #[pyo3(signature = (rank, world, device="cpu", threads=None, prefix=None, layout="np", slices=None))]
     #[allow(clippy::too_many_arguments, clippy::type_complexity)]
     fn load_share<'py>(
@@ -287,6 +293,89 @@ impl PyCheckpoint {
         let ranges: Vec<(usize, Range<u64>)> =
             ranges.into_iter().map(|(s, a, b)| (s, a..b)).collect();
         py.detach(|| self.ckpt.drop_cache(&ranges));
+    }
+
+    /// Reads blocks of tensors straight into host memory the caller owns (see
+    /// `weightlift::Fill`), without the GIL. `fills`: `(name, ranges or None, shape or None,
+    /// destination, byte offset, strides or None, dtype code or None)`; `dests`: `(address,
+    /// length)` of each destination. Returns `(bytes read, reads made)`.
+    ///
+    /// The caller keeps every destination alive, writable, and untouched by anyone else
+    /// until this returns (the Python glue passes the storages of tensors it just made).
+    #[pyo3(signature = (fills, dests, threads=None))]
+    #[allow(clippy::type_complexity)]
+    fn load_into(
+        &self,
+        py: Python<'_>,
+        fills: Vec<(
+            String,
+            Option<Vec<(usize, usize)>>,
+            Option<Vec<usize>>,
+            usize,
+            u64,
+            Option<Vec<u64>>,
+            Option<String>,
+        )>,
+        dests: Vec<(usize, usize)>,
+        threads: Option<usize>,
+    ) -> PyResult<(u64, usize)> {
+        let fills = fills
+            .into_iter()
+            .map(|(name, ranges, shape, dest, offset, strides, dtype)| {
+                let mut fill = Fill::new(name, dest, offset);
+                if let Some(ranges) = ranges {
+                    fill = fill.block(ranges.into_iter().map(|(a, b)| a..b).collect());
+                }
+                if let Some(shape) = shape {
+                    fill = fill.shape(shape);
+                }
+                if let Some(strides) = strides {
+                    fill = fill.strides(strides);
+                }
+                if let Some(code) = dtype {
+                    let dtype = Dtype::from_name(&code)
+                        .ok_or_else(|| PyValueError::new_err(format!("unknown dtype {code:?}")))?;
+                    fill = fill.dtype(dtype);
+                }
+                Ok(fill)
+            })
+            .collect::<PyResult<Vec<Fill>>>()?;
+        // Distinct destinations must not share bytes: each becomes its own `&mut [u8]`.
+        let mut spans: Vec<(usize, usize)> = dests.iter().map(|&(a, n)| (a, a + n)).collect();
+        spans.sort_unstable();
+        if spans.windows(2).any(|w| w[1].0 < w[0].1) {
+            return Err(PyValueError::new_err(
+                "two destinations share memory: pass each storage once",
+            ));
+        }
+        if dests.iter().any(|&(address, len)| address == 0 && len > 0) {
+            return Err(PyValueError::new_err("a destination has no memory"));
+        }
+        let mut options = LoadOptions::default();
+        if let Some(t) = threads {
+            options = options.threads(t.max(1));
+        }
+        let ckpt = &self.ckpt;
+        let report = py
+            .detach(move || {
+                let dests: Vec<&mut [u8]> = dests
+                    .iter()
+                    .map(|&(address, len)| {
+                        if len == 0 {
+                            return &mut [][..];
+                        }
+                        // SAFETY: the caller hands `(address, len)` of live, writable host
+                        // memory it keeps alive and lets nobody else touch until this call
+                        // returns (this method's contract, kept by the Python glue, which
+                        // passes the storages of tensors it just allocated); no two
+                        // destinations overlap (checked above), so the slices are disjoint.
+                        unsafe { std::slice::from_raw_parts_mut(address as *mut u8, len) }
+                    })
+                    .collect();
+                ckpt.load_into(&fills, dests, &options)
+            })
+            .map_err(py_err)?;
+        Ok((report.bytes_read, report.requests))
     }
 
     /// `(name, shape)` of every tensor, in file order.

@@ -45,6 +45,14 @@ fn byte_len(code: &str, count: usize) -> Option<usize> {
     Dtype::from_name(code)?.byte_len(count)
 }
 
+/// `(budget, window, source)`: the memory budget loads run under now, the prefetch window
+/// within it, and where the budget comes from (see `weightlift::MemoryBudget::detect`).
+#[pyfunction]
+fn memory_budget() -> (u64, u64, String) {
+    let b = weightlift::MemoryBudget::detect();
+    (b.bytes(), b.window(), b.source().to_string())
+}
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add(
@@ -67,5 +75,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<memory::PyDeviceMemory>()?;
     m.add_function(wrap_pyfunction!(load_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(byte_len, m)?)?;
+    m.add_function(wrap_pyfunction!(memory_budget, m)?)?;
     Ok(())
 }

@@ -187,7 +187,8 @@ def test_a_load_that_cannot_fit_refuses_before_reading(cgroup, checkpoint):
     got = run_pattern(cgroup, checkpoint, "owned")
     assert got["error"] is not None, "the owned load should not fit"
     assert "more than its budget" in got["error"] and "memory cgroup" in got["error"], got["error"]
-    assert got["read_bytes"] < 4 * SHARDS * (64 << 10), got["read_bytes"]
+    # Headers only (and what the kernel reads ahead of them), not the tensors.
+    assert got["read_bytes"] < 0.02 * checkpoint["bytes"], got["read_bytes"]
 
 
 def cli():

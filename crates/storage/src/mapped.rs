@@ -75,6 +75,35 @@ impl MappedFile {
         let _ = self.map.advise(advice);
     }
 
+    /// Marks the pages of `offset..offset + len` (the whole pages inside it) as the first to
+    /// reclaim under memory pressure (`MADV_COLD`): bytes already read, so that a host short
+    /// of memory evicts them before bytes not read yet. Nothing is lost or unmapped; a hint.
+    pub fn cool(&self, offset: u64, len: u64) {
+        self.advise_whole_pages(offset, len, rustix::mm::Advice::LinuxCold);
+    }
+
+    /// The whole pages inside `offset..offset + len`, advised with `advice` (a hint).
+    fn advise_whole_pages(&self, offset: u64, len: u64, advice: rustix::mm::Advice) -> bool {
+        let page = 4096u64;
+        let start = offset.div_ceil(page) * page;
+        let end = (offset.saturating_add(len).min(self.map.len() as u64) / page) * page;
+        if start >= end {
+            return false;
+        }
+        // SAFETY: `start..end` lies inside the live mapping (clamped to its length above) and
+        // is page-aligned. The advice given here (MADV_COLD, MADV_PAGEOUT) only moves or
+        // reclaims pages: their contents are read from the file again on the next touch, and
+        // no Rust reference sees them change.
+        let _ = unsafe {
+            rustix::mm::madvise(
+                self.map.as_ptr().add(start as usize) as *mut std::ffi::c_void,
+                (end - start) as usize,
+                advice,
+            )
+        };
+        true
+    }
+
     /// Gives the pages of `offset..offset + len` (the whole pages inside it) back to the
     /// kernel: reclaimed from this mapping (`MADV_PAGEOUT`) and dropped from the page cache
     /// (`POSIX_FADV_DONTNEED`), so that bytes already read do not hold memory a host short
@@ -82,23 +111,9 @@ impl MappedFile {
     /// private copies of written pages are anonymous memory, which this leaves alone). A
     /// hint: failures only cost memory.
     pub fn release(&self, offset: u64, len: u64) {
-        let page = 4096u64;
-        let start = offset.div_ceil(page) * page;
-        let end = (offset.saturating_add(len).min(self.map.len() as u64) / page) * page;
-        if start >= end {
-            return;
+        if self.advise_whole_pages(offset, len, rustix::mm::Advice::LinuxPageOut) {
+            crate::pread::drop_cache(&self.file, offset, len);
         }
-        // SAFETY: `start..end` lies inside the live mapping (clamped to its length above) and
-        // is page-aligned. MADV_PAGEOUT only reclaims pages: their contents are read from the
-        // file again on the next touch, and no Rust reference sees them change.
-        let _ = unsafe {
-            rustix::mm::madvise(
-                self.map.as_ptr().add(start as usize) as *mut std::ffi::c_void,
-                (end - start) as usize,
-                rustix::mm::Advice::LinuxPageOut,
-            )
-        };
-        crate::pread::drop_cache(&self.file, start, end - start);
     }
 
     /// Brings the pages of `offset..offset + len` in (reading them from the file where they

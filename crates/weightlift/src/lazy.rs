@@ -42,7 +42,7 @@ impl Checkpoint {
             // SAFETY: the policy maps only under a `Mapping` made by its unsafe
             // constructors, whose contract the caller took on when opening the checkpoint.
             let memory = unsafe { shard.mapping() }?;
-            from_mapping(shard, info, &plan, memory, base)?
+            from_mapping(shard, info, &plan, memory, base, self.data_bytes())?
         } else {
             let mut buf = HostBuffer::new(total)?;
             let mut out = buf.as_mut_slice();
@@ -103,11 +103,17 @@ fn from_mapping(
     plan: &SlicePlan,
     memory: Arc<HostMemory>,
     base: u64,
+    whole: u64,
 ) -> Result<Storage> {
     let map = memory
         .mapping()
         .expect("a shard's mapping is a mapped file");
-    if let (Some(first), Some(last)) = (plan.runs.first(), plan.runs.last()) {
+    // Populated in one call where the checkpoint (`whole` bytes) fits the prefetch window;
+    // where it does not (a host short of memory), populating each read's pages ahead of the touch that follows
+    // measured 4-30% of the file read twice (they were evicted in between): the touch faults
+    // them in instead, with the kernel's readahead.
+    if !shard.fits_window(whole) {
+    } else if let (Some(first), Some(last)) = (plan.runs.first(), plan.runs.last()) {
         let (start, end) = (base + first.0, base + last.0 + last.1);
         map.populate(start, end - start)
             .map_err(|source| Error::Read {
@@ -115,6 +121,9 @@ fn from_mapping(
                 tensor: info.name.clone(),
                 source,
             })?;
+    }
+    if let (Some(first), Some(last)) = (plan.runs.first(), plan.runs.last()) {
+        shard.read_mapped(map, base + first.0..base + last.0 + last.1);
     }
     Ok(match plan.runs.as_slice() {
         [] => Storage::Host {

@@ -267,7 +267,7 @@ impl Checkpoint {
                 "the destination's last dimension must be contiguous (stride 1)".into(),
             ));
         }
-        if bits % 8 != 0 && (fill.strides.is_some() || to != from) {
+        if !bits.is_multiple_of(8) && (fill.strides.is_some() || to != from) {
             return Err(invalid(
                 name,
                 format!("{from} elements are placed whole and contiguous only"),
@@ -299,7 +299,7 @@ impl Checkpoint {
                 // Up to the end of the run, of the destination's contiguous unit, and of the
                 // piece size limit.
                 // Sub-byte elements are placed whole (never cut between two elements of a byte).
-                let cap = if bits % 8 == 0 {
+                let cap = if bits.is_multiple_of(8) {
                     (max / (bits / 8)).max(1)
                 } else {
                     u64::MAX

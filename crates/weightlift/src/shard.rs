@@ -72,6 +72,21 @@ impl Shard {
         )
     }
 
+    /// Whether `bytes` (its checkpoint's) fit the prefetch window, asked once per shard (see
+    /// `MapCache::fits_window`).
+    pub(crate) fn fits_window(&self, bytes: u64) -> bool {
+        self.map.fits_window(bytes)
+    }
+
+    /// A lazy read brought `range` of the shard's mapping `map` in (see `MapCache::read`).
+    pub(crate) fn read_mapped(
+        &self,
+        map: &weightlift_storage::MappedFile,
+        range: std::ops::Range<u64>,
+    ) {
+        self.map.read(map, range);
+    }
+
     /// The file's private mapping, shared by everything that uses it while it lives.
     ///
     /// # Safety

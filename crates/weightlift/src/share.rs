@@ -239,16 +239,18 @@ impl SharedLoad<'_> {
         h.finish()
     }
 
-    /// The file ranges this rank read (its share), as (shard position in the checkpoint,
-    /// byte range): what [`Checkpoint::drop_cache`] releases once every rank is done
-    /// reading (after the exchange: ranks on one host share the page cache).
+    /// The file ranges the load read, every rank's shares together, as (shard position in
+    /// the checkpoint, byte range): the files' headers and data regions. What
+    /// [`Checkpoint::drop_cache`] releases once every rank is done reading (after the
+    /// exchange): ranks on one host share the page cache, and the pages where one rank's
+    /// share meets another's are dropped only by a range that covers both.
     pub fn read_ranges(&self) -> Vec<(usize, Range<u64>)> {
-        let part = self.plan.share(self.share.rank, self.share.world);
-        self.plan.requests[part]
+        self.plan
+            .shards
             .iter()
-            .map(|r| {
-                let sp = &self.plan.shards[r.shard_plan as usize];
-                (sp.shard, r.file_offset..r.file_offset + r.len)
+            .map(|sp| {
+                let header = self.ckpt.shards()[sp.shard].header();
+                (sp.shard, 0..header.data_start() + header.data_len())
             })
             .collect()
     }

@@ -22,9 +22,10 @@ use std::time::Duration;
 /// Bytes populated per step: large reads, small enough to keep the window fine-grained.
 const CHUNK: u64 = 16 << 20;
 
-/// Bytes a reader may be past a range before its pages are released (with `drop_cache`):
-/// a view handed out is touched after the read returns, so the pages just read must stay.
-const RELEASE_LAG: u64 = 64 << 20;
+/// Bytes a reader may be past a range before its pages are let go (marked the first to
+/// reclaim, or released with `drop_cache`): a view handed out is touched after the read
+/// returns, so the pages just read must stay.
+const RELEASE_LAG: u64 = 32 << 20;
 
 /// One shard being prefetched.
 #[derive(Debug)]
@@ -56,7 +57,7 @@ struct Entry {
     /// Per tensor (file order): bytes populated, and whether a reader has read it.
     populated: Vec<u64>,
     consumed: Vec<bool>,
-    /// Ranges read by readers, not yet released (with `drop_cache`), and their bytes.
+    /// Ranges read by readers, not yet let go of (see `drop_pages`), and their bytes.
     to_release: Vec<Range<u64>>,
     unreleased: u64,
 }
@@ -173,8 +174,8 @@ impl Window {
     }
 
     /// A reader read tensor `t` (file order) of `job`'s shard: its populated bytes leave the
-    /// window, the job is populated next, and with `drop_cache` the pages the reader is well
-    /// past are released.
+    /// window, the job is populated next, and the pages the reader is well past are let go
+    /// of (see `drop_pages`).
     pub(crate) fn consumed(&self, job: &Job, t: usize) {
         let mut release = Vec::new();
         {
@@ -188,18 +189,16 @@ impl Window {
             if let Some(false) = entry.consumed.get(t).copied() {
                 entry.consumed[t] = true;
                 freed = entry.populated[t];
-                if job.drop_cache {
-                    let info = &job.ckpt.shards()[job.shard].header().tensors()[t];
-                    let base = job.ckpt.shards()[job.shard].header().data_start();
-                    let range = base + info.data_offsets.0..base + info.data_offsets.1;
-                    entry.unreleased += range.end - range.start;
-                    entry.to_release.push(range);
-                    // Release the oldest ranges once the reader is well past them.
-                    while entry.unreleased > RELEASE_LAG && entry.to_release.len() > 1 {
-                        let r = entry.to_release.remove(0);
-                        entry.unreleased -= r.end - r.start;
-                        release.push(r);
-                    }
+                let info = &job.ckpt.shards()[job.shard].header().tensors()[t];
+                let base = job.ckpt.shards()[job.shard].header().data_start();
+                let range = base + info.data_offsets.0..base + info.data_offsets.1;
+                entry.unreleased += range.end - range.start;
+                entry.to_release.push(range);
+                // Let go of the oldest ranges once the reader is well past them.
+                while entry.unreleased > RELEASE_LAG && entry.to_release.len() > 1 {
+                    let r = entry.to_release.remove(0);
+                    entry.unreleased -= r.end - r.start;
+                    release.push(r);
                 }
             }
             state.ahead = state.ahead.saturating_sub(freed);
@@ -210,8 +209,8 @@ impl Window {
         }
     }
 
-    /// Forgets job `id` (cancelled or done): its unread bytes leave the window, and with
-    /// `drop_cache` what its readers read is released.
+    /// Forgets job `id` (cancelled or done): its unread bytes leave the window, and what its
+    /// readers read is let go of.
     fn forget(&self, id: u64) {
         let removed = {
             let mut state = self.lock();
@@ -230,10 +229,8 @@ impl Window {
             self.wake.notify_all();
             entry
         };
-        if removed.job.drop_cache {
-            for r in removed.to_release {
-                drop_pages(&removed.job, r);
-            }
+        for r in removed.to_release {
+            drop_pages(&removed.job, r);
         }
     }
 
@@ -368,14 +365,21 @@ fn populate(job: &Job, range: Range<u64>, buf: &mut Vec<u8>) {
     }
 }
 
-/// Releases the pages of `range` of the job's file (see [`Window::consumed`]).
+/// Lets go of the pages of `range` of the job's file, which its readers are past: released
+/// with `drop_cache`; else, in a mapping, marked the first to reclaim (so that memory
+/// pressure evicts what was read before what was not yet).
 fn drop_pages(job: &Job, range: Range<u64>) {
     let len = range.end - range.start;
-    match job.mapping.as_ref().and_then(|m| m.mapping()) {
-        Some(map) => map.release(range.start, len),
-        None => job.ckpt.shards()[job.shard]
+    match (
+        job.mapping.as_ref().and_then(|m| m.mapping()),
+        job.drop_cache,
+    ) {
+        (Some(map), true) => map.release(range.start, len),
+        (Some(map), false) => map.cool(range.start, len),
+        (None, true) => job.ckpt.shards()[job.shard]
             .source()
             .drop_cache(range.start, len),
+        (None, false) => {}
     }
 }
 

@@ -30,8 +30,9 @@ mirror ``safetensors.numpy`` and ``safetensors.torch``.
 
 from ._handle import StateDict
 from ._load import load, load_checkpoint, load_file
-from ._native import SafetensorError, __version__
+from ._native import SafetensorError, __version__, memory_budget
 from ._open import safe_open
+from ._place import load_into
 from .patch import patch, patched, unpatch
 
 __all__ = [
@@ -41,6 +42,8 @@ __all__ = [
     "load_file",
     "load",
     "load_checkpoint",
+    "load_into",
+    "memory_budget",
     "patch",
     "patched",
     "unpatch",

@@ -52,9 +52,9 @@ class safe_open:
     device for "pt". ``backend``: "auto" (default) or "mmap": tensors are views of a private
     mapping of files on local disks and in memory, read into memory of their own elsewhere;
     "pread" or "direct": always read (see the package docs for the mapping contract).
-    ``token``: bearer token for http(s) URLs (e.g. a hub token). ``prefetch``: start bringing
-    every tensor into memory in the background right away, for callers that will read all of
-    them (``weightlift.patch()`` turns it on for the libraries it patches): through the
+    ``token``: bearer token for http(s) URLs (e.g. a hub token). ``prefetch``: from the first
+    read on, bring every tensor into memory in the background, for callers that will read all
+    of them (``weightlift.patch()`` turns it on for the libraries it patches): through the
     process's prefetch window, in the order the handles were opened and are read, never more
     than the window ahead of the readers (``WEIGHTLIFT_PREFETCH_WINDOW``, default half the
     memory available); closing the handle calls it off. ``drop_cache``: with ``prefetch``,
@@ -77,15 +77,23 @@ class safe_open:
         self._device = _args.device(self._framework, device)
         self._handle = _handle.open_handle(filename, backend, token=token)
         self._bases = _arrays.TorchBases()
+        # Started with the first read, not here: a caller that reads in other ways (a
+        # placement load of the whole file, say) never pays for it.
+        self._prefetch_pending = None
         if prefetch and self._device == "cpu":
             if drop_cache is None:
                 drop_cache = os.environ.get("WEIGHTLIFT_DROP_CACHE", "") not in ("", "0")
+            self._prefetch_pending = bool(drop_cache)
+
+    def _start_prefetch(self):
+        drop_cache, self._prefetch_pending = self._prefetch_pending, None
+        if drop_cache is not None and self._handle is not None:
             # Callers that prefetch open every shard of a checkpoint one after the other, so
             # the loads of shards prefetched whole run side by side: two threads each keep a
             # disk queue full without crowding the caller's own threads.
             self._handle.prefetch(
                 threads=int(os.environ.get("WEIGHTLIFT_PREFETCH_THREADS", "2")),
-                drop_cache=bool(drop_cache),
+                drop_cache=drop_cache,
             )
 
     def _h(self):
@@ -117,6 +125,8 @@ class safe_open:
 
     def _read(self, name, ranges=None, to_device=True):
         """The tensor (or block), and whether it lives in a mapping of the file."""
+        if self._prefetch_pending is not None:
+            self._start_prefetch()
         memory, entry = self._h().get(name, ranges, layout=self._framework)
         mapped = getattr(memory, "mapped", False)
         if self._framework == "np":

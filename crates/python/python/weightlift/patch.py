@@ -7,13 +7,18 @@ and diffusers' imports, anyone's ``from safetensors.torch import load_file``): e
 ``sys.modules`` is searched for attributes that *are* the originals. Modules imported later
 get weightlift's from safetensors itself. ``unpatch()`` puts every original back.
 
-The patched ``safe_open`` starts the whole file's load as it opens it (``prefetch=True``):
-transformers opens every shard, takes ``get_slice`` of every key and materializes them in
-converter threads, so the bytes are in memory by the time it reads them, rather than faulted
-in 4 KiB at a time.
+The patched ``safe_open`` prefetches (``prefetch=True``) from its first read on: the bytes are
+in memory by the time the caller reads them, rather than faulted in 4 KiB at a time.
+
+transformers (the versions ``weightlift._transformers.KNOWN`` lists): its conversion step,
+``convert_and_load_state_dict_in_model``, is weightlift's too from the first patched
+``safe_open`` on (or from ``patch()``, when transformers is imported already): each parameter
+is allocated once in its final dtype and filled straight from the files (see
+``weightlift._transformers``).
 """
 
 import functools
+import logging
 import sys
 import threading
 
@@ -23,6 +28,7 @@ from . import torch as _wl_torch
 from ._native import SafetensorError
 
 _lock = threading.RLock()
+_log = logging.getLogger("weightlift.transformers")
 # (module, attribute, original) of every name replaced, while patched.
 _replaced = []
 
@@ -68,6 +74,7 @@ class _PrefetchingSafeOpen(_open.safe_open):
     def __init__(self, filename, framework, device="cpu", *, backend="mmap", **kwargs):
         kwargs.setdefault("prefetch", True)
         super().__init__(filename, framework, device, backend=backend, **kwargs)
+        _hook_transformers()
 
     keys = _their_errors(_open.safe_open.keys)
     offset_keys = _their_errors(_open.safe_open.offset_keys)
@@ -101,16 +108,19 @@ def _targets():
     import safetensors
 
     pairs = [(safetensors.safe_open, _PrefetchingSafeOpen)]
-    try:
-        import safetensors.torch as st_torch
+    # safetensors.torch imports torch (~300 MB, seconds): only where torch is imported
+    # already. Imported later, it binds the patched `safe_open` from `safetensors` itself.
+    if "safetensors.torch" in sys.modules or "torch" in sys.modules:
+        try:
+            import safetensors.torch as st_torch
 
-        pairs += [
-            (st_torch.load_file, _torch_load_file),
-            (st_torch.load, _torch_load),
-            (st_torch.safe_open, _PrefetchingSafeOpen),
-        ]
-    except ImportError:  # no torch
-        pass
+            pairs += [
+                (st_torch.load_file, _torch_load_file),
+                (st_torch.load, _torch_load),
+                (st_torch.safe_open, _PrefetchingSafeOpen),
+            ]
+        except ImportError:  # no torch
+            pass
     import safetensors.numpy as st_numpy
 
     pairs += [
@@ -137,6 +147,36 @@ def _swap(found):
                 namespace[name] = hit[1]
                 done.append((module, name, value))
     return done
+
+
+def _hook_transformers():
+    """Routes transformers' conversion step through weightlift, once transformers is imported
+    and while patched (known versions only; see ``weightlift._transformers``)."""
+    cml = sys.modules.get("transformers.core_model_loading")
+    if cml is None:
+        return
+    original = getattr(cml, "convert_and_load_state_dict_in_model", None)
+    if original is None or getattr(original, "_weightlift_original", None) is not None:
+        return
+    from . import _transformers
+
+    with _lock:
+        if not _replaced or getattr(
+            cml.convert_and_load_state_dict_in_model, "_weightlift_original", None
+        ):
+            return
+        if not _transformers.known_version():
+            import transformers
+
+            _log.debug(
+                "weightlift: transformers %s is not one whose loading it implements (%s): "
+                "only safetensors' entry points are patched",
+                transformers.__version__,
+                ", ".join(_transformers.KNOWN),
+            )
+            return
+        wrapped = _transformers.wrap(original)
+        _replaced.extend(_swap({id(original): (original, wrapped)}))
 
 
 def patched():
@@ -187,4 +227,5 @@ def patch():
         was = bool(_replaced)
         if not was:
             _replaced.extend(_swap(_targets()))
+            _hook_transformers()
         return _Patch(was)

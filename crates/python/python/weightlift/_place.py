@@ -1,0 +1,87 @@
+"""``load_into``: blocks of tensors read straight into torch tensors the caller owns, in one
+planned load (coalesced reads, run in parallel without the GIL, converted on the way where the
+destination's dtype asks for it). Fused parameters are filled in place: each expert into its
+row of a stacked tensor, gate and up halves side by side, q/k/v rows cut from one tensor."""
+
+from . import _arrays, _handle, _slicing
+from ._native import SafetensorError
+
+_CODES = {name: code for code, name in _arrays.TORCH_DTYPES.items()}
+
+
+def _code(dtype):
+    code = _CODES.get(str(dtype).removeprefix("torch."))
+    if code is None:
+        raise SafetensorError(f"{dtype} has no safetensors dtype")
+    return code
+
+
+def fills(handle, placements):
+    """The native fills and destinations for `placements`: ``(name, index, dest)`` with
+    ``index`` a ``get_slice``-style index (slices and integers, step 1) or None for the whole
+    tensor, ``dest`` a CPU torch tensor (a view of a larger one is fine: its offset and strides
+    say where the block goes). Checked here against the headers: the block's shape must be the
+    destination's."""
+    out, dests, where = [], [], {}
+    for name, index, dest in placements:
+        code, shape = handle.info(name)
+        if dest.device.type != "cpu":
+            raise SafetensorError(
+                f"tensor {name!r}: load_into fills CPU tensors (the destination is on {dest.device})"
+            )
+        if index is None:
+            ranges, squeeze = None, set()
+            block = list(shape)
+        else:
+            ranges, steps, squeeze = _slicing.plan(index, shape, name)
+            if any(step != 1 for step in steps):
+                raise SafetensorError(f"tensor {name!r}: load_into takes blocks without steps")
+            block = [b - a for a, b in ranges] + list(shape[len(ranges):])
+        kept = [d for i, d in enumerate(block) if i not in squeeze]
+        if list(dest.shape) != kept:
+            raise SafetensorError(
+                f"tensor {name!r}: the destination has shape {list(dest.shape)}, "
+                f"the block {kept} (of a tensor of shape {list(shape)})"
+            )
+        strides, it = [], iter(dest.stride())
+        for i in range(len(block)):
+            strides.append(0 if i in squeeze else next(it))
+        storage = dest.untyped_storage()
+        key = storage.data_ptr()
+        at = where.get(key)
+        if at is None:
+            at = where[key] = len(dests)
+            dests.append((key, storage.nbytes()))
+        offset = dest.data_ptr() - key
+        want = _code(dest.dtype)
+        out.append(
+            (name, ranges, block, at, offset, strides, None if want == code else want)
+        )
+    return out, dests
+
+
+def load_into(source, placements, threads=None, backend="auto", token=None):
+    """Fills torch tensors you own with blocks of a checkpoint's tensors, in one planned load.
+
+    ``source``: a path (file, directory, index, URL, model id) or an open ``safe_open``.
+    ``placements``: ``(name, index, dest)`` triples: ``index`` as ``get_slice`` takes it
+    (``None``: the whole tensor), ``dest`` a CPU tensor or a view of one whose shape is the
+    block's. Converts between float16, bfloat16 and float32 where the destination's dtype
+    differs. Checked before anything is read: a block of the wrong shape, one that falls
+    outside its destination or overlaps another's bytes raises ``SafetensorError``.
+    Returns ``(bytes read, reads made)``. The destinations must not be touched by other
+    threads until it returns (the GIL is released while it reads).
+    """
+    from ._open import safe_open
+
+    if isinstance(source, safe_open):
+        handle = source._h()
+    else:
+        handle = _handle.open_handle(source, backend, True, token)
+    placements = list(placements)
+    native, dests = fills(handle, placements)
+    # The destinations stay alive (referenced here) until the native load returns.
+    keep = [dest for _, _, dest in placements]
+    result = handle.load_into(native, dests, threads=threads)
+    del keep
+    return result

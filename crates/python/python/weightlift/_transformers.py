@@ -1,0 +1,395 @@
+"""``from_pretrained`` under ``weightlift.patch()``: transformers' conversion step
+(``transformers.core_model_loading.convert_and_load_state_dict_in_model``) done by weightlift,
+so that each parameter is allocated once, in its final dtype, and filled straight from the
+files by one planned load per file, where transformers stacks experts with ``torch.stack``,
+joins gate and up with ``torch.cat`` and deep-copies a converter per checkpoint key.
+
+Same inputs, same outputs: keys are renamed by transformers' own ``rename_source_key``,
+dtypes chosen by its rule, parameters set by its ``set_param_for_module`` (which records
+missing, unexpected and mismatched keys as it does). What is handled here, per parameter:
+
+- renamings (a checkpoint tensor is a parameter): a view of the file's mapping where the dtype
+  is the checkpoint's (as the plain patch gives), else filled converted;
+- ``MergeModulelist(dim=0)``, alone or followed by ``Concatenate`` (fused experts,
+  ``gate_up_proj``); ``Concatenate`` alone; ``Chunk`` and ``Split`` (fused qkv cut into q, k
+  and v): each block read into its place in the parameter.
+
+Anything else goes to transformers' own code, per parameter where it can (other conversion
+ops, quantization ops, tensors of unlike shapes or dtypes) and per load otherwise (quantizers,
+device maps other than the CPU, disk offload, tensor-parallel DTensors, pipeline stages,
+tensors not opened by weightlift, transformers versions not listed in ``KNOWN``), with a
+debug line on the ``weightlift.transformers`` logger saying what and why.
+"""
+
+import copy
+import functools
+import logging
+
+log = logging.getLogger("weightlift.transformers")
+
+# transformers versions (major.minor) whose conversion step this reimplements, checked against
+# their sources; others get the plain patch (safetensors' entry points only).
+KNOWN = ("5.24",)
+
+
+def known_version():
+    import transformers
+
+    return ".".join(transformers.__version__.split(".")[:2]) in KNOWN
+
+
+def wrap(original):
+    """transformers' ``convert_and_load_state_dict_in_model``, done by weightlift where it can."""
+
+    @functools.wraps(original)
+    def convert_and_load_state_dict_in_model(model, state_dict, load_config, disk_offload_index=None):
+        why = _unsupported(model, state_dict, load_config)
+        if why is not None:
+            log.debug("weightlift: transformers' own conversion for this load: %s", why)
+            return original(model, state_dict, load_config, disk_offload_index)
+        return _load(model, state_dict, load_config, disk_offload_index)
+
+    convert_and_load_state_dict_in_model._weightlift_original = original
+    return convert_and_load_state_dict_in_model
+
+
+def _source(value):
+    """(safe_open handle, tensor name) behind a value transformers collected, or None."""
+    inner = getattr(value, "_inner", value)
+    owner, name = getattr(inner, "_owner", None), getattr(inner, "_name", None)
+    if owner is None or name is None or getattr(owner, "_framework", None) != "pt":
+        return None
+    return owner, name
+
+
+def _unsupported(model, state_dict, load_config):
+    """Why this load goes to transformers' own code, or None."""
+    import torch
+    from transformers.core_model_loading import is_dtensor
+
+    if load_config.hf_quantizer is not None:
+        return "a quantizer"
+    device_map = load_config.device_map or {"": "cpu"}
+    for where in device_map.values():
+        if str(where) not in ("cpu", "cpu:0") and not (
+            isinstance(where, torch.device) and where.type == "cpu"
+        ):
+            return f"the device map places parameters on {where!r}"
+    if getattr(model, "_pp_stage", None) is not None:
+        return "a pipeline-parallel stage"
+    if any(is_dtensor(p) for p in model.state_dict().values()):
+        return "tensor-parallel parameters (DTensors)"
+    for key, value in state_dict.items():
+        src = _source(value)
+        if src is None:
+            return f"{key!r} was not opened through weightlift"
+        if src[0]._device != "cpu":
+            return f"{key!r} is read to {src[0]._device}"
+    return None
+
+
+class _Group:
+    """The checkpoint tensors of one parameter (or one converter's targets)."""
+
+    __slots__ = ("key", "converter", "original", "entries", "dtype", "device")
+
+    def __init__(self, key, converter, original):
+        self.key = key
+        self.converter = converter
+        # A renaming's checkpoint key.
+        self.original = original
+        # (source pattern, checkpoint key, value, tensor index) in the order collected.
+        self.entries = []
+        self.dtype = None
+        self.device = None
+
+
+def _load(model, state_dict, load_config, disk_offload_index):
+    import torch
+    from transformers import core_model_loading as cml
+
+    base_model_prefix = model.base_model_prefix
+    device_map = load_config.device_map or {"": "cpu"}
+    dtype = load_config.dtype
+    dtype_plan = load_config.dtype_plan or {}
+    weight_mapping = load_config.weight_mapping or []
+    meta = model.state_dict()
+    loading_info = cml.LoadStateDictInfo(
+        missing_keys=set(meta.keys()),
+        unexpected_keys=set(),
+        mismatched_keys=set(),
+        conversion_errors={},
+        error_msgs=[],
+        skipped_pp_keys=set(),
+    )
+    renamings = [e for e in weight_mapping if isinstance(e, cml.WeightRenaming)]
+    converters = [e for e in weight_mapping if isinstance(e, cml.WeightConverter)]
+    if dtype_plan:
+        dtype_alt, dtype_by_group, _ = cml.build_glob_alternation(list(dtype_plan.keys()))
+    pattern_to_converter = {k: c for c in converters for k in c.source_patterns}
+
+    # The handles are read here by planned loads: their own prefetches would only compete.
+    for value in state_dict.values():
+        owner, _ = _source(value)
+        owner._prefetch_pending = None
+
+    # 1. Keys: renamed and grouped per parameter exactly as transformers does (its functions),
+    #    without copying a converter per key.
+    groups = {}
+    items = sorted(state_dict.items(), key=lambda kv: cml.dot_natural_key(kv[0]))
+    for original_key, value in items:
+        renamed_key, source_pattern = cml.rename_source_key(
+            original_key, renamings, converters, base_model_prefix, meta
+        )
+        if renamed_key not in meta and original_key in meta:
+            renamed_key, source_pattern = cml.rename_source_key(
+                original_key, [], [], base_model_prefix=base_model_prefix, meta_state_dict=meta
+            )
+        if renamed_key in meta:
+            empty_param = meta.get(renamed_key)
+            group = groups.get(renamed_key)
+            if group is None:
+                converter = pattern_to_converter[source_pattern] if source_pattern is not None else None
+                group = groups[renamed_key] = _Group(renamed_key, converter, original_key)
+            pattern = source_pattern if source_pattern is not None else original_key
+            _dtype = dtype
+            if dtype_plan and dtype_alt.search(renamed_key):
+                matched = dtype_alt.search(renamed_key)
+                if matched is not None:
+                    _dtype = dtype_plan[dtype_by_group[matched.lastgroup]]
+            elif empty_param is not None and empty_param.dtype != _dtype:
+                _dtype = empty_param.dtype
+            index = sum(1 for e in group.entries if e[0] == pattern) if group.converter else None
+            group.entries.append((pattern, original_key, value, index))
+            group.dtype = _dtype
+            group.device = cml.get_device(device_map, renamed_key, valid_torch_device=True)
+        elif source_pattern is not None:
+            mapping = pattern_to_converter[source_pattern]
+            for k in mapping.target_patterns:
+                cml._add_unmatched_checkpoint_key(
+                    renamed_key.replace(mapping.target_patterns[0], k), model, loading_info
+                )
+        else:
+            cml._add_unmatched_checkpoint_key(renamed_key, model, loading_info)
+
+    # 2. A plan per parameter: a view, placements into parameters allocated once, or
+    #    transformers' own conversion.
+    views = {}  # handle -> {checkpoint key: target}
+    fills = {}  # handle -> [(name, index, dest view)]
+    made = []  # (target name, tensor)
+    stock = []
+    for key, group in groups.items():
+        try:
+            plan = _plan(group, model, torch)
+        except _Unhandled as why:
+            log.debug("weightlift: transformers' own conversion for %s: %s", key, why)
+            stock.append(group)
+            continue
+        kind, payload = plan
+        if kind == "view":
+            owner, name = payload
+            views.setdefault(id(owner._h()), (owner, {}))[1][name] = key
+        else:
+            for target, tensor, blocks in payload:
+                made.append((target, tensor))
+                for owner, name, index, dest in blocks:
+                    fills.setdefault(id(owner._h()), (owner, []))[1].append((name, index, dest))
+
+    # 3. One load per file: views (mapped where the files map), then the placements.
+    from . import _arrays
+    from ._place import load_into
+
+    for owner, names in views.values():
+        groups_, _ = owner._h().load(layout="pt", names=set(names))
+        tensors = _arrays.torch_groups(groups_, {})
+        for name, target in names.items():
+            cml.set_param_for_module(model, target, tensors[name], loading_info, None)
+    for owner, placements in fills.values():
+        load_into(owner, placements)
+    for target, tensor in made:
+        cml.set_param_for_module(model, target, tensor, loading_info, None)
+
+    # 4. What weightlift does not handle, as transformers does it.
+    for group in stock:
+        _stock(group, model, loading_info, cml)
+
+    model._weight_conversions = [c for c in weight_mapping if c.was_used()]
+    return loading_info, disk_offload_index
+
+
+class _Unhandled(Exception):
+    """This parameter goes to transformers' own conversion (the message says why)."""
+
+
+_FLOATS = ("F16", "BF16", "F32")
+
+
+def _info(owner, name):
+    code, shape = owner._h().info(name)
+    return code, list(shape)
+
+
+def _target_dtype(group, code, torch):
+    """The parameter's torch dtype, and whether reading converts (F16/BF16/F32 only)."""
+    from ._arrays import torch_dtype
+
+    source = torch_dtype(code)
+    want = group.dtype if group.dtype is not None else source
+    if want != source:
+        from ._place import _code
+
+        try:
+            to = _code(want)
+        except Exception:  # noqa: BLE001 (no safetensors code: not ours to convert)
+            raise _Unhandled(f"a cast from {code} to {want}") from None
+        if code not in _FLOATS or to not in _FLOATS:
+            raise _Unhandled(f"a cast from {code} to {want}")
+    return want
+
+
+def _plan(group, model, torch):
+    """("view", (owner, name)) or ("fill", [(target, tensor, [(owner, name, index, dest)])])."""
+    sources = [(p, k, _source(v), i) for p, k, v, i in group.entries]
+    if group.converter is None:
+        (_, _, (owner, name), _), = sources
+        code, shape = _info(owner, name)
+        want = _target_dtype(group, code, torch)
+        from ._arrays import torch_dtype
+
+        if want == torch_dtype(code):
+            return "view", (owner, name)
+        tensor = torch.empty(shape, dtype=want)
+        return "fill", [(group.key, tensor, [(owner, name, None, tensor)])]
+
+    converter = group.converter
+    if converter.quantization_operation is not None or getattr(converter, "distributed_operation", None):
+        raise _Unhandled("a quantization or distributed operation")
+    if any("\\1" in t for t in converter.target_patterns):
+        raise _Unhandled("target patterns with capturing groups")
+    from transformers.core_model_loading import Chunk, Concatenate, MergeModulelist, Split
+
+    ops = converter.operations
+    kinds = [type(op) for op in ops]
+    by_pattern = {}
+    for pattern, _, src, _ in sources:
+        by_pattern.setdefault(pattern, []).append(src)
+    # The order transformers concatenates in: the converter's source patterns.
+    patterns = [p for p in converter.source_patterns if p in by_pattern]
+    infos = {p: [_info(o, n) for o, n in by_pattern[p]] for p in patterns}
+    codes = {c for p in patterns for c, _ in infos[p]}
+    if len(codes) != 1:
+        raise _Unhandled(f"tensors of several dtypes {sorted(codes)}")
+    code = codes.pop()
+    want = _target_dtype(group, code, torch)
+    for p in patterns:
+        if len({tuple(s) for _, s in infos[p]}) != 1:
+            raise _Unhandled(f"tensors of unlike shapes for {p}")
+
+    if kinds in ([MergeModulelist], [MergeModulelist, Concatenate]) and ops[0].dim == 0:
+        if kinds == [MergeModulelist] and len(patterns) != 1:
+            raise _Unhandled("a merge of several patterns without a concatenation")
+        cat = ops[1].dim if len(ops) == 2 else None
+        stacked = {p: [len(by_pattern[p])] + infos[p][0][1] for p in patterns}
+        shape = _cat_shape([stacked[p] for p in patterns], cat)
+        tensor = torch.empty(shape, dtype=want)
+        blocks, at = [], 0
+        for p in patterns:
+            part = tensor if cat is None else tensor.narrow(cat, at, stacked[p][cat])
+            at += 0 if cat is None else stacked[p][cat]
+            for i, (owner, name) in enumerate(by_pattern[p]):
+                blocks.append((owner, name, None, part[i]))
+        return "fill", [(_final_name(group.key, converter.target_patterns[0], converter.target_patterns[0]), tensor, blocks)]
+
+    if kinds == [Concatenate]:
+        if any(len(by_pattern[p]) != 1 for p in patterns):
+            raise _Unhandled("a concatenation of lists")
+        cat = ops[0].dim
+        shape = _cat_shape([infos[p][0][1] for p in patterns], cat)
+        tensor = torch.empty(shape, dtype=want)
+        blocks, at = [], 0
+        for p in patterns:
+            size = infos[p][0][1][cat]
+            (owner, name), = by_pattern[p]
+            blocks.append((owner, name, None, tensor.narrow(cat, at, size)))
+            at += size
+        return "fill", [(_final_name(group.key, converter.target_patterns[0], converter.target_patterns[0]), tensor, blocks)]
+
+    if kinds in ([Chunk], [Split]) and len(patterns) == 1 and len(by_pattern[patterns[0]]) == 1:
+        (owner, name), = by_pattern[patterns[0]]
+        shape = infos[patterns[0]][0][1]
+        dim = ops[0].dim
+        if dim < 0:
+            dim += len(shape)
+        if kinds == [Chunk]:
+            targets = ops[0].get_target_patterns(converter.target_patterns, config=model.config)
+            if shape[dim] % len(targets):
+                raise _Unhandled("a chunk of unequal parts")
+            sizes = [shape[dim] // len(targets)] * len(targets)
+        else:
+            targets = converter.target_patterns
+            sizes = [
+                model.get_parameter(group.key.replace(targets[0], t)).shape[dim] for t in targets
+            ]
+            if sum(sizes) != shape[dim]:
+                raise _Unhandled("a split whose parts do not add up")
+        out, at = [], 0
+        for target, size in zip(targets, sizes):
+            part = list(shape)
+            part[dim] = size
+            tensor = torch.empty(part, dtype=want)
+            index = tuple([slice(None)] * dim + [slice(at, at + size)])
+            out.append((_final_name(group.key, targets[0], target), tensor, [(owner, name, index, tensor)]))
+            at += size
+        return "fill", out
+
+    raise _Unhandled(f"conversion operations {[k.__name__ for k in kinds]}")
+
+
+def _cat_shape(shapes, dim):
+    """The shape of `shapes` concatenated along `dim` (None: the one shape)."""
+    if dim is None:
+        (shape,) = shapes
+        return list(shape)
+    first = list(shapes[0])
+    for s in shapes[1:]:
+        if len(s) != len(first) or any(a != b for i, (a, b) in enumerate(zip(s, first)) if i != dim):
+            raise _Unhandled(f"a concatenation of shapes {[list(x) for x in shapes]}")
+    first[dim] = sum(s[dim] for s in shapes)
+    return first
+
+
+def _final_name(layer_name, first_target, target):
+    """The parameter name transformers gives `target` (its prefix and suffix around the first
+    target pattern in the group's key, as ``WeightConverter.convert`` names its outputs)."""
+    full = layer_name.replace("*.", "0.") if "*." in layer_name else layer_name
+    if first_target in full:
+        prefix, _, suffix = full.partition(first_target)
+        return prefix + target + suffix
+    if target in full:
+        prefix, _, suffix = full.partition(target)
+        return prefix + target + suffix
+    raise _Unhandled(f"cannot name {target} from {layer_name}")
+
+
+def _stock(group, model, loading_info, cml):
+    """One parameter through transformers' own conversion (what its loop does per key)."""
+    if group.converter is not None:
+        mapping = copy.deepcopy(group.converter)
+    else:
+        mapping = cml.WeightRenaming(group.original, group.key)
+    for pattern, original_key, value, index in group.entries:
+        job = cml.spawn_materialize(None, value, group.device, group.dtype, tensor_idx=index)
+        mapping.add_tensor(group.key, original_key, pattern, job)
+    try:
+        realized = mapping.convert(
+            group.key,
+            model=model,
+            config=model.config,
+            hf_quantizer=None,
+            loading_info=loading_info,
+        )
+        for target_name, param in realized.items():
+            param = param[0] if isinstance(param, list) else param
+            cml.set_param_for_module(model, target_name, param, loading_info, None)
+    except cml.SkipParameters:
+        pass
