@@ -852,8 +852,9 @@ print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrs
 "#;
 
 /// `from_pretrained` of a transformers model directory, stock or under `weightlift.patch()`,
-/// then one byte of every page of every parameter's storage touched. Imports are done before
-/// timing, the model's module included (its first import alone takes seconds).
+/// then one byte of every page of every parameter touched (its own bytes: a parameter that is
+/// a view of a file's mapping does not fault the rest of the file in). Imports are done
+/// before timing, the model's module included (its first import alone takes seconds).
 const PY_TRANSFORMERS: &str = r#"import sys, time, resource, warnings
 warnings.filterwarnings("ignore")
 import torch, transformers
@@ -870,11 +871,10 @@ t = time.perf_counter()
 model = AutoModelForCausalLM.from_pretrained(path)
 seen, total = set(), 0
 for p in model.parameters():
-    s = p.untyped_storage()
-    if s.nbytes() == 0 or s.data_ptr() in seen:
+    if p.numel() == 0 or (p.data_ptr(), p.numel()) in seen:
         continue
-    seen.add(s.data_ptr())
-    total += int(torch.empty(0, dtype=torch.uint8).set_(s)[::4096].sum())
+    seen.add((p.data_ptr(), p.numel()))
+    total += int(p.detach().reshape(-1).view(torch.uint8)[::4096].sum())
 print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 "#;
 

@@ -116,6 +116,12 @@ impl PyCheckpoint {
         py.detach(|| self.prefetch.get_or_init(|| self.ckpt.prefetch(options)));
     }
 
+    /// Starts reading the files into the page cache in the background where they fit the
+    /// prefetch window (see `weightlift::Checkpoint::read_ahead`); whether it did.
+    fn read_ahead(&self) -> bool {
+        self.ckpt.read_ahead()
+    }
+
     /// Calls off a running prefetch (a handle being closed).
     fn close(&self) {
         if let Some(prefetch) = self.prefetch.get() {
@@ -298,11 +304,13 @@ impl PyCheckpoint {
     /// Reads blocks of tensors straight into host memory the caller owns (see
     /// `weightlift::Fill`), without the GIL. `fills`: `(name, ranges or None, shape or None,
     /// destination, byte offset, strides or None, dtype code or None)`; `dests`: `(address,
-    /// length)` of each destination. Returns `(bytes read, reads made)`.
+    /// length)` of each destination; `max_gap`: the most bytes between two blocks read (into
+    /// scratch) to keep one read (see `LoadOptions::max_gap`). Returns `(bytes read, reads
+    /// made)`.
     ///
     /// The caller keeps every destination alive, writable, and untouched by anyone else
     /// until this returns (the Python glue passes the storages of tensors it just made).
-    #[pyo3(signature = (fills, dests, threads=None))]
+    #[pyo3(signature = (fills, dests, threads=None, max_gap=None))]
     #[allow(clippy::type_complexity)]
     fn load_into(
         &self,
@@ -318,6 +326,7 @@ impl PyCheckpoint {
         )>,
         dests: Vec<(usize, usize)>,
         threads: Option<usize>,
+        max_gap: Option<u64>,
     ) -> PyResult<(u64, usize)> {
         let fills = fills
             .into_iter()
@@ -354,6 +363,9 @@ impl PyCheckpoint {
         let mut options = LoadOptions::default();
         if let Some(t) = threads {
             options = options.threads(t.max(1));
+        }
+        if let Some(gap) = max_gap {
+            options = options.max_gap(gap);
         }
         let ckpt = &self.ckpt;
         let report = py

@@ -94,6 +94,12 @@ pub trait ByteSource: Send + Sync + fmt::Debug {
     /// their page-cache pages can go (after a load copied them into memory of its own). A
     /// hint; the default does nothing.
     fn drop_cache(&self, _offset: u64, _len: u64) {}
+
+    /// Tells the kernel that the bytes `offset..offset + len` will be read soon, so it can
+    /// start reading them into the page cache now, asynchronously (`POSIX_FADV_WILLNEED`):
+    /// what a caller that has other work to do first asks for. A hint; the default does
+    /// nothing (sources without a page cache).
+    fn will_need(&self, _offset: u64, _len: u64) {}
 }
 
 /// How a load will read a source.

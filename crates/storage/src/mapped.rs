@@ -140,6 +140,13 @@ impl MappedFile {
         if len == 0 {
             return Ok(());
         }
+        // Read ahead the whole range first (large reads, whatever the mapping's advice):
+        // populating alone faults it in page by page where readahead is off (MADV_RANDOM, a
+        // sparse selection): 2.7x slower measured cold (180 MB of attention weights between
+        // experts, 2.56 s against 0.93 s).
+        let _ = self
+            .map
+            .advise_range(Advice::WillNeed, offset as usize, len as usize);
         match self
             .map
             .advise_range(Advice::PopulateRead, offset as usize, len as usize)

@@ -88,6 +88,12 @@ impl ByteSource for PreadSource {
     fn drop_cache(&self, offset: u64, len: u64) {
         drop_cache(&self.file, offset, len);
     }
+
+    fn will_need(&self, offset: u64, len: u64) {
+        if let Some(len) = std::num::NonZeroU64::new(len) {
+            let _ = fadvise(&self.file, offset, Some(len), Advice::WillNeed);
+        }
+    }
 }
 
 /// `POSIX_FADV_DONTNEED` on a range: its clean page-cache pages are dropped.

@@ -72,6 +72,29 @@ impl Checkpoint {
         })
     }
 
+    /// Starts reading every shard into the page cache in the background (the kernel's
+    /// readahead, asked with `POSIX_FADV_WILLNEED` from a thread of its own), where the
+    /// checkpoint fits the prefetch window: for a caller with other work to do before it
+    /// reads (planning a load, say). Returns whether it did; on a host short of memory it
+    /// does nothing (the bytes would evict each other before they are read).
+    pub fn read_ahead(self: &std::sync::Arc<Self>) -> bool {
+        if self.data_bytes() > crate::budget::MemoryBudget::detect().window() {
+            return false;
+        }
+        let ckpt = std::sync::Arc::clone(self);
+        std::thread::Builder::new()
+            .name("weightlift-readahead".into())
+            .spawn(move || {
+                for shard in ckpt.shards() {
+                    let header = shard.header();
+                    shard
+                        .source()
+                        .will_need(0, header.data_start() + header.data_len());
+                }
+            })
+            .is_ok()
+    }
+
     /// Maps every shard for zero-copy access (the shards' own mappings, shared with mapped
     /// loads and reads). Views borrow the returned value, which borrows the checkpoint: the
     /// compiler rejects any view that outlives either.

@@ -16,18 +16,70 @@ def _code(dtype):
     return code
 
 
+class Block:
+    """A block of a tensor's memory, as a view would describe it, without making the view:
+    ``base`` (a tensor), the element ``offset`` into it, ``shape`` and ``strides`` (elements).
+    Thousands of them cost nothing, where as many torch views cost torch's dispatch each (tens
+    of microseconds inside transformers' loading, which runs under a device mode)."""
+
+    __slots__ = ("base", "offset", "shape", "strides")
+
+    def __init__(self, base, offset, shape, strides):
+        self.base, self.offset, self.shape, self.strides = base, offset, list(shape), list(strides)
+
+    @staticmethod
+    def of(tensor):
+        return Block(tensor, tensor.storage_offset(), tensor.shape, tensor.stride())
+
+    def index(self, i):
+        """The block at position `i` of the first dimension (``tensor[i]``)."""
+        return Block(self.base, self.offset + i * self.strides[0], self.shape[1:], self.strides[1:])
+
+    def narrow(self, dim, start, length):
+        """``tensor.narrow(dim, start, length)``."""
+        shape = list(self.shape)
+        shape[dim] = length
+        return Block(self.base, self.offset + start * self.strides[dim], shape, self.strides)
+
+
+class _Bases:
+    """Per base tensor (by identity): its storage's address and length, element size, dtype
+    code and device, asked of torch once."""
+
+    def __init__(self):
+        self._known = {}
+
+    def get(self, base):
+        found = self._known.get(id(base))
+        if found is None:
+            storage = base.untyped_storage()
+            found = self._known[id(base)] = (
+                base,
+                storage.data_ptr(),
+                storage.nbytes(),
+                base.element_size(),
+                _code(base.dtype),
+                base.device.type,
+            )
+        return found[1:]
+
+
 def fills(handle, placements):
     """The native fills and destinations for `placements`: ``(name, index, dest)`` with
     ``index`` a ``get_slice``-style index (slices and integers, step 1) or None for the whole
     tensor, ``dest`` a CPU torch tensor (a view of a larger one is fine: its offset and strides
-    say where the block goes). Checked here against the headers: the block's shape must be the
-    destination's."""
+    say where the block goes) or a :class:`Block`. Checked here against the headers: the
+    block's shape must be the destination's."""
     out, dests, where = [], [], {}
+    bases = _Bases()
     for name, index, dest in placements:
         code, shape = handle.info(name)
-        if dest.device.type != "cpu":
+        if not isinstance(dest, Block):
+            dest = Block.of(dest)
+        key, nbytes, itemsize, want, device = bases.get(dest.base)
+        if device != "cpu":
             raise SafetensorError(
-                f"tensor {name!r}: load_into fills CPU tensors (the destination is on {dest.device})"
+                f"tensor {name!r}: load_into fills CPU tensors (the destination is on {device})"
             )
         if index is None:
             ranges, squeeze = None, set()
@@ -43,24 +95,21 @@ def fills(handle, placements):
                 f"tensor {name!r}: the destination has shape {list(dest.shape)}, "
                 f"the block {kept} (of a tensor of shape {list(shape)})"
             )
-        strides, it = [], iter(dest.stride())
+        strides, it = [], iter(dest.strides)
         for i in range(len(block)):
             strides.append(0 if i in squeeze else next(it))
-        storage = dest.untyped_storage()
-        key = storage.data_ptr()
         at = where.get(key)
         if at is None:
             at = where[key] = len(dests)
-            dests.append((key, storage.nbytes()))
-        offset = dest.data_ptr() - key
-        want = _code(dest.dtype)
+            dests.append((key, nbytes))
+        offset = dest.offset * itemsize
         out.append(
             (name, ranges, block, at, offset, strides, None if want == code else want)
         )
     return out, dests
 
 
-def load_into(source, placements, threads=None, backend="auto", token=None):
+def load_into(source, placements, threads=None, backend="auto", token=None, max_gap=None):
     """Fills torch tensors you own with blocks of a checkpoint's tensors, in one planned load.
 
     ``source``: a path (file, directory, index, URL, model id) or an open ``safe_open``.
@@ -69,8 +118,11 @@ def load_into(source, placements, threads=None, backend="auto", token=None):
     block's. Converts between float16, bfloat16 and float32 where the destination's dtype
     differs. Checked before anything is read: a block of the wrong shape, one that falls
     outside its destination or overlaps another's bytes raises ``SafetensorError``.
-    Returns ``(bytes read, reads made)``. The destinations must not be touched by other
-    threads until it returns (the GIL is released while it reads).
+    ``max_gap``: the most bytes between two blocks read (and dropped) to keep one read
+    (default 4 KiB); larger gaps read whole files in one pass, which also leaves the bytes
+    between the blocks in the page cache. Returns ``(bytes read, reads made)``. The
+    destinations must not be touched by other threads until it returns (the GIL is released
+    while it reads).
     """
     from ._open import safe_open
 
@@ -81,7 +133,7 @@ def load_into(source, placements, threads=None, backend="auto", token=None):
     placements = list(placements)
     native, dests = fills(handle, placements)
     # The destinations stay alive (referenced here) until the native load returns.
-    keep = [dest for _, _, dest in placements]
-    result = handle.load_into(native, dests, threads=threads)
+    keep = [dest.base if isinstance(dest, Block) else dest for _, _, dest in placements]
+    result = handle.load_into(native, dests, threads=threads, max_gap=max_gap)
     del keep
     return result
