@@ -62,6 +62,9 @@ pub(crate) enum ProfileArg {
     /// transformers' Qwen3-MoE, 24 layers x 64 experts (4,827 tensors, ~1.4 GB BF16),
     /// saved with `save_pretrained(max_shard_size="200MB")`.
     HfMoe,
+    /// Qwen3-30B-A3B's layout made by transformers: 48 layers x 128 experts (18,867 tensors),
+    /// hidden 512, expert intermediate 160 (~3 GiB BF16), saved likewise.
+    HfMoeLarge,
     /// transformers' Llama, 12 layers, hidden 2048 (~1.4 GB BF16), saved likewise.
     HfDense,
 }
@@ -72,7 +75,7 @@ impl ProfileArg {
         match self {
             ProfileArg::Dense => Some(Profile::Dense),
             ProfileArg::Moe => Some(Profile::Moe),
-            ProfileArg::HfMoe | ProfileArg::HfDense => None,
+            ProfileArg::HfMoe | ProfileArg::HfMoeLarge | ProfileArg::HfDense => None,
         }
     }
 
@@ -81,6 +84,7 @@ impl ProfileArg {
             ProfileArg::Dense => "dense",
             ProfileArg::Moe => "moe",
             ProfileArg::HfMoe => "hf-moe",
+            ProfileArg::HfMoeLarge => "hf-moe-large",
             ProfileArg::HfDense => "hf-dense",
         }
     }
@@ -878,12 +882,17 @@ for p in model.parameters():
 print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 "#;
 
-/// Makes a random transformers model and saves it (`hf-moe`, `hf-dense`).
+/// Makes a random transformers model and saves it (`hf-moe`, `hf-moe-large`, `hf-dense`).
 const PY_MAKE_MODEL: &str = r#"import sys, torch, transformers
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3MoeConfig
 kind, path = sys.argv[1], sys.argv[2]
 torch.manual_seed(0)
-if kind == "hf-moe":
+if kind == "hf-moe-large":
+    config = Qwen3MoeConfig(vocab_size=16384, hidden_size=512, intermediate_size=1024,
+        moe_intermediate_size=160, num_hidden_layers=48, num_attention_heads=4,
+        num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8,
+        max_position_embeddings=2048)
+elif kind == "hf-moe":
     config = Qwen3MoeConfig(vocab_size=8192, hidden_size=1024, intermediate_size=2048,
         moe_intermediate_size=128, num_hidden_layers=24, num_attention_heads=8,
         num_key_value_heads=4, head_dim=128, num_experts=64, num_experts_per_tok=4,

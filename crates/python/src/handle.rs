@@ -12,8 +12,8 @@ use std::collections::{HashMap, HashSet};
 use std::ops::Range;
 use std::sync::{Arc, OnceLock};
 use weightlift::{
-    Backend, Checkpoint, Device, Dtype, Error, Fill, LoadOptions, Location, Mapping, OpenOptions,
-    Prefetch, Tensor,
+    Backend, Checkpoint, Device, Dtype, Error, Fill, LoadOptions, Location, Mapping, MemoryBudget,
+    OpenOptions, Prefetch, Tensor,
 };
 
 /// An open checkpoint: one file, a directory of shards, an index file, a URL or a model id.
@@ -107,11 +107,31 @@ impl PyCheckpoint {
     /// the reads that follow find their bytes in memory rather than faulting them in one page
     /// at a time, or waiting for one small request each. `drop_cache`: release the pages of
     /// what readers have read. Does nothing when a prefetch was started already.
-    #[pyo3(signature = (threads=None, drop_cache=false))]
-    fn prefetch(&self, py: Python<'_>, threads: Option<usize>, drop_cache: bool) {
+    /// `budget`, `window`: the memory budget and prefetch window in bytes (default: see
+    /// `weightlift::MemoryBudget::detect`).
+    #[pyo3(signature = (threads=None, drop_cache=false, budget=None, window=None))]
+    fn prefetch(
+        &self,
+        py: Python<'_>,
+        threads: Option<usize>,
+        drop_cache: bool,
+        budget: Option<u64>,
+        window: Option<u64>,
+    ) {
         let mut options = LoadOptions::default().drop_cache(drop_cache);
         if let Some(t) = threads {
             options = options.threads(t.max(1));
+        }
+        if budget.is_some() || window.is_some() {
+            let detected = MemoryBudget::detect();
+            let mut b = match budget {
+                Some(bytes) => MemoryBudget::of(bytes),
+                None => detected,
+            };
+            if let Some(w) = window {
+                b = b.with_window(w);
+            }
+            options = options.memory_budget(b);
         }
         py.detach(|| self.prefetch.get_or_init(|| self.ckpt.prefetch(options)));
     }

@@ -53,6 +53,12 @@ fn memory_budget() -> (u64, u64, String) {
     (b.bytes(), b.window(), b.source().to_string())
 }
 
+/// Bytes of a size as people write it (`16MiB`, `0.5g`, `100MB`).
+#[pyfunction]
+fn parse_size(text: &str) -> PyResult<u64> {
+    weightlift::parse_size(text).map_err(pyo3::exceptions::PyValueError::new_err)
+}
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add(
@@ -76,5 +82,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(load_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(byte_len, m)?)?;
     m.add_function(wrap_pyfunction!(memory_budget, m)?)?;
+    m.add_function(wrap_pyfunction!(parse_size, m)?)?;
     Ok(())
 }

@@ -60,7 +60,9 @@ class safe_open:
     memory available); closing the handle calls it off. ``drop_cache``: with ``prefetch``,
     release the page-cache pages of what was read once the reader is past them (default:
     ``WEIGHTLIFT_DROP_CACHE=1`` in the environment), for hosts with less memory than the
-    model.
+    model. ``memory_budget``, ``prefetch_window`` (bytes; default: from the memory available
+    and the environment, see ``weightlift.memory_budget()``) and ``threads`` tune the
+    prefetch.
     """
 
     def __init__(
@@ -72,6 +74,9 @@ class safe_open:
         token=None,
         prefetch=False,
         drop_cache=None,
+        memory_budget=None,
+        prefetch_window=None,
+        threads=None,
     ):
         self._framework = _args.framework(framework)
         self._device = _args.device(self._framework, device)
@@ -83,18 +88,22 @@ class safe_open:
         if prefetch and self._device == "cpu":
             if drop_cache is None:
                 drop_cache = os.environ.get("WEIGHTLIFT_DROP_CACHE", "") not in ("", "0")
-            self._prefetch_pending = bool(drop_cache)
+            if threads is None:
+                # Callers that prefetch open every shard of a checkpoint one after the other,
+                # so the loads of shards prefetched whole run side by side: two threads each
+                # keep a disk queue full without crowding the caller's own threads.
+                threads = int(os.environ.get("WEIGHTLIFT_PREFETCH_THREADS", "2"))
+            self._prefetch_pending = dict(
+                threads=threads,
+                drop_cache=bool(drop_cache),
+                budget=memory_budget,
+                window=prefetch_window,
+            )
 
     def _start_prefetch(self):
-        drop_cache, self._prefetch_pending = self._prefetch_pending, None
-        if drop_cache is not None and self._handle is not None:
-            # Callers that prefetch open every shard of a checkpoint one after the other, so
-            # the loads of shards prefetched whole run side by side: two threads each keep a
-            # disk queue full without crowding the caller's own threads.
-            self._handle.prefetch(
-                threads=int(os.environ.get("WEIGHTLIFT_PREFETCH_THREADS", "2")),
-                drop_cache=drop_cache,
-            )
+        args, self._prefetch_pending = self._prefetch_pending, None
+        if args is not None and self._handle is not None:
+            self._handle.prefetch(**args)
 
     def _h(self):
         if self._handle is None:

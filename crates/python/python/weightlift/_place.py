@@ -25,11 +25,11 @@ class Block:
     __slots__ = ("base", "offset", "shape", "strides")
 
     def __init__(self, base, offset, shape, strides):
-        self.base, self.offset, self.shape, self.strides = base, offset, list(shape), list(strides)
+        self.base, self.offset, self.shape, self.strides = base, offset, shape, strides
 
     @staticmethod
     def of(tensor):
-        return Block(tensor, tensor.storage_offset(), tensor.shape, tensor.stride())
+        return Block(tensor, tensor.storage_offset(), list(tensor.shape), list(tensor.stride()))
 
     def index(self, i):
         """The block at position `i` of the first dimension (``tensor[i]``)."""

@@ -23,7 +23,9 @@ debug line on the ``weightlift.transformers`` logger saying what and why.
 
 import copy
 import functools
+import gc
 import logging
+import re
 import time
 
 log = logging.getLogger("weightlift.transformers")
@@ -48,7 +50,15 @@ def wrap(original):
         if why is not None:
             log.debug("weightlift: transformers' own conversion for this load: %s", why)
             return original(model, state_dict, load_config, disk_offload_index)
-        return _load(model, state_dict, load_config, disk_offload_index)
+        # Tens of thousands of small objects (plans, blocks): the collector would otherwise
+        # walk every live object (torch, transformers, the model) several times over.
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return _load(model, state_dict, load_config, disk_offload_index)
+        finally:
+            if enabled:
+                gc.enable()
 
     convert_and_load_state_dict_in_model._weightlift_original = original
     return convert_and_load_state_dict_in_model
@@ -92,7 +102,7 @@ def _unsupported(model, state_dict, load_config):
 class _Group:
     """The checkpoint tensors of one parameter (or one converter's targets)."""
 
-    __slots__ = ("key", "converter", "original", "entries", "counts", "dtype", "device")
+    __slots__ = ("key", "converter", "original", "entries", "dtype", "device")
 
     def __init__(self, key, converter, original):
         self.key = key
@@ -101,8 +111,6 @@ class _Group:
         self.original = original
         # (source pattern, checkpoint key, value, tensor index) in the order collected.
         self.entries = []
-        # Tensors collected per source pattern so far (a tensor's position in its list).
-        self.counts = {}
         self.dtype = None
         self.device = None
 
@@ -146,15 +154,10 @@ def _load(model, state_dict, load_config, disk_offload_index):
     # 1. Keys: renamed and grouped per parameter exactly as transformers does (its functions),
     #    without copying a converter per key.
     groups = {}
-    items = sorted(state_dict.items(), key=lambda kv: cml.dot_natural_key(kv[0]))
-    for original_key, value in items:
-        renamed_key, source_pattern = cml.rename_source_key(
-            original_key, renamings, converters, base_model_prefix, meta
-        )
-        if renamed_key not in meta and original_key in meta:
-            renamed_key, source_pattern = cml.rename_source_key(
-                original_key, [], [], base_model_prefix=base_model_prefix, meta_state_dict=meta
-            )
+    rename = _Renamer(cml, renamings, converters, base_model_prefix, meta)
+    for original_key, value in state_dict.items():
+        shape_numbers = _Renamer.shape(original_key)
+        renamed_key, source_pattern = rename(original_key, shape_numbers)
         if renamed_key in meta:
             empty_param = meta.get(renamed_key)
             group = groups.get(renamed_key)
@@ -169,13 +172,8 @@ def _load(model, state_dict, load_config, disk_offload_index):
                     _dtype = dtype_plan[dtype_by_group[matched.lastgroup]]
             elif empty_param is not None and empty_param.dtype != _dtype:
                 _dtype = empty_param.dtype
-            index = None
-            if group.converter is not None:
-                index = group.counts.get(pattern, 0)
-                group.counts[pattern] = index + 1
-            group.entries.append((pattern, original_key, value, index))
+            group.entries.append((pattern, original_key, value, shape_numbers))
             group.dtype = _dtype
-            group.device = cml.get_device(device_map, renamed_key, valid_torch_device=True)
         elif source_pattern is not None:
             mapping = pattern_to_converter[source_pattern]
             for k in mapping.target_patterns:
@@ -184,6 +182,28 @@ def _load(model, state_dict, load_config, disk_offload_index):
                 )
         else:
             cml._add_unmatched_checkpoint_key(renamed_key, model, loading_info)
+
+    # The order transformers collects each parameter's tensors in: its keys' natural order
+    # (it sorts every key; only the order within a parameter matters).
+    for group in groups.values():
+        if group.converter is not None and len(group.entries) > 1:
+            # Keys of one shape (`experts.#.gate_proj`) are in natural order when their
+            # numbers are; others are compared whole.
+            shapes = {}
+            for e in group.entries:
+                shapes.setdefault(e[0], set()).add(e[3][0])
+            if all(len(s) == 1 for s in shapes.values()):
+                group.entries.sort(key=lambda e: (e[0], tuple(map(int, e[3][1]))))
+            else:
+                group.entries.sort(key=lambda e: _natural_key(e[1]))
+        counts = {}
+        for i, (pattern, original_key, value, _) in enumerate(group.entries):
+            index = None
+            if group.converter is not None:
+                index = counts.get(pattern, 0)
+                counts[pattern] = index + 1
+            group.entries[i] = (pattern, original_key, value, index)
+        group.device = "cpu"
 
     # 2. A plan per parameter: a view, placements into parameters allocated once, or
     #    transformers' own conversion.
@@ -251,6 +271,94 @@ def _load(model, state_dict, load_config, disk_offload_index):
 # Bytes between two blocks of a placement read that are read too (and dropped), so that a
 # file is read in one pass: a request is at most 16 MiB anyway.
 _BRIDGE = 16 << 20
+
+
+# Numbers that are whole components of a key (`layers.3.`), not part of a name (`w2`).
+_DIGITS = re.compile(r"(?:(?<=\.)|^)\d+(?=\.|$)")
+
+
+def _natural_key(s):
+    """transformers' ``dot_natural_key`` (the order its loading sorts keys in), computed in
+    one pass per part: digits numerically, text with a numeric suffix by text then number."""
+    parts = []
+    for part in s.split("."):
+        if part.isdigit():
+            parts.append((0, int(part)))
+        else:
+            text = part.rstrip("0123456789")
+            if len(text) != len(part):
+                parts.append((1, text, int(part[len(text):])))
+            else:
+                parts.append((1, text))
+    return parts
+
+
+class _Renamer:
+    """transformers' ``rename_source_key`` (and its fallback for keys of the model itself),
+    remembered per key shape: keys that differ only in their numbers (`layers.3.experts.17`)
+    rename alike, so the renaming of one is reused for the others, numbers substituted (those
+    the renamed key keeps). A shape is trusted once two more of its keys renamed exactly as
+    substitution predicts, and only for renamed keys the model has; one that does not is
+    always renamed by transformers itself."""
+
+    def __init__(self, cml, renamings, converters, base_model_prefix, meta):
+        self.cml, self.renamings, self.converters = cml, renamings, converters
+        self.base_model_prefix, self.meta = base_model_prefix, meta
+        # shape -> (renamed shape, source pattern, confirmed) or None (do not guess)
+        self.shapes = {}
+
+    def exact(self, key):
+        cml = self.cml
+        renamed, pattern = cml.rename_source_key(
+            key, self.renamings, self.converters, self.base_model_prefix, self.meta
+        )
+        if renamed not in self.meta and key in self.meta:
+            renamed, pattern = cml.rename_source_key(
+                key, [], [], base_model_prefix=self.base_model_prefix, meta_state_dict=self.meta
+            )
+        return renamed, pattern
+
+    @staticmethod
+    def shape(key):
+        numbers = _DIGITS.findall(key)
+        return _DIGITS.sub("#", key), numbers
+
+    def __call__(self, key, shape_numbers=None):
+        shape, numbers = shape_numbers or self.shape(key)
+        known = self.shapes.get(shape, False)
+        if known is None or not numbers:
+            return self.exact(key)
+        if known is not False:
+            template, picks, pattern, confirmed = known
+            guess = _fill(template, [numbers[i] for i in picks])
+            if confirmed >= 2 and guess in self.meta:
+                return guess, pattern
+            renamed = self.exact(key)
+            if confirmed < 2:
+                ok = renamed == (guess, pattern)
+                self.shapes[shape] = (template, picks, pattern, confirmed + 1) if ok else None
+            return renamed
+        renamed, pattern = self.exact(key)
+        r_shape, r_numbers = self.shape(renamed)
+        # Which of the key's numbers the renamed key carries, in order (the expert index of a
+        # fused parameter's sources is dropped, the layer index kept).
+        picks, at = [], 0
+        for n in r_numbers:
+            while at < len(numbers) and numbers[at] != n:
+                at += 1
+            if at == len(numbers):
+                picks = None
+                break
+            picks.append(at)
+            at += 1
+        self.shapes[shape] = None if picks is None else (r_shape, picks, pattern, 0)
+        return renamed, pattern
+
+
+def _fill(template, numbers):
+    """`template` with its `#`s replaced by `numbers`, in order."""
+    it = iter(numbers)
+    return re.sub(r"(?:(?<=\.)|^)#(?=\.|$)", lambda _: next(it), template)
 
 
 class _Unhandled(Exception):
