@@ -453,24 +453,28 @@ fn check_overlaps(pieces: &mut [Piece], fills: &[Fill]) -> Result<()> {
 }
 
 /// Coalesces pieces (sorted by file and offset) into reads of at most `request_size` bytes,
-/// bridging gaps of at most `max_gap` bytes; a piece whose source overlaps the previous
-/// one's starts a new read.
+/// bridging gaps of at most `max_gap` bytes (a read that starts because the previous one is
+/// full begins where that one ended, so bridged bytes are read wherever the requests are
+/// cut); a piece whose source overlaps the previous one's starts a new read.
 fn plan_requests(pieces: &[Piece], request_size: u64, max_gap: u64) -> Vec<Request> {
     let mut out: Vec<Request> = Vec::new();
     for (i, p) in pieces.iter().enumerate() {
+        let mut start = p.src.start;
         if let Some(last) = out.last_mut()
             && last.shard == p.shard
             && p.src.start >= last.range.end
             && p.src.start - last.range.end <= max_gap
-            && p.src.end - last.range.start <= request_size
         {
-            last.range.end = p.src.end;
-            last.pieces.end = i + 1;
-            continue;
+            if p.src.end - last.range.start <= request_size {
+                last.range.end = p.src.end;
+                last.pieces.end = i + 1;
+                continue;
+            }
+            start = last.range.end;
         }
         out.push(Request {
             shard: p.shard,
-            range: p.src.clone(),
+            range: start..p.src.end,
             pieces: i..i + 1,
         });
     }
@@ -485,6 +489,40 @@ thread_local! {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn piece(src: Range<u64>) -> Piece {
+        Piece {
+            shard: 0,
+            src,
+            from: Dtype::U8,
+            to: Dtype::U8,
+            dest: 0,
+            at: 0,
+            len: 0,
+            fill: 0,
+        }
+    }
+
+    #[test]
+    fn requests_bridge_gaps_even_where_they_are_cut() {
+        let pieces = [
+            piece(0..10),
+            piece(20..30),
+            piece(35..60),
+            piece(1000..1010),
+        ];
+        // Bridged up to 16 bytes, at most 40 bytes a read: cut after 20..30, the next read
+        // starts where that one ended (30), so 30..35 is read too; 1000 is too far.
+        let r = plan_requests(&pieces, 40, 16);
+        let got: Vec<(Range<u64>, Range<usize>)> = r
+            .iter()
+            .map(|r| (r.range.clone(), r.pieces.clone()))
+            .collect();
+        assert_eq!(got, vec![(0..30, 0..2), (30..60, 2..3), (1000..1010, 3..4)]);
+        // Overlapping sources start a read of their own.
+        let r = plan_requests(&[piece(0..10), piece(5..15)], 100, 100);
+        assert_eq!(r.len(), 2);
+    }
 
     #[test]
     fn destination_offsets_follow_strides() {

@@ -236,13 +236,24 @@ def _load(model, state_dict, load_config, disk_offload_index):
     # blocks, which leaves those (the views' bytes) in the page cache for the views that
     # follow, rather than reading them apart, cold, in many small pieces.
     planned = time.perf_counter()
-    for owner, placements in fills.values():
-        load_into(owner, placements, max_gap=_BRIDGE)
+    # The files are loaded side by side (each load runs without the GIL): on a network
+    # filesystem one file's reads alone do not keep the server busy.
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=max(1, min(8, len(fills)))) as pool:
+        list(pool.map(lambda job: load_into(job[0], job[1], max_gap=_BRIDGE), fills.values()))
     for target, tensor in made:
         cml.set_param_for_module(model, target, tensor, loading_info, None)
     filled = time.perf_counter()
-    for owner, names in views.values():
+
+    def view_load(job):
+        owner, names = job
         groups_, _ = owner._h().load(layout="pt", names=set(names))
+        return names, groups_
+
+    with ThreadPoolExecutor(max_workers=max(1, min(8, len(views)))) as pool:
+        loaded = list(pool.map(view_load, views.values()))
+    for names, groups_ in loaded:
         tensors = _arrays.torch_groups(groups_, {})
         for name, target in names.items():
             cml.set_param_for_module(model, target, tensors[name], loading_info, None)

@@ -111,6 +111,23 @@ def _natural(path):
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", os.path.basename(path))]
 
 
+def _checkpoints(files):
+    """What to open for `files`: their directory as one checkpoint where its index lists them
+    all (weightlift then checks the index against every shard: a shard missing from the
+    directory is an error naming it), with the tensors of the files to read; else each file."""
+    import json
+
+    folder = os.path.dirname(files[0])
+    index = os.path.join(folder, "model.safetensors.index.json")
+    wanted = {os.path.basename(f) for f in files}
+    if all(os.path.dirname(f) == folder for f in files) and os.path.isfile(index):
+        with open(index) as f:
+            weight_map = json.load(f).get("weight_map", {})
+        if wanted <= set(weight_map.values()):
+            return [(folder, {n for n, file in weight_map.items() if file in wanted})]
+    return [(f, None) for f in sorted(files, key=_natural)]
+
+
 def iterate(files, options, local_expert_ids=None):
     """(name, torch tensor) of every tensor of `files`, shard by shard in file order: every
     shard opened at once and prefetched through the process's window."""
@@ -125,27 +142,30 @@ def iterate(files, options, local_expert_ids=None):
 
     backend = "pread" if options.get("copy") else "auto"
     handles = [
-        safe_open(
-            f,
-            "pt",
-            backend=backend,
-            prefetch=True,
-            drop_cache=bool(options.get("drop_cache", False)),
-            memory_budget=_size(options.get("memory_budget")),
-            prefetch_window=_size(options.get("prefetch_window")),
-            threads=options.get("threads"),
+        (
+            safe_open(
+                path,
+                "pt",
+                backend=backend,
+                prefetch=True,
+                drop_cache=bool(options.get("drop_cache", False)),
+                memory_budget=_size(options.get("memory_budget")),
+                prefetch_window=_size(options.get("prefetch_window")),
+                threads=options.get("threads"),
+            ),
+            names,
         )
-        for f in sorted(files, key=_natural)
+        for path, names in _checkpoints(files)
     ]
     try:
         # Every shard's prefetch starts now: the window orders and bounds them.
-        for h in handles:
+        for h, _ in handles:
             h._start_prefetch()
-        for h in handles:
+        for h, names in handles:
             for name in h.offset_keys():
-                if skip is not None and skip(name):
+                if (names is not None and name not in names) or (skip is not None and skip(name)):
                     continue
                 yield name, h.get_tensor(name)
     finally:
-        for h in handles:
+        for h, _ in handles:
             h.__exit__(None, None, None)
