@@ -31,8 +31,9 @@ import time
 log = logging.getLogger("weightlift.transformers")
 
 # transformers versions (major.minor) whose conversion step this reimplements, checked against
-# their sources; others get the plain patch (safetensors' entry points only).
-KNOWN = ("5.24",)
+# their sources (5.19: vLLM's pin; 5.24: the newest); others get the plain patch
+# (safetensors' entry points only).
+KNOWN = ("5.19", "5.24")
 
 
 def known_version():
@@ -423,7 +424,11 @@ def _plan(group, model, torch):
         raise _Unhandled("a quantization or distributed operation")
     if any("\\1" in t for t in converter.target_patterns):
         raise _Unhandled("target patterns with capturing groups")
-    from transformers.core_model_loading import Chunk, Concatenate, MergeModulelist, Split
+    from transformers import core_model_loading as cml
+
+    Chunk, Concatenate, MergeModulelist = cml.Chunk, cml.Concatenate, cml.MergeModulelist
+    # Split came with 5.20.
+    Split = getattr(cml, "Split", None)
 
     ops = converter.operations
     kinds = [type(op) for op in ops]
