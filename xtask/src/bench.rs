@@ -79,7 +79,7 @@ impl ProfileArg {
         }
     }
 
-    fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             ProfileArg::Dense => "dense",
             ProfileArg::Moe => "moe",
@@ -906,7 +906,7 @@ model.save_pretrained(path, max_shard_size="200MB")
 "#;
 
 /// The shard files of a transformers model in `dir`, made first if needed.
-fn ensure_transformers(dir: &Path, kind: ProfileArg) -> Result<Vec<PathBuf>, String> {
+pub(crate) fn ensure_transformers(dir: &Path, kind: ProfileArg) -> Result<Vec<PathBuf>, String> {
     if let Ok(c) = Checkpoint::open(dir)
         && dir.join("config.json").is_file()
     {

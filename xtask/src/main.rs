@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_dist;
+mod bench_vllm;
 mod fuzz;
 mod gpu_bundle;
 mod plot;
@@ -27,6 +28,9 @@ enum Task {
     /// Time loads by several ranks (torch.distributed, gloo): each rank loading
     /// everything, one shared load, tensor-parallel slice plans; bytes read per rank.
     BenchDist(bench_dist::BenchDistArgs),
+    /// vLLM's engine on the CPU (target/vllm-venv) starting with each loader: weight-loading
+    /// and start times, tokens compared with the default loader's.
+    BenchVllm(bench_vllm::BenchVllmArgs),
     /// Build, here, the folder a GPU machine (no Rust, no network) needs to test and
     /// measure the CUDA path in one call: CLI, GPU test binaries, wheels, run.sh.
     GpuBundle(gpu_bundle::GpuBundleArgs),
@@ -51,6 +55,7 @@ fn main() -> ExitCode {
         Task::Bench(args) => bench::run(&args),
         Task::BenchOne(args) => bench::run_one(&args),
         Task::BenchDist(args) => bench_dist::run(&args),
+        Task::BenchVllm(args) => bench_vllm::run_bench(&args),
         Task::GpuBundle(args) => gpu_bundle::run(&args),
         Task::Plot { json, out } => std::fs::read_to_string(&json)
             .map_err(|e| format!("{}: {e}", json.display()))

@@ -111,27 +111,14 @@ def _natural(path):
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", os.path.basename(path))]
 
 
-def _checkpoints(files):
-    """What to open for `files`: their directory as one checkpoint where its index lists them
-    all (weightlift then checks the index against every shard: a shard missing from the
-    directory is an error naming it), with the tensors of the files to read; else each file."""
-    import json
-
-    folder = os.path.dirname(files[0])
-    index = os.path.join(folder, "model.safetensors.index.json")
-    wanted = {os.path.basename(f) for f in files}
-    if all(os.path.dirname(f) == folder for f in files) and os.path.isfile(index):
-        with open(index) as f:
-            weight_map = json.load(f).get("weight_map", {})
-        if wanted <= set(weight_map.values()):
-            return [(folder, {n for n, file in weight_map.items() if file in wanted})]
-    return [(f, None) for f in sorted(files, key=_natural)]
-
-
 def iterate(files, options, local_expert_ids=None):
-    """(name, torch tensor) of every tensor of `files`, shard by shard in file order: every
-    shard opened at once and prefetched through the process's window."""
-    from ._open import safe_open
+    """(name, torch tensor) of every tensor of `files`, file by file in file order. Each file
+    is one planned load (mapped and populated in parallel on local disks, read into memory of
+    weightlift's own elsewhere, within the memory budget and window), the next file's load
+    running in the background while vLLM copies this one's tensors into its parameters."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from . import _arrays, _handle
 
     skip = None
     if local_expert_ids is not None:
@@ -141,31 +128,46 @@ def iterate(files, options, local_expert_ids=None):
             return should_skip_weight(name, local_expert_ids)
 
     backend = "pread" if options.get("copy") else "auto"
-    handles = [
-        (
-            safe_open(
-                path,
-                "pt",
-                backend=backend,
-                prefetch=True,
-                drop_cache=bool(options.get("drop_cache", False)),
-                memory_budget=_size(options.get("memory_budget")),
-                prefetch_window=_size(options.get("prefetch_window")),
-                threads=options.get("threads"),
-            ),
-            names,
+    threads = options.get("threads")
+    drop_cache = bool(options.get("drop_cache", False))
+    files = sorted(files, key=_natural)
+
+    def load(path):
+        handle = _handle.open_handle(path, backend, bool(options.get("copy")))
+        names = None
+        if skip is not None:
+            names = {n for n in handle.offset_keys() if not skip(n)}
+        groups, _ = handle.load(
+            layout="pt", threads=threads, drop_cache=drop_cache, names=names
         )
-        for path, names in _checkpoints(files)
-    ]
-    try:
-        # Every shard's prefetch starts now: the window orders and bounds them.
-        for h, _ in handles:
-            h._start_prefetch()
-        for h, names in handles:
-            for name in h.offset_keys():
-                if (names is not None and name not in names) or (skip is not None and skip(name)):
-                    continue
-                yield name, h.get_tensor(name)
-    finally:
-        for h, _ in handles:
-            h.__exit__(None, None, None)
+        return groups
+
+    import logging
+    import time
+
+    # Files loading ahead of vLLM: as many as the prefetch window holds (up to 3), so that a
+    # network filesystem serves several at once, at least the next one.
+    from ._native import memory_budget
+
+    largest = max((os.path.getsize(f) for f in files), default=1)
+    window = _size(options.get("prefetch_window")) or memory_budget()[1]
+    depth = max(1, min(3, window // max(largest, 1)))
+    waited, start = 0.0, time.perf_counter()
+    with ThreadPoolExecutor(max_workers=depth) as pool:
+        ahead = [pool.submit(load, f) for f in files[:depth]]
+        for i in range(len(files)):
+            t = time.perf_counter()
+            groups = ahead.pop(0).result()
+            waited += time.perf_counter() - t
+            if i + depth < len(files):
+                ahead.append(pool.submit(load, files[i + depth]))
+            tensors = _arrays.torch_groups(groups, {})
+            del groups
+            for name in list(tensors):
+                yield name, tensors.pop(name)
+    logging.getLogger("weightlift.vllm").debug(
+        "weightlift: %d files read in %.3f s, vLLM waited %.3f s for them",
+        len(files),
+        time.perf_counter() - start,
+        waited,
+    )

