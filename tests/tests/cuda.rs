@@ -182,3 +182,63 @@ fn an_allocation_the_device_cannot_hold_fails_and_the_next_load_is_right() {
         host_bytes(&ckpt.load(&LoadOptions::default()).unwrap())
     );
 }
+
+/// Placement loads into device memory another library owns (`load_into_cuda` with raw
+/// device addresses, as torch tensors' are): the same bytes as placing into host memory,
+/// experts stacked, gate and up side by side, converted to F32.
+#[test]
+fn placements_into_device_memory_equal_host_placements() {
+    use weightlift::{DeviceMemory, Fill};
+    let _gpu = GPU.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(engine) = engine(1) else { return };
+    let dir = disk_tempdir();
+    write_sharded(dir.path(), &split(moe(2, 32, 64, 32), 3), false);
+    let ckpt = Checkpoint::open(dir.path()).unwrap();
+    // [E, 2I, H] BF16 per layer, and down [E, H, I] as F32.
+    let (experts, inter, hidden) = (32usize, 32usize, 64usize);
+    let gate_up = experts * 2 * inter * hidden * 2;
+    let down = experts * hidden * inter * 4;
+    let mut fills = Vec::new();
+    for layer in 0..2 {
+        for e in 0..experts {
+            let p = format!("model.layers.{layer}.mlp.experts.{e}");
+            let at = (e * 2 * inter * hidden * 2) as u64;
+            fills.push(Fill::new(format!("{p}.gate_proj.weight"), layer * 2, at));
+            fills.push(Fill::new(
+                format!("{p}.up_proj.weight"),
+                layer * 2,
+                at + (inter * hidden * 2) as u64,
+            ));
+            fills.push(
+                Fill::new(
+                    format!("{p}.down_proj.weight"),
+                    layer * 2 + 1,
+                    (e * hidden * inter * 4) as u64,
+                )
+                .dtype(Dtype::F32),
+            );
+        }
+    }
+    let lens = [gate_up, down, gate_up, down];
+    let mut host: Vec<Vec<u8>> = lens.iter().map(|&n| vec![0u8; n]).collect();
+    let options = LoadOptions::default().request_size(64 << 10);
+    ckpt.load_into(
+        &fills,
+        host.iter_mut().map(|m| &mut m[..]).collect(),
+        &options,
+    )
+    .unwrap();
+    let memories: Vec<_> = lens
+        .iter()
+        .map(|&n| engine.alloc(n as u64).unwrap())
+        .collect();
+    let dests: Vec<(u64, u64)> = memories.iter().map(|m| (m.device_ptr(), m.len())).collect();
+    // SAFETY: each range is a live allocation on cuda:0 made above, in the primary context,
+    // with nothing queued on it, and untouched until the call returns.
+    unsafe { ckpt.load_into_cuda(&fills, 0, &dests, &options) }.unwrap();
+    for (i, (m, want)) in memories.iter().zip(&host).enumerate() {
+        let mut got = vec![0u8; want.len()];
+        m.read_back(0, &mut got).unwrap();
+        assert_eq!(&got, want, "destination {i}");
+    }
+}

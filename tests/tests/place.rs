@@ -183,3 +183,145 @@ fn bad_placements_refuse_before_reading() {
     assert_eq!(read.load(Ordering::Relaxed), 0, "nothing was read");
     assert_eq!(a, vec![0u8; 512], "nothing was written");
 }
+
+/// The fused-expert fills of the first test, plus q/k/v rows and a strided column block
+/// with conversions, with the destinations' lengths.
+fn mixed_fills() -> (Vec<Fill>, Vec<usize>) {
+    let (experts, inter, hidden) = (4usize, 8usize, 16usize);
+    let mut fills = Vec::new();
+    for e in 0..experts {
+        let p = format!("model.layers.1.mlp.experts.{e}");
+        let at = (e * 2 * inter * hidden * 2) as u64;
+        fills.push(Fill::new(format!("{p}.gate_proj.weight"), 0, at));
+        fills.push(Fill::new(
+            format!("{p}.up_proj.weight"),
+            0,
+            at + (inter * hidden * 2) as u64,
+        ));
+        fills.push(Fill::new(
+            format!("{p}.down_proj.weight"),
+            1,
+            (e * hidden * inter * 2) as u64,
+        ));
+    }
+    let name = "model.layers.0.mlp.experts.3.gate_proj.weight";
+    fills.extend([
+        Fill::new(name, 2, 0).block(vec![0..2]).dtype(Dtype::F32),
+        Fill::new(name, 2, 2 * 16 * 4).block(vec![2..8]),
+        Fill::new(name, 3, 8 * 4)
+            .block(vec![0..8, 4..12])
+            .shape(vec![8, 8])
+            .strides(vec![16, 1])
+            .dtype(Dtype::F32),
+    ]);
+    let lens = vec![
+        experts * 2 * inter * hidden * 2,
+        experts * hidden * inter * 2,
+        2 * 16 * 4 + 6 * 16 * 2,
+        8 * 16 * 4,
+    ];
+    (fills, lens)
+}
+
+/// Into device memory through the staged pipeline (a fake device): the same bytes as the
+/// host placement load, with several blocks per staging buffer, neighbours in one copy,
+/// and no buffer reused or memory left while a copy runs.
+#[test]
+fn device_placements_equal_host_placements() {
+    use std::time::Duration;
+    use weightlift::{CopyEngine, DeviceMemory, StagedTarget, StagingOptions};
+    use weightlift_testkit::fake::FakeEngine;
+
+    let dir = disk_tempdir();
+    write_sharded(dir.path(), &split(moe(2, 4, 16, 8), 3), true);
+    let ckpt = Checkpoint::open(dir.path()).unwrap();
+    let (fills, lens) = mixed_fills();
+    // The fake device's memory starts as 0xa5: so does the host's.
+    let mut host: Vec<Vec<u8>> = lens.iter().map(|&n| vec![0xa5; n]).collect();
+    let options = LoadOptions::default().threads(3).max_gap(1 << 10);
+    ckpt.load_into(
+        &fills,
+        host.iter_mut().map(|m| &mut m[..]).collect(),
+        &options,
+    )
+    .unwrap();
+    for (buffers, size) in [(2, 4096), (3, 1 << 20)] {
+        let target = StagedTarget::new(
+            FakeEngine::new(Duration::from_micros(200)),
+            StagingOptions::new(buffers, size),
+        )
+        .unwrap();
+        let mut memory: Vec<_> = lens
+            .iter()
+            .map(|&n| target.engine().alloc(n as u64).unwrap())
+            .collect();
+        let report = ckpt
+            .load_into_staged(&fills, memory.iter_mut().collect(), &target, &options)
+            .unwrap();
+        assert!(report.bytes_read > 0);
+        for (i, (m, want)) in memory.iter().zip(&host).enumerate() {
+            let mut got = vec![0u8; want.len()];
+            m.read_back(0, &mut got).unwrap();
+            assert_eq!(
+                &got, want,
+                "destination {i} with {buffers} x {size} staging"
+            );
+        }
+        let engine = target.engine();
+        assert_eq!(engine.violations(), 0);
+        // Gate and up of an expert are neighbours in the file and in gate_up: one copy.
+        assert!(
+            engine.copies() < fills.len() as u64 + 8,
+            "{} copies",
+            engine.copies()
+        );
+        assert!(engine.pinned_bytes() <= (buffers * size) as u64);
+    }
+}
+
+/// A failing copy fails the load with the device's error after every started copy
+/// completed; bad placements refuse before anything is read or copied.
+#[test]
+fn device_placement_errors() {
+    use std::time::Duration;
+    use weightlift::{CopyEngine, StagedTarget, StagingOptions};
+    use weightlift_testkit::fake::FakeEngine;
+
+    let dir = disk_tempdir();
+    write_sharded(dir.path(), &split(moe(2, 4, 16, 8), 3), true);
+    let ckpt = Checkpoint::open(dir.path()).unwrap();
+    let (fills, lens) = mixed_fills();
+    let target = StagedTarget::new(
+        FakeEngine::new(Duration::from_millis(1)).failing_copy(3),
+        StagingOptions::new(2, 4096),
+    )
+    .unwrap();
+    let mut memory: Vec<_> = lens
+        .iter()
+        .map(|&n| target.engine().alloc(n as u64).unwrap())
+        .collect();
+    let options = LoadOptions::default().threads(2);
+    let err = ckpt
+        .load_into_staged(&fills, memory.iter_mut().collect(), &target, &options)
+        .unwrap_err();
+    assert!(err.to_string().contains("injected"), "{err}");
+    drop(memory);
+    assert_eq!(target.engine().violations(), 0, "memory freed under a copy");
+
+    let target = StagedTarget::new(FakeEngine::default(), StagingOptions::new(2, 4096)).unwrap();
+    let mut small = target.engine().alloc(100).unwrap();
+    let err = ckpt
+        .load_into_staged(
+            &[Fill::new(
+                "model.layers.0.mlp.experts.0.up_proj.weight",
+                0,
+                0,
+            )],
+            vec![&mut small],
+            &target,
+            &options,
+        )
+        .unwrap_err();
+    assert!(matches!(err, Error::InvalidPlacement { .. }), "{err}");
+    assert_eq!(target.engine().copies(), 0);
+}

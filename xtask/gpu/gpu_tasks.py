@@ -297,10 +297,20 @@ def task_transformers(a):
     forward pass, so every weight is used."""
     from transformers import AutoModelForCausalLM
 
+    said = []
     if a.mode == "weightlift":
+        import logging
+
         import weightlift
 
         weightlift.patch()
+        # What the patched conversion step did (parameters placed on the GPU, or left to
+        # transformers and why).
+        log = logging.getLogger("weightlift.transformers")
+        log.setLevel(logging.DEBUG)
+        handler = logging.Handler()
+        handler.emit = lambda record: said.append(record.getMessage())
+        log.addHandler(handler)
     paths = shards(a.dir)
     if a.device.startswith("cuda"):
         torch.zeros(1, device=a.device)
@@ -320,7 +330,8 @@ def task_transformers(a):
         params = hashlib.sha256(json.dumps(sums).encode()).hexdigest()
         digest = float(logits.float().sum())
         runs.append({"cache": "cold" if i < a.cold else "warm", "seconds": secs, "cached_before": still,
-                     "logits_sum": digest, "params_digest": params})
+                     "logits_sum": digest, "params_digest": params, "weightlift_said": said[-3:]})
+        said.clear()
         del model, logits
         free_device(a.device)
     return {"runs": runs}

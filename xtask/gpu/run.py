@@ -424,8 +424,14 @@ def transformers_rates(a, dirs):
     out["same_parameters"] = len({r["params_digest"] for r in runs}) == 1
     first = runs[0]["logits_sum"]
     out["same_logits"] = all(abs(r["logits_sum"] - first) <= 1e-3 * max(1.0, abs(first)) for r in runs)
+    # Under the patch every parameter is placed on the GPU by weightlift's conversion step
+    # (its debug line ends "0 by transformers ...").
+    said = [m for r in out["weightlift"]["runs"] for m in r.get("weightlift_said", [])]
+    out["placed_on_device"] = bool(said) and all(" 0 by transformers" in m for m in said if "parameters:" in m)
     if not out["same_parameters"]:
         raise RuntimeError("the patched model's parameters differ from stock's")
+    if not out["placed_on_device"]:
+        raise RuntimeError(f"the patched load left parameters to transformers: {said}")
     return out
 
 

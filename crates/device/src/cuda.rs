@@ -74,6 +74,26 @@ impl CudaEngine {
         })
     }
 
+    /// `len` bytes of device memory at `ptr` that another library allocated on this
+    /// device (a torch tensor's storage, say), to copy into; dropping the value does not
+    /// free it. The engine's context is the device's primary context, the one the CUDA
+    /// runtime (torch, CuPy, ...) uses, so their addresses are valid here.
+    ///
+    /// # Safety
+    ///
+    /// `ptr..ptr + len` must be device memory of this device, in the primary context, that
+    /// stays allocated while the value lives and that nothing else reads or writes until
+    /// the copies into it have completed (the staged target settled).
+    pub unsafe fn borrow(&self, ptr: u64, len: u64) -> CudaMemory {
+        CudaMemory {
+            ptr,
+            len,
+            ordinal: self.ordinal,
+            ctx: Arc::clone(&self.ctx),
+            owned: false,
+        }
+    }
+
     /// Page-locked host bytes this engine's buffers hold now.
     pub fn pinned_bytes(&self) -> u64 {
         self.pinned.now.load(Ordering::Relaxed)
@@ -118,13 +138,15 @@ impl StagedTarget<CudaEngine> {
     }
 }
 
-/// One device allocation; freed when dropped.
+/// Device memory: one allocation of the engine's, freed when dropped, or memory another
+/// library owns ([`CudaEngine::borrow`]), never freed here.
 #[derive(Debug)]
 pub struct CudaMemory {
     ptr: sys::CUdeviceptr,
     len: u64,
     ordinal: usize,
     ctx: Arc<CudaContext>,
+    owned: bool,
 }
 
 // SAFETY: a device pointer is an address in the context's memory, usable from any thread
@@ -172,7 +194,7 @@ impl DeviceMemory for CudaMemory {
 
 impl Drop for CudaMemory {
     fn drop(&mut self) {
-        if self.len == 0 {
+        if self.len == 0 || !self.owned {
             return;
         }
         let _ = self.ctx.bind_to_thread();
@@ -232,6 +254,7 @@ impl CopyEngine for CudaEngine {
             len: bytes,
             ordinal: self.ordinal,
             ctx: Arc::clone(&self.ctx),
+            owned: true,
         };
         if bytes == 0 {
             return Ok(memory(0));
@@ -281,19 +304,21 @@ impl CopyEngine for CudaEngine {
     unsafe fn copy_async(
         &self,
         pinned: &PinnedBuffer,
-        len: usize,
+        src: std::ops::Range<usize>,
         memory: &CudaMemory,
         offset: u64,
         stream: usize,
     ) -> Result<CopyEvent, DeviceError> {
         let err = driver_error(self.ordinal, "host-to-device copy");
-        if len > pinned.len
+        let len = src.end.saturating_sub(src.start);
+        if src.start > src.end
+            || src.end > pinned.len
             || offset
                 .checked_add(len as u64)
                 .is_none_or(|end| end > memory.len)
         {
             return Err(DeviceError::InvalidRegions(format!(
-                "copy of {len} bytes to {offset} does not fit"
+                "copy of staged bytes {src:?} to {offset} does not fit"
             )));
         }
         let stream = &self.streams[stream % self.streams.len()];
@@ -301,12 +326,13 @@ impl CopyEngine for CudaEngine {
         let start = self.ctx.new_event(timing).map_err(&err)?;
         let end = self.ctx.new_event(timing).map_err(&err)?;
         start.record(stream).map_err(&err)?;
-        // SAFETY: `pinned[..len]` is page-locked host memory that the caller keeps unwritten
-        // and alive until `wait` returns for the event recorded after the copy on the same
-        // stream; the destination range was checked to lie in `memory`, which the caller
-        // keeps alive and does not copy into elsewhere meanwhile.
+        // SAFETY: `pinned[src]` (checked to lie in the buffer) is page-locked host memory
+        // that the caller keeps unwritten and alive until `wait` returns for the event
+        // recorded after the copy on the same stream; the destination range was checked to
+        // lie in `memory`, which the caller keeps alive and does not copy into elsewhere
+        // meanwhile.
         unsafe {
-            let src = std::slice::from_raw_parts(pinned.ptr, len);
+            let src = std::slice::from_raw_parts(pinned.ptr.add(src.start), len);
             result::memcpy_htod_async(memory.ptr + offset, src, stream.cu_stream())
         }
         .map_err(&err)?;
@@ -342,7 +368,7 @@ mod tests {
                 engine.host_slice(&mut pinned).copy_from_slice(&data);
                 // SAFETY: `pinned` and `memory` are neither touched nor dropped before the
                 // wait below.
-                let event = unsafe { engine.copy_async(&pinned, data.len(), &memory, 0, 1) };
+                let event = unsafe { engine.copy_async(&pinned, 0..data.len(), &memory, 0, 1) };
                 engine.wait(event.unwrap()).unwrap();
                 let mut back = vec![0u8; data.len()];
                 memory.read_back(0, &mut back).unwrap();

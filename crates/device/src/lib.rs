@@ -25,7 +25,8 @@ pub use cpu::{CpuRegion, CpuTarget, HostBuffer};
 pub use cuda::{CopyEvent, CudaEngine, CudaMemory, PinnedBuffer};
 pub use layout::{SlotLayout, TENSOR_ALIGN};
 pub use staged::{
-    CopyEngine, DeviceMemory, StagedAlloc, StagedRegion, StagedTarget, StagingOptions, StagingStats,
+    CopyEngine, DeviceMemory, StagedAlloc, StagedCopy, StagedRegion, StagedTarget, StagingOptions,
+    StagingStats,
 };
 
 use std::fmt;

@@ -62,18 +62,19 @@ pub trait CopyEngine: Send + Sync {
     /// The host bytes of a pinned buffer, to fill.
     fn host_slice<'a>(&self, pinned: &'a mut Self::Pinned) -> &'a mut [u8];
 
-    /// Starts copying `pinned[..len]` to `memory[offset..offset + len]` on stream
+    /// Starts copying `pinned[src]` to `memory[offset..offset + src.len()]` on stream
     /// `stream % streams()`, returning the event that completes with the copy.
     ///
     /// # Safety
     ///
     /// Until [`CopyEngine::wait`] has returned for the event, the caller must neither write
     /// to nor drop `pinned`, nor free `memory`, nor start another copy into the same bytes
-    /// of `memory`. `offset + len` must be within `memory`.
+    /// of `memory`. `src` must be within `pinned` and `offset + src.len()` within `memory`
+    /// (implementations check both and fail rather than copy out of bounds).
     unsafe fn copy_async(
         &self,
         pinned: &Self::Pinned,
-        len: usize,
+        src: Range<usize>,
         memory: &Self::Memory,
         offset: u64,
         stream: usize,
@@ -112,6 +113,18 @@ impl Default for StagingOptions {
     }
 }
 
+/// One copy out of a staging buffer (see [`StagedTarget::stage`]): bytes `src` of the
+/// buffer to `memory` at byte `offset`.
+#[derive(Debug)]
+pub struct StagedCopy<'m, M> {
+    /// The bytes of the staging buffer copied.
+    pub src: Range<usize>,
+    /// The device memory copied into.
+    pub memory: &'m M,
+    /// Where in `memory`.
+    pub offset: u64,
+}
+
 /// Where a staged load spent its time, summed over threads and streams.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct StagingStats {
@@ -129,8 +142,8 @@ pub struct StagingStats {
 
 struct Pool<P, V> {
     free: Vec<P>,
-    /// Buffers whose copy may still run, oldest first, with its event.
-    pending: VecDeque<(P, V)>,
+    /// Buffers whose copies may still run, oldest first, with their events.
+    pending: VecDeque<(P, Vec<V>)>,
 }
 
 /// A [`Target`] that stages every region through a pool of pinned buffers and copies it to
@@ -224,6 +237,113 @@ impl<E: CopyEngine> StagedTarget<E> {
         self.shared.settle()
     }
 
+    /// Fills the first `len` bytes of a staging buffer with `fill`, then copies parts of
+    /// them (`copies`) into device memory the caller holds, asynchronously: what placement
+    /// loads into memory the caller owns use, where one read serves blocks of several
+    /// tensors. The buffer is reused only after every copy from it completed; the copies
+    /// have completed once [`StagedTarget::settle`] returned.
+    ///
+    /// Fails before anything is copied if `len` exceeds the buffer size, a copy's source
+    /// lies outside `0..len`, its destination outside its memory, or its memory is on
+    /// another device.
+    ///
+    /// # Safety
+    ///
+    /// Until [`StagedTarget::settle`] has returned, the caller must keep every copy's memory
+    /// alive, and neither read nor write its destination bytes nor let another copy (of
+    /// this call or another) write them.
+    pub unsafe fn stage<Er: From<DeviceError>>(
+        &self,
+        len: usize,
+        fill: impl FnOnce(&mut [u8]) -> Result<(), Er>,
+        copies: &[StagedCopy<'_, E::Memory>],
+    ) -> Result<(), Er> {
+        let shared = &*self.shared;
+        if len > shared.buffer_size {
+            return Err(DeviceError::InvalidRegions(format!(
+                "{len} bytes to stage; the staging buffers hold {}",
+                shared.buffer_size
+            ))
+            .into());
+        }
+        for c in copies {
+            let n = (c.src.end.saturating_sub(c.src.start)) as u64;
+            if c.src.start > c.src.end || c.src.end > len {
+                return Err(DeviceError::InvalidRegions(format!(
+                    "copy of staged bytes {:?} of {len}",
+                    c.src
+                ))
+                .into());
+            }
+            if c.offset
+                .checked_add(n)
+                .is_none_or(|end| end > c.memory.len())
+            {
+                return Err(DeviceError::InvalidRegions(format!(
+                    "copy of {n} bytes to {} past the {} byte memory",
+                    c.offset,
+                    c.memory.len()
+                ))
+                .into());
+            }
+            if c.memory.device() != shared.engine.device() {
+                return Err(DeviceError::InvalidRegions(format!(
+                    "memory on {} staged through {}",
+                    c.memory.device(),
+                    shared.engine.device()
+                ))
+                .into());
+            }
+        }
+        if len == 0 {
+            return fill(&mut []);
+        }
+        let mut buffer = shared.acquire()?;
+        let start = Instant::now();
+        if let Err(e) = fill(&mut shared.engine.host_slice(&mut buffer)[..len]) {
+            shared.give_back(buffer);
+            return Err(e);
+        }
+        shared
+            .fill_ns
+            .fetch_add(nanos(start.elapsed()), Ordering::Relaxed);
+        // One stream per buffer: its copies run in order, after the fill.
+        let stream =
+            shared.next_stream.fetch_add(1, Ordering::Relaxed) % shared.engine.streams().max(1);
+        let mut events = Vec::with_capacity(copies.len());
+        let mut failed = None;
+        for c in copies.iter().filter(|c| !c.src.is_empty()) {
+            // SAFETY: the buffer goes into the pending queue with every event started from
+            // it and is written again or dropped only after `wait` returned for each
+            // (`acquire`, `settle`, `Shared`'s drop). The source and destination ranges were
+            // checked above; the caller keeps the memory alive and its destination bytes to
+            // this copy until `settle` (this function's contract).
+            let copied = unsafe {
+                shared
+                    .engine
+                    .copy_async(&buffer, c.src.clone(), c.memory, c.offset, stream)
+            };
+            match copied {
+                Ok(event) => {
+                    shared
+                        .bytes
+                        .fetch_add(c.src.len() as u64, Ordering::Relaxed);
+                    shared.copies.fetch_add(1, Ordering::Relaxed);
+                    events.push(event);
+                }
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        // Even after a failed start, the copies that did start must finish before the
+        // buffer is reused.
+        shared.lock().pending.push_back((buffer, events));
+        shared.returned.notify_one();
+        failed.map_or(Ok(()), |e| Err(e.into()))
+    }
+
     fn check_own(&self, alloc: &StagedAlloc<E>) -> Result<(), DeviceError> {
         if Arc::ptr_eq(&self.shared, &alloc.shared) {
             Ok(())
@@ -240,12 +360,22 @@ impl<E: CopyEngine> Shared<E> {
         self.pool.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Waits for one event, counting its device time. The buffer goes back to the pool
-    /// whether or not the copy succeeded (after a failed wait nothing is copying from it).
-    fn complete(&self, event: E::Event) -> Result<(), DeviceError> {
-        let took = self.engine.wait(event)?;
-        self.copy_ns.fetch_add(nanos(took), Ordering::Relaxed);
-        Ok(())
+    /// Waits for a buffer's events (every one, even after a failure), counting their
+    /// device time. The buffer goes back to the pool whether or not the copies succeeded
+    /// (after the waits nothing is copying from it).
+    fn complete(&self, events: Vec<E::Event>) -> Result<(), DeviceError> {
+        let mut first_error = None;
+        for event in events {
+            match self.engine.wait(event) {
+                Ok(took) => {
+                    self.copy_ns.fetch_add(nanos(took), Ordering::Relaxed);
+                }
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        first_error.map_or(Ok(()), Err)
     }
 
     /// A free buffer: an unused one, else the oldest in flight once its copy completed.
@@ -256,9 +386,9 @@ impl<E: CopyEngine> Shared<E> {
             if let Some(buffer) = pool.free.pop() {
                 break Ok(buffer);
             }
-            if let Some((buffer, event)) = pool.pending.pop_front() {
+            if let Some((buffer, events)) = pool.pending.pop_front() {
                 drop(pool);
-                let done = self.complete(event);
+                let done = self.complete(events);
                 if let Err(e) = done {
                     self.give_back(buffer);
                     break Err(e);
@@ -282,8 +412,8 @@ impl<E: CopyEngine> Shared<E> {
         let mut first_error = None;
         loop {
             let next = self.lock().pending.pop_front();
-            let Some((buffer, event)) = next else { break };
-            if let Err(e) = self.complete(event) {
+            let Some((buffer, events)) = next else { break };
+            if let Err(e) = self.complete(events) {
                 first_error.get_or_insert(e);
             }
             self.give_back(buffer);
@@ -377,13 +507,13 @@ impl<E: CopyEngine> Region for StagedRegion<'_, E> {
         let copied = unsafe {
             shared
                 .engine
-                .copy_async(&buffer, len, self.memory, self.range.start, stream)
+                .copy_async(&buffer, 0..len, self.memory, self.range.start, stream)
         };
         match copied {
             Ok(event) => {
                 shared.bytes.fetch_add(len as u64, Ordering::Relaxed);
                 shared.copies.fetch_add(1, Ordering::Relaxed);
-                shared.lock().pending.push_back((buffer, event));
+                shared.lock().pending.push_back((buffer, vec![event]));
                 shared.returned.notify_one();
                 Ok(())
             }

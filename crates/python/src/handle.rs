@@ -330,7 +330,10 @@ impl PyCheckpoint {
     ///
     /// The caller keeps every destination alive, writable, and untouched by anyone else
     /// until this returns (the Python glue passes the storages of tensors it just made).
-    #[pyo3(signature = (fills, dests, threads=None, max_gap=None))]
+    /// `device`: where the destinations are: "cpu" (host addresses) or "cuda:N" (device
+    /// addresses on GPU N, in its primary context, with no work queued on them: filled
+    /// through a pinned staging pool kept for the process).
+    #[pyo3(signature = (fills, dests, threads=None, max_gap=None, device="cpu"))]
     #[allow(clippy::type_complexity)]
     fn load_into(
         &self,
@@ -347,7 +350,9 @@ impl PyCheckpoint {
         dests: Vec<(usize, usize)>,
         threads: Option<usize>,
         max_gap: Option<u64>,
+        device: &str,
     ) -> PyResult<(u64, usize)> {
+        let device = self::device(device)?;
         let fills = fills
             .into_iter()
             .map(|(name, ranges, shape, dest, offset, strides, dtype)| {
@@ -388,8 +393,8 @@ impl PyCheckpoint {
             options = options.max_gap(gap);
         }
         let ckpt = &self.ckpt;
-        let report = py
-            .detach(move || {
+        let report = match device {
+            Device::Cpu => py.detach(move || {
                 let dests: Vec<&mut [u8]> = dests
                     .iter()
                     .map(|&(address, len)| {
@@ -405,8 +410,29 @@ impl PyCheckpoint {
                     })
                     .collect();
                 ckpt.load_into(&fills, dests, &options)
-            })
-            .map_err(py_err)?;
+            }),
+            Device::Cuda(ordinal) => py.detach(move || {
+                let target = crate::staging::cuda(ordinal)?;
+                let mut memories: Vec<_> = dests
+                    .iter()
+                    // SAFETY: the caller hands `(address, len)` of device memory on GPU
+                    // `ordinal` (a torch tensor's storage, in the primary context), alive,
+                    // with no work queued on it, and untouched by anyone else until this
+                    // returns (this method's contract, kept by the Python glue, which
+                    // synchronizes the device first); no two overlap (checked above).
+                    .map(|&(address, len)| unsafe {
+                        target.engine().borrow(address as u64, len as u64)
+                    })
+                    .collect();
+                ckpt.load_into_staged(&fills, memories.iter_mut().collect(), &target, &options)
+            }),
+            other => {
+                return Err(PyValueError::new_err(format!(
+                    "load_into fills CPU or CUDA memory, not {other}"
+                )));
+            }
+        }
+        .map_err(py_err)?;
         Ok((report.bytes_read, report.requests))
     }
 

@@ -11,12 +11,14 @@
 //! - `layout`: how loaded tensors are described to Python (numpy's and torch's layouts).
 //! - `handle`: the open checkpoint (`safe_open`'s and `load_checkpoint`'s), its prefetch
 //!   and loads.
+//! - `staging`: the pinned pools placement loads into GPUs share.
 
 mod dlpack;
 mod errors;
 mod handle;
 mod layout;
 mod memory;
+mod staging;
 mod tensor;
 
 use pyo3::prelude::*;
@@ -79,6 +81,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<handle::PyCheckpoint>()?;
     m.add_class::<memory::PyMemory>()?;
     m.add_class::<memory::PyDeviceMemory>()?;
+    m.add_class::<staging::PyStaging>()?;
     m.add_function(wrap_pyfunction!(load_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(byte_len, m)?)?;
     m.add_function(wrap_pyfunction!(memory_budget, m)?)?;

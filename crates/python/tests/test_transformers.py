@@ -260,3 +260,26 @@ def test_bad_checkpoints_fail_as_they_fail_stock(models, tmp_path):
             assert shards[1] in str(ours) and "truncated" in str(ours), ours
         if name == "missing_shard":
             assert shards[-1] in str(ours)
+
+
+def test_device_maps_that_put_every_parameter_on_one_device():
+    """The patched conversion step places parameters itself where the device map puts all of
+    them on the CPU or on one GPU (on a GPU through pinned staging buffers); other maps go to
+    transformers."""
+    from types import SimpleNamespace
+
+    from weightlift._transformers import _one_device
+
+    def one(device_map):
+        return _one_device(SimpleNamespace(device_map=device_map), torch)
+
+    assert one(None) == "cpu"
+    assert one({"": "cpu"}) == "cpu"
+    assert one({"": torch.device("cpu")}) == "cpu"
+    assert one({"": 0}) == "cuda:0"
+    assert one({"": "cuda:1"}) == "cuda:1"
+    assert one({"model": torch.device("cuda", 2), "lm_head": 2}) == "cuda:2"
+    assert one({"model": 0, "lm_head": 1}) is None
+    assert one({"model": 0, "lm_head": "cpu"}) is None
+    assert one({"": "disk"}) is None
+    assert one({"": "meta"}) is None

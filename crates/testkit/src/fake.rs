@@ -2,15 +2,14 @@
 //!
 //! [`FakeEngine`] copies on background threads after pseudo-random delays, so copies
 //! complete out of order, as they do across CUDA streams. It checks the contract a real
-//! device cannot: handing out a staging buffer whose copy has not completed, copying from
-//! one twice at once, starting a copy into bytes another copy in flight is writing, or
+//! device cannot: handing out a staging buffer while a copy from it has not completed, starting a copy into bytes another copy in flight is writing, or
 //! freeing device memory a copy is still writing, each counts a violation
 //! ([`FakeEngine::violations`]; a real device would copy whatever the buffer holds by then,
 //! or write into freed memory). It can fail the n-th copy or allocation to test error
 //! paths.
 
 use std::ops::Range;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 use weightlift_device::{CopyEngine, Device, DeviceError, DeviceMemory};
@@ -70,7 +69,8 @@ impl DeviceMemory for FakeMemory {
 #[derive(Debug)]
 pub struct FakePinned {
     bytes: Vec<u8>,
-    in_flight: Arc<AtomicBool>,
+    /// Copies from this buffer in flight.
+    in_flight: Arc<AtomicUsize>,
 }
 
 /// The outcome of a copy, once it landed, and the signal that it did.
@@ -175,12 +175,12 @@ impl CopyEngine for FakeEngine {
         self.pinned_bytes.fetch_add(bytes as u64, Ordering::SeqCst);
         Ok(FakePinned {
             bytes: vec![0; bytes],
-            in_flight: Arc::new(AtomicBool::new(false)),
+            in_flight: Arc::new(AtomicUsize::new(0)),
         })
     }
 
     fn host_slice<'a>(&self, pinned: &'a mut FakePinned) -> &'a mut [u8] {
-        if pinned.in_flight.load(Ordering::SeqCst) {
+        if pinned.in_flight.load(Ordering::SeqCst) > 0 {
             self.violations.fetch_add(1, Ordering::SeqCst);
         }
         &mut pinned.bytes
@@ -189,15 +189,24 @@ impl CopyEngine for FakeEngine {
     unsafe fn copy_async(
         &self,
         pinned: &FakePinned,
-        len: usize,
+        src: Range<usize>,
         memory: &FakeMemory,
         offset: u64,
         _stream: usize,
     ) -> Result<FakeEvent, DeviceError> {
-        let n = self.copies.fetch_add(1, Ordering::SeqCst);
-        if pinned.in_flight.swap(true, Ordering::SeqCst) {
-            self.violations.fetch_add(1, Ordering::SeqCst);
+        let len = src.end.saturating_sub(src.start);
+        if src.start > src.end
+            || src.end > pinned.bytes.len()
+            || offset
+                .checked_add(len as u64)
+                .is_none_or(|e| e > memory.len)
+        {
+            return Err(DeviceError::InvalidRegions(format!(
+                "copy of staged bytes {src:?} to {offset} does not fit"
+            )));
         }
+        let n = self.copies.fetch_add(1, Ordering::SeqCst);
+        pinned.in_flight.fetch_add(1, Ordering::SeqCst);
         let dst = offset..offset + len as u64;
         {
             let mut writing = memory.writing.lock().unwrap_or_else(|e| e.into_inner());
@@ -212,7 +221,7 @@ impl CopyEngine for FakeEngine {
         let writing = Arc::clone(&memory.writing);
         // What the device will read: the buffer as it is now. Had the pipeline handed the
         // buffer out again before the copy completed, `host_slice` counted a violation.
-        let data = pinned.bytes[..len].to_vec();
+        let data = pinned.bytes[src].to_vec();
         let in_flight = Arc::clone(&pinned.in_flight);
         let done = Arc::new((Mutex::new(None), Condvar::new()));
         let fail = self.fail_copy == Some(n);
@@ -230,7 +239,7 @@ impl CopyEngine for FakeEngine {
                 bytes[offset as usize..offset as usize + len].copy_from_slice(&data);
                 Ok(delay)
             };
-            in_flight.store(false, Ordering::SeqCst);
+            in_flight.fetch_sub(1, Ordering::SeqCst);
             {
                 let mut writing = writing.lock().unwrap_or_else(|e| e.into_inner());
                 if let Some(i) = writing.iter().position(|w| *w == dst) {

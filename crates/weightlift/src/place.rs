@@ -18,6 +18,7 @@ use rayon::prelude::*;
 use std::cell::RefCell;
 use std::ops::Range;
 use std::sync::atomic::Ordering;
+use weightlift_device::{CopyEngine, DeviceMemory, StagedCopy, StagedTarget};
 use weightlift_format::Dtype;
 
 /// One block of a source tensor and where it goes: destination `dest` (a position in the
@@ -129,11 +130,7 @@ impl Checkpoint {
         options: &LoadOptions,
     ) -> Result<FillReport> {
         let lens: Vec<u64> = dests.iter().map(|d| d.len() as u64).collect();
-        let mut pieces = Vec::new();
-        for (i, fill) in fills.iter().enumerate() {
-            self.pieces(fill, i, &lens, options.request_size.max(4096), &mut pieces)?;
-        }
-        check_overlaps(&mut pieces, fills)?;
+        let pieces = self.checked_pieces(fills, &lens, options.request_size.max(4096))?;
         // Each piece's destination bytes, split off the destinations (sorted by destination
         // and offset, disjoint): what lets threads write them without sharing.
         let mut slots: Vec<Option<&mut [u8]>> = (0..pieces.len()).map(|_| None).collect();
@@ -147,22 +144,13 @@ impl Checkpoint {
             rest[piece.dest] = Some(tail);
             slots[p] = Some(mine);
         }
-        // Read order: by file and offset.
-        let mut order: Vec<usize> = (0..pieces.len()).collect();
-        order.sort_by_key(|&p| (pieces[p].shard, pieces[p].src.start));
-        let pieces: Vec<Piece> = order.iter().map(|&p| pieces[p].clone()).collect();
-        let slots: Vec<&mut [u8]> = order
+        let (pieces, order) = in_read_order(pieces);
+        let mut slots: Vec<Option<&mut [u8]>> = order
             .iter()
-            .map(|&p| slots[p].take().expect("each piece once"))
+            .map(|&p| Some(slots[p].take().expect("each piece once")))
             .collect();
         let requests = plan_requests(&pieces, options.request_size, options.max_gap);
-        let bytes_read: u64 = requests.iter().map(|r| r.range.end - r.range.start).sum();
-        let count = requests.len();
-        let mut per_shard = vec![0u64; self.shards().len()];
-        for r in &requests {
-            per_shard[r.shard] += r.range.end - r.range.start;
-        }
-        let mut slots: Vec<Option<&mut [u8]>> = slots.into_iter().map(Some).collect();
+        let report = report(&requests);
         let jobs: Vec<(Request, Vec<&mut [u8]>)> = requests
             .into_iter()
             .map(|r| {
@@ -174,12 +162,155 @@ impl Checkpoint {
                 (r, mine)
             })
             .collect();
-        let progress = self.progress_sink(options, bytes_read);
+        self.run_requests(jobs, options, report.bytes_read, |request, outs| {
+            self.read_request(request, &pieces, outs, fills)
+        })?;
+        Ok(report)
+    }
+
+    /// [`Checkpoint::load_into`] into device memory the caller holds (`dests`), through
+    /// `target`'s pinned staging pool: each coalesced read lands in a staging buffer
+    /// (converted there where asked) and its blocks are copied asynchronously to their
+    /// places (one copy per run of blocks that are neighbours in the destination too),
+    /// while the next reads proceed. Every copy has completed when this returns, error or
+    /// not. Requests are at most as long as a staging buffer holds (half of it where a
+    /// conversion widens).
+    pub fn load_into_staged<E: CopyEngine>(
+        &self,
+        fills: &[Fill],
+        dests: Vec<&mut E::Memory>,
+        target: &StagedTarget<E>,
+        options: &LoadOptions,
+    ) -> Result<FillReport> {
+        let dests: Vec<&E::Memory> = dests.into_iter().map(|d| &*d).collect();
+        let lens: Vec<u64> = dests.iter().map(|d| d.len()).collect();
+        let widen = if fills.iter().any(|f| f.dtype.is_some()) {
+            2
+        } else {
+            1
+        };
+        let max = options
+            .request_size
+            .min(target.buffer_size() as u64 / widen)
+            .max(1);
+        let pieces = self.checked_pieces(fills, &lens, max)?;
+        let (pieces, _) = in_read_order(pieces);
+        let requests = plan_requests(&pieces, max, options.max_gap);
+        let report = report(&requests);
+        let jobs: Vec<(Request, ())> = requests.into_iter().map(|r| (r, ())).collect();
+        let ran = self.run_requests(jobs, options, report.bytes_read, |request, ()| {
+            let mine = &pieces[request.pieces.clone()];
+            let len: u64 = mine.iter().map(|p| p.len).sum();
+            // The blocks lie one after another in the staging buffer, in read order; blocks
+            // that are neighbours in the destination too go in one copy.
+            let mut copies: Vec<StagedCopy<'_, E::Memory>> = Vec::new();
+            let mut at = 0usize;
+            for p in mine {
+                let n = p.len as usize;
+                match copies.last_mut() {
+                    Some(last)
+                        if last.src.end == at
+                            && std::ptr::eq(last.memory, dests[p.dest])
+                            && last.offset + last.src.len() as u64 == p.at =>
+                    {
+                        last.src.end += n;
+                    }
+                    _ => copies.push(StagedCopy {
+                        src: at..at + n,
+                        memory: dests[p.dest],
+                        offset: p.at,
+                    }),
+                }
+                at += n;
+            }
+            let fill = |buffer: &mut [u8]| {
+                let mut outs = Vec::with_capacity(mine.len());
+                let mut rest = buffer;
+                for p in mine {
+                    let (out, tail) = std::mem::take(&mut rest).split_at_mut(p.len as usize);
+                    outs.push(out);
+                    rest = tail;
+                }
+                self.read_request(request, &pieces, outs, fills)
+            };
+            // SAFETY: `dests` are borrowed mutably for this call, so nothing else reads or
+            // writes them meanwhile, and they outlive it; the copies' destinations lie in
+            // their memories (checked by `checked_pieces`, and again by `stage`) and no two
+            // blocks share a byte (`check_overlaps`), so no two copies write the same bytes;
+            // every copy has completed before this function returns (the `settle` below runs
+            // whether or not the reads succeeded).
+            unsafe { target.stage(len as usize, fill, &copies) }
+        });
+        let settled = target.settle();
+        ran?;
+        settled?;
+        Ok(report)
+    }
+
+    /// [`Checkpoint::load_into_staged`] on CUDA device `ordinal` (feature `cuda`), into
+    /// device memory another library allocated there: `dests` are `(device address,
+    /// length)`, a torch tensor's `data_ptr()` and `nbytes`, say. The staging pool and
+    /// streams are the options' (`staging`, `streams`).
+    ///
+    /// # Safety
+    ///
+    /// Each destination must be device memory on that device, in its primary context (the
+    /// CUDA runtime's), allocated for the whole call, and neither read nor written by
+    /// anything else until this returns (work queued on it on other streams must have
+    /// completed before the call).
+    #[cfg(feature = "cuda")]
+    pub unsafe fn load_into_cuda(
+        &self,
+        fills: &[Fill],
+        ordinal: usize,
+        dests: &[(u64, u64)],
+        options: &LoadOptions,
+    ) -> Result<FillReport> {
+        let target = StagedTarget::cuda(ordinal, options.streams, options.staging)?;
+        let mut memories: Vec<_> = dests
+            .iter()
+            // SAFETY: the caller vouches for each range (this function's contract); the
+            // values do not free it.
+            .map(|&(ptr, len)| unsafe { target.engine().borrow(ptr, len) })
+            .collect();
+        self.load_into_staged(fills, memories.iter_mut().collect(), &target, options)
+    }
+
+    /// Without the `cuda` feature: an error saying so.
+    ///
+    /// # Safety
+    ///
+    /// None needed (nothing is touched); `unsafe` as in the `cuda` build.
+    #[cfg(not(feature = "cuda"))]
+    pub unsafe fn load_into_cuda(
+        &self,
+        _fills: &[Fill],
+        ordinal: usize,
+        _dests: &[(u64, u64)],
+        _options: &LoadOptions,
+    ) -> Result<FillReport> {
+        Err(weightlift_device::cuda_not_built(ordinal).into())
+    }
+
+    /// Runs `jobs` (a request and what it writes into) on the options' threads, stopping at
+    /// the first error or cancellation.
+    fn run_requests<T: Send>(
+        &self,
+        jobs: Vec<(Request, T)>,
+        options: &LoadOptions,
+        bytes: u64,
+        read: impl Fn(&Request, T) -> Result<()> + Sync,
+    ) -> Result<()> {
+        let mut per_shard = vec![0u64; self.shards().len()];
+        for (r, _) in &jobs {
+            per_shard[r.shard] += r.range.end - r.range.start;
+        }
+        let progress = self.progress_sink(options, bytes);
         let pool = self.pool(options)?;
         pool.install(|| {
             jobs.into_par_iter()
                 .with_max_len(1)
-                .try_for_each(|(request, outs)| {
+                .try_for_each(|(request, out)| {
                     if options
                         .cancel
                         .as_ref()
@@ -187,16 +318,23 @@ impl Checkpoint {
                     {
                         return Err(Error::Cancelled);
                     }
-                    self.read_request(&request, &pieces, outs, fills)?;
+                    read(&request, out)?;
                     let len = request.range.end - request.range.start;
                     progress.done(request.shard, per_shard[request.shard], len);
                     Ok(())
                 })
-        })?;
-        Ok(FillReport {
-            bytes_read,
-            requests: count,
         })
+    }
+
+    /// Every fill's pieces (each at most `max` source bytes), checked against the file and
+    /// the destinations' lengths `lens`, sorted by destination and offset, none overlapping.
+    fn checked_pieces(&self, fills: &[Fill], lens: &[u64], max: u64) -> Result<Vec<Piece>> {
+        let mut pieces = Vec::new();
+        for (i, fill) in fills.iter().enumerate() {
+            self.pieces(fill, i, lens, max, &mut pieces)?;
+        }
+        check_overlaps(&mut pieces, fills)?;
+        Ok(pieces)
     }
 
     /// The pieces of `fill`, checked, appended to `out`; a piece longer than `max` bytes is
@@ -408,6 +546,22 @@ impl Checkpoint {
             }
             Ok(())
         })
+    }
+}
+
+/// `pieces` in read order (by file and offset), with the position each had before.
+fn in_read_order(pieces: Vec<Piece>) -> (Vec<Piece>, Vec<usize>) {
+    let mut order: Vec<usize> = (0..pieces.len()).collect();
+    order.sort_by_key(|&p| (pieces[p].shard, pieces[p].src.start));
+    let sorted = order.iter().map(|&p| pieces[p].clone()).collect();
+    (sorted, order)
+}
+
+/// What reading `requests` amounts to.
+fn report(requests: &[Request]) -> FillReport {
+    FillReport {
+        bytes_read: requests.iter().map(|r| r.range.end - r.range.start).sum(),
+        requests: requests.len(),
     }
 }
 

@@ -1,7 +1,9 @@
 """``load_into``: blocks of tensors read straight into torch tensors the caller owns, in one
 planned load (coalesced reads, run in parallel without the GIL, converted on the way where the
 destination's dtype asks for it). Fused parameters are filled in place: each expert into its
-row of a stacked tensor, gate and up halves side by side, q/k/v rows cut from one tensor."""
+row of a stacked tensor, gate and up halves side by side, q/k/v rows cut from one tensor.
+Destinations on a CUDA device are filled through pinned staging buffers (one read lands in a
+buffer, its blocks are copied to their places on the device while the next reads run)."""
 
 from . import _arrays, _handle, _slicing
 from ._native import SafetensorError
@@ -59,28 +61,31 @@ class _Bases:
                 storage.nbytes(),
                 base.element_size(),
                 _code(base.dtype),
-                base.device.type,
+                str(base.device),
             )
         return found[1:]
 
 
 def fills(handle, placements):
-    """The native fills and destinations for `placements`: ``(name, index, dest)`` with
-    ``index`` a ``get_slice``-style index (slices and integers, step 1) or None for the whole
-    tensor, ``dest`` a CPU torch tensor (a view of a larger one is fine: its offset and strides
-    say where the block goes) or a :class:`Block`. Checked here against the headers: the
-    block's shape must be the destination's."""
-    out, dests, where = [], [], {}
+    """The native fills and destinations for `placements`, per device: ``{device: (fills,
+    dests)}``. A placement is ``(name, index, dest)`` with ``index`` a ``get_slice``-style
+    index (slices and integers, step 1) or None for the whole tensor, ``dest`` a torch tensor
+    on the CPU or a CUDA device (a view of a larger one is fine: its offset and strides say
+    where the block goes) or a :class:`Block`. Checked here against the headers: the block's
+    shape must be the destination's."""
+    per_device, where = {}, {}
     bases = _Bases()
     for name, index, dest in placements:
         code, shape = handle.info(name)
         if not isinstance(dest, Block):
             dest = Block.of(dest)
         key, nbytes, itemsize, want, device = bases.get(dest.base)
-        if device != "cpu":
+        if device != "cpu" and not device.startswith("cuda:"):
             raise SafetensorError(
-                f"tensor {name!r}: load_into fills CPU tensors (the destination is on {device})"
+                f"tensor {name!r}: load_into fills CPU and CUDA tensors (the destination is "
+                f"on {device})"
             )
+        out, dests = per_device.setdefault(device, ([], []))
         if index is None:
             ranges, squeeze = None, set()
             block = list(shape)
@@ -98,15 +103,15 @@ def fills(handle, placements):
         strides, it = [], iter(dest.strides)
         for i in range(len(block)):
             strides.append(0 if i in squeeze else next(it))
-        at = where.get(key)
+        at = where.get((device, key))
         if at is None:
-            at = where[key] = len(dests)
+            at = where[(device, key)] = len(dests)
             dests.append((key, nbytes))
         offset = dest.offset * itemsize
         out.append(
             (name, ranges, block, at, offset, strides, None if want == code else want)
         )
-    return out, dests
+    return per_device
 
 
 def load_into(source, placements, threads=None, backend="auto", token=None, max_gap=None):
@@ -114,8 +119,9 @@ def load_into(source, placements, threads=None, backend="auto", token=None, max_
 
     ``source``: a path (file, directory, index, URL, model id) or an open ``safe_open``.
     ``placements``: ``(name, index, dest)`` triples: ``index`` as ``get_slice`` takes it
-    (``None``: the whole tensor), ``dest`` a CPU tensor or a view of one whose shape is the
-    block's. Converts between float16, bfloat16 and float32 where the destination's dtype
+    (``None``: the whole tensor), ``dest`` a tensor (or a view of one) whose shape is the
+    block's, on the CPU or a CUDA device (filled through pinned staging buffers, one load per
+    device). Converts between float16, bfloat16 and float32 where the destination's dtype
     differs. Checked before anything is read: a block of the wrong shape, one that falls
     outside its destination or overlaps another's bytes raises ``SafetensorError``.
     ``max_gap``: the most bytes between two blocks read (and dropped) to keep one read
@@ -131,9 +137,18 @@ def load_into(source, placements, threads=None, backend="auto", token=None, max_
     else:
         handle = _handle.open_handle(source, backend, True, token)
     placements = list(placements)
-    native, dests = fills(handle, placements)
-    # The destinations stay alive (referenced here) until the native load returns.
+    per_device = fills(handle, placements)
+    # The destinations stay alive (referenced here) until the native loads return.
     keep = [dest.base if isinstance(dest, Block) else dest for _, _, dest in placements]
-    result = handle.load_into(native, dests, threads=threads, max_gap=max_gap)
+    read = reads = 0
+    for device, (native, dests) in per_device.items():
+        if device != "cpu":
+            import torch
+
+            # Work torch queued on these tensors' memory (on its streams) finishes before
+            # weightlift's copies (on streams of its own) write it.
+            torch.cuda.synchronize(device)
+        n, r = handle.load_into(native, dests, threads=threads, max_gap=max_gap, device=device)
+        read, reads = read + n, reads + r
     del keep
-    return result
+    return read, reads

@@ -8,15 +8,20 @@ Same inputs, same outputs: keys are renamed by transformers' own ``rename_source
 dtypes chosen by its rule, parameters set by its ``set_param_for_module`` (which records
 missing, unexpected and mismatched keys as it does). What is handled here, per parameter:
 
-- renamings (a checkpoint tensor is a parameter): a view of the file's mapping where the dtype
-  is the checkpoint's (as the plain patch gives), else filled converted;
+- renamings (a checkpoint tensor is a parameter): on the CPU a view of the file's mapping
+  where the dtype is the checkpoint's (as the plain patch gives), else filled converted;
 - ``MergeModulelist(dim=0)``, alone or followed by ``Concatenate`` (fused experts,
   ``gate_up_proj``); ``Concatenate`` alone; ``Chunk`` and ``Split`` (fused qkv cut into q, k
   and v): each block read into its place in the parameter.
 
+Parameters go where the device map puts them when it puts all of them on the CPU or on one
+GPU (``device_map="cuda:0"``, ``{"": 0}``, "auto" on one GPU): on a GPU each parameter is
+allocated there once and filled through pinned staging buffers, with no copy of the model in
+host memory.
+
 Anything else goes to transformers' own code, per parameter where it can (other conversion
 ops, quantization ops, tensors of unlike shapes or dtypes) and per load otherwise (quantizers,
-device maps other than the CPU, disk offload, tensor-parallel DTensors, pipeline stages,
+device maps that spread parameters over several devices or onto "meta", disk offload, tensor-parallel DTensors, pipeline stages,
 tensors not opened by weightlift, transformers versions not listed in ``KNOWN``), with a
 debug line on the ``weightlift.transformers`` logger saying what and why.
 """
@@ -81,12 +86,9 @@ def _unsupported(model, state_dict, load_config):
 
     if load_config.hf_quantizer is not None:
         return "a quantizer"
-    device_map = load_config.device_map or {"": "cpu"}
-    for where in device_map.values():
-        if str(where) not in ("cpu", "cpu:0") and not (
-            isinstance(where, torch.device) and where.type == "cpu"
-        ):
-            return f"the device map places parameters on {where!r}"
+    if _one_device(load_config, torch) is None:
+        where = sorted({str(w) for w in (load_config.device_map or {}).values()})
+        return f"the device map places parameters on {where} (not all on the CPU or one GPU)"
     if getattr(model, "_pp_stage", None) is not None:
         return "a pipeline-parallel stage"
     if any(is_dtensor(p) for p in model.state_dict().values()):
@@ -98,6 +100,27 @@ def _unsupported(model, state_dict, load_config):
         if src[0]._device != "cpu":
             return f"{key!r} is read to {src[0]._device}"
     return None
+
+
+def _one_device(load_config, torch):
+    """The device the device map puts every parameter on, "cpu" or "cuda:N"; None where it
+    names several, or others ("disk", "meta", ...)."""
+    found = set()
+    for where in (load_config.device_map or {"": "cpu"}).values():
+        if isinstance(where, int) and not isinstance(where, bool):
+            where = torch.device("cuda", where)
+        try:
+            where = torch.device(where)
+        except (RuntimeError, TypeError, ValueError):
+            return None
+        if where.type == "cuda":
+            index = where.index if where.index is not None else torch.cuda.current_device()
+            found.add(f"cuda:{index}")
+        elif where.type == "cpu":
+            found.add("cpu")
+        else:
+            return None
+    return found.pop() if len(found) == 1 else None
 
 
 class _Group:
@@ -122,7 +145,7 @@ def _load(model, state_dict, load_config, disk_offload_index):
     from transformers import core_model_loading as cml
 
     base_model_prefix = model.base_model_prefix
-    device_map = load_config.device_map or {"": "cpu"}
+    device = _one_device(load_config, torch)
     dtype = load_config.dtype
     dtype_plan = load_config.dtype_plan or {}
     weight_mapping = load_config.weight_mapping or []
@@ -204,7 +227,7 @@ def _load(model, state_dict, load_config, disk_offload_index):
                 index = counts.get(pattern, 0)
                 counts[pattern] = index + 1
             group.entries[i] = (pattern, original_key, value, index)
-        group.device = "cpu"
+        group.device = device
 
     # 2. A plan per parameter: a view, placements into parameters allocated once, or
     #    transformers' own conversion.
@@ -214,7 +237,7 @@ def _load(model, state_dict, load_config, disk_offload_index):
     stock = []
     for key, group in groups.items():
         try:
-            plan = _plan(group, model, torch)
+            plan = _plan(group, model, torch, device)
         except _Unhandled as why:
             log.debug("weightlift: transformers' own conversion for %s: %s", key, why)
             stock.append(group)
@@ -241,8 +264,13 @@ def _load(model, state_dict, load_config, disk_offload_index):
     # filesystem one file's reads alone do not keep the server busy.
     from concurrent.futures import ThreadPoolExecutor
 
+    # On a GPU the files' loads share one pinned staging pool, held for the whole load.
+    from . import _native
+
+    staging = _native.Staging(device) if device != "cpu" and fills else None
     with ThreadPoolExecutor(max_workers=max(1, min(8, len(fills)))) as pool:
         list(pool.map(lambda job: load_into(job[0], job[1], max_gap=_BRIDGE), fills.values()))
+    del staging
     for target, tensor in made:
         cml.set_param_for_module(model, target, tensor, loading_info, None)
     filled = time.perf_counter()
@@ -403,9 +431,14 @@ def _target_dtype(group, code, torch):
     return want
 
 
-def _plan(group, model, torch):
-    """("view", (owner, name)) or ("fill", [(target, tensor, [(owner, name, index, dest)])])."""
+def _plan(group, model, torch, device):
+    """("view", (owner, name)) or ("fill", [(target, tensor, [(owner, name, index, dest)])]):
+    parameters allocated once on `device` ("cpu" or "cuda:N") and filled by placements; views
+    of the files only on the CPU."""
     from ._place import Block
+
+    def empty(shape, dtype):
+        return torch.empty(shape, dtype=dtype, device=device)
 
     sources = [(p, k, _source(v), i) for p, k, v, i in group.entries]
     if group.converter is None:
@@ -414,9 +447,9 @@ def _plan(group, model, torch):
         want = _target_dtype(group, code, torch)
         from ._arrays import torch_dtype
 
-        if want == torch_dtype(code):
+        if want == torch_dtype(code) and device == "cpu":
             return "view", (owner, name)
-        tensor = torch.empty(shape, dtype=want)
+        tensor = empty(shape, want)
         return "fill", [(group.key, tensor, [(owner, name, None, tensor)])]
 
     converter = group.converter
@@ -453,7 +486,7 @@ def _plan(group, model, torch):
         cat = ops[1].dim if len(ops) == 2 else None
         stacked = {p: [len(by_pattern[p])] + infos[p][0][1] for p in patterns}
         shape = _cat_shape([stacked[p] for p in patterns], cat)
-        tensor = torch.empty(shape, dtype=want)
+        tensor = empty(shape, want)
         whole = Block.of(tensor)
         blocks, at = [], 0
         for p in patterns:
@@ -468,7 +501,7 @@ def _plan(group, model, torch):
             raise _Unhandled("a concatenation of lists")
         cat = ops[0].dim
         shape = _cat_shape([infos[p][0][1] for p in patterns], cat)
-        tensor = torch.empty(shape, dtype=want)
+        tensor = empty(shape, want)
         whole = Block.of(tensor)
         blocks, at = [], 0
         for p in patterns:
@@ -500,7 +533,7 @@ def _plan(group, model, torch):
         for target, size in zip(targets, sizes):
             part = list(shape)
             part[dim] = size
-            tensor = torch.empty(part, dtype=want)
+            tensor = empty(part, want)
             index = tuple([slice(None)] * dim + [slice(at, at + size)])
             out.append((_final_name(group.key, targets[0], target), tensor, [(owner, name, index, tensor)]))
             at += size
