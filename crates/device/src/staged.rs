@@ -295,21 +295,9 @@ impl<E: CopyEngine> StagedTarget<E> {
                 .into());
             }
         }
-        if len == 0 {
-            return fill(&mut []);
-        }
-        let mut buffer = shared.acquire()?;
-        let start = Instant::now();
-        if let Err(e) = fill(&mut shared.engine.host_slice(&mut buffer)[..len]) {
-            shared.give_back(buffer);
-            return Err(e);
-        }
-        shared
-            .fill_ns
-            .fetch_add(nanos(start.elapsed()), Ordering::Relaxed);
-        // One stream per buffer: its copies run in order, after the fill.
-        let stream =
-            shared.next_stream.fetch_add(1, Ordering::Relaxed) % shared.engine.streams().max(1);
+        let Some((buffer, stream)) = shared.filled(len, fill)? else {
+            return Ok(());
+        };
         let mut events = Vec::with_capacity(copies.len());
         let mut failed = None;
         for c in copies.iter().filter(|c| !c.src.is_empty()) {
@@ -376,6 +364,30 @@ impl<E: CopyEngine> Shared<E> {
             }
         }
         first_error.map_or(Ok(()), Err)
+    }
+
+    /// A free buffer whose first `len` bytes `fill` wrote, and the stream its copies go on
+    /// (one per buffer: they run in order, after the fill); `None` where `len` is 0 (`fill`
+    /// saw an empty slice). A failed fill gives the buffer back.
+    fn filled<Er: From<DeviceError>>(
+        &self,
+        len: usize,
+        fill: impl FnOnce(&mut [u8]) -> Result<(), Er>,
+    ) -> Result<Option<(E::Pinned, usize)>, Er> {
+        if len == 0 {
+            return fill(&mut []).map(|()| None);
+        }
+        let mut buffer = self.acquire()?;
+        let start = Instant::now();
+        if let Err(e) = fill(&mut self.engine.host_slice(&mut buffer)[..len]) {
+            self.give_back(buffer);
+            return Err(e);
+        }
+        self.fill_ns
+            .fetch_add(nanos(start.elapsed()), Ordering::Relaxed);
+        let stream =
+            self.next_stream.fetch_add(1, Ordering::Relaxed) % self.engine.streams().max(1);
+        Ok(Some((buffer, stream)))
     }
 
     /// A free buffer: an unused one, else the oldest in flight once its copy completed.
@@ -483,20 +495,9 @@ impl<E: CopyEngine> Region for StagedRegion<'_, E> {
     ) -> Result<(), Er> {
         let shared = self.shared;
         let len = self.len() as usize;
-        if len == 0 {
-            return fill(&mut []);
-        }
-        let mut buffer = shared.acquire()?;
-        let start = Instant::now();
-        if let Err(e) = fill(&mut shared.engine.host_slice(&mut buffer)[..len]) {
-            shared.give_back(buffer);
-            return Err(e);
-        }
-        shared
-            .fill_ns
-            .fetch_add(nanos(start.elapsed()), Ordering::Relaxed);
-        let stream =
-            shared.next_stream.fetch_add(1, Ordering::Relaxed) % shared.engine.streams().max(1);
+        let Some((buffer, stream)) = shared.filled(len, fill)? else {
+            return Ok(());
+        };
         // SAFETY: the buffer goes into the pending queue with the copy's event, and leaves it
         // (to be written again or dropped) only after `wait` returned for that event
         // (`acquire`, `settle`, and `Shared`'s drop, which settles). The range was checked in
