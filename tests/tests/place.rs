@@ -325,3 +325,39 @@ fn device_placement_errors() {
     assert!(matches!(err, Error::InvalidPlacement { .. }), "{err}");
     assert_eq!(target.engine().copies(), 0);
 }
+
+/// A row-interleaved tensor (`[g0, u0, g1, u1, ...]`, as some checkpoints store gate and up)
+/// de-interleaved in one placement: its rows seen as `[rows / 2, 2]`, the pairs' halves sent
+/// to the two halves of the destination; a view of the wrong size refuses.
+#[test]
+fn interleaved_rows_are_one_placement_through_a_view() {
+    let dir = disk_tempdir();
+    write_sharded(dir.path(), &split(moe(1, 2, 16, 8), 1), false);
+    let ckpt = Checkpoint::open(dir.path()).unwrap();
+    let name = "model.layers.0.mlp.experts.1.gate_proj.weight"; // [8, 16] BF16
+    let src = bytes(&ckpt, name);
+    let row = 16 * 2;
+    let mut dest = vec![0u8; src.len()];
+    ckpt.load_into(
+        &[Fill::new(name, 0, 0)
+            .view(vec![4, 2, 16])
+            .strides(vec![16, 4 * 16, 1])],
+        vec![&mut dest[..]],
+        &LoadOptions::default(),
+    )
+    .unwrap();
+    for r in 0..8 {
+        // Source row r = 2 * i + j lands at row j * 4 + i.
+        let (i, j) = (r / 2, r % 2);
+        let at = (j * 4 + i) * row;
+        assert_eq!(dest[at..at + row], src[r * row..(r + 1) * row], "row {r}");
+    }
+    let err = ckpt
+        .load_into(
+            &[Fill::new(name, 0, 0).view(vec![4, 2, 15])],
+            vec![&mut dest[..]],
+            &LoadOptions::default(),
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("does not hold"), "{err}");
+}

@@ -323,7 +323,7 @@ impl PyCheckpoint {
 
     /// Reads blocks of tensors straight into host memory the caller owns (see
     /// `weightlift::Fill`), without the GIL. `fills`: `(name, ranges or None, shape or None,
-    /// destination, byte offset, strides or None, dtype code or None)`; `dests`: `(address,
+    /// destination, byte offset, strides or None, dtype code or None, view shape or None)`; `dests`: `(address,
     /// length)` of each destination; `max_gap`: the most bytes between two blocks read (into
     /// scratch) to keep one read (see `LoadOptions::max_gap`). Returns `(bytes read, reads
     /// made)`.
@@ -346,6 +346,7 @@ impl PyCheckpoint {
             u64,
             Option<Vec<u64>>,
             Option<String>,
+            Option<Vec<usize>>,
         )>,
         dests: Vec<(usize, usize)>,
         threads: Option<usize>,
@@ -355,24 +356,30 @@ impl PyCheckpoint {
         let device = self::device(device)?;
         let fills = fills
             .into_iter()
-            .map(|(name, ranges, shape, dest, offset, strides, dtype)| {
-                let mut fill = Fill::new(name, dest, offset);
-                if let Some(ranges) = ranges {
-                    fill = fill.block(ranges.into_iter().map(|(a, b)| a..b).collect());
-                }
-                if let Some(shape) = shape {
-                    fill = fill.shape(shape);
-                }
-                if let Some(strides) = strides {
-                    fill = fill.strides(strides);
-                }
-                if let Some(code) = dtype {
-                    let dtype = Dtype::from_name(&code)
-                        .ok_or_else(|| PyValueError::new_err(format!("unknown dtype {code:?}")))?;
-                    fill = fill.dtype(dtype);
-                }
-                Ok(fill)
-            })
+            .map(
+                |(name, ranges, shape, dest, offset, strides, dtype, view)| {
+                    let mut fill = Fill::new(name, dest, offset);
+                    if let Some(view) = view {
+                        fill = fill.view(view);
+                    }
+                    if let Some(ranges) = ranges {
+                        fill = fill.block(ranges.into_iter().map(|(a, b)| a..b).collect());
+                    }
+                    if let Some(shape) = shape {
+                        fill = fill.shape(shape);
+                    }
+                    if let Some(strides) = strides {
+                        fill = fill.strides(strides);
+                    }
+                    if let Some(code) = dtype {
+                        let dtype = Dtype::from_name(&code).ok_or_else(|| {
+                            PyValueError::new_err(format!("unknown dtype {code:?}"))
+                        })?;
+                        fill = fill.dtype(dtype);
+                    }
+                    Ok(fill)
+                },
+            )
             .collect::<PyResult<Vec<Fill>>>()?;
         // Distinct destinations must not share bytes: each becomes its own `&mut [u8]`.
         let mut spans: Vec<(usize, usize)> = dests.iter().map(|&(a, n)| (a, a + n)).collect();

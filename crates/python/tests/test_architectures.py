@@ -63,7 +63,16 @@ ARCHS = {
         moe_intermediate_size=32, moe_num_experts=6, moe_num_shared_experts=1, moe_k=2
     ),
     "hrm_text": dict(),
+    # Experts' gate and up rows interleaved in the file (`w13_weight`, `Interleave(dim=1)`);
+    # its unembedding's vocabulary unpadding is a conversion of its own (left to transformers).
+    "inkling2_text": dict(
+        unpadded_vocab_size=120, moe_intermediate_size=32, n_routed_experts=4,
+        num_experts_per_tok=2, head_dim=16, swa_num_attention_heads=4,
+        swa_num_key_value_heads=2, swa_head_dim=16,
+    ),
 }
+# Parameters each architecture leaves to transformers' own conversion (none unless listed).
+STOCK = {"inkling2_text": 1}
 INPUT = torch.tensor([[3, 17, 42, 99, 5, 64, 1, 77]])
 
 
@@ -71,7 +80,11 @@ INPUT = torch.tensor([[3, 17, 42, 99, 5, 64, 1, 77]])
 def saved(tmp_path_factory):
     root = tmp_path_factory.mktemp("archs")
     out = {}
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
     for name, kw in ARCHS.items():
+        if name not in CONFIG_MAPPING:
+            continue  # newer than this transformers
         config = AutoConfig.for_model(name, **{**BASE, **kw})
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
@@ -113,6 +126,8 @@ def assert_same_model(stock, patched):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "f32"])
 @pytest.mark.parametrize("name", list(ARCHS))
 def test_every_parameter_is_the_stock_loads(saved, name, dtype):
+    if name not in saved:
+        pytest.skip(f"transformers {transformers.__version__} has no {name}")
     path = saved[name]
     stock = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     log = logging.getLogger("weightlift.transformers")
@@ -129,7 +144,7 @@ def test_every_parameter_is_the_stock_loads(saved, name, dtype):
     assert_same_model(stock, patched)
     done = [line for line in handler.lines if "parameters: planned" in line]
     assert done, f"weightlift did not load {name}: {handler.lines}"
-    assert done[-1].endswith("0 by transformers in 0.000 s") or " 0 by transformers" in done[-1], done[-1]
+    assert f"; {STOCK.get(name, 0)} by transformers" in done[-1], done[-1]
 
 
 def test_other_device_maps_go_to_transformers(saved):

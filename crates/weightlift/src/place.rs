@@ -30,6 +30,7 @@ pub struct Fill {
     tensor: String,
     block: Vec<Range<usize>>,
     shape: Option<Vec<usize>>,
+    view: Option<Vec<usize>>,
     dest: usize,
     offset: u64,
     strides: Option<Vec<u64>>,
@@ -43,6 +44,7 @@ impl Fill {
             tensor: tensor.into(),
             block: Vec::new(),
             shape: None,
+            view: None,
             dest,
             offset,
             strides: None,
@@ -63,7 +65,16 @@ impl Fill {
         self
     }
 
-    /// The destination's strides over the block, in elements (default: C-contiguous).
+    /// The block's elements, in C order, seen as `shape` (as many elements) before the
+    /// strides place them: how a row-interleaving (`[g0, u0, g1, u1, ...]` into
+    /// `[g0, g1, ..., u0, u1, ...]`) becomes one placement, the rows seen as `[rows / 2, 2]`.
+    pub fn view(mut self, shape: Vec<usize>) -> Fill {
+        self.view = Some(shape);
+        self
+    }
+
+    /// The destination's strides over the block (or its [`Fill::view`]), in elements
+    /// (default: C-contiguous).
     pub fn strides(mut self, strides: Vec<u64>) -> Fill {
         self.strides = Some(strides);
         self
@@ -384,7 +395,22 @@ impl Checkpoint {
                 ),
             ));
         }
-        let shape = &plan.shape;
+        let shape = match &fill.view {
+            Some(view) => {
+                let count = |s: &[usize]| s.iter().map(|&d| d as u128).product::<u128>();
+                if count(view) != count(&plan.shape) {
+                    return Err(invalid(
+                        name,
+                        format!(
+                            "a view of shape {view:?} does not hold the block's {:?} elements",
+                            plan.shape
+                        ),
+                    ));
+                }
+                view
+            }
+            None => &plan.shape,
+        };
         let strides = match &fill.strides {
             Some(strides) if strides.len() != shape.len() => {
                 return Err(invalid(

@@ -24,10 +24,13 @@ class Block:
     Thousands of them cost nothing, where as many torch views cost torch's dispatch each (tens
     of microseconds inside transformers' loading, which runs under a device mode)."""
 
-    __slots__ = ("base", "offset", "shape", "strides")
+    __slots__ = ("base", "offset", "shape", "strides", "regroups")
 
-    def __init__(self, base, offset, shape, strides):
+    def __init__(self, base, offset, shape, strides, regroups=False):
         self.base, self.offset, self.shape, self.strides = base, offset, shape, strides
+        # Whether the source block's elements, in C order, are seen as this block's shape
+        # (same count, another shape): see `interleaved`.
+        self.regroups = regroups
 
     @staticmethod
     def of(tensor):
@@ -36,6 +39,21 @@ class Block:
     def index(self, i):
         """The block at position `i` of the first dimension (``tensor[i]``)."""
         return Block(self.base, self.offset + i * self.strides[0], self.shape[1:], self.strides[1:])
+
+    def interleaved(self, dim, inverse=False):
+        """Where transformers' ``Interleave(dim)`` puts a source tensor's elements when its
+        result is this block: the source's `dim` seen as ``[n / 2, 2]`` (``inverse``:
+        ``[2, n / 2]``), the two parts sent to the two halves (alternate rows)."""
+        n, step = self.shape[dim], self.strides[dim]
+        parts = [2, n // 2] if inverse else [n // 2, 2]
+        spread = [step, 2 * step] if inverse else [step, (n // 2) * step]
+        return Block(
+            self.base,
+            self.offset,
+            self.shape[:dim] + parts + self.shape[dim + 1 :],
+            self.strides[:dim] + spread + self.strides[dim + 1 :],
+            regroups=True,
+        )
 
     def narrow(self, dim, start, length):
         """``tensor.narrow(dim, start, length)``."""
@@ -95,21 +113,25 @@ def fills(handle, placements):
                 raise SafetensorError(f"tensor {name!r}: load_into takes blocks without steps")
             block = [b - a for a, b in ranges] + list(shape[len(ranges):])
         kept = [d for i, d in enumerate(block) if i not in squeeze]
-        if list(dest.shape) != kept:
+        view = None
+        if dest.regroups and not squeeze:
+            view, strides = list(dest.shape), list(dest.strides)
+        elif list(dest.shape) != kept:
             raise SafetensorError(
                 f"tensor {name!r}: the destination has shape {list(dest.shape)}, "
                 f"the block {kept} (of a tensor of shape {list(shape)})"
             )
-        strides, it = [], iter(dest.strides)
-        for i in range(len(block)):
-            strides.append(0 if i in squeeze else next(it))
+        else:
+            strides, it = [], iter(dest.strides)
+            for i in range(len(block)):
+                strides.append(0 if i in squeeze else next(it))
         at = where.get((device, key))
         if at is None:
             at = where[(device, key)] = len(dests)
             dests.append((key, nbytes))
         offset = dest.offset * itemsize
         out.append(
-            (name, ranges, block, at, offset, strides, None if want == code else want)
+            (name, ranges, block, at, offset, strides, None if want == code else want, view)
         )
     return per_device
 

@@ -12,7 +12,8 @@ missing, unexpected and mismatched keys as it does). What is handled here, per p
   where the dtype is the checkpoint's (as the plain patch gives), else filled converted;
 - ``MergeModulelist(dim=0)``, alone or followed by ``Concatenate`` (fused experts,
   ``gate_up_proj``); ``Concatenate`` alone; ``Chunk`` and ``Split`` (fused qkv cut into q, k
-  and v): each block read into its place in the parameter.
+  and v); ``Interleave`` (gate and up rows alternating in the file): each block read into
+  its place in the parameter.
 
 Parameters go where the device map puts them when it puts all of them on the CPU or on one
 GPU (``device_map="cuda:0"``, ``{"": 0}``, "auto" on one GPU): on a GPU each parameter is
@@ -462,6 +463,7 @@ def _plan(group, model, torch, device):
     Chunk, Concatenate, MergeModulelist = cml.Chunk, cml.Concatenate, cml.MergeModulelist
     # Split came with 5.20.
     Split = getattr(cml, "Split", None)
+    Interleave = getattr(cml, "Interleave", None)
 
     ops = converter.operations
     kinds = [type(op) for op in ops]
@@ -538,6 +540,23 @@ def _plan(group, model, torch, device):
             out.append((_final_name(group.key, targets[0], target), tensor, [(owner, name, index, tensor)]))
             at += size
         return "fill", out
+
+    if Interleave is not None and kinds == [Interleave] and (
+        len(patterns) == 1 and len(by_pattern[patterns[0]]) == 1
+    ):
+        # Rows interleaved in the file ([g0, u0, g1, u1, ...]) into halves: the tensor is
+        # allocated once and filled by one placement through a view (`Block.interleaved`).
+        # (Followed by a Chunk, transformers makes each part a tensor of its own: one
+        # placement cannot fill two, so that stays transformers'.)
+        (owner, name), = by_pattern[patterns[0]]
+        shape = infos[patterns[0]][0][1]
+        dim = ops[0].dim + (len(shape) if ops[0].dim < 0 else 0)
+        if shape[dim] % 2 or dim == len(shape) - 1:
+            raise _Unhandled("an interleaving of an odd or innermost dimension")
+        tensor = empty(shape, want)
+        place = Block.of(tensor).interleaved(dim, inverse=getattr(ops[0], "inverse", False))
+        first = converter.target_patterns[0]
+        return "fill", [(_final_name(group.key, first, first), tensor, [(owner, name, None, place)])]
 
     raise _Unhandled(f"conversion operations {[k.__name__ for k in kinds]}")
 
