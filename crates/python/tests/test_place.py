@@ -122,3 +122,19 @@ def test_bad_placements_raise_before_writing(ckpt, case, words):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
 def test_cuda_destinations_get_the_same_bytes(ckpt):
     check(ckpt, "cuda:0")
+
+
+@pytest.mark.parametrize("inverse", [False, True])
+def test_interleaved_rows_in_one_placement(ckpt, inverse):
+    """What transformers' ``Interleave(dim)`` makes of a tensor, read straight into place."""
+    from weightlift._place import Block
+
+    path, tensors = ckpt
+    src = tensors["qkv.weight"]  # [3H, H]: rows interleaved along dim 0 of a [1, 3H, H] view
+    n = src.shape[0]
+    dest = torch.empty(1, n, H, dtype=torch.bfloat16)
+    place = Block.of(dest[0]).interleaved(0, inverse=inverse)
+    weightlift.load_into(path, [("qkv.weight", None, place)])
+    parts = [2, n // 2] if inverse else [n // 2, 2]
+    want = src.reshape(parts + [H]).transpose(0, 1).reshape(n, H)
+    assert torch.equal(dest[0], want)
