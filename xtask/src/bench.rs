@@ -268,12 +268,7 @@ pub(crate) fn run(args: &BenchArgs) -> Result<(), String> {
         .then(|| weightlift_testkit::servers::Nginx::start(&data_dir));
 
     // A FUSE passthrough of the data directory for `cold-fuse`.
-    let fuse = if args.cache.contains(&Cache::ColdFuse) {
-        let mount = data_dir.with_file_name("bench-data-fuse");
-        Some(weightlift_testkit::fuse::Mount::at(&data_dir, &mount)?)
-    } else {
-        None
-    };
+    let fuse = crate::record::fuse_mount(&args.cache, &data_dir)?;
 
     // A memory cgroup for `cold-limited`, made once.
     let cgroup = if args.cache.contains(&Cache::ColdLimited) {
@@ -307,17 +302,8 @@ pub(crate) fn run(args: &BenchArgs) -> Result<(), String> {
         for &cache in &args.cache {
             let cold = cache != Cache::Warm;
             // Through the FUSE mount: the same files under another path.
-            let (dir, paths) = match (cache, &fuse) {
-                (Cache::ColdFuse, Some(fuse)) => {
-                    let dir = fuse.path().join(disk_dir.file_name().unwrap_or_default());
-                    let paths = disk_paths
-                        .iter()
-                        .map(|p| dir.join(p.file_name().unwrap_or_default()))
-                        .collect();
-                    (dir, paths)
-                }
-                _ => (disk_dir.clone(), disk_paths.clone()),
-            };
+            let (dir, paths) =
+                crate::record::cache_paths(cache, fuse.as_ref(), &disk_dir, &disk_paths);
             eprintln!(
                 "== {} ({tensors} tensors, {:.2} GiB), {}, {reps} reps",
                 profile_arg.name(),

@@ -111,28 +111,13 @@ pub(crate) fn run_bench(args: &BenchVllmArgs) -> Result<(), String> {
         .data_dir
         .clone()
         .unwrap_or_else(|| workspace_root().join("target/bench-data"));
-    let fuse = if args.cache.contains(&Cache::ColdFuse) {
-        let mount = data_dir.with_file_name("bench-data-fuse");
-        Some(weightlift_testkit::fuse::Mount::at(&data_dir, &mount)?)
-    } else {
-        None
-    };
+    let fuse = crate::record::fuse_mount(&args.cache, &data_dir)?;
     let mut records = Vec::new();
     for &profile in &args.profiles {
         let disk = data_dir.join(profile.name());
         let disk_files = ensure_transformers(&disk, profile)?;
         for &cache in &args.cache {
-            let (dir, files) = match (cache, &fuse) {
-                (Cache::ColdFuse, Some(fuse)) => {
-                    let dir = fuse.path().join(disk.file_name().unwrap_or_default());
-                    let files: Vec<PathBuf> = disk_files
-                        .iter()
-                        .map(|p| dir.join(p.file_name().unwrap_or_default()))
-                        .collect();
-                    (dir, files)
-                }
-                _ => (disk.clone(), disk_files.clone()),
-            };
+            let (dir, files) = crate::record::cache_paths(cache, fuse.as_ref(), &disk, &disk_files);
             eprintln!(
                 "== {} {}, {} starts each",
                 profile.name(),

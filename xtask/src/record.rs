@@ -3,6 +3,8 @@
 
 use clap::ValueEnum;
 use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use weightlift_testkit::fuse::Mount;
 
 /// Page-cache state before each measurement.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
@@ -29,6 +31,36 @@ impl Cache {
             Cache::ColdFuse => "cold-fuse",
             Cache::ColdLimited => "cold-limited",
         }
+    }
+}
+
+/// The FUSE passthrough of `data_dir` that `cold-fuse` reads through (beside it, as
+/// `bench-data-fuse`), mounted when `caches` asks for that state.
+pub(crate) fn fuse_mount(caches: &[Cache], data_dir: &Path) -> Result<Option<Mount>, String> {
+    if !caches.contains(&Cache::ColdFuse) {
+        return Ok(None);
+    }
+    Mount::at(data_dir, &data_dir.with_file_name("bench-data-fuse")).map(Some)
+}
+
+/// Where a measurement in `cache` reads the directory `dir` (one of the data directory's)
+/// and its `files`: the same names under the FUSE mount for `cold-fuse`, else as they are.
+pub(crate) fn cache_paths(
+    cache: Cache,
+    fuse: Option<&Mount>,
+    dir: &Path,
+    files: &[PathBuf],
+) -> (PathBuf, Vec<PathBuf>) {
+    match (cache, fuse) {
+        (Cache::ColdFuse, Some(fuse)) => {
+            let through = fuse.path().join(dir.file_name().unwrap_or_default());
+            let files = files
+                .iter()
+                .map(|p| through.join(p.file_name().unwrap_or_default()))
+                .collect();
+            (through, files)
+        }
+        _ => (dir.to_path_buf(), files.to_vec()),
     }
 }
 
