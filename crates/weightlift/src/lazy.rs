@@ -135,18 +135,21 @@ fn from_mapping(
     // where it does not (a host short of memory), populating each read's pages ahead of the touch that follows
     // measured 4-30% of the file read twice (they were evicted in between): the touch faults
     // them in instead, with the kernel's readahead.
-    if !shard.fits_window(whole) {
-    } else if let (Some(first), Some(last)) = (plan.runs.first(), plan.runs.last()) {
-        let (start, end) = (base + first.0, base + last.0 + last.1);
-        map.populate(start, end - start)
-            .map_err(|source| Error::Read {
-                location: shard.location().clone(),
-                tensor: info.name.clone(),
-                source,
-            })?;
-    }
+    // Where it does not fit, the ranges read lately are marked the first to reclaim; where it
+    // does, they are left alone: marking clears the pages' accessed bits, which made the
+    // touches that follow 3.5x slower (4,827 tensors, 1.3 GB: 0.15 s against 0.043 s).
     if let (Some(first), Some(last)) = (plan.runs.first(), plan.runs.last()) {
-        shard.read_mapped(map, base + first.0..base + last.0 + last.1);
+        let (start, end) = (base + first.0, base + last.0 + last.1);
+        if shard.fits_window(whole) {
+            map.populate(start, end - start)
+                .map_err(|source| Error::Read {
+                    location: shard.location().clone(),
+                    tensor: info.name.clone(),
+                    source,
+                })?;
+        } else {
+            shard.read_mapped(map, start..end);
+        }
     }
     Ok(match plan.runs.as_slice() {
         [] => Storage::Host {

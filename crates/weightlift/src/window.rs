@@ -37,6 +37,10 @@ pub(crate) struct Job {
     mapping: Option<Arc<HostMemory>>,
     /// Release the pages of what readers have read (see the module docs).
     drop_cache: bool,
+    /// Mark the pages of what readers have read the first to reclaim: only where the
+    /// checkpoint does not fit the window (marking clears the pages' accessed bits, which
+    /// costs every later touch of them on a host with room).
+    cool: bool,
     cancelled: AtomicBool,
 }
 
@@ -127,6 +131,7 @@ impl Window {
             shard,
             mapping,
             drop_cache,
+            cool: ckpt.data_bytes() > limit,
             cancelled: AtomicBool::new(false),
         });
         let chunks = chunks(&tensor_ranges(&job), base, base + header.data_len());
@@ -375,7 +380,8 @@ fn drop_pages(job: &Job, range: Range<u64>) {
         job.drop_cache,
     ) {
         (Some(map), true) => map.release(range.start, len),
-        (Some(map), false) => map.cool(range.start, len),
+        (Some(map), false) if job.cool => map.cool(range.start, len),
+        (Some(_), false) => {}
         (None, true) => job.ckpt.shards()[job.shard]
             .source()
             .drop_cache(range.start, len),
