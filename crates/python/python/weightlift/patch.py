@@ -10,11 +10,13 @@ get weightlift's from safetensors itself. ``unpatch()`` puts every original back
 The patched ``safe_open`` prefetches (``prefetch=True``) from its first read on: the bytes are
 in memory by the time the caller reads them, rather than faulted in 4 KiB at a time.
 
-transformers (the versions ``weightlift._transformers.KNOWN`` lists): its conversion step,
-``convert_and_load_state_dict_in_model``, is weightlift's too from the first patched
-``safe_open`` on (or from ``patch()``, when transformers is imported already): each parameter
-is allocated once in its final dtype and filled straight from the files (see
-``weightlift._transformers``).
+transformers: its conversion step, ``convert_and_load_state_dict_in_model``, is weightlift's
+too from the first patched ``safe_open`` on (or from ``patch()``, when transformers is
+imported already): each parameter is allocated once in its final dtype and filled straight
+from the files (see ``weightlift._transformers``). That is so wherever transformers has the
+internals the adapter relies on (``weightlift._transformers.SURFACE``, checked once); where
+one is missing or changed, or with ``patch(conversion=False)``, the conversion step stays
+transformers' own (one INFO line on the ``weightlift.transformers`` logger says why).
 """
 
 import functools
@@ -31,6 +33,8 @@ _lock = threading.RLock()
 _log = logging.getLogger("weightlift.transformers")
 # (module, attribute, original) of every name replaced, while patched.
 _replaced = []
+# Whether transformers' conversion step is weightlift's while patched (`patch(conversion=)`).
+_conversion = True
 
 
 def _their_errors(fn):
@@ -151,9 +155,10 @@ def _swap(found):
 
 def _hook_transformers():
     """Routes transformers' conversion step through weightlift, once transformers is imported
-    and while patched (known versions only; see ``weightlift._transformers``)."""
+    and while patched, where transformers has what the adapter relies on (see
+    ``weightlift._transformers.SURFACE``)."""
     cml = sys.modules.get("transformers.core_model_loading")
-    if cml is None:
+    if cml is None or not _conversion:
         return
     original = getattr(cml, "convert_and_load_state_dict_in_model", None)
     if original is None or getattr(original, "_weightlift_original", None) is not None:
@@ -161,22 +166,41 @@ def _hook_transformers():
     from . import _transformers
 
     with _lock:
-        if not _replaced or getattr(
+        if not _replaced or not _conversion or getattr(
             cml.convert_and_load_state_dict_in_model, "_weightlift_original", None
         ):
             return
-        if not _transformers.known_version():
-            import transformers
+        problem = _transformers.surface_problem(cml)
+        if problem is not None:
+            if id(cml) not in _told:
+                _told.add(id(cml))
+                import transformers
 
-            _log.debug(
-                "weightlift: transformers %s is not one whose loading it implements (%s): "
-                "only safetensors' entry points are patched",
-                transformers.__version__,
-                ", ".join(_transformers.KNOWN),
-            )
+                _log.info(
+                    "weightlift: transformers %s's conversion step stays its own "
+                    "(weightlift reads the files): %s",
+                    getattr(transformers, "__version__", "?"),
+                    problem,
+                )
             return
         wrapped = _transformers.wrap(original)
         _replaced.extend(_swap({id(original): (original, wrapped)}))
+
+
+# The transformers modules whose missing internals were logged already (once each).
+_told = set()
+
+
+def _unhook_transformers():
+    """Puts transformers' own conversion step back (the rest stays patched)."""
+    keep = []
+    for module, name, original in _replaced:
+        current = module.__dict__.get(name)
+        if getattr(current, "_weightlift_original", None) is original:
+            module.__dict__[name] = original
+        else:
+            keep.append((module, name, original))
+    _replaced[:] = keep
 
 
 def patched():
@@ -218,14 +242,23 @@ class _Patch:
         return False
 
 
-def patch():
+def patch(conversion=True):
     """Makes safetensors' loading entry points, and the names already imported from them,
     load through weightlift (see the module docs). Idempotent and thread-safe; undone by
     ``unpatch()``; as ``with weightlift.patch(): ...`` it is undone on leaving the block
-    (unless it was patched before)."""
+    (unless it was patched before).
+
+    ``conversion=False`` leaves transformers' conversion step its own (only safetensors'
+    entry points are weightlift's): what happens anyway on a transformers that lacks an
+    internal the adapter relies on. It applies from this call on, also to a patch in place."""
+    global _conversion
     with _lock:
+        _conversion = bool(conversion)
         was = bool(_replaced)
         if not was:
             _replaced.extend(_swap(_targets()))
+        if _conversion:
             _hook_transformers()
+        else:
+            _unhook_transformers()
         return _Patch(was)
