@@ -25,7 +25,7 @@ ops, quantization ops, tensors of unlike shapes or dtypes) and per load otherwis
 device maps that spread parameters over several devices or onto "meta", disk offload, tensor-parallel DTensors, pipeline stages,
 tensors not opened by weightlift), with a debug line on the ``weightlift.transformers`` logger
 saying what and why; and the whole conversion step where transformers lacks (or changed) an
-internal the adapter relies on (``SURFACE``, checked once, whatever the version number), with
+internal the adapter relies on (``surface()``, checked once, whatever the version number), with
 one INFO line saying which.
 """
 
@@ -40,54 +40,51 @@ log = logging.getLogger("weightlift.transformers")
 
 
 # What the adapter relies on in transformers, checked once when the hook is installed (see
-# `surface_problem`): the functions it calls (with the parameters it passes, by position or by
-# name), the classes it builds or reads (with the attributes it reads), the conversion
-# operations it implements, and the load-config fields it reads. Where everything is there,
-# the adapter runs, whatever transformers' version number; where anything is missing or
-# different, the conversion step stays transformers' own. Each entry: (name in
-# `transformers.core_model_loading` unless dotted otherwise, kind, detail).
-#   "call":   a callable whose leading parameters are `detail` (by name), in that order
-#   "kwargs": a callable that takes each of `detail` by name
-#   "fields": a class (a dataclass) with the fields `detail`
-#   "present": anything by that name (a class the adapter catches, a predicate it calls)
-#   "attribute": an attribute of the class before the dot, on an instance built as
-#             ``WeightConverter("a.*.b", "a.b", operations=[MergeModulelist(dim=0)])``
-#   "same":   a function that gives what `detail` (the adapter's copy) gives on sample keys
-#   "op":     a conversion operation built with the keywords `detail`, which it keeps as
-#             attributes of the same names
-SURFACE = (
-    ("convert_and_load_state_dict_in_model", "call",
-     ("model", "state_dict", "load_config", "disk_offload_index")),
-    ("rename_source_key", "call",
-     ("source_key", "weight_renamings", "weight_converters", "base_model_prefix", "meta_state_dict")),
-    ("set_param_for_module", "call",
-     ("model", "target_name", "param_value", "loading_info", "hf_quantizer")),
-    ("_add_unmatched_checkpoint_key", "call", ("key", "model", "loading_info")),
-    ("spawn_materialize", "call", ("thread_pool", "tensor", "device", "dtype")),
-    ("spawn_materialize", "kwargs", ("tensor_idx",)),
-    ("build_glob_alternation", "call", ("globs",)),
-    ("is_dtensor", "present", None),
-    ("dot_natural_key", "same", "_natural_key"),
-    ("LoadStateDictInfo", "fields",
-     ("missing_keys", "unexpected_keys", "mismatched_keys", "conversion_errors", "error_msgs",
-      "skipped_pp_keys")),
-    ("SkipParameters", "present", None),
-    ("WeightRenaming", "call", ("source_patterns", "target_patterns")),
-    ("WeightConverter", "call", ("source_patterns", "target_patterns", "operations")),
-    ("WeightConverter.convert", "kwargs", ("model", "config", "hf_quantizer", "loading_info")),
-    ("WeightConverter.add_tensor", "call", ("self", "target_key", "source_key", "source_pattern")),
-    ("WeightConverter.was_used", "call", ("self",)),
-    ("WeightConverter.source_patterns", "attribute", None),
-    ("WeightConverter.target_patterns", "attribute", None),
-    ("WeightConverter.operations", "attribute", None),
-    ("WeightConverter.quantization_operation", "attribute", None),
-    ("MergeModulelist", "op", ("dim",)),
-    ("Concatenate", "op", ("dim",)),
-    ("Chunk", "op", ("dim",)),
-    ("Chunk.get_target_patterns", "call", ("self", "target_patterns")),
-    ("transformers.modeling_utils.LoadStateDictConfig", "fields",
-     ("device_map", "dtype", "dtype_plan", "hf_quantizer", "weight_mapping")),
-)
+# `surface_problem` and `weightlift._surface` for the kinds): the functions it calls (with the
+# parameters it passes, by position or by name), the classes it builds or reads (with the
+# attributes it reads), the conversion operations it implements, and the load-config fields it
+# reads. Where everything is there, the adapter runs, whatever transformers' version number;
+# where anything is missing or different, the conversion step stays transformers' own. Names
+# are in `transformers.core_model_loading` unless they start with "transformers.".
+def surface():
+    """The table (a function: it names helpers defined below)."""
+    return (
+        ("convert_and_load_state_dict_in_model", "call",
+         ("model", "state_dict", "load_config", "disk_offload_index")),
+        ("rename_source_key", "call",
+         ("source_key", "weight_renamings", "weight_converters", "base_model_prefix",
+          "meta_state_dict")),
+        ("set_param_for_module", "call",
+         ("model", "target_name", "param_value", "loading_info", "hf_quantizer")),
+        ("_add_unmatched_checkpoint_key", "call", ("key", "model", "loading_info")),
+        ("spawn_materialize", "call", ("thread_pool", "tensor", "device", "dtype")),
+        ("spawn_materialize", "kwargs", ("tensor_idx",)),
+        ("build_glob_alternation", "call", ("globs",)),
+        ("is_dtensor", "present", None),
+        ("dot_natural_key", "same", (_natural_key, _SAMPLE_KEYS)),
+        ("LoadStateDictInfo", "fields",
+         ("missing_keys", "unexpected_keys", "mismatched_keys", "conversion_errors",
+          "error_msgs", "skipped_pp_keys")),
+        ("SkipParameters", "present", None),
+        ("WeightRenaming", "call", ("source_patterns", "target_patterns")),
+        ("WeightConverter", "call", ("source_patterns", "target_patterns", "operations")),
+        ("WeightConverter.convert", "kwargs", ("model", "config", "hf_quantizer", "loading_info")),
+        ("WeightConverter.add_tensor", "call",
+         ("self", "target_key", "source_key", "source_pattern")),
+        ("WeightConverter.was_used", "call", ("self",)),
+        ("WeightConverter.source_patterns", "attribute", _sample_converter),
+        ("WeightConverter.target_patterns", "attribute", _sample_converter),
+        ("WeightConverter.operations", "attribute", _sample_converter),
+        ("WeightConverter.quantization_operation", "attribute", _sample_converter),
+        ("MergeModulelist", "op", ("dim",)),
+        ("Concatenate", "op", ("dim",)),
+        ("Chunk", "op", ("dim",)),
+        ("Chunk.get_target_patterns", "call", ("self", "target_patterns")),
+        ("transformers.modeling_utils.LoadStateDictConfig", "fields",
+         ("device_map", "dtype", "dtype_plan", "hf_quantizer", "weight_mapping")),
+    )
+
+
 # Operations the adapter implements where transformers has them; where one is missing (or
 # different), parameters converted by it go to transformers' own code, one by one.
 OPTIONAL_OPS = (
@@ -105,80 +102,25 @@ _SAMPLE_KEYS = (
 )
 
 
-def _resolve(cml, name):
-    """The object `name` names (in `cml` unless it starts with "transformers."), or raises
-    AttributeError / ImportError."""
-    import importlib
+def _sample_converter():
+    from transformers import core_model_loading as cml
 
-    if name.startswith("transformers."):
-        module, _, attr = name.rpartition(".")
-        return getattr(importlib.import_module(module), attr)
-    obj = cml
-    for part in name.split("."):
-        obj = getattr(obj, part)
-    return obj
+    return cml.WeightConverter("a.*.b", "a.b", operations=[cml.MergeModulelist(dim=0)])
 
 
-def _check(cml, name, kind, detail):
-    """Why the internal `name` is not what the adapter expects, or None."""
-    import dataclasses
-    import inspect
+def _resolver(cml):
+    def resolve(name):
+        if name.startswith("transformers."):
+            import importlib
 
-    try:
-        obj = _resolve(cml, name)
-    except (AttributeError, ImportError):
-        return "missing"
-    if kind in ("call", "kwargs"):
-        try:
-            params = list(inspect.signature(obj).parameters.values())
-        except (TypeError, ValueError):
-            return "has no signature"
-        names = [p.name for p in params]
-        if kind == "call" and names[: len(detail)] != list(detail):
-            return f"takes {tuple(names)}, not {tuple(detail)} first"
-        if kind == "kwargs":
-            takes_any = any(p.kind is p.VAR_KEYWORD for p in params)
-            lacking = [d for d in detail if d not in names and not takes_any]
-            if lacking:
-                return f"takes no {', '.join(lacking)}"
-        return None
-    if kind == "fields":
-        if not dataclasses.is_dataclass(obj):
-            return "is not a dataclass"
-        have = {f.name for f in dataclasses.fields(obj)}
-        lacking = [d for d in detail if d not in have]
-        return f"has no field {', '.join(lacking)}" if lacking else None
-    if kind == "present":
-        return None
-    if kind == "same":
-        ours = globals()[detail]
-        try:
-            same = sorted(_SAMPLE_KEYS, key=obj) == sorted(_SAMPLE_KEYS, key=ours)
-        except Exception as e:  # noqa: BLE001 (any failure means it differs)
-            return f"fails on sample keys ({type(e).__name__}: {e})"
-        return None if same else "orders keys differently from weightlift's copy of it"
-    if kind == "attribute":
-        owner = _resolve(cml, name.rpartition(".")[0])
-        attr = name.rpartition(".")[2]
-        try:
-            sample = owner("a.*.b", "a.b", operations=[cml.MergeModulelist(dim=0)])
-        except Exception as e:  # noqa: BLE001
-            return f"cannot be built as the adapter reads it ({type(e).__name__}: {e})"
-        return None if hasattr(sample, attr) else "missing"
-    if kind == "op":
-        return _check_op(obj, detail)
-    raise AssertionError(kind)
+            module, _, attr = name.rpartition(".")
+            return getattr(importlib.import_module(module), attr)
+        obj = cml
+        for part in name.split("."):
+            obj = getattr(obj, part)
+        return obj
 
-
-def _check_op(cls, keywords):
-    """Why the conversion operation `cls` is not built and read as the adapter does, or None."""
-    values = {k: (True if k == "inverse" else 1) for k in keywords}
-    try:
-        op = cls(**values)
-    except Exception as e:  # noqa: BLE001
-        return f"cannot be built with {sorted(values)} ({type(e).__name__}: {e})"
-    differ = [k for k, v in values.items() if getattr(op, k, None) != v]
-    return f"does not keep {', '.join(differ)}" if differ else None
+    return resolve
 
 
 _checked = {}
@@ -187,25 +129,22 @@ _checked = {}
 def surface_problem(cml):
     """Why the adapter cannot run on the transformers whose ``core_model_loading`` is `cml`
     (its first missing or changed internal), or None. Checked once per module."""
-    key = cml
-    if key not in _checked:
-        problem = None
-        for name, kind, detail in SURFACE:
-            why = _check(cml, name, kind, detail)
-            if why is not None:
-                problem = f"{name} {why}"
-                break
-        _checked[key] = problem
-    return _checked[key]
+    if cml not in _checked:
+        from . import _surface
+
+        _checked[cml] = _surface.problem(surface(), _resolver(cml))
+    return _checked[cml]
 
 
 def optional_ops(cml):
     """The optional conversion operations (see ``OPTIONAL_OPS``) this transformers has as the
     adapter expects them: {name: class}."""
+    from ._surface import op_problem
+
     out = {}
     for name, keywords in OPTIONAL_OPS:
         cls = getattr(cml, name, None)
-        if cls is not None and _check_op(cls, keywords) is None:
+        if cls is not None and op_problem(cls, keywords) is None:
             out[name] = cls
     return out
 

@@ -14,7 +14,7 @@ transformers: its conversion step, ``convert_and_load_state_dict_in_model``, is 
 too from the first patched ``safe_open`` on (or from ``patch()``, when transformers is
 imported already): each parameter is allocated once in its final dtype and filled straight
 from the files (see ``weightlift._transformers``). That is so wherever transformers has the
-internals the adapter relies on (``weightlift._transformers.SURFACE``, checked once); where
+internals the adapter relies on (``weightlift._transformers.surface()``, checked once); where
 one is missing or changed, or with ``patch(conversion=False)``, the conversion step stays
 transformers' own (one INFO line on the ``weightlift.transformers`` logger says why).
 """
@@ -156,7 +156,7 @@ def _swap(found):
 def _hook_transformers():
     """Routes transformers' conversion step through weightlift, once transformers is imported
     and while patched, where transformers has what the adapter relies on (see
-    ``weightlift._transformers.SURFACE``)."""
+    ``weightlift._transformers.surface()``)."""
     cml = sys.modules.get("transformers.core_model_loading")
     if cml is None or not _conversion:
         return

@@ -29,18 +29,90 @@ import os
 LOAD_FORMAT = "weightlift"
 OPTIONS = ("memory_budget", "prefetch_window", "copy", "threads", "drop_cache")
 
+_LOADER = "vllm.model_executor.model_loader"
+_DEFAULT = f"{_LOADER}.default_loader:DefaultModelLoader"
+# vLLM internals the loader relies on (see `weightlift._surface` for the kinds), checked when
+# it registers: where one is missing or changed, `load_format="weightlift"` is still
+# registered, and fails naming it when a user asks for it.
+SURFACE = (
+    (f"{_LOADER}:register_model_loader", "call", ("load_format",)),
+    (f"{_LOADER}:_LOAD_FORMAT_TO_MODEL_LOADER", "present", None),
+    (_DEFAULT, "present", None),
+    (f"{_DEFAULT}._prepare_weights", "call",
+     ("self", "model_name_or_path", "subfolder", "revision", "fall_back_to_pt",
+      "allow_patterns_overrides")),
+    (f"{_DEFAULT}._get_weights_iterator", "call", ("self", "source")),
+    (f"{_DEFAULT}.Source", "fields",
+     ("model_or_path", "revision", "subfolder", "prefix", "fall_back_to_pt",
+      "allow_patterns_overrides")),
+    (f"{_DEFAULT}.counter_before_loading_weights", "present", None),
+    (f"{_LOADER}.weight_utils:filter_safetensors_files_by_weight_name", "call",
+     ("hf_weights_files", "is_unused_weight")),
+    (f"{_LOADER}.weight_utils:should_skip_weight", "call", ("weight_name", "local_expert_ids")),
+)
+
+
+def surface_problem():
+    """The first internal of vLLM's that the loader relies on and this vLLM lacks (or has
+    changed), as "name why", or None."""
+    from . import _surface
+
+    return _surface.problem(SURFACE, _surface.importer)
+
 
 def register():
     """vLLM's plugin entry point: registers ``load_format="weightlift"``."""
     try:
         from vllm.model_executor.model_loader import register_model_loader
-        from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
     except ImportError:  # no vLLM: nothing to register
         return
-    from vllm.model_executor.model_loader import _LOAD_FORMAT_TO_MODEL_LOADER
+    try:
+        from vllm.model_executor.model_loader import _LOAD_FORMAT_TO_MODEL_LOADER
+    except ImportError:
+        _LOAD_FORMAT_TO_MODEL_LOADER = {}
+    if LOAD_FORMAT in _LOAD_FORMAT_TO_MODEL_LOADER:
+        return
+    problem = surface_problem()
+    if problem is not None:
+        try:
+            loader = _unavailable(problem)
+        except ImportError:  # not even a base class to say it with
+            import logging
 
-    if LOAD_FORMAT not in _LOAD_FORMAT_TO_MODEL_LOADER:
-        register_model_loader(LOAD_FORMAT)(_loader(DefaultModelLoader))
+            logging.getLogger("weightlift.vllm").error(
+                "weightlift: load_format='weightlift' is not registered: this vLLM's loader "
+                "relies on %s",
+                problem,
+            )
+            return
+        register_model_loader(LOAD_FORMAT)(loader)
+        return
+    from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
+
+    register_model_loader(LOAD_FORMAT)(_loader(DefaultModelLoader))
+
+
+def _unavailable(problem):
+    """A loader that refuses to load, naming what this vLLM lacks."""
+    from vllm.model_executor.model_loader.base_loader import BaseModelLoader
+
+    class WeightliftUnavailable(BaseModelLoader):
+        def __init__(self, load_config):
+            import vllm
+
+            raise RuntimeError(
+                f"load_format='weightlift' cannot run on vLLM {getattr(vllm, '__version__', '?')}: "
+                f"its loader relies on {problem}. Use another load_format, or a vLLM and "
+                "weightlift that match (see weightlift's README, 'vLLM')."
+            )
+
+        def download_model(self, model_config):  # pragma: no cover (never built)
+            raise NotImplementedError
+
+        def load_weights(self, model, model_config):  # pragma: no cover
+            raise NotImplementedError
+
+    return WeightliftUnavailable
 
 
 def _size(value):

@@ -120,3 +120,24 @@ def test_a_broken_checkpoint_fails_engine_start_with_weightlifts_error(models, t
     assert shard in ours["error"] or shard in ours["log"], ours["error"]
     words = ["truncated"] if how == "truncated" else ["No such file", "missing"]
     assert any(w in ours["error"] or w in ours["log"] for w in words), ours["error"]
+
+
+def test_a_vllm_without_an_internal_the_loader_uses_says_which(monkeypatch):
+    """Registered on a vLLM that lacks an internal the loader relies on, the loader fails
+    when asked for, naming the internal, rather than loading wrongly or not at all."""
+    from vllm.config import LoadConfig
+    from vllm.model_executor import model_loader
+    from vllm.model_executor.model_loader import weight_utils
+
+    import weightlift.vllm
+
+    assert weightlift.vllm.surface_problem() is None
+    monkeypatch.delattr(weight_utils, "should_skip_weight")
+    monkeypatch.delitem(model_loader._LOAD_FORMAT_TO_MODEL_LOADER, "weightlift", raising=False)
+    weightlift.vllm.register()
+    with pytest.raises(RuntimeError, match="should_skip_weight missing"):
+        model_loader.get_model_loader(LoadConfig(load_format="weightlift"))
+    monkeypatch.undo()
+    model_loader._LOAD_FORMAT_TO_MODEL_LOADER.pop("weightlift", None)
+    weightlift.vllm.register()
+    assert model_loader.get_model_loader(LoadConfig(load_format="weightlift")) is not None
