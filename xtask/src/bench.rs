@@ -143,6 +143,10 @@ pub(crate) enum Contender {
     TransformersStock,
     /// The same under `weightlift.patch()`.
     TransformersWeightlift,
+    /// The same under `weightlift.patch(conversion=False)`: transformers' conversion step
+    /// its own, only safetensors' entry points weightlift's (what a transformers that lacks
+    /// an internal the adapter relies on gets).
+    TransformersPlain,
 }
 
 /// What a `weightlift-<backend>-<target>` contender produces.
@@ -181,6 +185,11 @@ impl Contender {
             WeightliftAutoMeta => ("auto", Target::Meta),
             _ => return None,
         })
+    }
+
+    /// Whether it runs in the Python interpreter.
+    fn is_python(self) -> bool {
+        self.name().starts_with("python-") || self.name().starts_with("transformers-")
     }
 
     fn is_reference(self) -> bool {
@@ -238,6 +247,10 @@ pub(crate) fn run(args: &BenchArgs) -> Result<(), String> {
         );
     }
     let wanted = |c: Contender| args.only.is_empty() || args.only.contains(&c);
+    let software = python_versions();
+    if let Some(v) = &software {
+        eprintln!("python contenders run with {v}");
+    }
     // The raw reads always run: every ratio is relative to them.
     let mut contenders = vec![Contender::Raw1, Contender::RawN];
     for c in Contender::value_variants().iter().copied().skip(2) {
@@ -251,7 +264,7 @@ pub(crate) fn run(args: &BenchArgs) -> Result<(), String> {
             | Contender::PythonWeightliftStream => torch && wanted(c) && python_weightlift_ready(),
             Contender::WeightliftHttpCpu => nginx_binary.is_some(),
             Contender::TransformersStock => transformers,
-            Contender::TransformersWeightlift => {
+            Contender::TransformersWeightlift | Contender::TransformersPlain => {
                 transformers && wanted(c) && python_weightlift_ready()
             }
             _ => true,
@@ -325,7 +338,9 @@ pub(crate) fn run(args: &BenchArgs) -> Result<(), String> {
                 .map(|c| {
                     let needs_model = matches!(
                         c,
-                        Contender::TransformersStock | Contender::TransformersWeightlift
+                        Contender::TransformersStock
+                            | Contender::TransformersWeightlift
+                            | Contender::TransformersPlain
                     );
                     needs_model == hf || !needs_model
                 })
@@ -423,6 +438,10 @@ pub(crate) fn run(args: &BenchArgs) -> Result<(), String> {
                     memory_limit: (cache == Cache::ColdLimited).then_some(args.memory_limit),
                     oom_kills: (cache == Cache::ColdLimited)
                         .then(|| samples[i].iter().filter(|x| x.oom_killed).count() as u64),
+                    software: contenders[i]
+                        .is_python()
+                        .then(|| software.clone())
+                        .flatten(),
                 });
             }
             print_table(&records[first..]);
@@ -673,6 +692,9 @@ fn measure(args: &OneArgs, paths: &[PathBuf], bytes: u64) -> Result<Sample, Stri
             Contender::TransformersWeightlift => {
                 return python_load_with(PY_TRANSFORMERS, "weightlift", &[dir.to_path_buf()]);
             }
+            Contender::TransformersPlain => {
+                return python_load_with(PY_TRANSFORMERS, "plain", &[dir.to_path_buf()]);
+            }
             Contender::PythonSafetensors => return python_load(PY_SAFETENSORS, paths),
             Contender::PythonWeightlift => return python_load(PY_WEIGHTLIFT, &[dir.to_path_buf()]),
             Contender::FreshMemory => fresh_memory(bytes, threads).map_err(|e| e.to_string())?,
@@ -727,6 +749,14 @@ pub(crate) fn python() -> PathBuf {
     } else {
         PathBuf::from("python3")
     }
+}
+
+/// The versions of the Python libraries the contenders use, as "name version, ...".
+pub(crate) fn python_versions() -> Option<String> {
+    let script = "import importlib.metadata as m\nout=[]\nfor n in ('transformers','torch','safetensors','vllm'):\n    try: out.append(n+' '+m.version(n))\n    except m.PackageNotFoundError: pass\nprint(', '.join(out))";
+    let out = Command::new(python()).args(["-c", script]).output().ok()?;
+    let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    (out.status.success() && !text.is_empty()).then_some(text)
 }
 
 fn python_available() -> bool {
@@ -854,9 +884,9 @@ transformers.utils.logging.disable_progress_bar()
 mode, path = sys.argv[1], sys.argv[2]
 config = AutoConfig.from_pretrained(path)
 AutoModelForCausalLM._model_mapping[type(config)]
-if mode == "weightlift":
+if mode != "stock":
     import weightlift
-    weightlift.patch()
+    weightlift.patch(conversion=(mode == "weightlift"))
 t = time.perf_counter()
 model = AutoModelForCausalLM.from_pretrained(path)
 seen, total = set(), 0

@@ -90,4 +90,8 @@ pub(crate) struct Record {
     pub(crate) memory_limit: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) oom_kills: Option<u64>,
+    /// The Python libraries the contender ran with (e.g. "transformers 5.25.0, torch
+    /// 2.15.0"), for the Python contenders.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) software: Option<String>,
 }

@@ -42,6 +42,10 @@ impl MappedFile {
         // mapped (this function's contract). The mapping is private: nothing written
         // through it reaches the file.
         let map = unsafe { MmapOptions::new().map_copy(&file)? };
+        // Faults in a mapping read around them by the file's readahead size: doubled for a
+        // file read front to back, as safetensors' own mapping does (cold touches of a
+        // mapped 1.2 GB checkpoint measured ~1.3x slower without).
+        crate::pread::advise(&file, crate::AccessPattern::Sequential);
         Ok(MappedFile { map, file })
     }
 

@@ -180,7 +180,7 @@ impl Prefetch {
         };
         match &self.ways[s] {
             Way::Window(job) => {
-                let read = self.ckpt.get_slice(name, ranges);
+                let read = self.ckpt.read_slice(name, ranges, false);
                 window().consumed(job, t);
                 read
             }

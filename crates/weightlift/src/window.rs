@@ -37,10 +37,11 @@ pub(crate) struct Job {
     mapping: Option<Arc<HostMemory>>,
     /// Release the pages of what readers have read (see the module docs).
     drop_cache: bool,
-    /// Mark the pages of what readers have read the first to reclaim: only where the
-    /// checkpoint does not fit the window (marking clears the pages' accessed bits, which
-    /// costs every later touch of them on a host with room).
-    cool: bool,
+    /// Whether the checkpoint fits the window. Where it does not (a host short of memory),
+    /// the pages of what readers have read are marked the first to reclaim, and chunks every
+    /// tensor of which was read are not populated; where it does, neither (marking clears
+    /// the pages' accessed bits, which costs every later touch of them).
+    fits: bool,
     cancelled: AtomicBool,
 }
 
@@ -131,7 +132,7 @@ impl Window {
             shard,
             mapping,
             drop_cache,
-            cool: ckpt.data_bytes() > limit,
+            fits: ckpt.data_bytes() <= limit,
             cancelled: AtomicBool::new(false),
         });
         let chunks = chunks(&tensor_ranges(&job), base, base + header.data_len());
@@ -185,7 +186,12 @@ impl Window {
         let mut release = Vec::new();
         {
             let mut state = self.lock();
-            state.last_read = Some(job.id);
+            // Where the checkpoint fits, a read hands out a view and populates nothing: it
+            // says nothing of where the caller will touch next (transformers takes a view of
+            // every tensor before touching any), and the files are populated in order.
+            if !job.fits {
+                state.last_read = Some(job.id);
+            }
             let Some(at) = state.entries.iter().position(|e| e.job.id == job.id) else {
                 return;
             };
@@ -286,8 +292,11 @@ impl Window {
                 .filter(|&t| !entry.consumed[t])
                 .map(|t| overlap(&ranges[t], &range))
                 .sum();
-            if unread == 0 {
-                // Every tensor of the chunk was read already: nothing to bring in.
+            if unread == 0 && !entry.job.fits {
+                // Every tensor of the chunk was read already, on a host short of memory:
+                // whatever its readers left unpopulated, their own touches bring in (a
+                // reader handed a view of a mapping populates nothing). Where the checkpoint
+                // fits, the chunk is populated all the same, ahead of those touches.
                 entry.next += 1;
                 continue;
             }
@@ -380,7 +389,7 @@ fn drop_pages(job: &Job, range: Range<u64>) {
         job.drop_cache,
     ) {
         (Some(map), true) => map.release(range.start, len),
-        (Some(map), false) if job.cool => map.cool(range.start, len),
+        (Some(map), false) if !job.fits => map.cool(range.start, len),
         (Some(_), false) => {}
         (None, true) => job.ckpt.shards()[job.shard]
             .source()

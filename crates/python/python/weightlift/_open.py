@@ -86,8 +86,9 @@ class safe_open:
         self._device = _args.device(self._framework, device)
         self._handle = _handle.open_handle(filename, backend, token=token)
         self._bases = _arrays.TorchBases()
-        # Started with the first read, not here: a caller that reads in other ways (a
-        # placement load of the whole file, say) never pays for it.
+        # Started with the first slice asked for or read, not here: a caller that only lists
+        # keys or reads metadata, or reads in other ways (a placement load of the whole
+        # file), never pays for it.
         self._prefetch_pending = None
         if prefetch and self._device == "cpu":
             if drop_cache is None:
@@ -165,6 +166,11 @@ class safe_open:
 
     def get_slice(self, name):
         """A :class:`PySafeSlice` to index into."""
+        # Asking for slices says the caller will read (transformers asks for every tensor's
+        # right after opening, before reading any): the prefetch starts here, so that the
+        # files stream in while the caller prepares its reads.
+        if self._prefetch_pending is not None:
+            self._start_prefetch()
         return PySafeSlice(self, name)
 
     def get_tensors(self):

@@ -290,6 +290,7 @@ def _load(model, state_dict, load_config, disk_offload_index):
         owners[id(owner)] = owner
     for owner in owners.values():
         owner._prefetch_pending = None
+        owner._h().close()  # its prefetch, if one started
         owner._h().read_ahead()
 
     # 1. Keys: renamed and grouped per parameter exactly as transformers does (its functions),
