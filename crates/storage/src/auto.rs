@@ -158,6 +158,11 @@ pub fn residency_in(path: &Path, range: std::ops::Range<u64>) -> io::Result<Resi
 
 /// Resident pages among `pages` pages of `map` from page `first` (in bounds).
 fn resident_pages(map: &Mmap, first: u64, pages: u64) -> io::Result<u64> {
+    resident_pages_of(map, first, pages)
+}
+
+/// [`resident_pages`] of any mapping's bytes.
+pub(crate) fn resident_pages_of(map: &[u8], first: u64, pages: u64) -> io::Result<u64> {
     let page = 4096u64;
     let mut vec = vec![0u8; pages.min(1 << 18) as usize];
     let mut resident = 0;

@@ -120,6 +120,19 @@ impl MappedFile {
         }
     }
 
+    /// Whether every page of `offset..offset + len` is in the page cache (`mincore`: the
+    /// pages need not be mapped here yet). Out of bounds or on failure: false.
+    pub fn resident(&self, offset: u64, len: u64) -> bool {
+        let page = 4096u64;
+        let end = offset.saturating_add(len).min(self.map.len() as u64);
+        if offset >= end {
+            return offset == end;
+        }
+        let (first, last) = (offset / page, end.div_ceil(page));
+        crate::auto::resident_pages_of(&self.map, first, last - first)
+            .is_ok_and(|n| n == last - first)
+    }
+
     /// Brings the pages of `offset..offset + len` in (reading them from the file where they
     /// are not in the page cache) and maps them, so that touching them later costs nothing.
     /// Safe to call from many threads on disjoint or overlapping ranges.

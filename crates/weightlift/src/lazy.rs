@@ -54,7 +54,15 @@ impl Checkpoint {
             // SAFETY: the policy maps only under a `Mapping` made by its unsafe
             // constructors, whose contract the caller took on when opening the checkpoint.
             let memory = unsafe { shard.mapping() }?;
-            from_mapping(shard, info, &plan, memory, base, self.data_bytes(), populate)?
+            from_mapping(
+                shard,
+                info,
+                &plan,
+                memory,
+                base,
+                self.data_bytes(),
+                populate,
+            )?
         } else {
             let mut buf = HostBuffer::new(total)?;
             let mut out = buf.as_mut_slice();

@@ -6,9 +6,10 @@
 //! counts against it, and a reader's read gives its bytes back. So a checkpoint larger than
 //! memory is read once, not populated whole and evicted before anyone reads it.
 //!
-//! Populating: for a file the checkpoint maps, its mapping's pages (`MADV_POPULATE_READ`);
-//! for any other file (a network filesystem, a URL), reads through its source into a reused
-//! buffer, which leave the bytes in the page cache for the reader's own read. What was read
+//! Populating: reads through the file's source into a reused buffer, which leave the bytes
+//! in the page cache for the reader's own read or touch (skipped for chunks there already);
+//! on a host short of memory (the checkpoint does not fit the window), for a file the
+//! checkpoint maps, its mapping's pages (`MADV_POPULATE_READ`) instead. What was read
 //! can be released afterwards (`drop_cache`): a file's pages are dropped from the cache once
 //! its reader is past them.
 
@@ -37,11 +38,6 @@ pub(crate) struct Job {
     mapping: Option<Arc<HostMemory>>,
     /// Release the pages of what readers have read (see the module docs).
     drop_cache: bool,
-    /// Whether the checkpoint fits the window. Where it does not (a host short of memory),
-    /// the pages of what readers have read are marked the first to reclaim, and chunks every
-    /// tensor of which was read are not populated; where it does, neither (marking clears
-    /// the pages' accessed bits, which costs every later touch of them).
-    fits: bool,
     cancelled: AtomicBool,
 }
 
@@ -65,6 +61,8 @@ struct Entry {
     /// Ranges read by readers, not yet let go of (see `drop_pages`), and their bytes.
     to_release: Vec<Range<u64>>,
     unreleased: u64,
+    /// The shard's data bytes.
+    bytes: u64,
 }
 
 #[derive(Default)]
@@ -80,6 +78,27 @@ struct State {
     next_id: u64,
     /// Bytes of shards prefetched whole into memory of their own (see `reserve_owned`).
     owned: u64,
+    /// Data bytes of the registered jobs' shards.
+    registered: u64,
+}
+
+impl State {
+    /// Whether everything registered fits the window. Where it does not (a host short of
+    /// memory), the pages of what readers have read are marked the first to reclaim, chunks
+    /// every tensor of which was read are not populated, and a reader's shard is populated
+    /// first; where it does, none of these (marking clears the pages' accessed bits, which
+    /// costs every later touch of them; and readers handed views say nothing of where their
+    /// callers will touch next: the files are populated in order).
+    fn fits(&self) -> bool {
+        self.registered <= self.limit
+    }
+
+    /// Removes the entry at `at`, with its bytes.
+    fn remove(&mut self, at: usize) -> Entry {
+        let entry = self.entries.remove(at);
+        self.registered = self.registered.saturating_sub(entry.bytes);
+        entry
+    }
 }
 
 /// The process's prefetch window.
@@ -132,12 +151,12 @@ impl Window {
             shard,
             mapping,
             drop_cache,
-            fits: ckpt.data_bytes() <= limit,
             cancelled: AtomicBool::new(false),
         });
         let chunks = chunks(&tensor_ranges(&job), base, base + header.data_len());
         state.limit = limit;
         state.max_workers = threads.max(1);
+        state.registered += header.data_len();
         state.entries.push(Entry {
             job: Arc::clone(&job),
             chunks,
@@ -146,6 +165,7 @@ impl Window {
             consumed: vec![false; count],
             to_release: Vec::new(),
             unreleased: 0,
+            bytes: header.data_len(),
         });
         if state.workers < state.max_workers {
             state.workers += 1;
@@ -184,12 +204,11 @@ impl Window {
     /// of (see `drop_pages`).
     pub(crate) fn consumed(&self, job: &Job, t: usize) {
         let mut release = Vec::new();
+        let fits;
         {
             let mut state = self.lock();
-            // Where the checkpoint fits, a read hands out a view and populates nothing: it
-            // says nothing of where the caller will touch next (transformers takes a view of
-            // every tensor before touching any), and the files are populated in order.
-            if !job.fits {
+            fits = state.fits();
+            if !fits {
                 state.last_read = Some(job.id);
             }
             let Some(at) = state.entries.iter().position(|e| e.job.id == job.id) else {
@@ -216,7 +235,7 @@ impl Window {
             self.wake.notify_all();
         }
         for r in release {
-            drop_pages(job, r);
+            drop_pages(job, r, fits);
         }
     }
 
@@ -228,7 +247,8 @@ impl Window {
             let Some(at) = state.entries.iter().position(|e| e.job.id == id) else {
                 return;
             };
-            let entry = state.entries.remove(at);
+            let fits = state.fits();
+            let entry = state.remove(at);
             let unread: u64 = entry
                 .populated
                 .iter()
@@ -238,10 +258,11 @@ impl Window {
                 .sum();
             state.ahead = state.ahead.saturating_sub(unread);
             self.wake.notify_all();
-            entry
+            (entry, fits)
         };
+        let (removed, fits) = removed;
         for r in removed.to_release {
-            drop_pages(&removed.job, r);
+            drop_pages(&removed.job, r, fits);
         }
     }
 
@@ -257,8 +278,9 @@ impl Window {
                 state.workers -= 1;
                 return;
             };
+            let fits = state.fits();
             drop(state);
-            populate(&job, range, &mut buf);
+            populate(&job, range, &mut buf, fits);
             state = self.lock();
         }
     }
@@ -271,9 +293,14 @@ impl Window {
         mut state: MutexGuard<'a, State>,
     ) -> (MutexGuard<'a, State>, Option<(Arc<Job>, Range<u64>)>) {
         loop {
-            state
+            while let Some(at) = state
                 .entries
-                .retain(|e| !e.job.cancelled.load(Ordering::Relaxed));
+                .iter()
+                .position(|e| e.job.cancelled.load(Ordering::Relaxed))
+            {
+                state.remove(at);
+            }
+            let fits = state.fits();
             let preferred = state.last_read;
             let pick = state
                 .entries
@@ -292,7 +319,7 @@ impl Window {
                 .filter(|&t| !entry.consumed[t])
                 .map(|t| overlap(&ranges[t], &range))
                 .sum();
-            if unread == 0 && !entry.job.fits {
+            if unread == 0 && !fits {
                 // Every tensor of the chunk was read already, on a host short of memory:
                 // whatever its readers left unpopulated, their own touches bring in (a
                 // reader handed a view of a mapping populates nothing). Where the checkpoint
@@ -357,22 +384,33 @@ fn chunks(ranges: &[Range<u64>], start: u64, end: u64) -> Vec<(Range<u64>, Range
 /// Brings `range` of the job's file into memory: its mapping's pages, or the page cache
 /// through a read into `buf`. Failures are left to the readers, which read the bytes
 /// themselves and report their own errors.
-fn populate(job: &Job, range: Range<u64>, buf: &mut Vec<u8>) {
+fn populate(job: &Job, range: Range<u64>, buf: &mut Vec<u8>, fits: bool) {
     if job.cancelled.load(Ordering::Relaxed) {
         return;
     }
     let len = range.end - range.start;
+    let read = |buf: &mut Vec<u8>| {
+        buf.resize(len as usize, 0);
+        job.ckpt.shards()[job.shard]
+            .source()
+            .read_exact_at(range.start, buf)
+            .is_err()
+    };
     let failed = match &job.mapping {
+        // Where the checkpoint fits, the page cache is filled (one large read, only where
+        // the chunk is not there already) and the readers' touches map the pages: a mapping
+        // populated here would count the whole file in the process's resident memory before
+        // anyone reads it, and cost the time of mapping pages a loader that reads otherwise
+        // (transformers under the patch, whose placement loads read the experts' bytes)
+        // never needs.
+        Some(memory) if fits => match memory.mapping() {
+            Some(m) if m.resident(range.start, len) => false,
+            _ => read(buf),
+        },
         Some(memory) => memory
             .mapping()
             .is_none_or(|m| m.populate(range.start, len).is_err()),
-        None => {
-            buf.resize(len as usize, 0);
-            job.ckpt.shards()[job.shard]
-                .source()
-                .read_exact_at(range.start, buf)
-                .is_err()
-        }
+        None => read(buf),
     };
     if failed {
         job.cancelled.store(true, Ordering::Relaxed);
@@ -382,14 +420,14 @@ fn populate(job: &Job, range: Range<u64>, buf: &mut Vec<u8>) {
 /// Lets go of the pages of `range` of the job's file, which its readers are past: released
 /// with `drop_cache`; else, in a mapping, marked the first to reclaim (so that memory
 /// pressure evicts what was read before what was not yet).
-fn drop_pages(job: &Job, range: Range<u64>) {
+fn drop_pages(job: &Job, range: Range<u64>, fits: bool) {
     let len = range.end - range.start;
     match (
         job.mapping.as_ref().and_then(|m| m.mapping()),
         job.drop_cache,
     ) {
         (Some(map), true) => map.release(range.start, len),
-        (Some(map), false) if !job.fits => map.cool(range.start, len),
+        (Some(map), false) if !fits => map.cool(range.start, len),
         (Some(_), false) => {}
         (None, true) => job.ckpt.shards()[job.shard]
             .source()

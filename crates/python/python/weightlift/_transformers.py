@@ -282,8 +282,9 @@ def _load(model, state_dict, load_config, disk_offload_index):
     pattern_to_converter = {k: c for c in converters for k in c.source_patterns}
 
     # The handles are read here by planned loads: their own prefetches would only compete.
-    # The kernel reads the files ahead meanwhile (where they fit in memory), while the
-    # loads are planned.
+    # (Asking the kernel to read the files ahead while the loads are planned gained nothing
+    # on MoE checkpoints and cost dense ones: their touches after a cold load took 0.4-0.8 s
+    # where they take 0.01 s without.)
     owners = {}
     for value in state_dict.values():
         owner, _ = _source(value)
@@ -291,7 +292,6 @@ def _load(model, state_dict, load_config, disk_offload_index):
     for owner in owners.values():
         owner._prefetch_pending = None
         owner._h().close()  # its prefetch, if one started
-        owner._h().read_ahead()
 
     # 1. Keys: renamed and grouped per parameter exactly as transformers does (its functions),
     #    without copying a converter per key.

@@ -88,6 +88,11 @@ class _PrefetchingSafeOpen(_open.safe_open):
 
     @_their_errors
     def get_slice(self, name):
+        if _hooked():
+            # transformers' conversion step is weightlift's: it plans its own reads of the
+            # files (a prefetch now would only compete with them); where it leaves a load to
+            # transformers, that code's first read starts the prefetch.
+            return _Slice(_open.PySafeSlice(self, name))
         return _Slice(super().get_slice(name))
 
 
@@ -151,6 +156,13 @@ def _swap(found):
                 namespace[name] = hit[1]
                 done.append((module, name, value))
     return done
+
+
+def _hooked():
+    """Whether transformers' conversion step is weightlift's now."""
+    cml = sys.modules.get("transformers.core_model_loading")
+    current = getattr(cml, "convert_and_load_state_dict_in_model", None)
+    return getattr(current, "_weightlift_original", None) is not None
 
 
 def _hook_transformers():
