@@ -22,6 +22,8 @@ pub(crate) struct PyCheckpoint {
     ckpt: Arc<Checkpoint>,
     /// A whole load started ahead of the reads that will want it (see `prefetch`).
     prefetch: OnceLock<Prefetch>,
+    /// The files read into the page cache ahead of any reader (see `warm`).
+    warm: OnceLock<Prefetch>,
 }
 
 /// Open options for the Python API's `backend` and `copy`: "auto" and "mmap" (safetensors'
@@ -80,24 +82,32 @@ impl PyCheckpoint {
 impl PyCheckpoint {
     /// Opens `path` (headers read and validated in parallel, without the GIL); `backend`
     /// and `copy` as the Python API takes them (see `open_options`); `token` is a bearer
-    /// token for http(s) URLs.
+    /// token for http(s) URLs; `memory_budget` and `prefetch_window` (bytes) the budget every
+    /// use of the checkpoint runs under (default: detected, see
+    /// `weightlift::MemoryBudget::detect`).
     #[new]
-    #[pyo3(signature = (path, backend="auto", copy=false, token=None))]
+    #[pyo3(signature = (path, backend="auto", copy=false, token=None, memory_budget=None, prefetch_window=None))]
     fn new(
         py: Python<'_>,
         path: String,
         backend: &str,
         copy: bool,
         token: Option<String>,
+        memory_budget: Option<u64>,
+        prefetch_window: Option<u64>,
     ) -> PyResult<PyCheckpoint> {
-        let options = open_options(&path, backend, copy)?
+        let mut options = open_options(&path, backend, copy)?
             .remote(weightlift::remote::RemoteOptions::default().bearer_token(token));
+        if memory_budget.is_some() || prefetch_window.is_some() {
+            options = options.memory_budget(MemoryBudget::set(memory_budget, prefetch_window));
+        }
         let ckpt = py
             .detach(|| Checkpoint::open_with(path.as_str(), &options))
             .map_err(|e| open_err(&path, e))?;
         Ok(PyCheckpoint {
             ckpt: Arc::new(ckpt),
             prefetch: OnceLock::new(),
+            warm: OnceLock::new(),
         })
     }
 
@@ -106,34 +116,23 @@ impl PyCheckpoint {
     /// read, never more than the window ahead of them; files that fit loaded whole), so that
     /// the reads that follow find their bytes in memory rather than faulting them in one page
     /// at a time, or waiting for one small request each. `drop_cache`: release the pages of
-    /// what readers have read. Does nothing when a prefetch was started already.
-    /// `budget`, `window`: the memory budget and prefetch window in bytes (default: see
-    /// `weightlift::MemoryBudget::detect`).
-    #[pyo3(signature = (threads=None, drop_cache=false, budget=None, window=None))]
-    fn prefetch(
-        &self,
-        py: Python<'_>,
-        threads: Option<usize>,
-        drop_cache: bool,
-        budget: Option<u64>,
-        window: Option<u64>,
-    ) {
+    /// what readers have read. Does nothing when a prefetch was started already. The
+    /// window is the checkpoint's (see `new`).
+    #[pyo3(signature = (threads=None, drop_cache=false))]
+    fn prefetch(&self, py: Python<'_>, threads: Option<usize>, drop_cache: bool) {
         let mut options = LoadOptions::default().drop_cache(drop_cache);
         if let Some(t) = threads {
             options = options.threads(t.max(1));
         }
-        if budget.is_some() || window.is_some() {
-            let detected = MemoryBudget::detect();
-            let mut b = match budget {
-                Some(bytes) => MemoryBudget::of(bytes),
-                None => detected,
-            };
-            if let Some(w) = window {
-                b = b.with_window(w);
-            }
-            options = options.memory_budget(b);
-        }
         py.detach(|| self.prefetch.get_or_init(|| self.ckpt.prefetch(options)));
+    }
+
+    /// Starts reading the files into the page cache in the background, where the checkpoint
+    /// fits the prefetch window and they are not there already (see
+    /// `weightlift::Checkpoint::warm`), for a caller with other work to do first; whether
+    /// any file is being read. Called off by `close`.
+    fn warm(&self, py: Python<'_>) -> bool {
+        py.detach(|| self.warm.get_or_init(|| self.ckpt.warm()).is_active())
     }
 
     /// Starts reading the files into the page cache in the background where they fit the
@@ -144,7 +143,7 @@ impl PyCheckpoint {
 
     /// Calls off a running prefetch (a handle being closed).
     fn close(&self) {
-        if let Some(prefetch) = self.prefetch.get() {
+        for prefetch in [self.prefetch.get(), self.warm.get()].into_iter().flatten() {
             prefetch.cancel();
         }
     }

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
 import sys
 import threading
 import warnings
@@ -97,7 +98,9 @@ def test_patched_from_pretrained_equals_stock(models, name, monkeypatch):
     monkeypatch.setattr(_handle, "open_handle", lambda *a, **k: opened.append(a[0]) or real(*a, **k))
     with weightlift.patch():
         patched = AutoModelForCausalLM.from_pretrained(path)
-    assert sorted(os.path.basename(p) for p in opened) == sorted(shards), "weightlift opened the shards"
+    # The shards (each by its safe_open), and the directory (the early read; see below).
+    files = sorted(os.path.basename(p) for p in opened if str(p).endswith(".safetensors"))
+    assert files == sorted(shards), "weightlift opened the shards"
     assert_same_model(stock, patched)
 
 
@@ -283,3 +286,40 @@ def test_device_maps_that_put_every_parameter_on_one_device():
     assert one({"model": 0, "lm_head": "cpu"}) is None
     assert one({"": "disk"}) is None
     assert one({"": "meta"}) is None
+
+
+def test_from_pretrained_reads_the_files_while_the_model_is_built(models, tmp_path):
+    """Under the patch, ``from_pretrained`` starts reading the checkpoint's files into the
+    page cache when it is called (transformers opens them only after building the model),
+    also when transformers is imported after ``patch()``; ``unpatch()`` takes it back."""
+    script = f"""
+import logging, os, sys
+import weightlift
+weightlift.patch()
+assert "transformers" not in sys.modules
+lines = []
+class H(logging.Handler):
+    def emit(self, r):
+        lines.append(r.getMessage())
+log = logging.getLogger("weightlift.transformers")
+log.addHandler(H())
+log.setLevel(logging.DEBUG)
+from transformers import AutoModelForCausalLM
+from transformers.modeling_utils import PreTrainedModel
+assert hasattr(PreTrainedModel.from_pretrained.__func__, "_weightlift_original")
+path = {str(models["llama"])!r}
+for f in os.listdir(path):
+    fd = os.open(os.path.join(path, f), os.O_RDONLY)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)
+model = AutoModelForCausalLM.from_pretrained(path)
+import time
+early = [l for l in lines if "early read of" in l]
+assert early, lines
+assert any("parameters: planned" in l for l in lines), lines
+weightlift.unpatch()
+assert not hasattr(PreTrainedModel.from_pretrained.__func__, "_weightlift_original")
+print("ok", early[0])
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.startswith("ok"), out.stdout + out.stderr[-3000:]

@@ -85,6 +85,17 @@ impl MemoryBudget {
         }
     }
 
+    /// A budget of `bytes` where given (else detected), with a window of `window` bytes where
+    /// given (else half the budget, or the environment's): what a caller setting either or
+    /// both gets.
+    pub fn set(bytes: Option<u64>, window: Option<u64>) -> MemoryBudget {
+        let budget = bytes.map_or_else(MemoryBudget::detect, MemoryBudget::of);
+        match window {
+            Some(w) => budget.with_window(w),
+            None => budget,
+        }
+    }
+
     /// This budget with a window of `bytes`.
     pub fn with_window(mut self, bytes: u64) -> MemoryBudget {
         self.window = bytes;

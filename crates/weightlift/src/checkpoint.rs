@@ -4,6 +4,7 @@
 //! then every shard opened and its header read and validated, in parallel; then the index
 //! checked against the shards before any tensor byte is read.
 
+use crate::budget::MemoryBudget;
 use crate::error::{Error, Result};
 use crate::mapping::Mapping;
 use crate::pool::thread_pool;
@@ -20,6 +21,7 @@ use weightlift_storage::{Backend, Entry, Location, RemoteStats, Store, StoreOpti
 pub struct OpenOptions {
     backend: Backend,
     mapping: Mapping,
+    memory_budget: Option<MemoryBudget>,
     #[cfg(feature = "remote")]
     remote: weightlift_storage::remote::RemoteOptions,
 }
@@ -36,6 +38,15 @@ impl OpenOptions {
     /// of the checkpoint.
     pub fn mapping(mut self, mapping: Mapping) -> OpenOptions {
         self.mapping = mapping;
+        self
+    }
+
+    /// The memory budget and prefetch window every use of the checkpoint runs under (loads,
+    /// lazy reads, prefetches, read-ahead), unless a load sets its own
+    /// ([`crate::LoadOptions::memory_budget`]). Default: [`MemoryBudget::detect`], once, when
+    /// the checkpoint is opened.
+    pub fn memory_budget(mut self, budget: MemoryBudget) -> OpenOptions {
+        self.memory_budget = Some(budget);
         self
     }
 
@@ -63,6 +74,7 @@ pub struct Checkpoint {
     tensor_count: usize,
     store: Arc<dyn Store>,
     mapping: Mapping,
+    budget: MemoryBudget,
 }
 
 /// The file a store that cannot be listed is expected to hold.
@@ -187,7 +199,11 @@ impl Checkpoint {
             }
             other => other,
         })?;
-        Checkpoint::assemble(location, index, shards, store, options.mapping)
+        let budget = options
+            .memory_budget
+            .clone()
+            .unwrap_or_else(MemoryBudget::detect);
+        Checkpoint::assemble(location, index, shards, store, options.mapping, budget)
     }
 
     /// Checks the shards against the index (or each other) and builds the checkpoint.
@@ -197,6 +213,7 @@ impl Checkpoint {
         shards: Vec<Shard>,
         store: Arc<dyn Store>,
         mapping: Mapping,
+        budget: MemoryBudget,
     ) -> Result<Checkpoint> {
         if let Some((index_location, index)) = &index {
             let pairs: Vec<(&str, &Header)> =
@@ -233,6 +250,7 @@ impl Checkpoint {
             tensor_count,
             store,
             mapping,
+            budget,
         })
     }
 
@@ -244,6 +262,11 @@ impl Checkpoint {
     /// Whether its tensors may stay in mappings of the files (see [`OpenOptions::mapping`]).
     pub fn mapping(&self) -> Mapping {
         self.mapping
+    }
+
+    /// The memory budget its uses run under (see [`OpenOptions::memory_budget`]).
+    pub fn budget(&self) -> &MemoryBudget {
+        &self.budget
     }
 
     /// The store holding the checkpoint's files.

@@ -74,7 +74,7 @@ impl Checkpoint {
         }
         let owned_plan = self.plan(owned, options, None, &convert_fn);
         let mapped_plan = self.plan(mapped, options, None, |d| d);
-        let budget = options.budget();
+        let budget = options.budget_in(self);
         check_fits(&owned_plan, &budget)?;
         // Mapped tensors are page-cache pages, which the kernel can take back and fault in
         // again: what does not fit in the window is left to fault in on first touch, rather
@@ -166,7 +166,7 @@ impl Checkpoint {
 
     /// Checks, before anything is allocated, that an owned CPU load fits the budget.
     pub(crate) fn check_fits_cpu(&self, plan: &ReadPlan, options: &LoadOptions) -> Result<()> {
-        check_fits(plan, &options.budget())
+        check_fits(plan, &options.budget_in(self))
     }
 
     /// The loader threads of a load.

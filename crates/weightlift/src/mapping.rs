@@ -144,11 +144,9 @@ impl MapCache {
             .clone()
     }
 
-    /// Whether `len` bytes fit the prefetch window (asked once per shard).
-    pub(crate) fn fits_window(&self, len: u64) -> bool {
-        *self
-            .fits
-            .get_or_init(|| len <= crate::budget::MemoryBudget::detect().window())
+    /// Whether `len` bytes fit a window of `window` bytes (asked once per shard).
+    pub(crate) fn fits_window(&self, len: u64, window: u64) -> bool {
+        *self.fits.get_or_init(|| len <= window)
     }
 
     /// A lazy read brought `range` of `map` in: ranges read well before it are marked the

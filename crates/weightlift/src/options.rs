@@ -218,20 +218,20 @@ impl LoadOptions {
         self
     }
 
-    /// The memory budget and prefetch window (default: [`MemoryBudget::detect`] when the
-    /// load starts): an owned CPU load needing more than the budget fails at planning; a
-    /// mapped load populates at most the window up front; a prefetch runs at most the window
-    /// ahead of its reader.
+    /// The memory budget and prefetch window of this load (default: the checkpoint's, see
+    /// [`crate::OpenOptions::memory_budget`]): an owned CPU load needing more than the budget
+    /// fails at planning; a mapped load populates at most the window up front; a prefetch
+    /// runs at most the window ahead of its reader.
     pub fn memory_budget(mut self, budget: MemoryBudget) -> Self {
         self.memory_budget = Some(budget);
         self
     }
 
-    /// The budget a load runs under: the options', else detected now.
-    pub(crate) fn budget(&self) -> MemoryBudget {
+    /// The budget a load of `ckpt` runs under: the options', else the checkpoint's.
+    pub(crate) fn budget_in(&self, ckpt: &crate::Checkpoint) -> MemoryBudget {
         self.memory_budget
             .clone()
-            .unwrap_or_else(MemoryBudget::detect)
+            .unwrap_or_else(|| ckpt.budget().clone())
     }
 
     /// Reports progress to `f`, once per completed read, from loader threads.

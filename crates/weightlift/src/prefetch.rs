@@ -63,8 +63,7 @@ impl Checkpoint {
     /// Reads through the returned [`Prefetch`] find their bytes in memory rather than
     /// faulting them in one page at a time or waiting on one small request each.
     pub fn prefetch(self: &Arc<Self>, options: LoadOptions) -> Prefetch {
-        let budget = options.budget();
-        let limit = budget.window();
+        let limit = options.budget_in(self).window();
         let cancel = Arc::new(AtomicBool::new(false));
         let mut ways = Vec::with_capacity(self.shards().len());
         let mut owned = HashSet::new();
@@ -142,10 +141,54 @@ impl Checkpoint {
     }
 }
 
+impl Checkpoint {
+    /// Starts reading this checkpoint's local files into the page cache in the background,
+    /// in file order, through the process's prefetch window, where the whole checkpoint fits
+    /// half the window (the readers' own prefetches, which follow, fit beside it) and a file
+    /// is not mostly there already: for a caller that knows it will
+    /// read the files but has other work to do first (transformers builds the model before it
+    /// opens them). Nothing is mapped, and the returned [`Prefetch`] serves no reads: the
+    /// loads that follow find the bytes in the page cache. Dropping it calls the rest off.
+    pub fn warm(self: &Arc<Self>) -> Prefetch {
+        let limit = self.budget().window();
+        let fits = self.data_bytes().saturating_mul(2) <= limit;
+        let ways = self
+            .shards()
+            .iter()
+            .enumerate()
+            .map(|(s, shard)| {
+                let cold = shard.path().is_some_and(|path| {
+                    weightlift_storage::residency(path).is_ok_and(|r| r.fraction() < 0.9)
+                });
+                if fits && cold {
+                    Way::Window(window().register(self, s, None, false, limit, default_threads()))
+                } else {
+                    Way::None
+                }
+            })
+            .collect();
+        let done = OnceLock::new();
+        let _ = done.set(None);
+        Prefetch {
+            ckpt: Arc::clone(self),
+            ways,
+            cancel: Arc::new(AtomicBool::new(false)),
+            thread: Mutex::new(None),
+            owned_bytes: 0,
+            done,
+        }
+    }
+}
+
 impl Prefetch {
     /// The checkpoint being prefetched.
     pub fn checkpoint(&self) -> &Arc<Checkpoint> {
         &self.ckpt
+    }
+
+    /// Whether any shard is being prefetched.
+    pub fn is_active(&self) -> bool {
+        self.ways.iter().any(|w| !matches!(w, Way::None))
     }
 
     /// Calls the prefetch off: nothing more is brought in. Reads that follow go to the

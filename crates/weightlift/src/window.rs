@@ -6,10 +6,9 @@
 //! counts against it, and a reader's read gives its bytes back. So a checkpoint larger than
 //! memory is read once, not populated whole and evicted before anyone reads it.
 //!
-//! Populating: reads through the file's source into a reused buffer, which leave the bytes
-//! in the page cache for the reader's own read or touch (skipped for chunks there already);
-//! on a host short of memory (the checkpoint does not fit the window), for a file the
-//! checkpoint maps, its mapping's pages (`MADV_POPULATE_READ`) instead. What was read
+//! Populating: for a file the checkpoint maps, its mapping's pages (`MADV_POPULATE_READ`);
+//! for any other file (a network filesystem, a URL), reads through its source into a reused
+//! buffer, which leave the bytes in the page cache for the reader's own read. What was read
 //! can be released afterwards (`drop_cache`): a file's pages are dropped from the cache once
 //! its reader is past them.
 
@@ -278,9 +277,8 @@ impl Window {
                 state.workers -= 1;
                 return;
             };
-            let fits = state.fits();
             drop(state);
-            populate(&job, range, &mut buf, fits);
+            populate(&job, range, &mut buf);
             state = self.lock();
         }
     }
@@ -384,7 +382,7 @@ fn chunks(ranges: &[Range<u64>], start: u64, end: u64) -> Vec<(Range<u64>, Range
 /// Brings `range` of the job's file into memory: its mapping's pages, or the page cache
 /// through a read into `buf`. Failures are left to the readers, which read the bytes
 /// themselves and report their own errors.
-fn populate(job: &Job, range: Range<u64>, buf: &mut Vec<u8>, fits: bool) {
+fn populate(job: &Job, range: Range<u64>, buf: &mut Vec<u8>) {
     if job.cancelled.load(Ordering::Relaxed) {
         return;
     }
@@ -397,16 +395,6 @@ fn populate(job: &Job, range: Range<u64>, buf: &mut Vec<u8>, fits: bool) {
             .is_err()
     };
     let failed = match &job.mapping {
-        // Where the checkpoint fits, the page cache is filled (one large read, only where
-        // the chunk is not there already) and the readers' touches map the pages: a mapping
-        // populated here would count the whole file in the process's resident memory before
-        // anyone reads it, and cost the time of mapping pages a loader that reads otherwise
-        // (transformers under the patch, whose placement loads read the experts' bytes)
-        // never needs.
-        Some(memory) if fits => match memory.mapping() {
-            Some(m) if m.resident(range.start, len) => false,
-            _ => read(buf),
-        },
         Some(memory) => memory
             .mapping()
             .is_none_or(|m| m.populate(range.start, len).is_err()),

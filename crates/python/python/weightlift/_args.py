@@ -1,4 +1,4 @@
-"""The arguments every entry point takes alike: the framework and the device."""
+"""The arguments every entry point takes alike: the framework, the device, sizes."""
 
 from ._native import SafetensorError
 
@@ -24,3 +24,12 @@ def device(framework, device):
     if framework == "np" and device != "cpu":
         raise SafetensorError(f"device {device} is invalid for numpy: use 'cpu'")
     return device
+
+
+def size(value):
+    """Bytes from an int or a size as people write it ("8GiB", "512MB"); None stays None."""
+    if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+        return value
+    from ._native import parse_size
+
+    return parse_size(str(value))

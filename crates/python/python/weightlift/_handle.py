@@ -4,7 +4,7 @@ mapped or read); this module passes the user's arguments down."""
 
 import os
 
-from . import _arrays, _slicing
+from . import _args, _arrays, _slicing
 from ._native import Checkpoint as _Checkpoint
 
 
@@ -15,10 +15,19 @@ class StateDict(dict):
     report = ()
 
 
-def open_handle(path, backend="auto", copy=False, token=None):
+def open_handle(path, backend="auto", copy=False, token=None, memory_budget=None, prefetch_window=None):
     """The native checkpoint for `path` (a file, a directory, an index file, a URL or a
-    model id). A path that does not exist raises ``FileNotFoundError``."""
-    return _Checkpoint(os.fspath(path), backend=str(backend), copy=copy, token=token)
+    model id). A path that does not exist raises ``FileNotFoundError``. `memory_budget` and
+    `prefetch_window` (bytes, or sizes such as "8GiB") are the budget every use of it runs
+    under (default: detected once, here; see ``weightlift.memory_budget()``)."""
+    return _Checkpoint(
+        os.fspath(path),
+        backend=str(backend),
+        copy=copy,
+        token=token,
+        memory_budget=_args.size(memory_budget),
+        prefetch_window=_args.size(prefetch_window),
+    )
 
 
 def arrays(groups, framework, out):

@@ -84,7 +84,13 @@ class safe_open:
     ):
         self._framework = _args.framework(framework)
         self._device = _args.device(self._framework, device)
-        self._handle = _handle.open_handle(filename, backend, token=token)
+        self._handle = _handle.open_handle(
+            filename,
+            backend,
+            token=token,
+            memory_budget=memory_budget,
+            prefetch_window=prefetch_window,
+        )
         self._bases = _arrays.TorchBases()
         # Started with the first slice asked for or read, not here: a caller that only lists
         # keys or reads metadata, or reads in other ways (a placement load of the whole
@@ -98,12 +104,7 @@ class safe_open:
                 # so the loads of shards prefetched whole run side by side: two threads each
                 # keep a disk queue full without crowding the caller's own threads.
                 threads = int(os.environ.get("WEIGHTLIFT_PREFETCH_THREADS", "2"))
-            self._prefetch_pending = dict(
-                threads=threads,
-                drop_cache=bool(drop_cache),
-                budget=memory_budget,
-                window=prefetch_window,
-            )
+            self._prefetch_pending = dict(threads=threads, drop_cache=bool(drop_cache))
 
     def _start_prefetch(self):
         args, self._prefetch_pending = self._prefetch_pending, None

@@ -149,6 +149,67 @@ def optional_ops(cml):
     return out
 
 
+def warming(from_pretrained):
+    """``PreTrainedModel.from_pretrained`` (its function) that starts reading the checkpoint's
+    files into the page cache as soon as it is called, where they are local safetensors
+    files that fit the prefetch window and are not cached already: transformers resolves the
+    files, reads the configuration and builds the whole model (hundreds of milliseconds for
+    a large MoE) before it opens a file, and the read overlaps that work. Called off when
+    ``from_pretrained`` returns."""
+
+    @functools.wraps(from_pretrained)
+    def from_pretrained_warming(cls, pretrained_model_name_or_path=None, *args, **kwargs):
+        warm = _Warm(pretrained_model_name_or_path, kwargs)
+        try:
+            return from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs)
+        finally:
+            warm.close()
+
+    from_pretrained_warming._weightlift_original = from_pretrained
+    return from_pretrained_warming
+
+
+class _Warm:
+    """The early read of a ``from_pretrained`` call's checkpoint: opened and started on a
+    thread of its own (opening reads every header, and checking what is cached already takes
+    a few milliseconds per file: the caller goes on meanwhile), called off by ``close``."""
+
+    def __init__(self, path, kwargs):
+        import os
+        import threading
+
+        self._handle, self._closed, self._lock = None, False, threading.Lock()
+        if any(kwargs.get(k) for k in ("gguf_file", "state_dict", "variant")):
+            return
+        if kwargs.get("use_safetensors") is False or not isinstance(path, (str, os.PathLike)):
+            return
+        path = os.path.join(os.fspath(path), kwargs.get("subfolder") or "")
+        if os.path.isdir(path):
+            threading.Thread(target=self._start, args=(path,), daemon=True).start()
+
+    def _start(self, path):
+        from . import _handle
+
+        try:
+            handle = _handle.open_handle(path)
+        except Exception as e:  # noqa: BLE001 (transformers reports the checkpoint's problems)
+            log.debug("weightlift: no early read of %s: %s", path, e)
+            return
+        with self._lock:
+            if self._closed:
+                return
+            self._handle = handle
+        started = handle.warm()
+        log.debug("weightlift: early read of %s: %s", path, "started" if started else "not needed")
+
+    def close(self):
+        with self._lock:
+            self._closed = True
+            handle, self._handle = self._handle, None
+        if handle is not None:
+            handle.close()
+
+
 def wrap(original):
     """transformers' ``convert_and_load_state_dict_in_model``, done by weightlift where it can."""
     import inspect

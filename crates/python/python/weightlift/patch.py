@@ -166,9 +166,11 @@ def _hooked():
 
 
 def _hook_transformers():
-    """Routes transformers' conversion step through weightlift, once transformers is imported
-    and while patched, where transformers has what the adapter relies on (see
-    ``weightlift._transformers.surface()``)."""
+    """Once transformers is imported and while patched: ``from_pretrained`` starts reading
+    the checkpoint's files as soon as it is called (see ``weightlift._transformers.warming``),
+    and transformers' conversion step is weightlift's where transformers has what the adapter
+    relies on (see ``weightlift._transformers.surface()``)."""
+    _hook_from_pretrained()
     cml = sys.modules.get("transformers.core_model_loading")
     if cml is None or not _conversion:
         return
@@ -201,6 +203,74 @@ def _hook_transformers():
 
 # The transformers modules whose missing internals were logged already (once each).
 _told = set()
+# (class, attribute, original descriptor) of the class attributes replaced, while patched.
+_class_patches = []
+
+
+def _hook_from_pretrained():
+    """``PreTrainedModel.from_pretrained`` warms the page cache with the checkpoint's files
+    while transformers builds the model (see ``weightlift._transformers.warming``)."""
+    mu = sys.modules.get("transformers.modeling_utils")
+    cls = getattr(mu, "PreTrainedModel", None)
+    if cls is None:
+        return
+    from . import _transformers
+
+    with _lock:
+        if not _replaced or any(c is cls for c, _, _ in _class_patches):
+            return
+        original = cls.__dict__.get("from_pretrained")
+        if not isinstance(original, classmethod):
+            return
+        setattr(cls, "from_pretrained", classmethod(_transformers.warming(original.__func__)))
+        _class_patches.append((cls, "from_pretrained", original))
+
+
+def _unhook_from_pretrained():
+    for cls, name, original in _class_patches:
+        setattr(cls, name, original)
+    _class_patches.clear()
+
+
+class _AfterImport:
+    """A meta-path finder that hooks transformers once ``transformers.modeling_utils`` is
+    imported (for ``patch()`` called before transformers is imported: the hooks must be in
+    place before ``from_pretrained`` runs, not at its first ``safe_open``)."""
+
+    TARGET = "transformers.modeling_utils"
+
+    def find_spec(self, name, path, target=None):
+        if name != self.TARGET:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(name, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        loader = spec.loader
+        exec_module = getattr(loader, "exec_module", None)
+        if exec_module is None:
+            return spec
+
+        def exec_then_hook(module):
+            exec_module(module)
+            _hook_transformers()
+
+        loader.exec_module = exec_then_hook
+        return spec
+
+
+_finder = _AfterImport()
+
+
+def _watch_imports(on):
+    if on and _finder not in sys.meta_path and "transformers.modeling_utils" not in sys.modules:
+        sys.meta_path.insert(0, _finder)
+    elif not on and _finder in sys.meta_path:
+        sys.meta_path.remove(_finder)
 
 
 def _unhook_transformers():
@@ -224,6 +294,8 @@ def patched():
 def unpatch():
     """Puts every original back (also in modules imported since ``patch()``). Idempotent."""
     with _lock:
+        _watch_imports(False)
+        _unhook_from_pretrained()
         if not _replaced:
             return
         originals = {id(new): (new, orig) for orig, new in _targets_from(_replaced)}
@@ -269,6 +341,8 @@ def patch(conversion=True):
         was = bool(_replaced)
         if not was:
             _replaced.extend(_swap(_targets()))
+            _watch_imports(True)
+        _hook_from_pretrained()
         if _conversion:
             _hook_transformers()
         else:

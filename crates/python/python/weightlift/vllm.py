@@ -115,14 +115,6 @@ def _unavailable(problem):
     return WeightliftUnavailable
 
 
-def _size(value):
-    if value is None or isinstance(value, int):
-        return value
-    from ._native import parse_size
-
-    return parse_size(str(value))
-
-
 def _loader(DefaultModelLoader):
     import dataclasses
 
@@ -190,7 +182,7 @@ def iterate(files, options, local_expert_ids=None):
     running in the background while vLLM copies this one's tensors into its parameters."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from . import _arrays, _handle
+    from . import _args, _arrays, _handle
 
     skip = None
     if local_expert_ids is not None:
@@ -203,9 +195,18 @@ def iterate(files, options, local_expert_ids=None):
     threads = options.get("threads")
     drop_cache = bool(options.get("drop_cache", False))
     files = sorted(files, key=_natural)
+    # The one memory policy: the budget and window every file's load runs under.
+    budget = _args.size(options.get("memory_budget"))
+    window = _args.size(options.get("prefetch_window"))
 
     def load(path):
-        handle = _handle.open_handle(path, backend, bool(options.get("copy")))
+        handle = _handle.open_handle(
+            path,
+            backend,
+            bool(options.get("copy")),
+            memory_budget=budget,
+            prefetch_window=window,
+        )
         names = None
         if skip is not None:
             names = {n for n in handle.offset_keys() if not skip(n)}
@@ -222,7 +223,8 @@ def iterate(files, options, local_expert_ids=None):
     from ._native import memory_budget
 
     largest = max((os.path.getsize(f) for f in files), default=1)
-    window = _size(options.get("prefetch_window")) or memory_budget()[1]
+    if window is None:
+        window = budget // 2 if budget is not None else memory_budget()[1]
     depth = max(1, min(3, window // max(largest, 1)))
     waited, start = 0.0, time.perf_counter()
     with ThreadPoolExecutor(max_workers=depth) as pool:
