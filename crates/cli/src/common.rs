@@ -4,10 +4,6 @@ use clap::ValueEnum;
 use std::io::Write;
 use weightlift::{Backend, Mapping, OpenOptions};
 
-/// The environment variable holding a bearer token for http(s) URLs.
-#[cfg(feature = "remote")]
-pub(crate) const TOKEN_VAR: &str = "WEIGHTLIFT_HTTP_TOKEN";
-
 /// The checkpoint a command works on, and how to read it.
 #[derive(Debug, Clone, clap::Args)]
 pub(crate) struct CheckpointArgs {
@@ -56,7 +52,7 @@ impl SourceArgs {
             weightlift::remote::RemoteOptions::default()
                 .max_in_flight(self.in_flight.max(1))
                 .max_retries(self.retries)
-                .bearer_token(std::env::var(TOKEN_VAR).ok().filter(|t| !t.is_empty())),
+                .bearer_token(weightlift::env::http_token()),
         );
         options
     }

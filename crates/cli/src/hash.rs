@@ -13,7 +13,7 @@ use serde_json::{Map, json};
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
-use weightlift::{Device, Dtype, LoadOptions, MemoryBudget};
+use weightlift::{Device, Dtype, LoadOptions};
 
 #[derive(clap::Args)]
 #[command(
@@ -49,7 +49,7 @@ pub(crate) fn run(args: &Args) -> Result<(), String> {
     }
     let pattern = filter_pattern(args.filter.as_deref())?;
     let ckpt = args.checkpoint.open()?;
-    let window = MemoryBudget::detect().window().max(1 << 20);
+    let window = ckpt.budget().window().max(1 << 20);
     let mut hashes: BTreeMap<String, (String, Vec<usize>, String)> = BTreeMap::new();
     let groups = ckpt.shards().iter().flat_map(|shard| {
         // Consecutive tensors of the shard, as many as the window holds (at least one).

@@ -116,14 +116,20 @@ impl PyCheckpoint {
     /// read, never more than the window ahead of them; files that fit loaded whole), so that
     /// the reads that follow find their bytes in memory rather than faulting them in one page
     /// at a time, or waiting for one small request each. `drop_cache`: release the pages of
-    /// what readers have read. Does nothing when a prefetch was started already. The
-    /// window is the checkpoint's (see `new`).
-    #[pyo3(signature = (threads=None, drop_cache=false))]
-    fn prefetch(&self, py: Python<'_>, threads: Option<usize>, drop_cache: bool) {
-        let mut options = LoadOptions::default().drop_cache(drop_cache);
-        if let Some(t) = threads {
-            options = options.threads(t.max(1));
-        }
+    /// what readers have read (default: `WEIGHTLIFT_DROP_CACHE`). `threads`: default
+    /// `WEIGHTLIFT_PREFETCH_THREADS`, else 2 (callers that prefetch open every shard of a
+    /// checkpoint one after the other, so shards prefetched whole load side by side: two
+    /// threads each keep a disk queue full without crowding the caller's own threads). Does
+    /// nothing when a prefetch was started already. The window is the checkpoint's (see
+    /// `new`).
+    #[pyo3(signature = (threads=None, drop_cache=None))]
+    fn prefetch(&self, py: Python<'_>, threads: Option<usize>, drop_cache: Option<bool>) {
+        let threads = threads
+            .or_else(weightlift::env::prefetch_threads)
+            .unwrap_or(2);
+        let options = LoadOptions::default()
+            .drop_cache(drop_cache.unwrap_or_else(weightlift::env::drop_cache))
+            .threads(threads.max(1));
         py.detach(|| self.prefetch.get_or_init(|| self.ckpt.prefetch(options)));
     }
 

@@ -5,19 +5,15 @@
 //! - The **budget** bounds what a CPU load holds in memory of its own: an owned load whose
 //!   tensors need more fails at planning, naming the bytes needed and available, instead of
 //!   being killed midway. Default: the memory available now
-//!   ([`weightlift_storage::memory_info`]); `WEIGHTLIFT_MEMORY_BUDGET` (a size, `8GiB`, or a
+//!   ([`weightlift_storage::memory_info`]); [`crate::env::MEMORY_BUDGET`] (a size, `8GiB`, or a
 //!   share of the available memory, `75%`) or [`crate::LoadOptions::memory_budget`] set it.
 //! - The **window** bounds what prefetches read ahead of their readers (page-cache pages
 //!   populated and not yet read) and how much of a mapped load is populated up front.
 //!   Default: half of the budget, so that what readers make of the bytes fits beside them;
-//!   `WEIGHTLIFT_PREFETCH_WINDOW` (a size or a share of the budget) sets it.
+//!   [`crate::env::PREFETCH_WINDOW`] (a size or a share of the budget) sets it.
 
-use weightlift_storage::{human, memory_info, parse_size};
-
-/// The environment variable that sets the memory budget.
-pub const BUDGET_VAR: &str = "WEIGHTLIFT_MEMORY_BUDGET";
-/// The environment variable that sets the prefetch window.
-pub const WINDOW_VAR: &str = "WEIGHTLIFT_PREFETCH_WINDOW";
+use crate::env::{self, MEMORY_BUDGET, PREFETCH_WINDOW, amount};
+use weightlift_storage::{human, memory_info};
 
 /// A memory budget and the prefetch window within it, with where they come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,44 +23,26 @@ pub struct MemoryBudget {
     source: String,
 }
 
-/// `text` as a size, or as a percentage of `of`.
-fn amount(text: &str, of: u64) -> Result<u64, String> {
-    match text.trim().strip_suffix('%') {
-        Some(pct) => {
-            let pct: f64 = pct
-                .trim()
-                .parse()
-                .map_err(|_| format!("invalid percentage {text:?}"))?;
-            Ok((of as f64 * pct.clamp(0.0, 100.0) / 100.0) as u64)
-        }
-        None => parse_size(text),
-    }
-}
-
 impl MemoryBudget {
     /// The budget now: `WEIGHTLIFT_MEMORY_BUDGET` where set (a size, or a percentage of the
     /// available memory), else the memory available to this process; the window:
     /// `WEIGHTLIFT_PREFETCH_WINDOW` (a size, or a percentage of the budget), else half the
     /// budget. A malformed variable is ignored with a warning in the log.
     pub fn detect() -> MemoryBudget {
-        let env = |name| {
-            std::env::var(name)
-                .ok()
-                .filter(|v: &String| !v.trim().is_empty())
-        };
         let info = memory_info();
-        let (bytes, source) = match env(BUDGET_VAR).map(|v| (amount(&v, info.available), v)) {
-            Some((Ok(bytes), text)) => (bytes, format!("{BUDGET_VAR}={text}")),
+        let (bytes, source) = match env::var(MEMORY_BUDGET).map(|v| (amount(&v, info.available), v))
+        {
+            Some((Ok(bytes), text)) => (bytes, format!("{MEMORY_BUDGET}={text}")),
             Some((Err(e), _)) => {
-                log::warn!("{BUDGET_VAR}: {e}; using the memory available");
+                log::warn!("{MEMORY_BUDGET}: {e}; using the memory available");
                 (info.available, info.source)
             }
             None => (info.available, info.source),
         };
-        let window = match env(WINDOW_VAR).map(|v| amount(&v, bytes)) {
+        let window = match env::var(PREFETCH_WINDOW).map(|v| amount(&v, bytes)) {
             Some(Ok(window)) => window,
             Some(Err(e)) => {
-                log::warn!("{WINDOW_VAR}: {e}; using half the memory budget");
+                log::warn!("{PREFETCH_WINDOW}: {e}; using half the memory budget");
                 bytes / 2
             }
             None => bytes / 2,
@@ -128,12 +106,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn amounts_are_sizes_or_shares() {
-        assert_eq!(amount("1GiB", 0).unwrap(), 1 << 30);
-        assert_eq!(amount("50%", 1000).unwrap(), 500);
-        assert_eq!(amount(" 25 % ", 1000).unwrap(), 250);
-        assert!(amount("lots", 1000).is_err());
-        assert!(amount("x%", 1000).is_err());
+    fn a_budget_set_has_half_of_it_as_window() {
         let b = MemoryBudget::of(1 << 30);
         assert_eq!((b.bytes(), b.window()), (1 << 30, 1 << 29));
         assert_eq!(b.with_window(5).window(), 5);

@@ -269,6 +269,13 @@ impl Checkpoint {
         &self.budget
     }
 
+    /// Whether all of its data fits the prefetch window of its budget: where it does, its
+    /// pages can stay in memory from first read to last use (populated ahead, never marked
+    /// the first to reclaim); where it does not, what readers are past is let go of.
+    pub(crate) fn fits_window(&self) -> bool {
+        self.data_bytes() <= self.budget.window()
+    }
+
     /// The store holding the checkpoint's files.
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.store

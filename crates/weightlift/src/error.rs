@@ -103,7 +103,7 @@ pub enum Error {
         "the load needs {} of memory for its tensors, more than its budget of {budget}: load a part \
          of it (prefix, filter, slices), map the files, load to a GPU, or set {}",
         weightlift_storage::human(*needed),
-        crate::budget::BUDGET_VAR
+        crate::env::MEMORY_BUDGET
     )]
     DoesNotFit {
         /// Bytes the load's tensors need.

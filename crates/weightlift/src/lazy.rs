@@ -54,7 +54,7 @@ impl Checkpoint {
             // SAFETY: the policy maps only under a `Mapping` made by its unsafe
             // constructors, whose contract the caller took on when opening the checkpoint.
             let memory = unsafe { shard.mapping() }?;
-            let fits = shard.fits_window(self.data_bytes(), self.budget().window());
+            let fits = self.fits_window();
             from_mapping(shard, info, &plan, memory, base, fits, populate)?
         } else {
             let mut buf = HostBuffer::new(total)?;
@@ -91,7 +91,7 @@ impl Checkpoint {
     /// reads (planning a load, say). Returns whether it did; on a host short of memory it
     /// does nothing (the bytes would evict each other before they are read).
     pub fn read_ahead(self: &std::sync::Arc<Self>) -> bool {
-        if self.data_bytes() > self.budget().window() {
+        if !self.fits_window() {
             return false;
         }
         let ckpt = std::sync::Arc::clone(self);

@@ -25,6 +25,7 @@
 mod budget;
 mod checkpoint;
 mod convert;
+pub mod env;
 mod error;
 mod exec;
 mod lazy;
@@ -41,9 +42,10 @@ mod shard;
 mod share;
 mod slice;
 mod tensor;
+mod trail;
 mod window;
 
-pub use budget::{BUDGET_VAR, MemoryBudget, WINDOW_VAR};
+pub use budget::MemoryBudget;
 pub use checkpoint::{Checkpoint, OpenOptions};
 pub use error::{Error, Result};
 pub use lazy::MappedCheckpoint;

@@ -6,6 +6,7 @@
 
 use crate::error::{Error, Result};
 use crate::memory::HostMemory;
+use crate::trail::Trail;
 use std::path::Path;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use weightlift_storage::{Location, MappedFile};
@@ -126,15 +127,9 @@ pub(crate) fn decide(
 pub(crate) struct MapCache {
     advice: OnceLock<(bool, String)>,
     live: Mutex<Weak<HostMemory>>,
-    /// Whether the file fits the prefetch window (decided on the first lazy read).
-    fits: OnceLock<bool>,
-    /// Ranges lazy reads brought in lately, oldest first, and their bytes.
-    recent: Mutex<(std::collections::VecDeque<std::ops::Range<u64>>, u64)>,
+    /// What lazy reads brought in lately (see [`crate::trail`]).
+    trail: Mutex<Trail>,
 }
-
-/// Bytes lazy reads may be past a range of the mapping before its pages are marked the first
-/// to reclaim: a view handed out is touched after the read returns.
-const COOL_LAG: u64 = 32 << 20;
 
 impl MapCache {
     /// [`weightlift_storage::map_advice`] for `path`, asked once per shard (a `statfs`).
@@ -144,21 +139,16 @@ impl MapCache {
             .clone()
     }
 
-    /// Whether `len` bytes fit a window of `window` bytes (asked once per shard).
-    pub(crate) fn fits_window(&self, len: u64, window: u64) -> bool {
-        *self.fits.get_or_init(|| len <= window)
-    }
-
     /// A lazy read brought `range` of `map` in: ranges read well before it are marked the
     /// first to reclaim, so that on a host short of memory a reader going through the file
     /// evicts what it read before what it has not read yet (a hint; nothing is lost).
     pub(crate) fn read(&self, map: &MappedFile, range: std::ops::Range<u64>) {
-        let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
-        recent.1 += range.end - range.start;
-        recent.0.push_back(range);
-        while recent.1 > COOL_LAG && recent.0.len() > 1 {
-            let old = recent.0.pop_front().expect("more than one range");
-            recent.1 -= old.end - old.start;
+        let past = self
+            .trail
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .read(range);
+        for old in past {
             map.cool(old.start, old.end - old.start);
         }
     }

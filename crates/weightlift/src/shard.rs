@@ -72,12 +72,6 @@ impl Shard {
         )
     }
 
-    /// Whether `bytes` (its checkpoint's) fit the prefetch window, asked once per shard (see
-    /// `MapCache::fits_window`).
-    pub(crate) fn fits_window(&self, bytes: u64, window: u64) -> bool {
-        self.map.fits_window(bytes, window)
-    }
-
     /// A lazy read brought `range` of the shard's mapping `map` in (see `MapCache::read`).
     pub(crate) fn read_mapped(
         &self,

@@ -14,6 +14,7 @@
 
 use crate::checkpoint::Checkpoint;
 use crate::memory::HostMemory;
+use crate::trail::Trail;
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
@@ -21,11 +22,6 @@ use std::time::Duration;
 
 /// Bytes populated per step: large reads, small enough to keep the window fine-grained.
 const CHUNK: u64 = 16 << 20;
-
-/// Bytes a reader may be past a range before its pages are let go (marked the first to
-/// reclaim, or released with `drop_cache`): a view handed out is touched after the read
-/// returns, so the pages just read must stay.
-const RELEASE_LAG: u64 = 32 << 20;
 
 /// One shard being prefetched.
 #[derive(Debug)]
@@ -51,29 +47,72 @@ impl Job {
 /// A registered job's progress (under the window's lock).
 struct Entry {
     job: Arc<Job>,
+    /// The window of the caller that registered the job: its chunks are populated only while
+    /// what is ahead of the readers stays within it (another caller's window never changes
+    /// this one's).
+    limit: u64,
+    /// The file ranges of the shard's tensors, in file order.
+    ranges: Vec<Range<u64>>,
     /// Chunks in file order: (file range, tensor positions it overlaps).
     chunks: Vec<(Range<u64>, Range<usize>)>,
     next: usize,
     /// Per tensor (file order): bytes populated, and whether a reader has read it.
     populated: Vec<u64>,
     consumed: Vec<bool>,
-    /// Ranges read by readers, not yet let go of (see `drop_pages`), and their bytes.
-    to_release: Vec<Range<u64>>,
-    unreleased: u64,
+    /// What readers read, not yet let go of (see `drop_pages`).
+    trail: Trail,
     /// The shard's data bytes.
     bytes: u64,
 }
 
+impl Entry {
+    /// Job `job`'s shard in chunks, nothing populated or read yet, within a window of
+    /// `limit` bytes.
+    fn new(job: Arc<Job>, limit: u64) -> Entry {
+        let header = job.ckpt.shards()[job.shard].header();
+        let base = header.data_start();
+        let ranges: Vec<Range<u64>> = header
+            .tensors()
+            .iter()
+            .map(|t| base + t.data_offsets.0..base + t.data_offsets.1)
+            .collect();
+        let chunks = chunks(&ranges, base, base + header.data_len());
+        let count = ranges.len();
+        let bytes = header.data_len();
+        Entry {
+            job,
+            limit,
+            ranges,
+            chunks,
+            next: 0,
+            populated: vec![0; count],
+            consumed: vec![false; count],
+            trail: Trail::default(),
+            bytes,
+        }
+    }
+}
+
+/// What a populating thread does next.
+enum Next {
+    /// Populates this range of the job's file.
+    Chunk(Arc<Job>, Range<u64>),
+    /// Waits for a reader to read (the window is full).
+    Wait,
+    /// Nothing is left to populate: the thread ends.
+    Done,
+}
+
+/// The window's bookkeeping: which chunk is populated next, what is ahead of the readers.
+/// Pure (no threads, no I/O, no clock): [`Window`] is the shell that runs it.
 #[derive(Default)]
 struct State {
-    limit: u64,
     /// Bytes populated (or being populated) and not yet read.
     ahead: u64,
     entries: Vec<Entry>,
     /// The job a reader read last: populated first while it has chunks left.
     last_read: Option<u64>,
     workers: usize,
-    max_workers: usize,
     next_id: u64,
     /// Bytes of shards prefetched whole into memory of their own (see `reserve_owned`).
     owned: u64,
@@ -82,14 +121,20 @@ struct State {
 }
 
 impl State {
-    /// Whether everything registered fits the window. Where it does not (a host short of
-    /// memory), the pages of what readers have read are marked the first to reclaim, chunks
-    /// every tensor of which was read are not populated, and a reader's shard is populated
-    /// first; where it does, none of these (marking clears the pages' accessed bits, which
-    /// costs every later touch of them; and readers handed views say nothing of where their
-    /// callers will touch next: the files are populated in order).
-    fn fits(&self) -> bool {
-        self.registered <= self.limit
+    /// Whether everything registered fits a window of `limit` bytes. Where it does not (a
+    /// host short of memory), the pages of what readers have read are marked the first to
+    /// reclaim, chunks every tensor of which was read are not populated, and a reader's
+    /// shard is populated first; where it does, none of these (marking clears the pages'
+    /// accessed bits, which costs every later touch of them; and readers handed views say
+    /// nothing of where their callers will touch next: the files are populated in order).
+    fn fits(&self, limit: u64) -> bool {
+        self.registered <= limit
+    }
+
+    /// Adds a job's entry.
+    fn add(&mut self, entry: Entry) {
+        self.registered += entry.bytes;
+        self.entries.push(entry);
     }
 
     /// Removes the entry at `at`, with its bytes.
@@ -98,9 +143,104 @@ impl State {
         self.registered = self.registered.saturating_sub(entry.bytes);
         entry
     }
+
+    /// A reader read tensor `t` (file order) of job `id`'s shard: its populated bytes leave
+    /// the window. Returns the ranges the job's readers are now past, to let go of, and
+    /// whether the checkpoint fits the job's window.
+    fn consumed(&mut self, id: u64, t: usize) -> (Vec<Range<u64>>, bool) {
+        let Some(at) = self.entries.iter().position(|e| e.job.id == id) else {
+            return (Vec::new(), true);
+        };
+        let fits = self.fits(self.entries[at].limit);
+        if !fits {
+            self.last_read = Some(id);
+        }
+        let entry = &mut self.entries[at];
+        let (freed, past) = match entry.consumed.get(t) {
+            Some(false) => {
+                entry.consumed[t] = true;
+                (
+                    entry.populated[t],
+                    entry.trail.read(entry.ranges[t].clone()),
+                )
+            }
+            _ => (0, Vec::new()),
+        };
+        self.ahead = self.ahead.saturating_sub(freed);
+        (past, fits)
+    }
+
+    /// Forgets job `id` (cancelled or done): its unread bytes leave the window. Returns what
+    /// its readers read and was not let go of yet, and whether the checkpoint fit its window.
+    fn forget(&mut self, id: u64) -> Option<(Arc<Job>, Vec<Range<u64>>, bool)> {
+        let at = self.entries.iter().position(|e| e.job.id == id)?;
+        let fits = self.fits(self.entries[at].limit);
+        let mut entry = self.remove(at);
+        let unread: u64 = entry
+            .populated
+            .iter()
+            .zip(&entry.consumed)
+            .filter(|(_, c)| !**c)
+            .map(|(p, _)| p)
+            .sum();
+        self.ahead = self.ahead.saturating_sub(unread);
+        Some((entry.job, entry.trail.drain(), fits))
+    }
+
+    /// The next chunk to populate (counted ahead of the readers from now on), or whether to
+    /// wait or stop.
+    fn next(&mut self) -> Next {
+        while let Some(at) = self
+            .entries
+            .iter()
+            .position(|e| e.job.cancelled.load(Ordering::Relaxed))
+        {
+            self.remove(at);
+        }
+        let preferred = self.last_read;
+        loop {
+            let pick = self
+                .entries
+                .iter()
+                .position(|e| Some(e.job.id) == preferred && e.next < e.chunks.len())
+                .or_else(|| self.entries.iter().position(|e| e.next < e.chunks.len()));
+            let Some(pick) = pick else {
+                return Next::Done;
+            };
+            let fits = self.fits(self.entries[pick].limit);
+            let ahead = self.ahead;
+            let entry = &mut self.entries[pick];
+            let (range, tensors) = entry.chunks[entry.next].clone();
+            let unread: u64 = tensors
+                .clone()
+                .filter(|&t| !entry.consumed[t])
+                .map(|t| overlap(&entry.ranges[t], &range))
+                .sum();
+            if unread == 0 && !fits {
+                // Every tensor of the chunk was read already, on a host short of memory:
+                // whatever its readers left unpopulated, their own touches bring in (a
+                // reader handed a view of a mapping populates nothing). Where the checkpoint
+                // fits, the chunk is populated all the same, ahead of those touches.
+                entry.next += 1;
+                continue;
+            }
+            if ahead > 0 && ahead + unread > entry.limit {
+                return Next::Wait;
+            }
+            entry.next += 1;
+            for t in tensors {
+                if !entry.consumed[t] {
+                    entry.populated[t] += overlap(&entry.ranges[t], &range);
+                }
+            }
+            let job = Arc::clone(&entry.job);
+            self.ahead += unread;
+            return Next::Chunk(job, range);
+        }
+    }
 }
 
-/// The process's prefetch window.
+/// The process's prefetch window: [`State`] under a lock, and the threads that populate.
 pub(crate) struct Window {
     state: Mutex<State>,
     wake: Condvar,
@@ -124,12 +264,12 @@ fn overlap(tensor: &Range<u64>, chunk: &Range<u64>) -> u64 {
 }
 
 impl Window {
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+    fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Registers shard `shard` of `ckpt` for prefetching within a window of `limit` bytes
-    /// (the latest registration sets the window), with at most `threads` threads populating.
+    /// (this caller's: see [`Entry::limit`]), with at most `threads` threads populating.
     pub(crate) fn register(
         &'static self,
         ckpt: &Arc<Checkpoint>,
@@ -139,9 +279,6 @@ impl Window {
         limit: u64,
         threads: usize,
     ) -> Arc<Job> {
-        let header = ckpt.shards()[shard].header();
-        let base = header.data_start();
-        let count = header.tensors().len();
         let mut state = self.lock();
         state.next_id += 1;
         let job = Arc::new(Job {
@@ -152,21 +289,8 @@ impl Window {
             drop_cache,
             cancelled: AtomicBool::new(false),
         });
-        let chunks = chunks(&tensor_ranges(&job), base, base + header.data_len());
-        state.limit = limit;
-        state.max_workers = threads.max(1);
-        state.registered += header.data_len();
-        state.entries.push(Entry {
-            job: Arc::clone(&job),
-            chunks,
-            next: 0,
-            populated: vec![0; count],
-            consumed: vec![false; count],
-            to_release: Vec::new(),
-            unreleased: 0,
-            bytes: header.data_len(),
-        });
-        if state.workers < state.max_workers {
+        state.add(Entry::new(Arc::clone(&job), limit));
+        if state.workers < threads.max(1) {
             state.workers += 1;
             let spawned = std::thread::Builder::new()
                 .name("weightlift-window".into())
@@ -198,70 +322,24 @@ impl Window {
         state.owned = state.owned.saturating_sub(bytes);
     }
 
-    /// A reader read tensor `t` (file order) of `job`'s shard: its populated bytes leave the
-    /// window, the job is populated next, and the pages the reader is well past are let go
-    /// of (see `drop_pages`).
+    /// A reader read tensor `t` (file order) of `job`'s shard (see [`State::consumed`]); the
+    /// pages the readers are past are let go of (see `drop_pages`).
     pub(crate) fn consumed(&self, job: &Job, t: usize) {
-        let mut release = Vec::new();
-        let fits;
-        {
-            let mut state = self.lock();
-            fits = state.fits();
-            if !fits {
-                state.last_read = Some(job.id);
-            }
-            let Some(at) = state.entries.iter().position(|e| e.job.id == job.id) else {
-                return;
-            };
-            let mut freed = 0;
-            let entry = &mut state.entries[at];
-            if let Some(false) = entry.consumed.get(t).copied() {
-                entry.consumed[t] = true;
-                freed = entry.populated[t];
-                let info = &job.ckpt.shards()[job.shard].header().tensors()[t];
-                let base = job.ckpt.shards()[job.shard].header().data_start();
-                let range = base + info.data_offsets.0..base + info.data_offsets.1;
-                entry.unreleased += range.end - range.start;
-                entry.to_release.push(range);
-                // Let go of the oldest ranges once the reader is well past them.
-                while entry.unreleased > RELEASE_LAG && entry.to_release.len() > 1 {
-                    let r = entry.to_release.remove(0);
-                    entry.unreleased -= r.end - r.start;
-                    release.push(r);
-                }
-            }
-            state.ahead = state.ahead.saturating_sub(freed);
-            self.wake.notify_all();
-        }
-        for r in release {
+        let (past, fits) = self.lock().consumed(job.id, t);
+        self.wake.notify_all();
+        for r in past {
             drop_pages(job, r, fits);
         }
     }
 
-    /// Forgets job `id` (cancelled or done): its unread bytes leave the window, and what its
-    /// readers read is let go of.
+    /// Forgets job `id` (see [`State::forget`]) and lets go of what its readers read.
     fn forget(&self, id: u64) {
-        let removed = {
-            let mut state = self.lock();
-            let Some(at) = state.entries.iter().position(|e| e.job.id == id) else {
-                return;
-            };
-            let fits = state.fits();
-            let entry = state.remove(at);
-            let unread: u64 = entry
-                .populated
-                .iter()
-                .zip(&entry.consumed)
-                .filter(|(_, c)| !**c)
-                .map(|(p, _)| p)
-                .sum();
-            state.ahead = state.ahead.saturating_sub(unread);
-            self.wake.notify_all();
-            (entry, fits)
-        };
-        let (removed, fits) = removed;
-        for r in removed.to_release {
-            drop_pages(&removed.job, r, fits);
+        let removed = self.lock().forget(id);
+        self.wake.notify_all();
+        if let Some((job, past, fits)) = removed {
+            for r in past {
+                drop_pages(&job, r, fits);
+            }
         }
     }
 
@@ -271,91 +349,27 @@ impl Window {
         let mut buf: Vec<u8> = Vec::new();
         let mut state = self.lock();
         loop {
-            let (guard, next) = self.next_chunk(state);
-            state = guard;
-            let Some((job, range)) = next else {
-                state.workers -= 1;
-                return;
-            };
-            drop(state);
-            populate(&job, range, &mut buf);
-            state = self.lock();
-        }
-    }
-
-    /// Hands out the next chunk to populate, waiting while the window is full; `None` when
-    /// there is nothing left to populate.
-    #[allow(clippy::type_complexity)]
-    fn next_chunk<'a>(
-        &'a self,
-        mut state: MutexGuard<'a, State>,
-    ) -> (MutexGuard<'a, State>, Option<(Arc<Job>, Range<u64>)>) {
-        loop {
-            while let Some(at) = state
-                .entries
-                .iter()
-                .position(|e| e.job.cancelled.load(Ordering::Relaxed))
-            {
-                state.remove(at);
-            }
-            let fits = state.fits();
-            let preferred = state.last_read;
-            let pick = state
-                .entries
-                .iter()
-                .position(|e| Some(e.job.id) == preferred && e.next < e.chunks.len())
-                .or_else(|| state.entries.iter().position(|e| e.next < e.chunks.len()));
-            let Some(pick) = pick else {
-                return (state, None);
-            };
-            let (limit, ahead) = (state.limit, state.ahead);
-            let entry = &mut state.entries[pick];
-            let (range, tensors) = entry.chunks[entry.next].clone();
-            let ranges = tensor_ranges(&entry.job);
-            let unread: u64 = tensors
-                .clone()
-                .filter(|&t| !entry.consumed[t])
-                .map(|t| overlap(&ranges[t], &range))
-                .sum();
-            if unread == 0 && !fits {
-                // Every tensor of the chunk was read already, on a host short of memory:
-                // whatever its readers left unpopulated, their own touches bring in (a
-                // reader handed a view of a mapping populates nothing). Where the checkpoint
-                // fits, the chunk is populated all the same, ahead of those touches.
-                entry.next += 1;
-                continue;
-            }
-            if ahead > 0 && ahead + unread > limit {
+            match state.next() {
+                Next::Chunk(job, range) => {
+                    drop(state);
+                    populate(&job, range, &mut buf);
+                    state = self.lock();
+                }
                 // Full: wait for a reader (or a cancellation), then look again.
-                state = self
-                    .wake
-                    .wait_timeout(state, Duration::from_millis(200))
-                    .unwrap_or_else(|e| e.into_inner())
-                    .0;
-                continue;
-            }
-            entry.next += 1;
-            for t in tensors {
-                if !entry.consumed[t] {
-                    entry.populated[t] += overlap(&ranges[t], &range);
+                Next::Wait => {
+                    state = self
+                        .wake
+                        .wait_timeout(state, Duration::from_millis(200))
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0;
+                }
+                Next::Done => {
+                    state.workers -= 1;
+                    return;
                 }
             }
-            let job = Arc::clone(&entry.job);
-            state.ahead += unread;
-            return (state, Some((job, range)));
         }
     }
-}
-
-/// The file ranges of a job's shard's tensors, in file order.
-fn tensor_ranges(job: &Job) -> Vec<Range<u64>> {
-    let header = job.ckpt.shards()[job.shard].header();
-    let base = header.data_start();
-    header
-        .tensors()
-        .iter()
-        .map(|t| base + t.data_offsets.0..base + t.data_offsets.1)
-        .collect()
 }
 
 /// The data region `start..end` in pieces of [`CHUNK`] bytes, each with the tensors (file
@@ -427,68 +441,142 @@ fn drop_pages(job: &Job, range: Range<u64>, fits: bool) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{Checkpoint, Mapping, OpenOptions};
-    use std::time::Instant;
+    use crate::OpenOptions;
 
-    /// The window's bytes ahead and the chunks handed out of job `id`, sampled for a while.
-    fn watch(id: u64, for_ms: u64) -> (u64, usize) {
-        let (mut most, mut next) = (0, 0);
-        let start = Instant::now();
-        while start.elapsed() < Duration::from_millis(for_ms) {
-            let state = window().lock();
-            most = most.max(state.ahead);
-            next = state
-                .entries
-                .iter()
-                .find(|e| e.job.id == id)
-                .map_or(next, |e| e.next);
-            drop(state);
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        (most, next)
-    }
-
-    #[test]
-    fn never_more_than_the_window_ahead_of_the_readers() {
-        let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
-        let path = dir.path().join("m.safetensors");
-        let data = vec![7u8; 1 << 20];
-        let names: Vec<String> = (0..48).map(|i| format!("t{i:02}")).collect();
+    /// A checkpoint of `count` U8 tensors of `len` bytes each, written in `dir`.
+    fn checkpoint(dir: &std::path::Path, name: &str, count: usize, len: usize) -> Arc<Checkpoint> {
+        let path = dir.join(name);
+        let data = vec![7u8; len];
+        let names: Vec<String> = (0..count).map(|i| format!("t{i:02}")).collect();
+        let shape = [len];
         let tensors: Vec<_> = names
             .iter()
             .map(|n| weightlift_format::TensorRef {
                 name: n,
                 dtype: weightlift_format::Dtype::U8,
-                shape: &[1 << 20],
+                shape: &shape,
                 data: &data,
             })
             .collect();
         weightlift_format::write_file(&path, &tensors, None).unwrap();
-        // SAFETY: the test's own file is not modified while mapped.
-        let options = OpenOptions::default().mapping(unsafe { Mapping::auto() });
-        let ckpt = Arc::new(Checkpoint::open_with(&path, &options).unwrap());
-        // SAFETY: as above.
-        let map = unsafe { ckpt.shards()[0].mapping() }.unwrap();
-        let limit = 20 << 20;
-        let job = window().register(&ckpt, 0, Some(map), false, limit, 2);
-        // One 16 MiB chunk fits; a second would not: the window stops there.
-        let (most, next) = watch(job.id, 300);
-        assert!(most <= limit, "{most} bytes ahead");
-        assert_eq!(next, 1, "one chunk handed out");
-        // Readers read the first 16 tensors: the window moves on, still within its limit.
-        for t in 0..16 {
-            window().consumed(&job, t);
+        Arc::new(Checkpoint::open_with(&path, &OpenOptions::default()).unwrap())
+    }
+
+    /// A job of this test's own (never registered with the process's window).
+    fn job(id: u64, ckpt: &Arc<Checkpoint>) -> Arc<Job> {
+        Arc::new(Job {
+            id,
+            ckpt: Arc::clone(ckpt),
+            shard: 0,
+            mapping: None,
+            drop_cache: false,
+            cancelled: AtomicBool::new(false),
+        })
+    }
+
+    /// The file offset of a chunk handed out, or `None` for a wait, `Some(u64::MAX)` for done.
+    fn step(state: &mut State) -> Option<u64> {
+        match state.next() {
+            Next::Chunk(_, range) => Some(range.start),
+            Next::Wait => None,
+            Next::Done => Some(u64::MAX),
         }
-        let (most, next) = watch(job.id, 300);
-        assert!(most <= limit, "{most} bytes ahead");
-        assert_eq!(next, 2, "the next chunk, and no more");
-        job.cancel();
-        assert!(window().lock().entries.iter().all(|e| e.job.id != job.id));
-        assert_eq!(
-            window().lock().ahead,
-            0,
-            "a cancelled job's bytes leave the window"
-        );
+    }
+
+    #[test]
+    fn never_more_than_the_window_ahead_of_the_readers() {
+        let dir = tempfile::tempdir().unwrap();
+        let mb = 1u64 << 20;
+        let ckpt = checkpoint(dir.path(), "m.safetensors", 48, mb as usize);
+        let base = ckpt.shards()[0].header().data_start();
+        let mut state = State::default();
+        // A window of 20 MiB over 48 MiB: one 16 MiB chunk fits, a second would not.
+        state.add(Entry::new(job(1, &ckpt), 20 * mb));
+        assert_eq!(step(&mut state), Some(base));
+        assert_eq!(state.ahead, 16 * mb);
+        assert_eq!(step(&mut state), None, "full: wait");
+        // Readers read the first 16 tensors: the next chunk, and no more.
+        for t in 0..16 {
+            let (past, fits) = state.consumed(1, t);
+            assert!(!fits);
+            assert!(past.is_empty(), "16 MiB read: within the lag");
+        }
+        assert_eq!(state.ahead, 0);
+        assert_eq!(step(&mut state), Some(base + 16 * mb));
+        assert_eq!(step(&mut state), None);
+        // Readers skip ahead and read the third chunk's tensors before the second's: the
+        // chunk all of whose tensors were read is not populated (the host is short).
+        for t in 16..48 {
+            state.consumed(1, t);
+        }
+        assert_eq!(state.ahead, 0);
+        assert_eq!(step(&mut state), Some(u64::MAX), "nothing left to populate");
+        // The readers are past all but the last LAG bytes: those go when the job is forgotten.
+        let (_, past, _) = state.forget(1).unwrap();
+        assert_eq!(past.iter().map(|r| r.end - r.start).sum::<u64>(), 32 * mb);
+        assert_eq!(state.registered, 0);
+    }
+
+    #[test]
+    fn a_window_that_fits_populates_every_chunk_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let mb = 1u64 << 20;
+        let ckpt = checkpoint(dir.path(), "m.safetensors", 40, mb as usize);
+        let base = ckpt.shards()[0].header().data_start();
+        let mut state = State::default();
+        state.add(Entry::new(job(1, &ckpt), 64 * mb));
+        // Readers read everything before the window populated it: where the checkpoint
+        // fits, the chunks are populated all the same (callers touch views later).
+        for t in 0..40 {
+            // What the readers are past is let go of only with `drop_cache` where it fits.
+            assert!(state.consumed(1, t).1, "fits");
+        }
+        let starts: Vec<_> = std::iter::from_fn(|| step(&mut state))
+            .take_while(|&s| s != u64::MAX)
+            .collect();
+        assert_eq!(starts, vec![base, base + 16 * mb, base + 32 * mb]);
+    }
+
+    #[test]
+    fn one_callers_window_never_changes_anothers() {
+        let dir = tempfile::tempdir().unwrap();
+        let mb = 1u64 << 20;
+        let a = checkpoint(dir.path(), "a.safetensors", 32, mb as usize);
+        let b = checkpoint(dir.path(), "b.safetensors", 32, mb as usize);
+        let mut state = State::default();
+        state.add(Entry::new(job(1, &a), 20 * mb));
+        state.add(Entry::new(job(2, &b), 1 << 40));
+        // Job 1 (registered first) within its 20 MiB: one chunk, then it waits, and so does
+        // everything after it in order; the huge window registered later does not lift it.
+        assert!(step(&mut state).is_some_and(|s| s != u64::MAX));
+        assert_eq!(step(&mut state), None);
+        // Job 2's reader reads: its shard goes first, within its own window.
+        state.consumed(2, 0);
+        assert!(!state.fits(20 * mb) && state.fits(1 << 40));
+        assert_eq!(state.last_read, None, "job 2's window fits: no preference");
+        state.forget(1);
+        let b_base = b.shards()[0].header().data_start();
+        assert_eq!(step(&mut state), Some(b_base));
+        assert_eq!(step(&mut state), Some(b_base + 16 * mb));
+        assert_eq!(step(&mut state), Some(u64::MAX));
+    }
+
+    #[test]
+    fn a_cancelled_jobs_bytes_leave_the_window() {
+        let dir = tempfile::tempdir().unwrap();
+        let ckpt = checkpoint(dir.path(), "m.safetensors", 8, 1 << 20);
+        let mut state = State::default();
+        let j = job(1, &ckpt);
+        state.add(Entry::new(Arc::clone(&j), 64 << 20));
+        assert!(step(&mut state).is_some());
+        assert_eq!(state.ahead, 8 << 20);
+        state.forget(1);
+        assert_eq!(state.ahead, 0);
+        // A job cancelled while registered is dropped at the next pick.
+        state.add(Entry::new(Arc::clone(&j), 64 << 20));
+        j.cancelled.store(true, Ordering::Relaxed);
+        assert_eq!(step(&mut state), Some(u64::MAX));
+        assert!(state.entries.is_empty());
     }
 
     #[test]

@@ -1,7 +1,5 @@
 """``safe_open``: lazy access to one file or a whole checkpoint, like safetensors'."""
 
-import os
-
 from . import _args, _arrays, _handle, _slicing
 from ._native import SafetensorError
 
@@ -97,14 +95,8 @@ class safe_open:
         # file), never pays for it.
         self._prefetch_pending = None
         if prefetch and self._device == "cpu":
-            if drop_cache is None:
-                drop_cache = os.environ.get("WEIGHTLIFT_DROP_CACHE", "") not in ("", "0")
-            if threads is None:
-                # Callers that prefetch open every shard of a checkpoint one after the other,
-                # so the loads of shards prefetched whole run side by side: two threads each
-                # keep a disk queue full without crowding the caller's own threads.
-                threads = int(os.environ.get("WEIGHTLIFT_PREFETCH_THREADS", "2"))
-            self._prefetch_pending = dict(threads=threads, drop_cache=bool(drop_cache))
+            # Defaults (threads, drop_cache) from the environment: see weightlift's README.
+            self._prefetch_pending = dict(threads=threads, drop_cache=drop_cache)
 
     def _start_prefetch(self):
         args, self._prefetch_pending = self._prefetch_pending, None
