@@ -361,3 +361,44 @@ fn interleaved_rows_are_one_placement_through_a_view() {
         .unwrap_err();
     assert!(err.to_string().contains("does not hold"), "{err}");
 }
+
+/// A file cut after the checkpoint was opened: the placement load fails naming the first
+/// tensor of the failed read that lies past the file's new end (the rule loads follow), not
+/// the first tensor of the read.
+#[test]
+fn a_cut_file_names_the_tensor_past_its_end() {
+    let dir = disk_tempdir();
+    write_sharded(dir.path(), &split(moe(1, 4, 16, 8), 1), false);
+    let ckpt = Checkpoint::open(dir.path()).unwrap();
+    let shard = &ckpt.shards()[0];
+    let path = shard.path().unwrap().to_path_buf();
+    let infos = shard.header().tensors();
+    // Cut the file in the middle of its last tensor but one: every tensor is one read.
+    let victim = &infos[infos.len() - 2];
+    let cut = shard.header().data_start() + victim.data_offsets.0 + 2;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(cut)
+        .unwrap();
+    let mut fills = Vec::new();
+    let mut lens = Vec::new();
+    for (i, t) in infos.iter().enumerate() {
+        fills.push(Fill::new(t.name.clone(), i, 0));
+        lens.push(t.byte_len() as usize);
+    }
+    let mut dests: Vec<Vec<u8>> = lens.iter().map(|&n| vec![0u8; n]).collect();
+    let options = LoadOptions::default().request_size(64 << 20);
+    let err = ckpt
+        .load_into(
+            &fills,
+            dests.iter_mut().map(|d| &mut d[..]).collect(),
+            &options,
+        )
+        .unwrap_err();
+    match &err {
+        Error::Read { tensor, .. } => assert_eq!(tensor, &victim.name, "{err}"),
+        other => panic!("not a read error: {other}"),
+    }
+}

@@ -12,13 +12,43 @@ create_exception!(
     "A malformed file, a missing tensor or a failed read (same name as safetensors' error)."
 );
 
+create_exception!(
+    weightlift,
+    DoesNotFit,
+    SafetensorError,
+    "A load whose tensors need more memory than its budget: refused before anything is read."
+);
+
+create_exception!(
+    weightlift,
+    Cancelled,
+    SafetensorError,
+    "A load called off before it finished."
+);
+
+create_exception!(
+    weightlift,
+    InvalidPlacement,
+    SafetensorError,
+    "A load_into placement that cannot be honoured (wrong shape, outside its destination, \
+     overlapping another, on a device load_into does not fill): raised before any byte is \
+     written."
+);
+
 /// A weightlift error as a Python exception: `FileNotFoundError` for a missing file (as
-/// safetensors raises), `SafetensorError` for everything else, with the same message as the
-/// CLI.
+/// safetensors raises); `DoesNotFit`, `Cancelled` and `InvalidPlacement` (subclasses of
+/// `SafetensorError`, so `except SafetensorError` catches them as before) for what a caller
+/// may handle; `SafetensorError` for everything else; the same message as the CLI.
 pub(crate) fn py_err(e: Error) -> PyErr {
-    match e.io_kind() {
-        Some(std::io::ErrorKind::NotFound) => PyFileNotFoundError::new_err(e.to_string()),
-        _ => SafetensorError::new_err(e.to_string()),
+    let text = e.to_string();
+    match e {
+        Error::DoesNotFit { .. } => DoesNotFit::new_err(text),
+        Error::Cancelled => Cancelled::new_err(text),
+        Error::InvalidPlacement { .. } => InvalidPlacement::new_err(text),
+        _ if e.io_kind() == Some(std::io::ErrorKind::NotFound) => {
+            PyFileNotFoundError::new_err(text)
+        }
+        _ => SafetensorError::new_err(text),
     }
 }
 

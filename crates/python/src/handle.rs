@@ -10,10 +10,10 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyTuple};
 use std::collections::{HashMap, HashSet};
 use std::ops::Range;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use weightlift::{
-    Backend, Checkpoint, Device, Dtype, Error, Fill, LoadOptions, Location, Mapping, MemoryBudget,
-    OpenOptions, Prefetch, Tensor,
+    Announcement, Backend, Checkpoint, Device, Dtype, Error, Fill, LoadOptions, Location, Mapping,
+    MemoryBudget, OpenOptions, Prefetch, Tensor,
 };
 
 /// An open checkpoint: one file, a directory of shards, an index file, a URL or a model id.
@@ -24,6 +24,8 @@ pub(crate) struct PyCheckpoint {
     prefetch: OnceLock<Prefetch>,
     /// The files read into the page cache ahead of any reader (see `warm`).
     warm: OnceLock<Prefetch>,
+    /// The checkpoint announced to the prefetch window (see `announce`).
+    announced: Mutex<Option<Announcement>>,
 }
 
 /// Open options for the Python API's `backend` and `copy`: "auto" and "mmap" (safetensors'
@@ -108,6 +110,7 @@ impl PyCheckpoint {
             ckpt: Arc::new(ckpt),
             prefetch: OnceLock::new(),
             warm: OnceLock::new(),
+            announced: Mutex::new(None),
         })
     }
 
@@ -133,6 +136,16 @@ impl PyCheckpoint {
         py.detach(|| self.prefetch.get_or_init(|| self.ckpt.prefetch(options)));
     }
 
+    /// Tells the process's prefetch window that a prefetch started later will read all of
+    /// this checkpoint (see `weightlift::Checkpoint::announce`): for a handle opened among
+    /// others before any is read. Taken back by `close`.
+    fn announce(&self) {
+        let mut announced = self.announced.lock().unwrap_or_else(|e| e.into_inner());
+        if announced.is_none() {
+            *announced = Some(self.ckpt.announce());
+        }
+    }
+
     /// Starts reading the files into the page cache in the background, where the checkpoint
     /// fits the prefetch window and they are not there already (see
     /// `weightlift::Checkpoint::warm`), for a caller with other work to do first; whether
@@ -152,6 +165,10 @@ impl PyCheckpoint {
         for prefetch in [self.prefetch.get(), self.warm.get()].into_iter().flatten() {
             prefetch.cancel();
         }
+        self.announced
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
     }
 
     /// Tensor names, sorted.

@@ -67,6 +67,12 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
         "SafetensorError",
         m.py().get_type::<errors::SafetensorError>(),
     )?;
+    m.add("DoesNotFit", m.py().get_type::<errors::DoesNotFit>())?;
+    m.add("Cancelled", m.py().get_type::<errors::Cancelled>())?;
+    m.add(
+        "InvalidPlacement",
+        m.py().get_type::<errors::InvalidPlacement>(),
+    )?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     // The bench refuses to time a debug build.
     m.add(

@@ -171,7 +171,7 @@ def test_reads_larger_than_memory_read_each_byte_once(cgroup, checkpoint, patter
     assert got["digest"] == checkpoint["digest"], pattern
     ratio = got["read_bytes"] / checkpoint["bytes"]
     print(f"{pattern}: read {got['read_bytes']} bytes, {ratio:.3f}x the checkpoint")
-    assert ratio <= SLACK, f"{pattern} read {ratio:.2f}x the checkpoint from storage"
+    assert ratio <= SLACK, f"{pattern} read {ratio:.3f}x the checkpoint from storage"
     if pattern == "mapped":
         assert any("populated up front" in r for r in got["reasons"]), got["reasons"]
 

@@ -209,6 +209,19 @@ def test_malformed_files_raise_like_safetensors(tmp_path):
             f.get_tensor("nothere")
 
 
+def test_a_load_over_its_budget_raises_does_not_fit(files, monkeypatch):
+    """The budget is decided when the checkpoint is opened (here from the environment): a
+    copying load that needs more is refused before reading, as a subclass of safetensors'
+    error that callers can catch on its own."""
+    monkeypatch.setenv("WEIGHTLIFT_MEMORY_BUDGET", "1KiB")
+    with pytest.raises(weightlift.DoesNotFit, match="more than its budget") as raised:
+        weightlift.load_checkpoint(files["full"], copy=True)
+    assert isinstance(raised.value, weightlift.SafetensorError)
+    assert "WEIGHTLIFT_MEMORY_BUDGET=1KiB" in str(raised.value)
+    monkeypatch.delenv("WEIGHTLIFT_MEMORY_BUDGET")
+    same(weightlift.load_checkpoint(files["full"], copy=True)["f32"], files["tensors"]["f32"])
+
+
 def test_arrays_share_the_loaders_memory_and_keep_it_alive(files):
     state = weightlift.load_checkpoint(files["full"])
     a = state["f32"]

@@ -16,7 +16,8 @@ use std::ops::Range;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use weightlift_device::{DeviceError, Region, Target};
-use weightlift_storage::AccessPattern;
+use weightlift_format::{Dtype, TensorInfo};
+use weightlift_storage::{AccessPattern, ByteSource};
 
 /// Allocates one allocation of `sizes[i]` bytes per entry of `jobs` on `target`, fills
 /// each job's range of its allocation with `fill` (in parallel on `pool`, or in order
@@ -41,7 +42,7 @@ pub(crate) fn fill_target<T: Target, J: Sync>(
     }
     let run = |(job, region): (&J, T::Region<'_>)| region.fill(|buf| fill(job, buf));
     let filled = match pool {
-        Some(pool) => pool.install(|| work.into_par_iter().with_max_len(1).try_for_each(run)),
+        Some(pool) => run_jobs(pool, None, work, run),
         None => work.into_iter().try_for_each(run),
     };
     if let Err(e) = filled {
@@ -172,93 +173,156 @@ impl Exec<'_> {
     }
 
     /// Reads one request into `buf` (its destination range): one scatter read straight
-    /// into the tensors' slots, skipping alignment padding; converted pieces go through a
-    /// per-thread scratch buffer.
+    /// into the tensors' slots, skipping alignment padding (see [`read_stretches`]).
     fn fill_request(&self, request: &Request, buf: &mut [u8]) -> Result<()> {
         let plan = self.plan;
         let sp = &plan.shards[request.shard_plan as usize];
         let shard = &self.shards[sp.shard];
         let infos = shard.header().tensors();
         let pieces = &plan.pieces[request.pieces.start as usize..request.pieces.end as usize];
-        let needs_conversion = |slot: u32| {
-            slot != GAP
-                && infos[sp.tensors[slot as usize] as usize].dtype != sp.out_dtypes[slot as usize]
-        };
-        // Converted pieces and gaps are read into the scratch buffer.
-        let to_scratch = |slot: u32| slot == GAP || needs_conversion(slot);
-        let scratch_len: u64 = pieces
-            .iter()
-            .filter(|p| to_scratch(p.slot))
-            .map(|p| p.len)
-            .sum();
-
-        SCRATCH.with(|scratch| {
-            let mut scratch = scratch.borrow_mut();
-            if scratch.len() < scratch_len as usize {
-                scratch.resize(scratch_len as usize, 0);
+        let mut stretches = Vec::with_capacity(pieces.len());
+        let mut rest = &mut *buf;
+        let mut dst_at = request.dst.start;
+        for p in pieces {
+            if p.slot == GAP {
+                stretches.push(Stretch::Gap(p.len));
+                continue;
             }
-            let mut slices: Vec<&mut [u8]> = Vec::with_capacity(pieces.len());
-            let mut rest_dst = &mut *buf;
-            let mut dst_at = request.dst.start;
-            let mut rest_scratch = &mut scratch[..scratch_len as usize];
-            let mut conversions = Vec::new();
-            for p in pieces {
-                let (_, tail) =
-                    std::mem::take(&mut rest_dst).split_at_mut((p.dst - dst_at) as usize);
-                let (dst, tail) = tail.split_at_mut(p.dst_len as usize);
-                rest_dst = tail;
-                dst_at = p.dst + p.dst_len;
-                if to_scratch(p.slot) {
-                    let (src, tail) =
-                        std::mem::take(&mut rest_scratch).split_at_mut(p.len as usize);
-                    rest_scratch = tail;
-                    slices.push(src);
-                    conversions.push((p.slot, p.len as usize, dst));
-                } else {
-                    slices.push(dst);
-                }
-            }
-            shard
-                .source()
-                .read_scatter_at(request.file_offset, &mut slices)
-                .map_err(|source| self.read_error(request, source))?;
-            drop(slices);
-            let mut src_at = 0usize;
-            for (slot, src_len, dst) in conversions {
-                if slot != GAP {
-                    let from = infos[sp.tensors[slot as usize] as usize].dtype;
-                    let to = sp.out_dtypes[slot as usize];
-                    convert(from, to, &scratch[src_at..src_at + src_len], dst);
-                }
-                src_at += src_len;
-            }
-            Ok(())
+            let (_, tail) = std::mem::take(&mut rest).split_at_mut((p.dst - dst_at) as usize);
+            let (out, tail) = tail.split_at_mut(p.dst_len as usize);
+            rest = tail;
+            dst_at = p.dst + p.dst_len;
+            let slot = p.slot as usize;
+            stretches.push(Stretch::Into {
+                len: p.len,
+                from: infos[sp.tensors[slot] as usize].dtype,
+                to: sp.out_dtypes[slot],
+                out,
+            });
+        }
+        read_stretches(shard.source().as_ref(), request.file_offset, stretches).map_err(|e| {
+            let tensors = pieces
+                .iter()
+                .filter(|p| p.slot != GAP)
+                .map(|p| &infos[sp.tensors[p.slot as usize] as usize]);
+            read_error(shard, tensors, e)
         })
     }
 
-    /// Names the tensor a failed read was for: the first of the request that runs past the
-    /// file's current end (a file that shrank), else the request's first tensor.
+    /// Names the tensor a failed read was for (see [`read_error`]).
     fn read_error(&self, request: &Request, source: std::io::Error) -> Error {
         let plan = self.plan;
         let sp = &plan.shards[request.shard_plan as usize];
         let shard = &self.shards[sp.shard];
         let infos = shard.header().tensors();
-        let current_len = shard.source().current_len().unwrap_or(0);
-        let data_start = shard.header().data_start();
         let pieces = &plan.pieces[request.pieces.start as usize..request.pieces.end as usize];
-        let tensor_of = |slot: u32| &infos[sp.tensors[slot as usize] as usize];
-        let culprit = pieces
+        let tensors = pieces
             .iter()
             .filter(|p| p.slot != GAP)
-            .map(|p| tensor_of(p.slot))
-            .find(|t| data_start + t.data_offsets.1 > current_len)
-            .or_else(|| pieces.first().map(|p| tensor_of(p.slot)));
-        Error::Read {
-            location: shard.location().clone(),
-            tensor: culprit.map(|t| t.name.clone()).unwrap_or_default(),
-            source,
-        }
+            .map(|p| &infos[sp.tensors[p.slot as usize] as usize]);
+        read_error(shard, tensors, source)
     }
+}
+
+/// A failed read of `shard` as an error naming its tensor: the first of `tensors` (the
+/// request's, in file order) that runs past the file's current end (a file that shrank),
+/// else the first of them. One rule for loads and placement loads.
+pub(crate) fn read_error<'a>(
+    shard: &Shard,
+    mut tensors: impl Iterator<Item = &'a TensorInfo> + Clone,
+    source: std::io::Error,
+) -> Error {
+    let current_len = shard.source().current_len().unwrap_or(0);
+    let data_start = shard.header().data_start();
+    let culprit = tensors
+        .clone()
+        .find(|t| data_start + t.data_offsets.1 > current_len)
+        .or_else(|| tensors.next());
+    Error::Read {
+        location: shard.location().clone(),
+        tensor: culprit.map(|t| t.name.clone()).unwrap_or_default(),
+        source,
+    }
+}
+
+/// One stretch of a request's bytes, in file order.
+pub(crate) enum Stretch<'o> {
+    /// Bytes read and dropped (a gap bridged between two runs).
+    Gap(u64),
+    /// `len` bytes of the file into `out`, converted from `from` to `to` where they differ.
+    Into {
+        len: u64,
+        from: Dtype,
+        to: Dtype,
+        out: &'o mut [u8],
+    },
+}
+
+/// Reads `stretches`, which follow one another in `source` from `offset`, with one scatter
+/// read: straight into their outputs; gaps and the source bytes of converted stretches
+/// through this thread's scratch buffer (bounded by the request size), converted after.
+/// The one read of both loads and placement loads.
+pub(crate) fn read_stretches(
+    source: &dyn ByteSource,
+    offset: u64,
+    mut stretches: Vec<Stretch<'_>>,
+) -> std::io::Result<()> {
+    let through_scratch = |s: &Stretch<'_>| match s {
+        Stretch::Gap(len) => Some(*len),
+        Stretch::Into { len, from, to, .. } => (from != to).then_some(*len),
+    };
+    let scratch_len: u64 = stretches.iter().filter_map(through_scratch).sum();
+    SCRATCH.with(|scratch| {
+        let mut scratch = scratch.borrow_mut();
+        if scratch.len() < scratch_len as usize {
+            scratch.resize(scratch_len as usize, 0);
+        }
+        let mut rest = &mut scratch[..scratch_len as usize];
+        let mut bufs: Vec<&mut [u8]> = Vec::with_capacity(stretches.len());
+        for stretch in &mut stretches {
+            match stretch {
+                Stretch::Into { from, to, out, .. } if from == to => bufs.push(&mut out[..]),
+                Stretch::Gap(len) | Stretch::Into { len, .. } => {
+                    let (buf, tail) = std::mem::take(&mut rest).split_at_mut(*len as usize);
+                    rest = tail;
+                    bufs.push(buf);
+                }
+            }
+        }
+        source.read_scatter_at(offset, &mut bufs)?;
+        drop(bufs);
+        let mut at = 0usize;
+        for stretch in stretches {
+            match stretch {
+                Stretch::Gap(len) => at += len as usize,
+                Stretch::Into { from, to, .. } if from == to => {}
+                Stretch::Into { len, from, to, out } => {
+                    convert(from, to, &scratch[at..at + len as usize], out);
+                    at += len as usize;
+                }
+            }
+        }
+        Ok(())
+    })
+}
+
+/// Runs `jobs` on `pool`, one at a time per thread, stopping at the first error, or before
+/// the next job once `cancel` is set ([`Error::Cancelled`]): the loop of loads and placement
+/// loads alike.
+pub(crate) fn run_jobs<J: Send>(
+    pool: &rayon::ThreadPool,
+    cancel: Option<&AtomicBool>,
+    jobs: Vec<J>,
+    run: impl Fn(J) -> Result<()> + Sync,
+) -> Result<()> {
+    pool.install(|| {
+        jobs.into_par_iter().with_max_len(1).try_for_each(|job| {
+            if cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
+                return Err(Error::Cancelled);
+            }
+            run(job)
+        })
+    })
 }
 
 /// Under half of a shard selected: keep the kernel from reading the rest ahead.

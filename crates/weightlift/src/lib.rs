@@ -54,7 +54,7 @@ pub use memory::HostMemory;
 pub use options::{DEFAULT_MAX_GAP, DEFAULT_REQUEST_SIZE, Filter, LoadOptions, SliceFn};
 pub use place::{Fill, FillReport};
 pub use pool::default_threads;
-pub use prefetch::Prefetch;
+pub use prefetch::{Announcement, Prefetch};
 pub use progress::{Progress, ProgressFn};
 pub use shard::Shard;
 pub use share::{ExchangeSpan, Share, SharedLoad};

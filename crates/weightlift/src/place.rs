@@ -10,14 +10,13 @@
 //! on the same bytes.
 
 use crate::checkpoint::Checkpoint;
-use crate::convert::{convert, is_conversion_target};
+use crate::convert::is_conversion_target;
 use crate::error::{Error, Result};
+use crate::exec::{self, Stretch, read_stretches};
 use crate::options::LoadOptions;
+use crate::plan::{Coalescer, GAP, Piece, Request, Run, Staged};
 use crate::slice;
-use rayon::prelude::*;
-use std::cell::RefCell;
 use std::ops::Range;
-use std::sync::atomic::Ordering;
 use weightlift_device::{CopyEngine, DeviceMemory, StagedCopy, StagedTarget};
 use weightlift_format::Dtype;
 
@@ -97,25 +96,81 @@ pub struct FillReport {
     pub requests: usize,
 }
 
-/// A contiguous run of one block: `src` bytes of a shard's file, converted from `from` to
-/// `to`, into `len` bytes of a destination at `at`.
+/// A contiguous run of one block, checked: `len` bytes of tensor `tensor` (its position in
+/// shard `shard`'s header) at file offset `src`, converted from `from` to `to`, into
+/// `dst_len` bytes of destination `dest` at `at`.
 #[derive(Debug, Clone)]
-struct Piece {
+struct Segment {
     shard: usize,
-    src: Range<u64>,
+    tensor: u32,
+    src: u64,
+    len: u64,
     from: Dtype,
     to: Dtype,
     dest: usize,
     at: u64,
-    len: u64,
+    dst_len: u64,
     fill: usize,
+    /// A run of a block (not the whole tensor): may be bridged to (see [`plan::Run`]).
+    sliced: bool,
 }
 
-/// Coalesced reads: a file range and the pieces (positions in the sorted pieces) it serves.
-struct Request {
-    shard: usize,
-    range: Range<u64>,
-    pieces: Range<usize>,
+/// A placement load's plan: its segments in read order, and the requests the one coalescer
+/// made of them (pieces tagged with segment positions; a piece's `dst` is its offset in its
+/// segment's destination).
+struct PlacePlan {
+    segments: Vec<Segment>,
+    requests: Vec<Request>,
+    pieces: Vec<Piece>,
+}
+
+impl PlacePlan {
+    fn pieces(&self, request: &Request) -> &[Piece] {
+        &self.pieces[request.pieces.start as usize..request.pieces.end as usize]
+    }
+
+    fn report(&self) -> FillReport {
+        FillReport {
+            bytes_read: self.requests.iter().map(|r| r.len).sum(),
+            requests: self.requests.len(),
+        }
+    }
+
+    /// Reads `request` with one scatter read into `outs` (one per piece of it; `None` for
+    /// gaps), naming the tensor that failed (the executor's rules, see `exec`).
+    fn read(
+        &self,
+        ckpt: &Checkpoint,
+        request: &Request,
+        outs: Vec<Option<&mut [u8]>>,
+    ) -> Result<()> {
+        let shard = &ckpt.shards()[request.shard_plan as usize];
+        let pieces = self.pieces(request);
+        let stretches = pieces
+            .iter()
+            .zip(outs)
+            .map(|(p, out)| match out {
+                Some(out) => {
+                    let seg = &self.segments[p.slot as usize];
+                    Stretch::Into {
+                        len: p.len,
+                        from: seg.from,
+                        to: seg.to,
+                        out,
+                    }
+                }
+                None => Stretch::Gap(p.len),
+            })
+            .collect();
+        read_stretches(shard.source().as_ref(), request.file_offset, stretches).map_err(|e| {
+            let infos = shard.header().tensors();
+            let tensors = pieces
+                .iter()
+                .filter(|p| p.slot != GAP)
+                .map(|p| &infos[self.segments[p.slot as usize].tensor as usize]);
+            exec::read_error(shard, tensors, e)
+        })
+    }
 }
 
 fn invalid(tensor: &str, reason: String) -> Error {
@@ -141,42 +196,36 @@ impl Checkpoint {
         options: &LoadOptions,
     ) -> Result<FillReport> {
         let lens: Vec<u64> = dests.iter().map(|d| d.len() as u64).collect();
-        let pieces = self.checked_pieces(fills, &lens, options.request_size.max(4096))?;
-        // Each piece's destination bytes, split off the destinations (sorted by destination
-        // and offset, disjoint): what lets threads write them without sharing.
-        let mut slots: Vec<Option<&mut [u8]>> = (0..pieces.len()).map(|_| None).collect();
+        let plan = self.place_plan(fills, &lens, options, Staged::Free)?;
+        // Each piece's destination bytes, split off the destinations in destination order
+        // (the segments are disjoint): what lets threads write them without sharing.
+        let mut order: Vec<usize> = (0..plan.pieces.len())
+            .filter(|&i| plan.pieces[i].slot != GAP)
+            .collect();
+        let dest_of = |i: usize| plan.segments[plan.pieces[i].slot as usize].dest;
+        order.sort_by_key(|&i| (dest_of(i), plan.pieces[i].dst));
+        let mut outs: Vec<Option<&mut [u8]>> = (0..plan.pieces.len()).map(|_| None).collect();
         let mut rest: Vec<Option<&mut [u8]>> = dests.into_iter().map(Some).collect();
         let mut taken = vec![0u64; rest.len()];
-        for (p, piece) in pieces.iter().enumerate() {
-            let dest = rest[piece.dest].take().expect("a destination");
-            let (_, tail) = dest.split_at_mut((piece.at - taken[piece.dest]) as usize);
-            let (mine, tail) = tail.split_at_mut(piece.len as usize);
-            taken[piece.dest] = piece.at + piece.len;
-            rest[piece.dest] = Some(tail);
-            slots[p] = Some(mine);
+        for i in order {
+            let (d, p) = (dest_of(i), &plan.pieces[i]);
+            let dest = rest[d].take().expect("a destination");
+            let (_, tail) = dest.split_at_mut((p.dst - taken[d]) as usize);
+            let (mine, tail) = tail.split_at_mut(p.dst_len as usize);
+            taken[d] = p.dst + p.dst_len;
+            rest[d] = Some(tail);
+            outs[i] = Some(mine);
         }
-        let (pieces, order) = in_read_order(pieces);
-        let mut slots: Vec<Option<&mut [u8]>> = order
+        let mut outs = outs.into_iter();
+        let jobs: Vec<(&Request, Vec<Option<&mut [u8]>>)> = plan
+            .requests
             .iter()
-            .map(|&p| Some(slots[p].take().expect("each piece once")))
+            .map(|r| (r, outs.by_ref().take(r.pieces.len()).collect()))
             .collect();
-        let requests = plan_requests(&pieces, options.request_size, options.max_gap);
-        let report = report(&requests);
-        let jobs: Vec<(Request, Vec<&mut [u8]>)> = requests
-            .into_iter()
-            .map(|r| {
-                let mine = r
-                    .pieces
-                    .clone()
-                    .map(|p| slots[p].take().expect("each piece in one request"))
-                    .collect();
-                (r, mine)
-            })
-            .collect();
-        self.run_requests(jobs, options, report.bytes_read, |request, outs| {
-            self.read_request(request, &pieces, outs, fills)
+        self.run_plan(&plan, jobs, options, |request, outs| {
+            plan.read(self, request, outs)
         })?;
-        Ok(report)
+        Ok(plan.report())
     }
 
     /// [`Checkpoint::load_into`] into device memory the caller holds (`dests`), through
@@ -184,8 +233,7 @@ impl Checkpoint {
     /// (converted there where asked) and its blocks are copied asynchronously to their
     /// places (one copy per run of blocks that are neighbours in the destination too),
     /// while the next reads proceed. Every copy has completed when this returns, error or
-    /// not. Requests are at most as long as a staging buffer holds (half of it where a
-    /// conversion widens).
+    /// not. A request's blocks, converted, fit one staging buffer.
     pub fn load_into_staged<E: CopyEngine>(
         &self,
         fills: &[Fill],
@@ -195,41 +243,30 @@ impl Checkpoint {
     ) -> Result<FillReport> {
         let dests: Vec<&E::Memory> = dests.into_iter().map(|d| &*d).collect();
         let lens: Vec<u64> = dests.iter().map(|d| d.len()).collect();
-        let widen = if fills.iter().any(|f| f.dtype.is_some()) {
-            2
-        } else {
-            1
-        };
-        let max = options
-            .request_size
-            .min(target.buffer_size() as u64 / widen)
-            .max(1);
-        let pieces = self.checked_pieces(fills, &lens, max)?;
-        let (pieces, _) = in_read_order(pieces);
-        let requests = plan_requests(&pieces, max, options.max_gap);
-        let report = report(&requests);
-        let jobs: Vec<(Request, ())> = requests.into_iter().map(|r| (r, ())).collect();
-        let ran = self.run_requests(jobs, options, report.bytes_read, |request, ()| {
-            let mine = &pieces[request.pieces.clone()];
-            let len: u64 = mine.iter().map(|p| p.len).sum();
+        let staged = Staged::Packed(target.buffer_size() as u64);
+        let plan = self.place_plan(fills, &lens, options, staged)?;
+        let jobs: Vec<(&Request, ())> = plan.requests.iter().map(|r| (r, ())).collect();
+        let ran = self.run_plan(&plan, jobs, options, |request, ()| {
+            let mine = plan.pieces(request);
             // The blocks lie one after another in the staging buffer, in read order; blocks
             // that are neighbours in the destination too go in one copy.
             let mut copies: Vec<StagedCopy<'_, E::Memory>> = Vec::new();
             let mut at = 0usize;
-            for p in mine {
-                let n = p.len as usize;
+            for p in mine.iter().filter(|p| p.slot != GAP) {
+                let n = p.dst_len as usize;
+                let memory = dests[plan.segments[p.slot as usize].dest];
                 match copies.last_mut() {
                     Some(last)
                         if last.src.end == at
-                            && std::ptr::eq(last.memory, dests[p.dest])
-                            && last.offset + last.src.len() as u64 == p.at =>
+                            && std::ptr::eq(last.memory, memory)
+                            && last.offset + last.src.len() as u64 == p.dst =>
                     {
                         last.src.end += n;
                     }
                     _ => copies.push(StagedCopy {
                         src: at..at + n,
-                        memory: dests[p.dest],
-                        offset: p.at,
+                        memory,
+                        offset: p.dst,
                     }),
                 }
                 at += n;
@@ -238,24 +275,28 @@ impl Checkpoint {
                 let mut outs = Vec::with_capacity(mine.len());
                 let mut rest = buffer;
                 for p in mine {
-                    let (out, tail) = std::mem::take(&mut rest).split_at_mut(p.len as usize);
-                    outs.push(out);
+                    if p.slot == GAP {
+                        outs.push(None);
+                        continue;
+                    }
+                    let (out, tail) = std::mem::take(&mut rest).split_at_mut(p.dst_len as usize);
+                    outs.push(Some(out));
                     rest = tail;
                 }
-                self.read_request(request, &pieces, outs, fills)
+                plan.read(self, request, outs)
             };
             // SAFETY: `dests` are borrowed mutably for this call, so nothing else reads or
             // writes them meanwhile, and they outlive it; the copies' destinations lie in
-            // their memories (checked by `checked_pieces`, and again by `stage`) and no two
+            // their memories (checked by `segments`, and again by `stage`) and no two
             // blocks share a byte (`check_overlaps`), so no two copies write the same bytes;
             // every copy has completed before this function returns (the `settle` below runs
             // whether or not the reads succeeded).
-            unsafe { target.stage(len as usize, fill, &copies) }
+            unsafe { target.stage(at, fill, &copies) }
         });
         let settled = target.settle();
         ran?;
         settled?;
-        Ok(report)
+        Ok(plan.report())
     }
 
     /// [`Checkpoint::load_into_staged`] on CUDA device `ordinal` (feature `cuda`), into
@@ -303,60 +344,75 @@ impl Checkpoint {
         Err(weightlift_device::cuda_not_built(ordinal).into())
     }
 
-    /// Runs `jobs` (a request and what it writes into) on the options' threads, stopping at
-    /// the first error or cancellation.
-    fn run_requests<T: Send>(
+    /// Runs `jobs` (a request of `plan` and what it writes into) with the executor's loop on
+    /// the options' threads, reporting progress per file.
+    fn run_plan<'p, T: Send>(
         &self,
-        jobs: Vec<(Request, T)>,
+        plan: &'p PlacePlan,
+        jobs: Vec<(&'p Request, T)>,
         options: &LoadOptions,
-        bytes: u64,
         read: impl Fn(&Request, T) -> Result<()> + Sync,
     ) -> Result<()> {
         let mut per_shard = vec![0u64; self.shards().len()];
-        for (r, _) in &jobs {
-            per_shard[r.shard] += r.range.end - r.range.start;
+        for r in &plan.requests {
+            per_shard[r.shard_plan as usize] += r.len;
         }
-        let progress = self.progress_sink(options, bytes);
+        let progress = self.progress_sink(options, plan.report().bytes_read);
         let pool = self.pool(options)?;
-        pool.install(|| {
-            jobs.into_par_iter()
-                .with_max_len(1)
-                .try_for_each(|(request, out)| {
-                    if options
-                        .cancel
-                        .as_ref()
-                        .is_some_and(|c| c.load(Ordering::Relaxed))
-                    {
-                        return Err(Error::Cancelled);
-                    }
-                    read(&request, out)?;
-                    let len = request.range.end - request.range.start;
-                    progress.done(request.shard, per_shard[request.shard], len);
-                    Ok(())
-                })
+        exec::run_jobs(&pool, options.cancel.as_deref(), jobs, |(request, out)| {
+            read(request, out)?;
+            let shard = request.shard_plan as usize;
+            progress.done(shard, per_shard[shard], request.len);
+            Ok(())
         })
     }
 
-    /// Every fill's pieces (each at most `max` source bytes), checked against the file and
-    /// the destinations' lengths `lens`, sorted by destination and offset, none overlapping.
-    fn checked_pieces(&self, fills: &[Fill], lens: &[u64], max: u64) -> Result<Vec<Piece>> {
-        let mut pieces = Vec::new();
+    /// The plan of a placement load: every fill's segments, checked against the file and the
+    /// destinations' lengths `lens`, none overlapping, coalesced into requests in read order
+    /// by the one coalescer (the options' request size and gap bridging; `staged`: what one
+    /// request's blocks may hold).
+    fn place_plan(
+        &self,
+        fills: &[Fill],
+        lens: &[u64],
+        options: &LoadOptions,
+        staged: Staged,
+    ) -> Result<PlacePlan> {
+        let mut segments = Vec::new();
         for (i, fill) in fills.iter().enumerate() {
-            self.pieces(fill, i, lens, max, &mut pieces)?;
+            self.segments(fill, i, lens, &mut segments)?;
         }
-        check_overlaps(&mut pieces, fills)?;
-        Ok(pieces)
+        check_overlaps(&mut segments, fills)?;
+        segments.sort_by_key(|s| (s.shard, s.src));
+        let mut coalescer = Coalescer::new(options.request_size, options.max_gap, staged);
+        for (i, seg) in segments.iter().enumerate() {
+            coalescer.push(Run {
+                shard_plan: seg.shard as u32,
+                slot: i as u32,
+                src: seg.src,
+                len: seg.len,
+                from: seg.from,
+                to: seg.to,
+                dst: seg.at,
+                bridges: seg.sliced,
+            });
+        }
+        let (requests, pieces) = coalescer.finish();
+        Ok(PlacePlan {
+            segments,
+            requests,
+            pieces,
+        })
     }
 
-    /// The pieces of `fill`, checked, appended to `out`; a piece longer than `max` bytes is
-    /// cut into several, so that one large tensor is read by several threads.
-    fn pieces(
+    /// The segments of `fill`, checked, appended to `out`: one per run of the block that is
+    /// contiguous in the destination too (the coalescer cuts long ones into requests).
+    fn segments(
         &self,
         fill: &Fill,
         index: usize,
         lens: &[u64],
-        max: u64,
-        out: &mut Vec<Piece>,
+        out: &mut Vec<Segment>,
     ) -> Result<()> {
         let name = fill.tensor.as_str();
         let (s, t) = self
@@ -460,15 +516,8 @@ impl Checkpoint {
             let mut done = 0u64;
             while done < elements {
                 let first = flat + done;
-                // Up to the end of the run, of the destination's contiguous unit, and of the
-                // piece size limit.
-                // Sub-byte elements are placed whole (never cut between two elements of a byte).
-                let cap = if bits.is_multiple_of(8) {
-                    (max / (bits / 8)).max(1)
-                } else {
-                    u64::MAX
-                };
-                let n = (elements - done).min(unit - first % unit).min(cap);
+                // Up to the end of the run, and of the destination's contiguous unit.
+                let n = (elements - done).min(unit - first % unit);
                 let at = fill.offset + dest_offset(first, shape, &strides) * to_bits / 8;
                 let len = (n * to_bits).div_ceil(8);
                 if at.checked_add(len).is_none_or(|end| end > dest_len) {
@@ -482,112 +531,24 @@ impl Checkpoint {
                     ));
                 }
                 let src = base + run_at + done * bits / 8;
-                out.push(Piece {
+                out.push(Segment {
                     shard: s,
-                    src: src..src + (n * bits).div_ceil(8),
+                    tensor: t as u32,
+                    src,
+                    len: (n * bits).div_ceil(8),
                     from,
                     to,
                     dest: fill.dest,
                     at,
-                    len,
+                    dst_len: len,
                     fill: index,
+                    sliced: !fill.block.is_empty(),
                 });
                 done += n;
             }
             flat += elements;
         }
         Ok(())
-    }
-
-    /// Reads one request: one scatter read of its file range, straight into the pieces'
-    /// destinations (bridged gaps and converted pieces through a per-thread scratch buffer).
-    fn read_request(
-        &self,
-        request: &Request,
-        pieces: &[Piece],
-        mut outs: Vec<&mut [u8]>,
-        fills: &[Fill],
-    ) -> Result<()> {
-        let mine = &pieces[request.pieces.clone()];
-        let shard = &self.shards()[request.shard];
-        SCRATCH.with(|scratch| {
-            let mut scratch = scratch.borrow_mut();
-            // Scratch: gaps, and the source bytes of converted pieces.
-            let mut need = 0u64;
-            let mut at = request.range.start;
-            for p in mine {
-                need += p.src.start - at;
-                if p.from != p.to {
-                    need += p.src.end - p.src.start;
-                }
-                at = p.src.end;
-            }
-            if scratch.len() < need as usize {
-                scratch.resize(need as usize, 0);
-            }
-            let mut rest = &mut scratch[..need as usize];
-            let mut bufs: Vec<&mut [u8]> = Vec::with_capacity(mine.len() * 2);
-            // (start, length) in the scratch buffer of each converted piece's source.
-            let mut converted = Vec::new();
-            let mut used = 0usize;
-            let mut at = request.range.start;
-            for (p, out) in mine.iter().zip(outs.iter_mut()) {
-                if p.src.start > at {
-                    let gap = (p.src.start - at) as usize;
-                    let (buf, tail) = std::mem::take(&mut rest).split_at_mut(gap);
-                    rest = tail;
-                    used += gap;
-                    bufs.push(buf);
-                }
-                if p.from == p.to {
-                    bufs.push(&mut out[..]);
-                } else {
-                    let len = (p.src.end - p.src.start) as usize;
-                    let (buf, tail) = std::mem::take(&mut rest).split_at_mut(len);
-                    rest = tail;
-                    converted.push((used, len));
-                    used += len;
-                    bufs.push(buf);
-                }
-                at = p.src.end;
-            }
-            shard
-                .source()
-                .read_scatter_at(request.range.start, &mut bufs)
-                .map_err(|source| Error::Read {
-                    location: shard.location().clone(),
-                    tensor: mine
-                        .first()
-                        .map(|p| fills[p.fill].tensor.clone())
-                        .unwrap_or_default(),
-                    source,
-                })?;
-            drop(bufs);
-            let mut next = converted.into_iter();
-            for (p, out) in mine.iter().zip(outs.iter_mut()) {
-                if p.from != p.to {
-                    let (start, len) = next.next().expect("a source per converted piece");
-                    convert(p.from, p.to, &scratch[start..start + len], out);
-                }
-            }
-            Ok(())
-        })
-    }
-}
-
-/// `pieces` in read order (by file and offset), with the position each had before.
-fn in_read_order(pieces: Vec<Piece>) -> (Vec<Piece>, Vec<usize>) {
-    let mut order: Vec<usize> = (0..pieces.len()).collect();
-    order.sort_by_key(|&p| (pieces[p].shard, pieces[p].src.start));
-    let sorted = order.iter().map(|&p| pieces[p].clone()).collect();
-    (sorted, order)
-}
-
-/// What reading `requests` amounts to.
-fn report(requests: &[Request]) -> FillReport {
-    FillReport {
-        bytes_read: requests.iter().map(|r| r.range.end - r.range.start).sum(),
-        requests: requests.len(),
     }
 }
 
@@ -611,12 +572,13 @@ fn dest_offset(mut flat: u64, shape: &[usize], strides: &[u64]) -> u64 {
     at
 }
 
-/// Sorts `pieces` by destination and offset and fails on any two that write the same bytes.
-fn check_overlaps(pieces: &mut [Piece], fills: &[Fill]) -> Result<()> {
-    pieces.sort_by_key(|p| (p.dest, p.at));
-    for pair in pieces.windows(2) {
+/// Sorts `segments` by destination and offset and fails on any two that write the same
+/// bytes.
+fn check_overlaps(segments: &mut [Segment], fills: &[Fill]) -> Result<()> {
+    segments.sort_by_key(|p| (p.dest, p.at));
+    for pair in segments.windows(2) {
         let (a, b) = (&pair[0], &pair[1]);
-        if a.dest == b.dest && b.at < a.at + a.len {
+        if a.dest == b.dest && b.at < a.at + a.dst_len {
             return Err(invalid(
                 &fills[b.fill].tensor,
                 format!(
@@ -624,7 +586,7 @@ fn check_overlaps(pieces: &mut [Piece], fills: &[Fill]) -> Result<()> {
                     fills[a.fill].tensor,
                     b.dest,
                     b.at,
-                    (a.at + a.len).min(b.at + b.len)
+                    (a.at + a.dst_len).min(b.at + b.dst_len)
                 ),
             ));
         }
@@ -632,76 +594,151 @@ fn check_overlaps(pieces: &mut [Piece], fills: &[Fill]) -> Result<()> {
     Ok(())
 }
 
-/// Coalesces pieces (sorted by file and offset) into reads of at most `request_size` bytes,
-/// bridging gaps of at most `max_gap` bytes (a read that starts because the previous one is
-/// full begins where that one ended, so bridged bytes are read wherever the requests are
-/// cut); a piece whose source overlaps the previous one's starts a new read.
-fn plan_requests(pieces: &[Piece], request_size: u64, max_gap: u64) -> Vec<Request> {
-    let mut out: Vec<Request> = Vec::new();
-    for (i, p) in pieces.iter().enumerate() {
-        let mut start = p.src.start;
-        if let Some(last) = out.last_mut()
-            && last.shard == p.shard
-            && p.src.start >= last.range.end
-            && p.src.start - last.range.end <= max_gap
-        {
-            if p.src.end - last.range.start <= request_size {
-                last.range.end = p.src.end;
-                last.pieces.end = i + 1;
-                continue;
-            }
-            start = last.range.end;
-        }
-        out.push(Request {
-            shard: p.shard,
-            range: start..p.src.end,
-            pieces: i..i + 1,
-        });
-    }
-    out
-}
-
-thread_local! {
-    /// Per-thread scratch for bridged gaps and converted pieces.
-    static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::convert::convert;
+    use proptest::prelude::*;
 
-    fn piece(src: Range<u64>) -> Piece {
-        Piece {
-            shard: 0,
-            src,
-            from: Dtype::U8,
-            to: Dtype::U8,
-            dest: 0,
-            at: 0,
-            len: 0,
-            fill: 0,
+    fn dtype() -> impl Strategy<Value = Dtype> {
+        prop::sample::select(vec![
+            Dtype::U8,
+            Dtype::I32,
+            Dtype::F16,
+            Dtype::BF16,
+            Dtype::F32,
+        ])
+    }
+
+    /// The naive reference: each element of the block, converted one at a time, written at
+    /// its place in the canvas.
+    fn reference(
+        data: &[u8],
+        dtype: Dtype,
+        cols: usize,
+        rows: Range<usize>,
+        columns: Range<usize>,
+        to: Dtype,
+        canvas: (&mut [u8], usize, usize, usize),
+    ) {
+        let (out, canvas_cols, row0, col0) = canvas;
+        let (size, to_size) = (dtype.bits() / 8, to.bits() / 8);
+        for (i, r) in rows.clone().enumerate() {
+            for (j, c) in columns.clone().enumerate() {
+                let src = &data[(r * cols + c) * size..][..size];
+                let at = ((row0 + i) * canvas_cols + col0 + j) * to_size;
+                if dtype == to {
+                    out[at..at + to_size].copy_from_slice(src);
+                } else {
+                    convert(dtype, to, src, &mut out[at..at + to_size]);
+                }
+            }
         }
     }
 
-    #[test]
-    fn requests_bridge_gaps_even_where_they_are_cut() {
-        let pieces = [
-            piece(0..10),
-            piece(20..30),
-            piece(35..60),
-            piece(1000..1010),
-        ];
-        // Bridged up to 16 bytes, at most 40 bytes a read: cut after 20..30, the next read
-        // starts where that one ended (30), so 30..35 is read too; 1000 is too far.
-        let r = plan_requests(&pieces, 40, 16);
-        let got: Vec<(Range<u64>, Range<usize>)> = r
-            .iter()
-            .map(|r| (r.range.clone(), r.pieces.clone()))
-            .collect();
-        assert_eq!(got, vec![(0..30, 0..2), (30..60, 2..3), (1000..1010, 3..4)]);
-        // Overlapping sources start a read of their own.
-        let r = plan_requests(&[piece(0..10), piece(5..15)], 100, 100);
-        assert_eq!(r.len(), 2);
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+        /// Random tensors, blocks, strided destinations and conversions: a placement load
+        /// writes every block where the naive reference does and nothing else, reads every
+        /// block's bytes and at most 1/32 more, in requests of at most the request size.
+        #[test]
+        fn placements_equal_the_naive_reference(
+            tensors in prop::collection::vec((dtype(), 1usize..40, 1usize..40, any::<u8>()), 1..10),
+            fills in prop::collection::vec(
+                (0usize..10, prop::option::of((0usize..40, 0usize..40, 0usize..40, 0usize..40)),
+                 (0usize..3, 0usize..3, 0usize..3), any::<bool>()),
+                1..14,
+            ),
+            request_size in 1u64..20_000,
+            max_gap in prop::sample::select(vec![0u64, 64, 4096]),
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("m.safetensors");
+            let names: Vec<String> = (0..tensors.len()).map(|i| format!("t{i}")).collect();
+            let shapes: Vec<[usize; 2]> = tensors.iter().map(|t| [t.1, t.2]).collect();
+            let data: Vec<Vec<u8>> = tensors
+                .iter()
+                .map(|&(dtype, r, c, seed)| {
+                    let n = r * c * dtype.bits() / 8;
+                    // Finite floats of every dtype: bytes below 0x70 keep exponents in range.
+                    (0..n).map(|i| ((i * 31 + seed as usize * 7) % 0x70) as u8).collect()
+                })
+                .collect();
+            let refs: Vec<_> = tensors
+                .iter()
+                .enumerate()
+                .map(|(i, t)| weightlift_format::TensorRef {
+                    name: &names[i],
+                    dtype: t.0,
+                    shape: &shapes[i],
+                    data: &data[i],
+                })
+                .collect();
+            weightlift_format::write_file(&path, &refs, None).unwrap();
+            let ckpt = Checkpoint::open(&path).unwrap();
+
+            let mut plan_fills = Vec::new();
+            let mut canvases: Vec<Vec<u8>> = Vec::new();
+            let mut want: Vec<Vec<u8>> = Vec::new();
+            let mut selected = 0u64;
+            for &(t, block, (pad_r, pad_c, at), converts) in &fills {
+                let t = t % tensors.len();
+                let (dtype, r, c, _) = tensors[t];
+                let fold = |n: usize, a: usize, b: usize| {
+                    let (a, b) = (a % (n + 1), b % (n + 1));
+                    a.min(b)..a.max(b)
+                };
+                let (rows, columns) = match block {
+                    Some((a, b, x, y)) => (fold(r, a, b), fold(c, x, y)),
+                    None => (0..r, 0..c),
+                };
+                let floats = [Dtype::F16, Dtype::BF16, Dtype::F32];
+                let to = if converts && floats.contains(&dtype) {
+                    floats[(t + rows.start) % 3]
+                } else {
+                    dtype
+                };
+                let (br, bc) = (rows.len(), columns.len());
+                let (canvas_r, canvas_c) = (br + pad_r + at, bc + pad_c + at);
+                let to_size = to.bits() / 8;
+                let len = canvas_r * canvas_c * to_size;
+                let mut expected = vec![0xeeu8; len];
+                reference(&data[t], dtype, c, rows.clone(), columns.clone(), to,
+                    (&mut expected, canvas_c, at, at));
+                let mut fill = Fill::new(names[t].clone(), canvases.len(), ((at * canvas_c + at) * to_size) as u64)
+                    .shape(vec![br, bc])
+                    .strides(vec![canvas_c as u64, 1])
+                    .dtype(to);
+                if block.is_some() {
+                    fill = fill.block(vec![rows.clone(), columns.clone()]);
+                }
+                selected += (br * bc * dtype.bits() / 8) as u64;
+                plan_fills.push(fill);
+                canvases.push(vec![0xeeu8; len]);
+                want.push(expected);
+            }
+            let options = LoadOptions::default()
+                .threads(2)
+                .request_size(request_size)
+                .max_gap(max_gap);
+            let report = ckpt
+                .load_into(&plan_fills, canvases.iter_mut().map(|c| &mut c[..]).collect(), &options)
+                .unwrap();
+            for (i, (got, want)) in canvases.iter().zip(&want).enumerate() {
+                prop_assert!(got == want, "fill {i}: {:?}", plan_fills[i]);
+            }
+            prop_assert!(report.bytes_read >= selected, "{} read for {selected}", report.bytes_read);
+            prop_assert!(report.bytes_read * 32 <= selected * 33 + 32,
+                "{} read for {selected}", report.bytes_read);
+            let plan = ckpt.place_plan(&plan_fills, &want.iter().map(|w| w.len() as u64).collect::<Vec<_>>(),
+                &options, Staged::Free).unwrap();
+            let size = crate::plan::request_size(request_size);
+            for r in &plan.requests {
+                prop_assert!(r.len > 0 && r.len <= size);
+                prop_assert_eq!(plan.pieces(r).iter().map(|p| p.len).sum::<u64>(), r.len);
+            }
+        }
     }
 
     #[test]

@@ -10,6 +10,11 @@
 //! the gap is small ([`ReadPlan::build`]'s `max_gap`) and at most 1/32 of the run after it,
 //! so a slice plan reads at most ~3% more than its slices. Per run, planning does a constant
 //! amount of arithmetic and pushes one or a few [`Piece`]s; nothing is quadratic.
+//!
+//! The [`Coalescer`] is the one planner of reads: loads feed it their slots' runs, placement
+//! loads (`place.rs`) the runs of the caller's fills; both get requests by the same rules
+//! (size floor, gap bridging, where a full request is cut, the staged bound) and run them with
+//! the one executor (`exec.rs`).
 
 use crate::convert::converted_len;
 use crate::slice::SlicePlan;
@@ -37,7 +42,8 @@ pub(crate) struct Piece {
 /// One contiguous read of a file.
 #[derive(Debug, Clone)]
 pub(crate) struct Request {
-    /// Position of the shard in [`ReadPlan::shards`].
+    /// Position of the shard in [`ReadPlan::shards`] (for a placement load: the shard's
+    /// position in the checkpoint).
     pub shard_plan: u32,
     /// Absolute file offset.
     pub file_offset: u64,
@@ -45,8 +51,200 @@ pub(crate) struct Request {
     pub len: u64,
     /// The pieces, in file order, as a range of [`ReadPlan::pieces`].
     pub pieces: Range<u32>,
-    /// The destination range in the shard's allocation (pieces plus alignment padding).
+    /// The destination range in the shard's allocation (pieces plus alignment padding); for
+    /// a placement load, `0..` the bytes its pieces hold (what a staging buffer takes).
     pub dst: Range<u64>,
+}
+
+/// The request size every plan works with: at least 4 KiB, and a multiple of 8 bytes, so that
+/// splits inside a tensor fall on whole elements of every byte-sized dtype (converted pieces
+/// never cut an element).
+pub(crate) fn request_size(asked: u64) -> u64 {
+    asked.max(4096).next_multiple_of(8)
+}
+
+/// What bounds a request's destination where each request goes through a staging buffer of
+/// a fixed size (at least 4 KiB).
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Staged {
+    /// No bound.
+    Free,
+    /// The destination range a request covers (pieces and the padding between them): a
+    /// load's requests land in one region of the shard's allocation.
+    Span(u64),
+    /// The bytes of a request's pieces, packed one after another: a placement load's land
+    /// anywhere in the caller's destinations.
+    Packed(u64),
+}
+
+/// A run of one tensor's bytes to read: `len` bytes of the file at `src`, landing at `dst`
+/// (the load's allocation, or the caller's destination), converted from `from` to `to`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Run {
+    pub shard_plan: u32,
+    /// What the pieces of the run are tagged with ([`Piece::slot`]).
+    pub slot: u32,
+    pub src: u64,
+    pub len: u64,
+    pub from: Dtype,
+    pub to: Dtype,
+    pub dst: u64,
+    /// A run of a block of a tensor (a slice): a small gap between it and the previous such
+    /// run may be read and dropped to keep one request. Whole tensors are never bridged to:
+    /// only selected tensors are read.
+    pub bridges: bool,
+}
+
+/// Turns runs, fed in file order per shard, into coalesced requests of at most the request
+/// size: runs that follow each other in the file share a request; a run of a block joins
+/// the previous block's request across a gap of at most `max_gap` bytes and at most 1/32 of
+/// what is left of the run; a run longer than a request's room is split on an 8-byte
+/// boundary, and the next request starts where the split fell (never re-reading a gap).
+pub(crate) struct Coalescer {
+    request_size: u64,
+    max_gap: u64,
+    staged: Staged,
+    pub requests: Vec<Request>,
+    pub pieces: Vec<Piece>,
+    current: Option<Request>,
+    last_bridges: bool,
+    /// Bytes read so far: the runs' and the gaps bridged.
+    pub read_bytes: u64,
+}
+
+impl Coalescer {
+    pub(crate) fn new(request_size: u64, max_gap: u64, staged: Staged) -> Coalescer {
+        let staged = match staged {
+            Staged::Free => Staged::Free,
+            Staged::Span(m) => Staged::Span(m.max(4096)),
+            Staged::Packed(m) => Staged::Packed(m.max(4096)),
+        };
+        Coalescer {
+            request_size: self::request_size(request_size),
+            max_gap,
+            staged,
+            requests: Vec::new(),
+            pieces: Vec::new(),
+            current: None,
+            last_bridges: false,
+            read_bytes: 0,
+        }
+    }
+
+    /// Room left in request `r` for a piece landing at `dst`, in destination bytes.
+    fn dst_room(&self, r: &Request, dst: u64) -> u64 {
+        match self.staged {
+            Staged::Free => u64::MAX,
+            Staged::Span(max) => {
+                let start = if r.pieces.is_empty() {
+                    dst
+                } else {
+                    r.dst.start
+                };
+                start.saturating_add(max).saturating_sub(dst)
+            }
+            Staged::Packed(max) => max.saturating_sub(r.dst.end),
+        }
+    }
+
+    /// Plans `run`.
+    pub(crate) fn push(&mut self, run: Run) {
+        let (from, to) = (run.from, run.to);
+        let mut done = 0u64;
+        while done < run.len {
+            let at = run.src + done;
+            let left = run.len - done;
+            let dst = run.dst + converted_len(done, from, to);
+            // What joins the open request: the next bytes of the same file, or, between runs
+            // of blocks, the bytes after a small gap.
+            let gap = self.current.as_ref().map_or(u64::MAX, |r| {
+                if r.shard_plan != run.shard_plan {
+                    return u64::MAX;
+                }
+                at.checked_sub(r.file_offset + r.len).unwrap_or(u64::MAX)
+            });
+            let joins = self.current.as_ref().is_some_and(|r| {
+                let gap_ok = gap == 0
+                    || (run.bridges
+                        && self.last_bridges
+                        && gap <= self.max_gap
+                        && gap.saturating_mul(32) <= left);
+                gap_ok && r.len + gap < self.request_size && self.dst_room(r, dst) > 0
+            });
+            if !joins {
+                self.close();
+                let piece = self.pieces.len() as u32;
+                self.current = Some(Request {
+                    shard_plan: run.shard_plan,
+                    file_offset: at,
+                    len: 0,
+                    pieces: piece..piece,
+                    dst: 0..0,
+                });
+            }
+            let packed = matches!(self.staged, Staged::Packed(_));
+            let r = self.current.as_mut().expect("a request is open");
+            if joins && gap > 0 {
+                self.pieces.push(Piece {
+                    slot: GAP,
+                    len: gap,
+                    dst: if packed { 0 } else { r.dst.end },
+                    dst_len: 0,
+                });
+                r.pieces.end += 1;
+                r.len += gap;
+                self.read_bytes += gap;
+            }
+            let r = self.current.as_ref().expect("a request is open");
+            // Destination room, in file bytes (conversion may widen).
+            let dst_room =
+                self.dst_room(r, dst).saturating_mul(from.bits() as u64) / to.bits() as u64;
+            let room = self.request_size.saturating_sub(r.len).min(dst_room);
+            let mut take = left.min(room);
+            if take < left {
+                take -= take % 8;
+                if take == 0 {
+                    // Less than an element's worth of room: start a new request.
+                    self.close();
+                    continue;
+                }
+            }
+            let dst_len = converted_len(take, from, to);
+            let r = self.current.as_mut().expect("a request is open");
+            if packed {
+                r.dst = 0..r.dst.end + dst_len;
+            } else {
+                if r.pieces.is_empty() {
+                    r.dst = dst..dst;
+                }
+                r.dst.end = dst + dst_len;
+            }
+            self.pieces.push(Piece {
+                slot: run.slot,
+                len: take,
+                dst,
+                dst_len,
+            });
+            r.pieces.end += 1;
+            r.len += take;
+            self.read_bytes += take;
+            done += take;
+        }
+        self.last_bridges = run.bridges;
+    }
+
+    /// Ends the open request (the end of a shard's runs, or of a full request).
+    pub(crate) fn close(&mut self) {
+        if let Some(r) = self.current.take() {
+            self.requests.push(r);
+        }
+    }
+
+    /// The requests and their pieces, every request closed.
+    pub(crate) fn finish(mut self) -> (Vec<Request>, Vec<Piece>) {
+        self.close();
+        (self.requests, self.pieces)
+    }
 }
 
 /// What a load reads of one tensor.
@@ -119,10 +317,8 @@ impl ReadPlan {
         max_gap: u64,
         convert: impl Fn(Dtype) -> Dtype,
     ) -> ReadPlan {
-        // Splits inside a tensor fall on multiples of 8 bytes: whole elements of every
-        // byte-sized dtype, so converted pieces never cut an element.
-        let request_size = request_size.max(4096).next_multiple_of(8);
-        let max_dst = max_dst.map_or(u64::MAX, |m| m.max(4096));
+        let staged = max_dst.map_or(Staged::Free, Staged::Span);
+        let mut coalescer = Coalescer::new(request_size, max_gap, staged);
         let mut plan = ReadPlan::default();
         for (shard_index, picks) in picks.into_iter().enumerate() {
             if picks.is_empty() {
@@ -144,10 +340,9 @@ impl ReadPlan {
                 converted_len(selected_len(p), infos[p.tensor as usize].dtype, out)
             }));
             let shard_plan = plan.shards.len() as u32;
-            let first_request = plan.requests.len();
-            let mut current: Option<Request> = None;
-            let (mut bytes, mut read_bytes) = (0u64, 0u64);
-            let mut last_sliced = false;
+            let first_request = coalescer.requests.len();
+            let read_before = coalescer.read_bytes;
+            let mut bytes = 0u64;
             for (slot, pick) in picks.iter().enumerate() {
                 let info = &infos[pick.tensor as usize];
                 let (from, to) = (info.dtype, out_dtypes[slot]);
@@ -157,99 +352,24 @@ impl ReadPlan {
                     Some(s) => &s.runs,
                     None => &whole,
                 };
-                let sliced = pick.slice.is_some();
                 // Bytes of this tensor's block planned so far (where the next run lands).
                 let mut planned = 0u64;
                 for &(offset, len) in runs {
-                    let start = base + offset;
                     bytes += len;
-                    let mut done = 0u64;
-                    while done < len {
-                        let at = start + done;
-                        let left = len - done;
-                        let dst = layout.offset(slot) + converted_len(planned + done, from, to);
-                        // What joins the open request: the next bytes of the file, or, between
-                        // runs of sliced tensors, the bytes after a small gap.
-                        let gap = current.as_ref().map_or(u64::MAX, |r| {
-                            at.checked_sub(r.file_offset + r.len).unwrap_or(u64::MAX)
-                        });
-                        let joins = current.as_ref().is_some_and(|r| {
-                            let gap_ok = gap == 0
-                                || (sliced
-                                    && last_sliced
-                                    && gap <= max_gap
-                                    && gap.saturating_mul(32) <= left);
-                            gap_ok
-                                && r.len + gap < request_size
-                                && dst < r.dst.start.saturating_add(max_dst)
-                        });
-                        if !joins {
-                            if let Some(r) = current.take() {
-                                plan.requests.push(r);
-                            }
-                            let piece = plan.pieces.len() as u32;
-                            current = Some(Request {
-                                shard_plan,
-                                file_offset: at,
-                                len: 0,
-                                pieces: piece..piece,
-                                dst: 0..0,
-                            });
-                        }
-                        let r = current.as_mut().expect("a request is open");
-                        if joins && gap > 0 {
-                            plan.pieces.push(Piece {
-                                slot: GAP,
-                                len: gap,
-                                dst: r.dst.end,
-                                dst_len: 0,
-                            });
-                            r.pieces.end += 1;
-                            r.len += gap;
-                            read_bytes += gap;
-                        }
-                        let dst_start = if r.pieces.is_empty() {
-                            dst
-                        } else {
-                            r.dst.start
-                        };
-                        // Destination room, in file bytes (conversion may widen).
-                        let dst_room = dst_start.saturating_add(max_dst) - dst;
-                        let dst_room =
-                            dst_room.saturating_mul(from.bits() as u64) / to.bits() as u64;
-                        let room = request_size.saturating_sub(r.len).min(dst_room);
-                        let mut take = left.min(room);
-                        if take < left {
-                            take -= take % 8;
-                            if take == 0 {
-                                // Less than an element's worth of room: start a new request.
-                                plan.requests.push(current.take().expect("open"));
-                                continue;
-                            }
-                        }
-                        let dst_len = converted_len(take, from, to);
-                        if r.pieces.is_empty() {
-                            r.dst = dst..dst;
-                        }
-                        plan.pieces.push(Piece {
-                            slot: slot as u32,
-                            len: take,
-                            dst,
-                            dst_len,
-                        });
-                        r.pieces.end += 1;
-                        r.len += take;
-                        r.dst.end = dst + dst_len;
-                        read_bytes += take;
-                        done += take;
-                    }
+                    coalescer.push(Run {
+                        shard_plan,
+                        slot: slot as u32,
+                        src: base + offset,
+                        len,
+                        from,
+                        to,
+                        dst: layout.offset(slot) + converted_len(planned, from, to),
+                        bridges: pick.slice.is_some(),
+                    });
                     planned += len;
                 }
-                last_sliced = sliced;
             }
-            if let Some(r) = current.take() {
-                plan.requests.push(r);
-            }
+            coalescer.close();
             plan.bytes += bytes;
             plan.shards.push(ShardPlan {
                 shard: shard_index,
@@ -260,11 +380,12 @@ impl ReadPlan {
                     .collect(),
                 out_dtypes,
                 layout,
-                requests: first_request..plan.requests.len(),
+                requests: first_request..coalescer.requests.len(),
                 bytes,
-                read_bytes,
+                read_bytes: coalescer.read_bytes - read_before,
             });
         }
+        (plan.requests, plan.pieces) = coalescer.finish();
         plan
     }
 

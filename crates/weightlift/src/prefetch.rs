@@ -63,7 +63,8 @@ impl Checkpoint {
     /// Reads through the returned [`Prefetch`] find their bytes in memory rather than
     /// faulting them in one page at a time or waiting on one small request each.
     pub fn prefetch(self: &Arc<Self>, options: LoadOptions) -> Prefetch {
-        let limit = options.budget_in(self).window();
+        let budget = options.budget_in(self);
+        let limit = budget.window();
         let cancel = Arc::new(AtomicBool::new(false));
         let mut ways = Vec::with_capacity(self.shards().len());
         let mut owned = HashSet::new();
@@ -83,7 +84,7 @@ impl Checkpoint {
                         s,
                         Some(map),
                         options.drop_cache,
-                        limit,
+                        &budget,
                         default_threads(),
                     )),
                     Err(_) => Way::None,
@@ -98,7 +99,7 @@ impl Checkpoint {
                     s,
                     None,
                     options.drop_cache,
-                    limit,
+                    &budget,
                     default_threads(),
                 ))
             } else {
@@ -161,7 +162,8 @@ impl Checkpoint {
                     weightlift_storage::residency(path).is_ok_and(|r| r.fraction() < 0.9)
                 });
                 if fits && cold {
-                    Way::Window(window().register(self, s, None, false, limit, default_threads()))
+                    let budget = self.budget();
+                    Way::Window(window().register(self, s, None, false, budget, default_threads()))
                 } else {
                     Way::None
                 }
@@ -177,6 +179,33 @@ impl Checkpoint {
             owned_bytes: 0,
             done,
         }
+    }
+}
+
+/// A checkpoint announced to the process's prefetch window (see [`Checkpoint::announce`]);
+/// dropping it takes the announcement back.
+#[derive(Debug)]
+pub struct Announcement {
+    bytes: u64,
+}
+
+impl Drop for Announcement {
+    fn drop(&mut self) {
+        window().withdraw(self.bytes);
+    }
+}
+
+impl Checkpoint {
+    /// Tells the process's prefetch window that prefetches started later will serve all of
+    /// this checkpoint (a caller that opens every file of a model first, then reads them one
+    /// after another, each prefetched from its first read): the window decides from the
+    /// first read whether everything fits in memory, rather than from the files registered
+    /// so far, and on a host short of memory lets go of what readers are past from the
+    /// start. Nothing is read. Dropping the returned value takes it back.
+    pub fn announce(&self) -> Announcement {
+        let bytes = self.data_bytes();
+        window().announce(bytes);
+        Announcement { bytes }
     }
 }
 

@@ -30,13 +30,23 @@ mirror ``safetensors.numpy`` and ``safetensors.torch``.
 
 from ._handle import StateDict
 from ._load import load, load_checkpoint, load_file
-from ._native import SafetensorError, __version__, memory_budget
+from ._native import (
+    Cancelled,
+    DoesNotFit,
+    InvalidPlacement,
+    SafetensorError,
+    __version__,
+    memory_budget,
+)
 from ._open import safe_open
 from ._place import load_into
 from .patch import patch, patched, unpatch
 
 __all__ = [
     "SafetensorError",
+    "DoesNotFit",
+    "Cancelled",
+    "InvalidPlacement",
     "StateDict",
     "safe_open",
     "load_file",

@@ -97,6 +97,9 @@ class safe_open:
         if prefetch and self._device == "cpu":
             # Defaults (threads, drop_cache) from the environment: see weightlift's README.
             self._prefetch_pending = dict(threads=threads, drop_cache=drop_cache)
+            # Callers that prefetch open every file of a model before reading any: the
+            # window knows from the first read whether all of them fit in memory.
+            self._handle.announce()
 
     def _start_prefetch(self):
         args, self._prefetch_pending = self._prefetch_pending, None

@@ -6,7 +6,7 @@ Destinations on a CUDA device are filled through pinned staging buffers (one rea
 buffer, its blocks are copied to their places on the device while the next reads run)."""
 
 from . import _arrays, _handle, _slicing
-from ._native import SafetensorError
+from ._native import InvalidPlacement, SafetensorError
 
 _CODES = {name: code for code, name in _arrays.TORCH_DTYPES.items()}
 
@@ -99,7 +99,7 @@ def fills(handle, placements):
             dest = Block.of(dest)
         key, nbytes, itemsize, want, device = bases.get(dest.base)
         if device != "cpu" and not device.startswith("cuda:"):
-            raise SafetensorError(
+            raise InvalidPlacement(
                 f"tensor {name!r}: load_into fills CPU and CUDA tensors (the destination is "
                 f"on {device})"
             )
@@ -110,14 +110,14 @@ def fills(handle, placements):
         else:
             ranges, steps, squeeze = _slicing.plan(index, shape, name)
             if any(step != 1 for step in steps):
-                raise SafetensorError(f"tensor {name!r}: load_into takes blocks without steps")
+                raise InvalidPlacement(f"tensor {name!r}: load_into takes blocks without steps")
             block = [b - a for a, b in ranges] + list(shape[len(ranges):])
         kept = [d for i, d in enumerate(block) if i not in squeeze]
         view = None
         if dest.regroups and not squeeze:
             view, strides = list(dest.shape), list(dest.strides)
         elif list(dest.shape) != kept:
-            raise SafetensorError(
+            raise InvalidPlacement(
                 f"tensor {name!r}: the destination has shape {list(dest.shape)}, "
                 f"the block {kept} (of a tensor of shape {list(shape)})"
             )
@@ -145,7 +145,8 @@ def load_into(source, placements, threads=None, backend="auto", token=None, max_
     block's, on the CPU or a CUDA device (filled through pinned staging buffers, one load per
     device). Converts between float16, bfloat16 and float32 where the destination's dtype
     differs. Checked before anything is read: a block of the wrong shape, one that falls
-    outside its destination or overlaps another's bytes raises ``SafetensorError``.
+    outside its destination or overlaps another's bytes raises ``InvalidPlacement`` (a
+    ``SafetensorError``).
     ``max_gap``: the most bytes between two blocks read (and dropped) to keep one read
     (default 4 KiB); larger gaps read whole files in one pass, which also leaves the bytes
     between the blocks in the page cache. Returns ``(bytes read, reads made)``. The
