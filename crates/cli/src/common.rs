@@ -93,21 +93,8 @@ pub(crate) fn print(text: &str) -> Result<(), String> {
     }
 }
 
-/// `1.23 GiB`-style sizes.
-pub(crate) fn human_bytes(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut value = bytes as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit < UNITS.len() - 1 {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{value:.2} {}", UNITS[unit])
-    }
-}
+/// `1.23 GiB`-style sizes: the storage layer's formatter, which every message uses.
+pub(crate) use weightlift::human as human_bytes;
 
 /// `12,345`-style counts.
 pub(crate) fn thousands(n: u64) -> String {

@@ -151,15 +151,11 @@ pub(crate) fn run(args: &Args) -> Result<(), String> {
     });
     // Per file: the backend and, for files the load touched, where their tensors went.
     let placement = |i: usize| {
-        state.files().iter().find(|f| f.shard == i).map(|f| {
-            let place = match f.placement {
-                weightlift::Placement::Owned => "owned",
-                weightlift::Placement::Mapped => "mapped",
-                weightlift::Placement::Device => "device",
-                weightlift::Placement::Meta => "meta",
-            };
-            (place, f.reason.clone(), f.bytes_read)
-        })
+        state
+            .files()
+            .iter()
+            .find(|f| f.shard == i)
+            .map(|f| (f.placement.name(), f.reason.clone(), f.bytes_read))
     };
     let files: Vec<_> = ckpt
         .shards()

@@ -8,7 +8,7 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyString, PyTuple};
 use std::sync::Arc;
-use weightlift::{DeviceMemory, Dtype, FileReport, HostMemory, Placement, Tensor};
+use weightlift::{DeviceMemory, Dtype, FileReport, HostMemory, Tensor};
 
 /// How tensors are described to the Python side, which makes the arrays.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -154,15 +154,7 @@ pub(crate) fn report<'py>(py: Python<'py>, files: &[FileReport]) -> PyResult<Bou
         .map(|f| {
             let d = PyDict::new(py);
             d.set_item("file", f.location.to_string())?;
-            d.set_item(
-                "placement",
-                match f.placement {
-                    Placement::Owned => "owned",
-                    Placement::Mapped => "mapped",
-                    Placement::Device => "device",
-                    Placement::Meta => "meta",
-                },
-            )?;
+            d.set_item("placement", f.placement.name())?;
             d.set_item("reason", &f.reason)?;
             d.set_item("bytes_read", f.bytes_read)?;
             Ok(d)

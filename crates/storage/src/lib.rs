@@ -114,6 +114,7 @@ pub enum AccessPattern {
 
 /// The backend a [`ByteSource`] actually uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum BackendKind {
     /// Memory map, copied out with `memcpy` (page faults bring the data in).
     Mmap,

@@ -77,7 +77,7 @@ pub use weightlift_storage::{
     AccessPattern, AutoPolicy, Backend, BackendKind, ByteSource, Entry, LocalStore, Location,
     Opened, RemoteStats, Store, StoreOptions, open_store,
 };
-pub use weightlift_storage::{MemoryInfo, memory_info, parse_size};
+pub use weightlift_storage::{MemoryInfo, human, memory_info, parse_size};
 
 /// Remote storage options (feature `remote`).
 #[cfg(feature = "remote")]

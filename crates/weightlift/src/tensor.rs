@@ -373,6 +373,7 @@ pub struct StateDict {
 
 /// Where one file's tensors went in a load, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct FileReport {
     /// Position of the file (shard) in the checkpoint.
     pub shard: usize,
@@ -388,6 +389,7 @@ pub struct FileReport {
 
 /// Where a file's loaded tensors live.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum Placement {
     /// Copied into memory of the load's own.
     Owned,
@@ -397,6 +399,18 @@ pub enum Placement {
     Device,
     /// Nowhere (shapes only).
     Meta,
+}
+
+impl Placement {
+    /// The placement in one word (`owned`, `mapped`, `device`, `meta`), as reports print it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Placement::Owned => "owned",
+            Placement::Mapped => "mapped",
+            Placement::Device => "device",
+            Placement::Meta => "meta",
+        }
+    }
 }
 
 impl StateDict {

@@ -6,12 +6,12 @@ use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use weightlift::{
-    AutoPolicy, Backend, BackendKind, ByteSource, Checkpoint, DEFAULT_MAX_GAP,
-    DEFAULT_REQUEST_SIZE, Device, Dtype, Element, Entry, Error, Filter, Header, HostMemory,
-    LoadOptions, LocalStore, Location, MappedCheckpoint, Mapping, OpenOptions, Placement, Prefetch,
-    Progress, RemoteStats, Result, Shard, ShardIndex, Share, SharedLoad, StagedTarget,
-    StagingOptions, StagingStats, StateDict, Store, StoreOptions, Tensor, TensorInfo, TensorView,
-    open_store,
+    Announcement, AutoPolicy, Backend, BackendKind, ByteSource, Checkpoint, DEFAULT_MAX_GAP,
+    DEFAULT_REQUEST_SIZE, Device, Dtype, Element, Entry, Error, Fill, FillReport, Filter, Header,
+    HostMemory, LoadOptions, LocalStore, Location, MappedCheckpoint, Mapping, MemoryBudget,
+    OpenOptions, Placement, Prefetch, Progress, RemoteStats, Result, Shard, ShardIndex, Share,
+    SharedLoad, StagedTarget, StagingOptions, StagingStats, StateDict, Store, StoreOptions, Tensor,
+    TensorInfo, TensorView, open_store,
 };
 use weightlift_format::{TensorRef, write_file};
 
@@ -213,6 +213,72 @@ fn mapped_checkpoints_prefetches_and_shared_loads() -> Result<()> {
     assert!(shared.span_mut(0).is_some());
     assert_eq!(shared.bytes_read(), 32);
     assert_eq!(shared.finish().len(), 2);
+    Ok(())
+}
+
+#[test]
+fn placement_loads_memory_budgets_and_read_ahead() -> Result<()> {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(dir.path());
+    // The budget every use of the checkpoint runs under, decided when it is opened.
+    let budget: MemoryBudget = MemoryBudget::of(1 << 30).with_window(1 << 20);
+    let _: (u64, u64, &str) = (budget.bytes(), budget.window(), budget.source());
+    let _: MemoryBudget = MemoryBudget::detect();
+    let _: MemoryBudget = MemoryBudget::set(Some(1 << 30), None);
+    let ckpt = Arc::new(Checkpoint::open_with(
+        &path,
+        &OpenOptions::default().memory_budget(budget.clone()),
+    )?);
+    assert_eq!(ckpt.budget(), &budget);
+    let _: LoadOptions = LoadOptions::default().memory_budget(budget);
+    assert_eq!(weightlift::env::MEMORY_BUDGET, "WEIGHTLIFT_MEMORY_BUDGET");
+    let _: (bool, Option<usize>, Option<String>) = (
+        weightlift::env::drop_cache(),
+        weightlift::env::prefetch_threads(),
+        weightlift::env::http_token(),
+    );
+    let _: String = weightlift::human(1536);
+
+    // Blocks straight into memory the caller owns.
+    let fills: Vec<Fill> = vec![
+        Fill::new("layer.w", 0, 0)
+            .block(vec![1..2])
+            .shape(vec![1, 3]),
+        Fill::new("layer.b", 1, 0)
+            .strides(vec![1])
+            .dtype(Dtype::F32),
+    ];
+    let (mut rows, mut floats) = (vec![0u8; 12], vec![0u8; 16]);
+    let report: FillReport = ckpt.load_into(
+        &fills,
+        vec![&mut rows[..], &mut floats[..]],
+        &LoadOptions::default(),
+    )?;
+    let _: (u64, usize) = (report.bytes_read, report.requests);
+    assert_eq!(rows, (12..24u8).collect::<Vec<_>>());
+    assert_eq!(floats, 1.5f32.to_le_bytes().repeat(4));
+    let target = StagedTarget::new(
+        weightlift_testkit::fake::FakeEngine::default(),
+        StagingOptions::default(),
+    )?;
+    let mut memory = weightlift::CopyEngine::alloc(target.engine(), 12)?;
+    let _: FillReport = ckpt.load_into_staged(
+        &fills[..1],
+        vec![&mut memory],
+        &target,
+        &LoadOptions::default(),
+    )?;
+    // SAFETY: no destination: nothing is written.
+    let cuda: Result<FillReport> =
+        unsafe { ckpt.load_into_cuda(&[], 0, &[], &LoadOptions::default()) };
+    let _ = cuda;
+
+    // Reading ahead, warming the page cache, announcing a prefetch to come.
+    let _: bool = ckpt.read_ahead();
+    let warm: Prefetch = ckpt.warm();
+    let _: bool = warm.is_active();
+    let announced: Announcement = ckpt.announce();
+    drop(announced);
     Ok(())
 }
 

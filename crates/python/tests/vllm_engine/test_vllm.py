@@ -88,10 +88,25 @@ def test_same_tokens_in_the_default_multi_process_mode(models, one_process):
 
 
 def test_options_pass_through_model_loader_extra_config(models, one_process):
-    extra = {"copy": True, "prefetch_window": "1MiB", "drop_cache": True, "threads": 1}
+    extra = {
+        "copy": True,
+        "memory_budget": "1GiB",
+        "prefetch_window": "1MiB",
+        "drop_cache": True,
+        "threads": 1,
+    }
     (ours,) = engine([(models["moe"], "weightlift")], extra=extra)
     assert "error" not in ours, ours
     assert ours["tokens"] == one_process[("moe", "auto")]["tokens"]
+
+
+def test_the_memory_budget_option_bounds_the_loads(models):
+    """vLLM's ``memory_budget`` is the budget the files' loads run under: a copying load that
+    needs more refuses before reading, and the engine start fails saying so."""
+    (ours,) = engine([(models["moe"], "weightlift")], extra={"copy": True, "memory_budget": "4KiB"})
+    assert "error" in ours, ours
+    text = ours["error"] + ours["log"]
+    assert "more than its budget of 4.00 KiB" in text, ours["error"]
 
 
 def broken(models, tmp_path, how):
