@@ -1,14 +1,17 @@
 //! `weightlift demo`: the main job on a built-in checkpoint. Generates a MoE-shaped
-//! checkpoint once (cached), then loads it with weightlift and reads the same bytes raw,
-//! side by side in one run, warm and cold.
+//! checkpoint once (cached, with a progress bar), then loads it the two ways users get, mapped
+//! (what Python's `load_file` and `safe_open` hand out by default) and into memory of its own,
+//! beside the bounds that limit them (the raw read of the same bytes, and filling as much
+//! fresh memory), interleaved, warm and cold, every time divided by the raw read's.
 
 use crate::common::{ProfileArg, human_bytes, print, table, thousands};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
-use weightlift::{Checkpoint, LoadOptions};
+use weightlift::{Checkpoint, LoadOptions, Mapping, OpenOptions};
 use weightlift_workload::synthetic::{self, Profile};
 use weightlift_workload::util::{available_memory, free_space, median, parse_size};
-use weightlift_workload::yardstick::{evict_all, raw_read};
+use weightlift_workload::yardstick::{evict_all, fresh_memory, raw_read};
 
 #[derive(clap::Args)]
 #[command(
@@ -24,9 +27,34 @@ pub(crate) struct Args {
     /// Where to keep the generated checkpoint (default: the user cache directory).
     #[arg(long)]
     dir: Option<PathBuf>,
-    /// Measurements per contender (the median is shown).
+    /// Measurements per contender (min, median and max are shown; at least 3).
     #[arg(long, default_value_t = 3)]
     runs: usize,
+}
+
+/// What the demo times.
+#[derive(Clone, Copy, PartialEq)]
+enum Contender {
+    /// The sequential read of the files' bytes: what the storage delivers.
+    Raw,
+    /// Faulting in and filling as much new memory: the floor under a load into memory of its
+    /// own (no I/O; warm only).
+    Fresh,
+    /// `Checkpoint::load` of the files mapped: tensors are views of the page cache.
+    Mapped,
+    /// `Checkpoint::load` into memory of its own.
+    Owned,
+}
+
+impl Contender {
+    fn name(self) -> &'static str {
+        match self {
+            Contender::Raw => "raw read (bound)",
+            Contender::Fresh => "fresh memory fill (bound for owned)",
+            Contender::Mapped => "weightlift, mapped (Python's default)",
+            Contender::Owned => "weightlift, owned memory",
+        }
+    }
 }
 
 pub(crate) fn run(args: &Args) -> Result<(), String> {
@@ -35,7 +63,7 @@ pub(crate) fn run(args: &Args) -> Result<(), String> {
     let size = args.size.unwrap_or_else(|| suitable_size(&base));
     let dir = base.join(format!("demo-{}-{}MiB", profile.name(), size >> 20));
     let paths = ensure_checkpoint(&dir, profile, size)?;
-    let runs = args.runs.max(1);
+    let runs = args.runs.max(3);
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
 
     let ckpt = Checkpoint::open(&dir).map_err(|e| e.to_string())?;
@@ -50,69 +78,93 @@ pub(crate) fn run(args: &Args) -> Result<(), String> {
     );
     drop(ckpt);
 
-    let raw = |paths: &[PathBuf]| -> Result<f64, String> {
+    let time = |c: Contender| -> Result<f64, String> {
         let t = Instant::now();
-        raw_read(paths, threads, 16 << 20).map_err(|e| format!("raw read: {e}"))?;
+        match c {
+            Contender::Raw => {
+                raw_read(&paths, threads, 16 << 20).map_err(|e| format!("raw read: {e}"))?;
+            }
+            Contender::Fresh => {
+                fresh_memory(bytes, threads).map_err(|e| format!("fresh memory: {e}"))?;
+            }
+            Contender::Mapped | Contender::Owned => {
+                let mapping = if c == Contender::Mapped {
+                    // SAFETY: the demo's own generated files, which nothing modifies or
+                    // truncates while the load's tensors live (they are dropped below).
+                    unsafe { Mapping::auto() }
+                } else {
+                    Mapping::never()
+                };
+                let options = OpenOptions::default().mapping(mapping);
+                let ckpt = Checkpoint::open_with(&dir, &options).map_err(|e| e.to_string())?;
+                let state = ckpt
+                    .load(&LoadOptions::default())
+                    .map_err(|e| e.to_string())?;
+                std::hint::black_box(&state);
+            }
+        }
         Ok(t.elapsed().as_secs_f64())
-    };
-    let load = || -> Result<(f64, String), String> {
-        let t = Instant::now();
-        let ckpt = Checkpoint::open(&dir).map_err(|e| e.to_string())?;
-        let state = ckpt
-            .load(&LoadOptions::default())
-            .map_err(|e| e.to_string())?;
-        let secs = t.elapsed().as_secs_f64();
-        drop(state);
-        let backends: Vec<&str> = ckpt.shards().iter().map(|s| s.backend().name()).collect();
-        Ok((secs, backends.join("+")))
     };
     let evict = || evict_all(&paths).map_err(|e| e.to_string());
 
     let mut rows = vec![vec![
         "cache".to_string(),
-        format!("raw read ({threads} threads)"),
-        "weightlift".into(),
-        "weightlift / raw".into(),
-        "backend".into(),
+        "what".into(),
+        "min / median / max".into(),
+        "GB/s".into(),
+        "x raw read".into(),
     ]];
-    // Warm: read once so the page cache holds the files, then alternate.
-    raw(&paths)?;
-    let (mut r, mut w, mut backend) = (Vec::new(), Vec::new(), String::new());
-    for _ in 0..runs {
-        r.push(raw(&paths)?);
-        let (secs, b) = load()?;
-        w.push(secs);
-        backend = b;
-    }
-    rows.push(row("warm", bytes, &r, &w, &backend));
-    let (mut r, mut w) = (Vec::new(), Vec::new());
     let mut still_cached: f64 = 0.0;
-    for _ in 0..runs {
-        still_cached = still_cached.max(evict()?);
-        r.push(raw(&paths)?);
-        still_cached = still_cached.max(evict()?);
-        let (secs, b) = load()?;
-        w.push(secs);
-        backend = b;
+    for cache in ["warm", "cold"] {
+        let contenders: &[Contender] = if cache == "warm" {
+            &[
+                Contender::Raw,
+                Contender::Fresh,
+                Contender::Mapped,
+                Contender::Owned,
+            ]
+        } else {
+            &[Contender::Raw, Contender::Mapped, Contender::Owned]
+        };
+        if cache == "warm" {
+            // Read once so that the page cache holds the files.
+            time(Contender::Raw)?;
+        }
+        let mut times = vec![Vec::new(); contenders.len()];
+        // Interleaved: each run times every contender once.
+        for _ in 0..runs {
+            for (i, &c) in contenders.iter().enumerate() {
+                if cache == "cold" {
+                    still_cached = still_cached.max(evict()?);
+                }
+                times[i].push(time(c)?);
+            }
+        }
+        let raw = median(&times[0]);
+        for (&c, t) in contenders.iter().zip(&times) {
+            let (lo, mid, hi) = (
+                t.iter().copied().fold(f64::INFINITY, f64::min),
+                median(t),
+                t.iter().copied().fold(0.0, f64::max),
+            );
+            rows.push(vec![
+                cache.into(),
+                c.name().into(),
+                format!("{lo:.3} / {mid:.3} / {hi:.3} s"),
+                format!("{:.2}", bytes as f64 / mid / 1e9),
+                format!("{:.2}x", mid / raw),
+            ]);
+        }
     }
-    rows.push(row("cold", bytes, &r, &w, &backend));
     out.push_str(&table(&rows));
     out.push_str(&format!(
-        "\nmedian of {runs}; cold = evicted with posix_fadvise(DONTNEED) before each run ({:.1}% still cached after eviction)\n",
+        "\n{runs} runs each, interleaved. x raw read = median time / the raw read's median time\n\
+         (1.00x: as fast as reading the bytes; lower is faster). Mapped loads hand out views of\n\
+         the page cache; owned loads fill new memory, which the fresh-memory row bounds.\n\
+         Cold: evicted with posix_fadvise(DONTNEED) before each run ({:.1}% still cached after).\n",
         still_cached * 100.0
     ));
     print(&out)
-}
-
-fn row(cache: &str, bytes: u64, raw: &[f64], wl: &[f64], backend: &str) -> Vec<String> {
-    let (r, w) = (median(raw), median(wl));
-    vec![
-        cache.into(),
-        format!("{r:.3} s {:>6.2} GB/s", bytes as f64 / r / 1e9),
-        format!("{w:.3} s {:>6.2} GB/s", bytes as f64 / w / 1e9),
-        format!("{:.2}", r / w),
-        backend.into(),
-    ]
 }
 
 /// `$XDG_CACHE_HOME/weightlift`, else `~/.cache/weightlift`, else a temp directory.
@@ -148,7 +200,14 @@ fn ensure_checkpoint(dir: &Path, profile: Profile, size: u64) -> Result<Vec<Path
     // checkpoint where the next run would look.
     let partial = dir.with_extension("partial");
     let _ = std::fs::remove_dir_all(&partial);
-    synthetic::generate(&partial, profile, size)?;
+    // Drawn on stderr only when it is a terminal.
+    let bar = ProgressBar::with_draw_target(Some(size), ProgressDrawTarget::stderr());
+    bar.set_style(
+        ProgressStyle::with_template("{bar:40} {binary_bytes}/{binary_total_bytes} eta {eta}")
+            .expect("valid template"),
+    );
+    synthetic::generate_with_progress(&partial, profile, size, &|n| bar.inc(n))?;
+    bar.finish_and_clear();
     let _ = std::fs::remove_dir_all(dir);
     std::fs::rename(&partial, dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let ckpt = Checkpoint::open(dir).map_err(|e| e.to_string())?;

@@ -150,6 +150,17 @@ const SHARD_BYTES: u64 = 512 << 20;
 /// `model.safetensors.index.json`. Returns the shard paths. Each file is written atomically.
 /// Errors name the file they are about.
 pub fn generate(dir: &Path, profile: Profile, bytes: u64) -> Result<Vec<PathBuf>, String> {
+    generate_with_progress(dir, profile, bytes, &|_| {})
+}
+
+/// [`generate`], calling `progress` with the bytes of each tensor once it is written (from
+/// the writing threads), for a progress bar.
+pub fn generate_with_progress(
+    dir: &Path,
+    profile: Profile,
+    bytes: u64,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<Vec<PathBuf>, String> {
     let fail = |path: &Path, e: FormatError| format!("{}: {e}", path.display());
     std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let tensors = layout(profile, bytes);
@@ -197,6 +208,7 @@ pub fn generate(dir: &Path, profile: Profile, bytes: u64) -> Result<Vec<PathBuf>
                     buf.resize(t.byte_len() as usize, 0);
                     fill(&mut buf, seed as u64);
                     w.write_all(&buf)?;
+                    progress(t.byte_len());
                 }
                 Ok(())
             })

@@ -7,11 +7,16 @@ use std::path::Path;
 /// so that the CLI, the bench and the environment variables read sizes alike.
 pub use weightlift_storage::parse_size;
 
-/// The median of `v` (the upper one for an even count); NaN for an empty slice.
+/// The median of `v` (the mean of the middle two for an even count); NaN for an empty slice.
 pub fn median(v: &[f64]) -> f64 {
     let mut v = v.to_vec();
     v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+    match v.len() {
+        0 => f64::NAN,
+        // Of an even count, the mean of the middle two (not the slower of them).
+        n if n % 2 == 0 => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+        n => v[n / 2],
+    }
 }
 
 /// Peak resident memory of this process (VmHWM), in bytes.
@@ -49,6 +54,7 @@ mod tests {
     fn sizes_and_medians() {
         assert_eq!(parse_size("16MiB").unwrap(), 16 << 20);
         assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0]), 2.5, "not the slower of two");
         assert!(median(&[]).is_nan());
         assert!(peak_rss().unwrap() > 0);
         assert!(free_space(Path::new("/nonexistent/dir")).is_some());
