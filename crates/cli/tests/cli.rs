@@ -263,9 +263,14 @@ fn demo_runs_on_a_small_checkpoint_and_reuses_it() {
     );
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(
-        text.contains("moe profile") && text.contains("weightlift / raw"),
+        text.contains("moe profile") && text.contains("x raw read"),
         "{text}"
     );
+    for row in ["raw read (bound)", "fresh memory fill", "mapped", "owned memory"] {
+        assert!(text.contains(row), "{row}: {text}");
+    }
+    // `--runs 1` runs three times all the same: a median of fewer says little.
+    assert!(text.contains("3 runs each"), "{text}");
     assert!(text.contains("warm") && text.contains("cold"), "{text}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("generating"));
     let again = weightlift(&args);
