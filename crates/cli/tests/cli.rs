@@ -266,7 +266,12 @@ fn demo_runs_on_a_small_checkpoint_and_reuses_it() {
         text.contains("moe profile") && text.contains("x raw read"),
         "{text}"
     );
-    for row in ["raw read (bound)", "fresh memory fill", "mapped", "owned memory"] {
+    for row in [
+        "raw read (bound)",
+        "fresh memory fill",
+        "mapped",
+        "owned memory",
+    ] {
         assert!(text.contains(row), "{row}: {text}");
     }
     // `--runs 1` runs three times all the same: a median of fewer says little.

@@ -343,66 +343,49 @@ impl PyCheckpoint {
         py.detach(|| self.ckpt.drop_cache(&ranges));
     }
 
-    /// Reads blocks of tensors straight into host memory the caller owns (see
-    /// `weightlift::Fill`), without the GIL. `fills`: `(name, ranges or None, shape or None,
-    /// destination, byte offset, strides or None, dtype code or None, view shape or None)`; `dests`: `(address,
-    /// length)` of each destination; `max_gap`: the most bytes between two blocks read (into
-    /// scratch) to keep one read (see `LoadOptions::max_gap`). Returns `(bytes read, reads
-    /// made)`.
+    /// Reads blocks of tensors straight into memory the caller owns (see `weightlift::Fill`),
+    /// without the GIL. `fills`: `Fill`s, each naming a destination by its position in
+    /// `dests`; `dests`: torch tensors whose storages are filled (at each fill's byte offset
+    /// from the storage's start), on `device`: "cpu", or "cuda:N" (filled through a pinned
+    /// staging pool kept for the process; the caller synchronizes the device first, so that
+    /// no queued work touches them). `max_gap`: see `LoadOptions::max_gap`. Returns `(bytes
+    /// read, reads made)`.
     ///
-    /// The caller keeps every destination alive, writable, and untouched by anyone else
-    /// until this returns (the Python glue passes the storages of tensors it just made).
-    /// `device`: where the destinations are: "cpu" (host addresses) or "cuda:N" (device
-    /// addresses on GPU N, in its primary context, with no work queued on them: filled
-    /// through a pinned staging pool kept for the process).
+    /// The storages' addresses and lengths are taken here, from the tensors, which this call
+    /// holds until it returns; what stays the caller's part is that nothing else reads or
+    /// writes them meanwhile (the GIL is released).
     #[pyo3(signature = (fills, dests, threads=None, max_gap=None, device="cpu"))]
-    #[allow(clippy::type_complexity)]
     fn load_into(
         &self,
         py: Python<'_>,
-        fills: Vec<(
-            String,
-            Option<Vec<(usize, usize)>>,
-            Option<Vec<usize>>,
-            usize,
-            u64,
-            Option<Vec<u64>>,
-            Option<String>,
-            Option<Vec<usize>>,
-        )>,
-        dests: Vec<(usize, usize)>,
+        fills: Vec<PyRef<'_, PyFill>>,
+        dests: Vec<Bound<'_, PyAny>>,
         threads: Option<usize>,
         max_gap: Option<u64>,
         device: &str,
     ) -> PyResult<(u64, usize)> {
         let device = self::device(device)?;
-        let fills = fills
-            .into_iter()
-            .map(
-                |(name, ranges, shape, dest, offset, strides, dtype, view)| {
-                    let mut fill = Fill::new(name, dest, offset);
-                    if let Some(view) = view {
-                        fill = fill.view(view);
-                    }
-                    if let Some(ranges) = ranges {
-                        fill = fill.block(ranges.into_iter().map(|(a, b)| a..b).collect());
-                    }
-                    if let Some(shape) = shape {
-                        fill = fill.shape(shape);
-                    }
-                    if let Some(strides) = strides {
-                        fill = fill.strides(strides);
-                    }
-                    if let Some(code) = dtype {
-                        let dtype = Dtype::from_name(&code).ok_or_else(|| {
-                            PyValueError::new_err(format!("unknown dtype {code:?}"))
-                        })?;
-                        fill = fill.dtype(dtype);
-                    }
-                    Ok(fill)
-                },
-            )
-            .collect::<PyResult<Vec<Fill>>>()?;
+        let fills: Vec<Fill> = fills.iter().map(|f| f.fill.clone()).collect();
+        // Each destination's storage: (address, length), checked to be on `device`.
+        let dests = dests
+            .iter()
+            .map(|tensor| {
+                let on = tensor.getattr("device")?.str()?.to_string();
+                let on = match on.as_str() {
+                    "cuda" => "cuda:0".to_string(),
+                    _ => on,
+                };
+                if self::device(&on)? != device {
+                    return Err(PyValueError::new_err(format!(
+                        "a destination is on {on}, the load fills {device:?}"
+                    )));
+                }
+                let storage = tensor.call_method0("untyped_storage")?;
+                let address: usize = storage.call_method0("data_ptr")?.extract()?;
+                let len: usize = storage.call_method0("nbytes")?.extract()?;
+                Ok((address, len))
+            })
+            .collect::<PyResult<Vec<(usize, usize)>>>()?;
         // Distinct destinations must not share bytes: each becomes its own `&mut [u8]`.
         let mut spans: Vec<(usize, usize)> = dests.iter().map(|&(a, n)| (a, a + n)).collect();
         spans.sort_unstable();
@@ -430,10 +413,10 @@ impl PyCheckpoint {
                         if len == 0 {
                             return &mut [][..];
                         }
-                        // SAFETY: the caller hands `(address, len)` of live, writable host
-                        // memory it keeps alive and lets nobody else touch until this call
-                        // returns (this method's contract, kept by the Python glue, which
-                        // passes the storages of tensors it just allocated); no two
+                        // SAFETY: `(address, len)` is the storage of a CPU tensor this call
+                        // holds (`dests`, alive until it returns), read from torch above;
+                        // nothing else touches it meanwhile (this method's contract, kept by
+                        // the Python glue, which passes tensors it just allocated); no two
                         // destinations overlap (checked above), so the slices are disjoint.
                         unsafe { std::slice::from_raw_parts_mut(address as *mut u8, len) }
                     })
@@ -444,11 +427,12 @@ impl PyCheckpoint {
                 let target = crate::staging::cuda(ordinal)?;
                 let mut memories: Vec<_> = dests
                     .iter()
-                    // SAFETY: the caller hands `(address, len)` of device memory on GPU
-                    // `ordinal` (a torch tensor's storage, in the primary context), alive,
-                    // with no work queued on it, and untouched by anyone else until this
-                    // returns (this method's contract, kept by the Python glue, which
-                    // synchronizes the device first); no two overlap (checked above).
+                    // SAFETY: `(address, len)` is the storage of a tensor on GPU `ordinal`
+                    // (torch's, in the primary context) this call holds until it returns,
+                    // checked above to be on that device; no work is queued on it and nothing
+                    // else touches it meanwhile (this method's contract, kept by the Python
+                    // glue, which synchronizes the device first); no two overlap (checked
+                    // above).
                     .map(|&(address, len)| unsafe {
                         target.engine().borrow(address as u64, len as u64)
                     })
@@ -501,4 +485,58 @@ fn load_options(
         options = options.slices(move |name, _| map.get(name).cloned());
     }
     options
+}
+
+/// One block of a tensor to read into a destination of `Checkpoint.load_into` (see
+/// `weightlift::Fill`): made once, with keywords, checked against the file by the load.
+#[pyclass(name = "Fill", module = "weightlift._native", frozen)]
+pub(crate) struct PyFill {
+    fill: Fill,
+}
+
+#[pymethods]
+impl PyFill {
+    /// `name`: the tensor; `dest`: the destination's position in the load's `dests`;
+    /// `offset`: bytes from the destination storage's start; `block`: `(start, end)` per
+    /// leading dimension (None: the whole tensor); `shape`: the block's shape the destination
+    /// expects; `strides`: the destination's, in elements (None: C-contiguous); `dtype`: a
+    /// safetensors dtype name to convert to; `view`: the block's elements seen as this shape
+    /// before the strides place them (see `weightlift::Fill::view`).
+    #[new]
+    #[pyo3(signature = (name, dest, offset, block=None, shape=None, strides=None, dtype=None, view=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        name: String,
+        dest: usize,
+        offset: u64,
+        block: Option<Vec<(usize, usize)>>,
+        shape: Option<Vec<usize>>,
+        strides: Option<Vec<u64>>,
+        dtype: Option<&str>,
+        view: Option<Vec<usize>>,
+    ) -> PyResult<PyFill> {
+        let mut fill = Fill::new(name, dest, offset);
+        if let Some(block) = block {
+            fill = fill.block(block.into_iter().map(|(a, b)| a..b).collect());
+        }
+        if let Some(shape) = shape {
+            fill = fill.shape(shape);
+        }
+        if let Some(strides) = strides {
+            fill = fill.strides(strides);
+        }
+        if let Some(code) = dtype {
+            let dtype = Dtype::from_name(code)
+                .ok_or_else(|| PyValueError::new_err(format!("unknown dtype {code:?}")))?;
+            fill = fill.dtype(dtype);
+        }
+        if let Some(view) = view {
+            fill = fill.view(view);
+        }
+        Ok(PyFill { fill })
+    }
+
+    fn __repr__(&self) -> String {
+        format!("{:?}", self.fill)
+    }
 }

@@ -85,6 +85,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     )?;
     m.add_class::<tensor::PyTensor>()?;
     m.add_class::<handle::PyCheckpoint>()?;
+    m.add_class::<handle::PyFill>()?;
     m.add_class::<memory::PyMemory>()?;
     m.add_class::<memory::PyDeviceMemory>()?;
     m.add_class::<staging::PyStaging>()?;

@@ -179,3 +179,9 @@ def _safe_open_handle(f, framework, device="cpu", *, backend="auto"):
     if not hasattr(f, "fileno"):
         raise SafetensorError("expected an open file object with a file descriptor")
     return safe_open(f.name, framework, device, backend=backend)
+
+
+def native(f):
+    """The native checkpoint handle of an open ``safe_open`` (``SafetensorError`` once it is
+    closed): what the package's other modules use of it."""
+    return f._h()

@@ -5,7 +5,7 @@ row of a stacked tensor, gate and up halves side by side, q/k/v rows cut from on
 Destinations on a CUDA device are filled through pinned staging buffers (one read lands in a
 buffer, its blocks are copied to their places on the device while the next reads run)."""
 
-from . import _arrays, _handle, _slicing
+from . import _arrays, _handle, _native, _slicing
 from ._native import InvalidPlacement, SafetensorError
 
 _CODES = {name: code for code, name in _arrays.TORCH_DTYPES.items()}
@@ -97,7 +97,7 @@ def fills(handle, placements):
         code, shape = handle.info(name)
         if not isinstance(dest, Block):
             dest = Block.of(dest)
-        key, nbytes, itemsize, want, device = bases.get(dest.base)
+        key, _, itemsize, want, device = bases.get(dest.base)
         if device != "cpu" and not device.startswith("cuda:"):
             raise InvalidPlacement(
                 f"tensor {name!r}: load_into fills CPU and CUDA tensors (the destination is "
@@ -128,10 +128,18 @@ def fills(handle, placements):
         at = where.get((device, key))
         if at is None:
             at = where[(device, key)] = len(dests)
-            dests.append((key, nbytes))
-        offset = dest.offset * itemsize
+            dests.append(dest.base)
         out.append(
-            (name, ranges, block, at, offset, strides, None if want == code else want, view)
+            _native.Fill(
+                name,
+                at,
+                dest.offset * itemsize,
+                block=ranges,
+                shape=block,
+                strides=strides,
+                dtype=None if want == code else want,
+                view=view,
+            )
         )
     return per_device
 
@@ -147,31 +155,28 @@ def load_into(source, placements, threads=None, backend="auto", token=None, max_
     differs. Checked before anything is read: a block of the wrong shape, one that falls
     outside its destination or overlaps another's bytes raises ``InvalidPlacement`` (a
     ``SafetensorError``).
-    ``max_gap``: the most bytes between two blocks read (and dropped) to keep one read
-    (default 4 KiB); larger gaps read whole files in one pass, which also leaves the bytes
-    between the blocks in the page cache. Returns ``(bytes read, reads made)``. The
+    ``max_gap``: the most bytes between two blocks of sliced tensors read (and dropped) to
+    keep one read (default 4 KiB; never more than 1/32 of the block after the gap: the rule
+    of every load). Returns ``(bytes read, reads made)``. The
     destinations must not be touched by other threads until it returns (the GIL is released
     while it reads).
     """
-    from ._open import safe_open
+    from ._open import native, safe_open
 
     if isinstance(source, safe_open):
-        handle = source._h()
+        handle = native(source)
     else:
         handle = _handle.open_handle(source, backend, True, token)
     placements = list(placements)
     per_device = fills(handle, placements)
-    # The destinations stay alive (referenced here) until the native loads return.
-    keep = [dest.base if isinstance(dest, Block) else dest for _, _, dest in placements]
     read = reads = 0
-    for device, (native, dests) in per_device.items():
+    for device, (blocks, dests) in per_device.items():
         if device != "cpu":
             import torch
 
             # Work torch queued on these tensors' memory (on its streams) finishes before
             # weightlift's copies (on streams of its own) write it.
             torch.cuda.synchronize(device)
-        n, r = handle.load_into(native, dests, threads=threads, max_gap=max_gap, device=device)
+        n, r = handle.load_into(blocks, dests, threads=threads, max_gap=max_gap, device=device)
         read, reads = read + n, reads + r
-    del keep
     return read, reads

@@ -36,6 +36,8 @@ import logging
 import re
 import time
 
+from . import _open
+
 log = logging.getLogger("weightlift.transformers")
 
 
@@ -352,7 +354,7 @@ def _load(model, state_dict, load_config, disk_offload_index):
         owners[id(owner)] = owner
     for owner in owners.values():
         owner._prefetch_pending = None
-        owner._h().close()  # its prefetch, if one started
+        _open.native(owner).close()  # its prefetch, if one started
 
     # 1. Keys: renamed and grouped per parameter exactly as transformers does (its functions),
     #    without copying a converter per key.
@@ -424,20 +426,20 @@ def _load(model, state_dict, load_config, disk_offload_index):
         kind, payload = plan
         if kind == "view":
             owner, name = payload
-            views.setdefault(id(owner._h()), (owner, {}))[1][name] = key
+            views.setdefault(id(_open.native(owner)), (owner, {}))[1][name] = key
         else:
             for target, tensor, blocks in payload:
                 made.append((target, tensor))
                 for owner, name, index, dest in blocks:
-                    fills.setdefault(id(owner._h()), (owner, []))[1].append((name, index, dest))
+                    fills.setdefault(id(_open.native(owner)), (owner, []))[1].append((name, index, dest))
 
     # 3. One load per file: views (mapped where the files map), then the placements.
     from . import _arrays
     from ._place import load_into
 
-    # The placements first, each file in one pass: reads bridge the tensors between the
-    # blocks, which leaves those (the views' bytes) in the page cache for the views that
-    # follow, rather than reading them apart, cold, in many small pieces.
+    # The placements first, each file's blocks in one planned load (coalesced reads of the
+    # blocks only: the tensors between them are the views', populated in large reads of
+    # their own by the mapped loads that follow).
     planned = time.perf_counter()
     # The files are loaded side by side (each load runs without the GIL): on a network
     # filesystem one file's reads alone do not keep the server busy.
@@ -448,7 +450,7 @@ def _load(model, state_dict, load_config, disk_offload_index):
 
     staging = _native.Staging(device) if device != "cpu" and fills else None
     with ThreadPoolExecutor(max_workers=max(1, min(8, len(fills)))) as pool:
-        list(pool.map(lambda job: load_into(job[0], job[1], max_gap=_BRIDGE), fills.values()))
+        list(pool.map(lambda job: load_into(job[0], job[1]), fills.values()))
     del staging
     for target, tensor in made:
         cml.set_param_for_module(model, target, tensor, loading_info, None)
@@ -456,7 +458,7 @@ def _load(model, state_dict, load_config, disk_offload_index):
 
     def view_load(job):
         owner, names = job
-        groups_, _ = owner._h().load(layout="pt", names=set(names))
+        groups_, _ = _open.native(owner).load(layout="pt", names=set(names))
         return names, groups_
 
     with ThreadPoolExecutor(max_workers=max(1, min(8, len(views)))) as pool:
@@ -487,9 +489,6 @@ def _load(model, state_dict, load_config, disk_offload_index):
     return loading_info, disk_offload_index
 
 
-# Bytes between two blocks of a placement read that are read too (and dropped), so that a
-# file is read in one pass: a request is at most 16 MiB anyway.
-_BRIDGE = 16 << 20
 
 
 # Numbers that are whole components of a key (`layers.3.`), not part of a name (`w2`).
@@ -588,7 +587,7 @@ _FLOATS = ("F16", "BF16", "F32")
 
 
 def _info(owner, name):
-    code, shape = owner._h().info(name)
+    code, shape = _open.native(owner).info(name)
     return code, list(shape)
 
 
