@@ -15,10 +15,11 @@ pub(crate) struct BenchArgs {
     /// Bytes per profile checkpoint (e.g. 2GiB, 512MiB).
     #[arg(long, default_value = "2GiB", value_parser = parse_size)]
     size: u64,
-    /// Repetitions per contender (median, min and max are reported).
+    /// Repetitions per contender, interleaved (min, median and max are reported; at least 3:
+    /// a median of fewer says little).
     #[arg(long, default_value_t = 5)]
     reps: usize,
-    /// A short run: 256 MiB checkpoints, 2 repetitions.
+    /// A short run: 256 MiB checkpoints, 3 repetitions.
     #[arg(long)]
     quick: bool,
     /// Profiles to run.
@@ -207,20 +208,38 @@ fn backend(name: &str) -> Backend {
     }
 }
 
+/// One measurement, as every timing child prints it: one JSON object on its last line of
+/// output (`secs`, `peak_rss` in bytes, `read_bytes` where the child counts them), the same
+/// for the Rust `bench-one` child and the Python scripts in `xtask/bench/`.
+#[derive(serde::Serialize, serde::Deserialize)]
 struct Sample {
     secs: f64,
     peak_rss: u64,
     /// Bytes read from storage, where the child reported them.
+    #[serde(default)]
     read_bytes: Option<u64>,
     /// Killed for want of memory (in a memory cgroup).
+    #[serde(default, skip)]
     oom_killed: bool,
+}
+
+impl Sample {
+    /// The sample a child printed: its output's last line that is a JSON object.
+    fn parse(output: &str) -> Result<Sample, String> {
+        let line = output
+            .lines()
+            .rev()
+            .find(|l| l.trim_start().starts_with('{'))
+            .ok_or_else(|| format!("no sample in its output {output:?}"))?;
+        serde_json::from_str(line).map_err(|e| format!("{e} in {line:?}"))
+    }
 }
 
 pub(crate) fn run(args: &BenchArgs) -> Result<(), String> {
     let (size, reps) = if args.quick {
-        (256 << 20, 2)
+        (256 << 20, 3)
     } else {
-        (args.size, args.reps.max(1))
+        (args.size, args.reps.max(3))
     };
     let data_dir = args
         .data_dir
@@ -544,20 +563,7 @@ fn measure_in_child(one: &One<'_>) -> Result<Sample, String> {
             String::from_utf8_lossy(&out.stderr).trim()
         ));
     }
-    let text = String::from_utf8_lossy(&out.stdout);
-    let mut parts = text.split_whitespace();
-    let secs = parts.next().and_then(|s| s.parse().ok());
-    let peak = parts.next().and_then(|s| s.parse().ok());
-    let read_bytes = parts.next().and_then(|s| s.parse().ok());
-    match (secs, peak) {
-        (Some(secs), Some(peak_rss)) => Ok(Sample {
-            secs,
-            peak_rss,
-            read_bytes,
-            oom_killed: false,
-        }),
-        _ => Err(format!("{}: unexpected output {text:?}", c.name())),
-    }
+    Sample::parse(&String::from_utf8_lossy(&out.stdout)).map_err(|e| format!("{}: {e}", c.name()))
 }
 
 /// Bytes this process (and the children it waited for) read from storage so far.
@@ -597,12 +603,12 @@ pub(crate) fn run_one(args: &OneArgs) -> Result<(), String> {
     drop(ckpt);
     reset_peak_rss();
     let before = read_bytes();
-    let sample = measure(args, &paths, bytes)?;
+    let mut sample = measure(args, &paths, bytes)?;
+    // This process's count includes the children it waited for (the Python contenders).
+    sample.read_bytes = Some(read_bytes() - before);
     println!(
-        "{} {} {}",
-        sample.secs,
-        sample.peak_rss,
-        read_bytes() - before
+        "{}",
+        serde_json::to_string(&sample).map_err(|e| e.to_string())?
     );
     Ok(())
 }
@@ -672,31 +678,37 @@ fn measure(args: &OneArgs, paths: &[PathBuf], bytes: u64) -> Result<Sample, Stri
                 std::hint::black_box(&state);
             }
             Contender::PythonSafetensorsTorch => {
-                return python_load_with(PY_TORCH, "safetensors", paths);
+                return python_load_with("torch_load", "safetensors", paths);
             }
             Contender::PythonWeightliftTorch => {
-                return python_load_with(PY_TORCH, "weightlift", paths);
+                return python_load_with("torch_load", "weightlift", paths);
             }
             Contender::PythonSafetensorsStream => {
-                return python_load_with(PY_STREAM, "safetensors", paths);
+                return python_load_with("stream", "safetensors", paths);
             }
             Contender::PythonWeightliftStream => {
-                return python_load_with(PY_STREAM, "weightlift", paths);
+                return python_load_with("stream", "weightlift", paths);
             }
             Contender::PythonWeightliftTorchCheckpoint => {
-                return python_load_with(PY_TORCH, "weightlift-checkpoint", &[dir.to_path_buf()]);
+                return python_load_with(
+                    "torch_load",
+                    "weightlift-checkpoint",
+                    &[dir.to_path_buf()],
+                );
             }
             Contender::TransformersStock => {
-                return python_load_with(PY_TRANSFORMERS, "stock", &[dir.to_path_buf()]);
+                return python_load_with("transformers_load", "stock", &[dir.to_path_buf()]);
             }
             Contender::TransformersWeightlift => {
-                return python_load_with(PY_TRANSFORMERS, "weightlift", &[dir.to_path_buf()]);
+                return python_load_with("transformers_load", "weightlift", &[dir.to_path_buf()]);
             }
             Contender::TransformersPlain => {
-                return python_load_with(PY_TRANSFORMERS, "plain", &[dir.to_path_buf()]);
+                return python_load_with("transformers_load", "plain", &[dir.to_path_buf()]);
             }
-            Contender::PythonSafetensors => return python_load(PY_SAFETENSORS, paths),
-            Contender::PythonWeightlift => return python_load(PY_WEIGHTLIFT, &[dir.to_path_buf()]),
+            Contender::PythonSafetensors => return python_load("safetensors_numpy", paths),
+            Contender::PythonWeightlift => {
+                return python_load("weightlift_numpy", &[dir.to_path_buf()]);
+            }
             Contender::FreshMemory => fresh_memory(bytes, threads).map_err(|e| e.to_string())?,
             _ => return Err(format!("{}: not measurable here", args.contender.name())),
         }
@@ -809,118 +821,6 @@ pub(crate) fn python_weightlift_ready() -> bool {
     built && release
 }
 
-/// Times `safetensors.numpy.load_file` over every shard (interpreter start excluded).
-const PY_SAFETENSORS: &str = "import sys,time,resource\ntry:\n import ml_dtypes\nexcept ImportError:\n pass\n\
-    from safetensors.numpy import load_file\nt=time.perf_counter()\nd=[load_file(p) for p in sys.argv[1:]]\n\
-    print(time.perf_counter()-t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)";
-/// Times `weightlift.load_checkpoint` of the checkpoint directory (imports done first, as
-/// for safetensors: numpy and ml_dtypes cost ~0.1 s each to import).
-const PY_WEIGHTLIFT: &str = "import sys,time,resource\nimport numpy\ntry:\n import ml_dtypes\nexcept ImportError:\n pass\nimport weightlift\nt=time.perf_counter()\n\
-    d=weightlift.load_checkpoint(sys.argv[1])\n\
-    print(time.perf_counter()-t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)";
-
-/// Loads to torch tensors (imports done first), then reads one byte of every 4 KiB page of
-/// every storage, as `load_state_dict` or a forward pass would touch them: for a mapped file
-/// that is where the page faults happen. `sys.argv[1]` says who loads: `safetensors`
-/// (`safetensors.torch.load_file` per shard), `weightlift` (`weightlift.torch.load_file` per
-/// shard) or `weightlift-checkpoint` (`weightlift.load_checkpoint` of the directory).
-const PY_TORCH: &str = r#"import sys, time, resource
-import torch
-mode, paths = sys.argv[1], sys.argv[2:]
-if mode == "safetensors":
-    from safetensors.torch import load_file
-else:
-    import weightlift, weightlift.torch
-    load_file = weightlift.torch.load_file
-t = time.perf_counter()
-if mode == "weightlift-checkpoint":
-    dicts = [weightlift.load_checkpoint(paths[0], framework="pt")]
-else:
-    dicts = [load_file(p) for p in paths]
-seen, total = set(), 0
-for d in dicts:
-    for v in d.values():
-        s = v.untyped_storage()
-        if s.nbytes() == 0 or s.data_ptr() in seen:
-            continue
-        seen.add(s.data_ptr())
-        total += int(torch.empty(0, dtype=torch.uint8).set_(s)[::4096].sum())
-print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
-"#;
-
-/// Every shard opened with `safetensors.safe_open` first (stock, or under `weightlift.patch()`:
-/// prefetching), then each tensor read in file order, one byte of each page touched, and
-/// dropped: how transformers and vLLM's default loader read.
-const PY_STREAM: &str = r#"import sys, time, resource
-import torch, safetensors
-mode, paths = sys.argv[1], sys.argv[2:]
-if mode == "weightlift":
-    import weightlift
-    weightlift.patch()
-t = time.perf_counter()
-handles = [safetensors.safe_open(p, framework="pt") for p in paths]
-total = 0
-for h in handles:
-    for name in h.offset_keys():
-        v = h.get_tensor(name)
-        if v.numel():
-            total += int(v.reshape(-1).view(torch.uint8)[::4096].sum())
-        del v
-for h in handles:
-    h.__exit__(None, None, None)
-print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
-"#;
-
-/// `from_pretrained` of a transformers model directory, stock or under `weightlift.patch()`,
-/// then one byte of every page of every parameter touched (its own bytes: a parameter that is
-/// a view of a file's mapping does not fault the rest of the file in). Imports are done
-/// before timing, the model's module included (its first import alone takes seconds).
-const PY_TRANSFORMERS: &str = r#"import sys, time, resource, warnings
-warnings.filterwarnings("ignore")
-import torch, transformers
-from transformers import AutoConfig, AutoModelForCausalLM
-transformers.utils.logging.set_verbosity_error()
-transformers.utils.logging.disable_progress_bar()
-mode, path = sys.argv[1], sys.argv[2]
-config = AutoConfig.from_pretrained(path)
-AutoModelForCausalLM._model_mapping[type(config)]
-if mode != "stock":
-    import weightlift
-    weightlift.patch(conversion=(mode == "weightlift"))
-t = time.perf_counter()
-model = AutoModelForCausalLM.from_pretrained(path)
-seen, total = set(), 0
-for p in model.parameters():
-    if p.numel() == 0 or (p.data_ptr(), p.numel()) in seen:
-        continue
-    seen.add((p.data_ptr(), p.numel()))
-    total += int(p.detach().reshape(-1).view(torch.uint8)[::4096].sum())
-print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
-"#;
-
-/// Makes a random transformers model and saves it (`hf-moe`, `hf-moe-large`, `hf-dense`).
-const PY_MAKE_MODEL: &str = r#"import sys, torch, transformers
-from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3MoeConfig
-kind, path = sys.argv[1], sys.argv[2]
-torch.manual_seed(0)
-if kind == "hf-moe-large":
-    config = Qwen3MoeConfig(vocab_size=16384, hidden_size=512, intermediate_size=1024,
-        moe_intermediate_size=160, num_hidden_layers=48, num_attention_heads=4,
-        num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8,
-        max_position_embeddings=2048)
-elif kind == "hf-moe":
-    config = Qwen3MoeConfig(vocab_size=8192, hidden_size=1024, intermediate_size=2048,
-        moe_intermediate_size=128, num_hidden_layers=24, num_attention_heads=8,
-        num_key_value_heads=4, head_dim=128, num_experts=64, num_experts_per_tok=4,
-        max_position_embeddings=2048)
-else:
-    config = LlamaConfig(vocab_size=16384, hidden_size=2048, intermediate_size=5632,
-        num_hidden_layers=12, num_attention_heads=16, num_key_value_heads=8,
-        max_position_embeddings=2048)
-model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-model.save_pretrained(path, max_shard_size="200MB")
-"#;
-
 /// The shard files of a transformers model in `dir`, made first if needed.
 pub(crate) fn ensure_transformers(dir: &Path, kind: ProfileArg) -> Result<Vec<PathBuf>, String> {
     if let Ok(c) = Checkpoint::open(dir)
@@ -935,8 +835,7 @@ pub(crate) fn ensure_transformers(dir: &Path, kind: ProfileArg) -> Result<Vec<Pa
     );
     let _ = std::fs::remove_dir_all(dir);
     let out = Command::new(python())
-        .arg("-c")
-        .arg(PY_MAKE_MODEL)
+        .arg(script("make_model"))
         .arg(kind.name())
         .arg(dir)
         .output()
@@ -952,37 +851,32 @@ pub(crate) fn ensure_transformers(dir: &Path, kind: ProfileArg) -> Result<Vec<Pa
     Ok(shard_paths(&c))
 }
 
-/// Runs a timing script with `mode` as its first argument.
-fn python_load_with(script: &str, mode: &str, args: &[PathBuf]) -> Result<Sample, String> {
+/// Runs timing script `name` (`xtask/bench/NAME.py`) with `mode` as its first argument.
+fn python_load_with(name: &str, mode: &str, args: &[PathBuf]) -> Result<Sample, String> {
     let mut all = vec![PathBuf::from(mode)];
     all.extend_from_slice(args);
-    python_load(script, &all)
+    python_load(name, &all)
 }
 
-/// Runs a timing script; it prints seconds and peak RSS in KiB.
-fn python_load(script: &str, args: &[PathBuf]) -> Result<Sample, String> {
+/// A Python script of the bench (`xtask/bench/NAME.py`: the timing children, and what makes
+/// their checkpoints).
+pub(crate) fn script(name: &str) -> PathBuf {
+    workspace_root()
+        .join("xtask/bench")
+        .join(format!("{name}.py"))
+}
+
+/// Runs timing script `name`; it prints one sample (see [`Sample::parse`]).
+fn python_load(name: &str, args: &[PathBuf]) -> Result<Sample, String> {
     let out = Command::new(python())
-        .arg("-c")
-        .arg(script)
+        .arg(script(name))
         .args(args)
         .output()
         .map_err(|e| e.to_string())?;
     if !out.status.success() {
         return Err(format!("python: {}", String::from_utf8_lossy(&out.stderr)));
     }
-    let text = String::from_utf8_lossy(&out.stdout);
-    let mut parts = text.split_whitespace();
-    let secs = parts.next().and_then(|s| s.parse().ok());
-    let kib: Option<u64> = parts.next().and_then(|s| s.parse().ok());
-    match (secs, kib) {
-        (Some(secs), Some(kib)) => Ok(Sample {
-            secs,
-            peak_rss: kib * 1024,
-            read_bytes: None,
-            oom_killed: false,
-        }),
-        _ => Err(format!("python output: {text:?}")),
-    }
+    Sample::parse(&String::from_utf8_lossy(&out.stdout)).map_err(|e| format!("{name}: {e}"))
 }
 
 fn print_table(records: &[Record]) {

@@ -74,7 +74,7 @@ fn vllm_python() -> PathBuf {
 }
 
 fn run(model: &Path, loader: &str) -> Result<Run, String> {
-    let worker = workspace_root().join("crates/python/tests/vllm_engine/vllm_worker.py");
+    let worker = workspace_root().join("crates/python/tools/vllm_worker.py");
     let out = Command::new(vllm_python())
         .arg(worker)
         .arg(format!("{}={loader}", model.display()))

@@ -20,6 +20,8 @@ vllm = pytest.importorskip("vllm")
 torch = pytest.importorskip("torch")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# The engine's worker, shared with `cargo xtask bench-vllm`.
+WORKER = os.path.join(HERE, "..", "..", "tools", "vllm_worker.py")
 DEADLINE = 900
 
 
@@ -53,7 +55,7 @@ def engine(runs, one_process=True, extra=None):
     if extra:
         env["WL_EXTRA"] = json.dumps(extra)
     out = subprocess.run(
-        [sys.executable, os.path.join(HERE, "vllm_worker.py"), *[f"{m}={f}" for m, f in runs]],
+        [sys.executable, WORKER, *[f"{m}={f}" for m, f in runs]],
         capture_output=True,
         text=True,
         timeout=DEADLINE,

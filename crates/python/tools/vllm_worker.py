@@ -1,4 +1,5 @@
-"""Runs vLLM's engine on the CPU for the vLLM tests (test_vllm.py): for each
+"""Runs vLLM's engine on the CPU, for the vLLM tests (``tests/vllm_engine/test_vllm.py``) and
+``cargo xtask bench-vllm`` alike: for each
 ``MODEL=LOAD_FORMAT`` argument, starts ``LLM(model=MODEL, load_format=LOAD_FORMAT)``, generates
 greedily from a fixed prompt, and prints one JSON line: the tokens, the loader's
 `load_weights` time (one-process mode; what vLLM logs as "Loading weights took") and the engine
