@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 use weightlift::{Backend, Checkpoint, Device, LoadOptions, OpenOptions};
+use weightlift_testkit::cgroup::{IoCgroup, IoCount};
 use weightlift_workload::synthetic::{self, Profile};
 use weightlift_workload::util::{median, parse_size, peak_rss, reset_peak_rss};
 use weightlift_workload::yardstick::{evict, fresh_memory, raw_read};
@@ -44,12 +45,61 @@ pub(crate) struct BenchArgs {
     /// kernel evicts as on a host with less memory than the model).
     #[arg(long, default_value = "768MiB", value_parser = parse_size)]
     memory_limit: u64,
+    /// Cold runs on throttled storage: each cold measurement's process reads the disk through
+    /// a block-I/O cgroup limiting requests and bandwidth. `volume` (a cloud block volume's
+    /// baseline: 3000 req/s, 125 MB/s), `netfs` (500 req/s, 500 MB/s), `slow` (300 MB/s), or
+    /// custom limits such as `800req/s,1GB/s`. The table adds the requests the disk served and
+    /// their average size.
+    #[arg(long, value_parser = parse_storage)]
+    storage: Option<Storage>,
     /// Write the records as a JSON array to this file.
     #[arg(long)]
     json: Option<PathBuf>,
     /// Draw throughput per contender against the raw limit as SVG.
     #[arg(long)]
     plot: Option<PathBuf>,
+}
+
+/// A storage profile: read limits of a block-I/O cgroup.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Storage {
+    name: String,
+    bytes_per_s: Option<u64>,
+    requests_per_s: Option<u64>,
+}
+
+/// `volume`, `netfs`, `slow`, or `N req/s` and a size per second, comma-separated.
+fn parse_storage(text: &str) -> Result<Storage, String> {
+    let (bps, iops) = match text {
+        "volume" => (Some(125_000_000), Some(3000)),
+        "netfs" => (Some(500_000_000), Some(500)),
+        "slow" => (Some(300_000_000), None),
+        custom => {
+            let (mut bps, mut iops) = (None, None);
+            for part in custom.split(',').map(str::trim) {
+                if let Some(n) = part.strip_suffix("req/s") {
+                    iops = Some(
+                        n.trim()
+                            .parse::<u64>()
+                            .map_err(|e| format!("{part}: {e}"))?,
+                    );
+                } else if let Some(size) = part.strip_suffix("/s") {
+                    bps = Some(parse_size(size.trim())?);
+                } else {
+                    return Err(format!(
+                        "{part:?}: a storage profile is volume, netfs, slow, or limits such as \
+                         800req/s,1GB/s"
+                    ));
+                }
+            }
+            (bps, iops)
+        }
+    };
+    Ok(Storage {
+        name: text.to_string(),
+        bytes_per_s: bps,
+        requests_per_s: iops,
+    })
 }
 
 /// A checkpoint layout: synthetic (`synthetic::Profile`, sized by `--size`), or a random
@@ -221,6 +271,10 @@ struct Sample {
     /// Killed for want of memory (in a memory cgroup).
     #[serde(default, skip)]
     oom_killed: bool,
+    /// Under `--storage`: the read requests and bytes the disk served (counted by the
+    /// block-I/O cgroup, not by the child).
+    #[serde(default, skip)]
+    disk: Option<IoCount>,
 }
 
 impl Sample {
@@ -313,6 +367,17 @@ pub(crate) fn run(args: &BenchArgs) -> Result<(), String> {
         None
     };
 
+    // A block-I/O cgroup for `--storage`, made once (on the disk holding the data).
+    let io = match &args.storage {
+        Some(st) => Some(IoCgroup::new(
+            &format!("weightlift-bench-io-{}", std::process::id()),
+            &data_dir,
+            st.bytes_per_s,
+            st.requests_per_s,
+        )?),
+        None => None,
+    };
+
     let mut records: Vec<Record> = Vec::new();
     for &profile_arg in &args.profiles {
         let (disk_dir, disk_paths) = match profile_arg.profile() {
@@ -392,6 +457,7 @@ pub(crate) fn run(args: &BenchArgs) -> Result<(), String> {
                         } else {
                             None
                         },
+                        io: if cold { io.as_ref() } else { None },
                     };
                     samples[i].push(measure_in_child(&one)?);
                 }
@@ -454,6 +520,15 @@ pub(crate) fn run(args: &BenchArgs) -> Result<(), String> {
                     bytes,
                     ratio_to_local,
                     read_bytes: median_u64(samples[i].iter().filter_map(|x| x.read_bytes)),
+                    storage: (cold && io.is_some())
+                        .then(|| args.storage.as_ref().map(|s| s.name.clone()))
+                        .flatten(),
+                    disk_requests: median_u64(
+                        samples[i].iter().filter_map(|x| x.disk.map(|d| d.requests)),
+                    ),
+                    disk_bytes: median_u64(
+                        samples[i].iter().filter_map(|x| x.disk.map(|d| d.bytes)),
+                    ),
                     memory_limit: (cache == Cache::ColdLimited).then_some(args.memory_limit),
                     oom_kills: (cache == Cache::ColdLimited)
                         .then(|| samples[i].iter().filter(|x| x.oom_killed).count() as u64),
@@ -516,6 +591,8 @@ struct One<'a> {
     request_size: Option<u64>,
     /// The memory cgroup the child runs in (`cold-limited`).
     cgroup: Option<&'a weightlift_testkit::cgroup::MemoryCgroup>,
+    /// The block-I/O cgroup it reads through (`--storage`, cold runs).
+    io: Option<&'a IoCgroup>,
 }
 
 /// Runs one measurement in a fresh process, so that its peak RSS is its own and no
@@ -525,9 +602,17 @@ fn measure_in_child(one: &One<'_>) -> Result<Sample, String> {
     let request_size = one.request_size.unwrap_or(weightlift::DEFAULT_REQUEST_SIZE);
     let c = one.contender;
     let kills = one.cgroup.map(|g| g.oom_kills());
-    let out = match one.cgroup {
-        Some(group) => group.command(&exe),
-        None => Command::new(exe),
+    let groups: Vec<&Path> = one
+        .cgroup
+        .map(|g| g.path())
+        .into_iter()
+        .chain(one.io.map(|g| g.path()))
+        .collect();
+    let before = one.io.map(IoCgroup::reads);
+    let out = if groups.is_empty() {
+        Command::new(exe)
+    } else {
+        weightlift_testkit::cgroup::command_in(&groups, &exe)
     }
     .args([
         "bench-one",
@@ -554,6 +639,7 @@ fn measure_in_child(one: &One<'_>) -> Result<Sample, String> {
             peak_rss: 0,
             read_bytes: None,
             oom_killed: true,
+            disk: None,
         });
     }
     if !out.status.success() {
@@ -563,7 +649,13 @@ fn measure_in_child(one: &One<'_>) -> Result<Sample, String> {
             String::from_utf8_lossy(&out.stderr).trim()
         ));
     }
-    Sample::parse(&String::from_utf8_lossy(&out.stdout)).map_err(|e| format!("{}: {e}", c.name()))
+    let mut sample = Sample::parse(&String::from_utf8_lossy(&out.stdout))
+        .map_err(|e| format!("{}: {e}", c.name()))?;
+    sample.disk = one
+        .io
+        .zip(before)
+        .map(|(g, before)| g.reads().since(before));
+    Ok(sample)
 }
 
 /// Bytes this process (and the children it waited for) read from storage so far.
@@ -718,6 +810,7 @@ fn measure(args: &OneArgs, paths: &[PathBuf], bytes: u64) -> Result<Sample, Stri
         peak_rss: peak_rss().unwrap_or(0),
         read_bytes: None,
         oom_killed: false,
+        disk: None,
     })
 }
 
@@ -880,7 +973,8 @@ fn python_load(name: &str, args: &[PathBuf]) -> Result<Sample, String> {
 }
 
 fn print_table(records: &[Record]) {
-    println!(
+    let disk = records.iter().any(|r| r.disk_requests.is_some());
+    print!(
         "{:<26} {:>9} {:>9} {:>9} {:>8} {:>8} {:>8} {:>10} {:>7} {:>4}",
         "contender",
         "median s",
@@ -893,12 +987,16 @@ fn print_table(records: &[Record]) {
         "read x",
         "oom"
     );
+    if disk {
+        print!(" {:>9} {:>9}", "requests", "avg KiB");
+    }
+    println!();
     for r in records {
         let read = r.read_bytes.map_or("-".to_string(), |b| {
             format!("{:.2}", b as f64 / r.bytes as f64)
         });
         let oom = r.oom_kills.map_or("-".to_string(), |n| n.to_string());
-        println!(
+        print!(
             "{:<26} {:>9.3} {:>9.3} {:>9.3} {:>8.2} {:>8.2} {:>8.2} {:>9.0}M {:>7} {:>4}",
             r.contender,
             r.median_s,
@@ -911,6 +1009,10 @@ fn print_table(records: &[Record]) {
             read,
             oom,
         );
+        if let (true, Some(n), Some(b)) = (disk, r.disk_requests, r.disk_bytes) {
+            print!(" {:>9} {:>9.0}", n, b as f64 / n.max(1) as f64 / 1024.0);
+        }
+        println!();
     }
     println!();
 }

@@ -90,6 +90,14 @@ pub(crate) struct Record {
     pub(crate) memory_limit: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) oom_kills: Option<u64>,
+    /// Under `--storage` (cold runs): the profile, and the read requests and bytes the disk
+    /// served (medians over the repetitions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) storage: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) disk_requests: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) disk_bytes: Option<u64>,
     /// The Python libraries the contender ran with (e.g. "transformers 5.25.0, torch
     /// 2.15.0"), for the Python contenders.
     #[serde(default, skip_serializing_if = "Option::is_none")]

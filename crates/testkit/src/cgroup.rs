@@ -97,12 +97,7 @@ impl MemoryCgroup {
 
     /// `program args...` as a command whose process joins the group before it starts.
     pub fn command(&self, program: &Path) -> Command {
-        let mut cmd = Command::new("sh");
-        cmd.arg("-c")
-            .arg("echo $$ > \"$0/cgroup.procs\" && exec \"$@\"")
-            .arg(&self.path)
-            .arg(program);
-        cmd
+        command_in(&[&self.path], program)
     }
 }
 
@@ -110,4 +105,199 @@ impl Drop for MemoryCgroup {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir(&self.path);
     }
+}
+
+/// A block-I/O cgroup throttling reads from one disk: a stand-in for storage that limits
+/// bandwidth and requests (a cloud volume, a network filesystem). Buffered reads, page faults
+/// of mappings and `O_DIRECT` reads of its processes are all throttled; its counters say how
+/// many requests and bytes reached the disk. v1 (`blkio`), else v2 (`io.max`); removed on
+/// drop once its processes have exited.
+#[derive(Debug)]
+pub struct IoCgroup {
+    path: PathBuf,
+    version: u8,
+    /// The disk, as `MAJ:MIN`.
+    device: String,
+}
+
+/// Requests and bytes a group sent to a disk.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct IoCount {
+    /// Read requests the disk served.
+    pub requests: u64,
+    /// Bytes they read.
+    pub bytes: u64,
+}
+
+impl IoCount {
+    /// What was counted since `before`.
+    pub fn since(self, before: IoCount) -> IoCount {
+        IoCount {
+            requests: self.requests.saturating_sub(before.requests),
+            bytes: self.bytes.saturating_sub(before.bytes),
+        }
+    }
+}
+
+/// The disk (`MAJ:MIN`) holding `path`.
+pub fn device_of(path: &Path) -> Result<String, String> {
+    use std::os::unix::fs::MetadataExt;
+    let dev = std::fs::metadata(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?
+        .dev();
+    // glibc's major()/minor() of a dev_t.
+    let major = ((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff);
+    let minor = (dev & 0xff) | ((dev >> 12) & !0xff);
+    Ok(format!("{major}:{minor}"))
+}
+
+impl IoCgroup {
+    /// Makes a group named `name` whose reads from the disk holding `path` are limited to
+    /// `bytes_per_s` and `requests_per_s` (`None`: no limit); the reason where none can be
+    /// made (not root, no blkio/io controller, a partition rather than a disk).
+    pub fn new(
+        name: &str,
+        path: &Path,
+        bytes_per_s: Option<u64>,
+        requests_per_s: Option<u64>,
+    ) -> Result<IoCgroup, String> {
+        let device = device_of(path)?;
+        let mut why = Vec::new();
+        if let Some(v1) = mountpoint("cgroup", Some("blkio")) {
+            let group = v1.join(name);
+            let _ = std::fs::remove_dir(&group);
+            match std::fs::create_dir(&group) {
+                Ok(()) => {
+                    let g = IoCgroup {
+                        path: group,
+                        version: 1,
+                        device: device.clone(),
+                    };
+                    let mut set = Ok(());
+                    if let Some(bps) = bytes_per_s {
+                        set = set.and(g.write("blkio.throttle.read_bps_device", bps));
+                    }
+                    if let (Ok(()), Some(iops)) = (&set, requests_per_s) {
+                        set = g.write("blkio.throttle.read_iops_device", iops);
+                    }
+                    match set {
+                        Ok(()) => return Ok(g),
+                        Err(e) => why.push(format!("v1 at {}: {e}", v1.display())),
+                    }
+                }
+                Err(e) => why.push(format!("v1 at {}: {e}", v1.display())),
+            }
+        }
+        if let Some(v2) = mountpoint("cgroup2", None) {
+            let controllers =
+                std::fs::read_to_string(v2.join("cgroup.controllers")).unwrap_or_default();
+            if controllers.split_whitespace().any(|c| c == "io") {
+                let group = v2.join(name);
+                let _ = std::fs::remove_dir(&group);
+                match std::fs::create_dir(&group) {
+                    Ok(()) => {
+                        let g = IoCgroup {
+                            path: group,
+                            version: 2,
+                            device: device.clone(),
+                        };
+                        let mut limits = String::new();
+                        if let Some(bps) = bytes_per_s {
+                            limits.push_str(&format!(" rbps={bps}"));
+                        }
+                        if let Some(iops) = requests_per_s {
+                            limits.push_str(&format!(" riops={iops}"));
+                        }
+                        let set =
+                            std::fs::write(g.path.join("io.max"), format!("{device}{limits}"));
+                        match set {
+                            Ok(()) => return Ok(g),
+                            Err(e) => why.push(format!("v2 at {}: {e}", v2.display())),
+                        }
+                    }
+                    Err(e) => why.push(format!("v2 at {}: {e}", v2.display())),
+                }
+            } else {
+                why.push(format!("v2 at {}: no io controller", v2.display()));
+            }
+        }
+        Err(format!(
+            "no block-I/O cgroup can be made here for disk {device}: {}",
+            if why.is_empty() {
+                "no cgroup filesystem".to_string()
+            } else {
+                why.join("; ")
+            }
+        ))
+    }
+
+    /// Writes `"MAJ:MIN value"` to the group's `file`.
+    fn write(&self, file: &str, value: u64) -> Result<(), String> {
+        std::fs::write(self.path.join(file), format!("{} {value}", self.device))
+            .map_err(|e| format!("{file}: {e}"))
+    }
+
+    /// The group's directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Read requests and bytes the group's processes sent to the disk so far.
+    pub fn reads(&self) -> IoCount {
+        let read = |file: &str| std::fs::read_to_string(self.path.join(file)).unwrap_or_default();
+        if self.version == 1 {
+            // Lines `MAJ:MIN Read N`.
+            let count = |text: String| {
+                text.lines()
+                    .filter_map(|l| {
+                        let mut f = l.split_whitespace();
+                        (f.next() == Some(self.device.as_str()) && f.next() == Some("Read"))
+                            .then(|| f.next().and_then(|n| n.parse::<u64>().ok()))
+                            .flatten()
+                    })
+                    .sum()
+            };
+            IoCount {
+                requests: count(read("blkio.throttle.io_serviced")),
+                bytes: count(read("blkio.throttle.io_service_bytes")),
+            }
+        } else {
+            // A line `MAJ:MIN rbytes=N wbytes=N rios=N ...`.
+            let text = read("io.stat");
+            let field = |name: &str| {
+                text.lines()
+                    .filter(|l| l.split_whitespace().next() == Some(self.device.as_str()))
+                    .flat_map(|l| l.split_whitespace())
+                    .find_map(|kv| kv.strip_prefix(name).and_then(|v| v.parse().ok()))
+                    .unwrap_or(0)
+            };
+            IoCount {
+                requests: field("rios="),
+                bytes: field("rbytes="),
+            }
+        }
+    }
+}
+
+impl Drop for IoCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.path);
+    }
+}
+
+/// `program args...` as a command whose process joins every group of `groups` (directories
+/// of cgroups, of any controller) before it starts.
+pub fn command_in(groups: &[&Path], program: &Path) -> Command {
+    let mut script = String::new();
+    for i in 0..groups.len() {
+        script.push_str(&format!("echo $$ > \"${}/cgroup.procs\" && ", i + 1));
+    }
+    script.push_str(&format!("shift {} && exec \"$@\"", groups.len()));
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c").arg(script).arg("sh");
+    for g in groups {
+        cmd.arg(g);
+    }
+    cmd.arg(program);
+    cmd
 }

@@ -199,3 +199,11 @@ pub fn host_bytes(state: &weightlift::StateDict) -> Vec<(String, Dtype, Vec<usiz
     out.sort_by(|a, b| a.0.cmp(&b.0));
     out
 }
+
+/// Drops `path`'s pages from the page cache (`POSIX_FADV_DONTNEED`): the next reads of it
+/// reach the disk.
+pub fn evict(path: &Path) -> std::io::Result<()> {
+    let file = std::fs::File::open(path)?;
+    rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::DontNeed)?;
+    Ok(())
+}
