@@ -119,23 +119,32 @@ impl Exec<'_> {
             let header = self.shards[sp.shard].header();
             mapping(i).hint(pattern(sp.bytes, header.data_len()));
         }
-        // Requests are handed out in file order (each thread takes the next one): the device
-        // sees a few neighbouring streams, as a sequential reader's readahead would make,
-        // where rayon's halving would also start threads in the middle of files. On this
-        // machine's virtual disk the two measured within noise of each other (cold, 1 GiB:
-        // 0.83-1.10x the raw read either way).
+        // Each thread takes the next file and populates its requests in order: one stream per
+        // file, whose readahead grows as a sequential reader's does. Threads populating
+        // neighbouring ranges of one file split each other's readahead: under a block-I/O
+        // throttle the disk saw requests of 1.2 MiB on average with four threads on one file
+        // at a time, against 2.6 MiB with one (hf-moe, cold).
+        let mut files: Vec<Range<usize>> = Vec::new();
+        for (i, r) in requests.iter().enumerate() {
+            match files.last_mut() {
+                Some(run) if requests[run.start].shard_plan == r.shard_plan => run.end = i + 1,
+                _ => files.push(i..i + 1),
+            }
+        }
         let next = AtomicUsize::new(0);
-        let threads = self.pool.current_num_threads();
+        let threads = self.pool.current_num_threads().min(files.len()).max(1);
         self.pool.install(|| {
             (0..threads).into_par_iter().try_for_each(|_| {
-                while let Some(request) = requests.get(next.fetch_add(1, Ordering::Relaxed)) {
-                    if self.cancelled() {
-                        return Err(Error::Cancelled);
+                while let Some(file) = files.get(next.fetch_add(1, Ordering::Relaxed)) {
+                    for request in &requests[file.clone()] {
+                        if self.cancelled() {
+                            return Err(Error::Cancelled);
+                        }
+                        mapping(request.shard_plan as usize)
+                            .populate(request.file_offset, request.len)
+                            .map_err(|source| self.read_error(request, source))?;
+                        self.reported(request);
                     }
-                    mapping(request.shard_plan as usize)
-                        .populate(request.file_offset, request.len)
-                        .map_err(|source| self.read_error(request, source))?;
-                    self.reported(request);
                 }
                 Ok::<(), Error>(())
             })
