@@ -11,11 +11,12 @@ import json
 import os
 import subprocess
 import sys
-import uuid
 
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
+
+from cgroups import Cgroup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.abspath(os.path.join(HERE, "..", "..", ".."))
@@ -25,84 +26,6 @@ SHARDS = 4
 # small tensors) and a few larger ones.
 SHARD_BYTES = 100 << 20
 SLACK = 1.05
-
-
-def mountpoint(fstype, option=None):
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            before, _, after = line.partition(" - ")
-            fields, tail = before.split(), after.split()
-            if tail and tail[0] == fstype and (option is None or option in tail[2].split(",")):
-                return fields[4]
-    return None
-
-
-class Cgroup:
-    """A memory cgroup with a limit (v1, else v2), removed on close."""
-
-    def __init__(self, limit):
-        name = f"weightlift-test-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self.path = None
-        v1 = mountpoint("cgroup", "memory")
-        v2 = mountpoint("cgroup2")
-        why = []
-        if v1:
-            try:
-                path = os.path.join(v1, name)
-                os.mkdir(path)
-                self.path, self.version = path, 1
-                self.write("memory.limit_in_bytes", limit)
-                return
-            except OSError as e:
-                why.append(f"v1 at {v1}: {e}")
-                self.close()
-        if v2:
-            try:
-                with open(os.path.join(v2, "cgroup.controllers")) as f:
-                    if "memory" not in f.read().split():
-                        raise OSError("no memory controller")
-                path = os.path.join(v2, name)
-                os.mkdir(path)
-                self.path, self.version = path, 2
-                self.write("memory.max", limit)
-                return
-            except OSError as e:
-                why.append(f"v2 at {v2}: {e}")
-                self.close()
-        pytest.skip("no memory cgroup can be made here: " + ("; ".join(why) or "no cgroup fs"))
-
-    def write(self, name, value):
-        with open(os.path.join(self.path, name), "w") as f:
-            f.write(str(value))
-
-    def oom_kills(self):
-        name = "memory.oom_control" if self.version == 1 else "memory.events"
-        try:
-            with open(os.path.join(self.path, name)) as f:
-                for line in f:
-                    if line.startswith("oom_kill "):
-                        return int(line.split()[1])
-        except OSError:
-            pass
-        return 0
-
-    def run(self, argv, env=None):
-        """Runs `argv` inside the group."""
-        return subprocess.run(
-            ["sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', self.path, *argv],
-            capture_output=True,
-            text=True,
-            timeout=600,
-            env=env,
-        )
-
-    def close(self):
-        if self.path:
-            try:
-                os.rmdir(self.path)
-            except OSError:
-                pass
-            self.path = None
 
 
 @pytest.fixture
