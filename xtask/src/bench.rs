@@ -1,4 +1,5 @@
-use crate::record::{Cache, Record};
+use crate::harness::{Child, Eviction, Groups, Sample, Storage, interleave, write_json};
+use crate::record::{Cache, Record, print_table};
 use crate::workspace_root;
 use clap::{Args, ValueEnum};
 use rayon::prelude::*;
@@ -6,10 +7,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 use weightlift::{Backend, Checkpoint, Device, LoadOptions, OpenOptions};
-use weightlift_testkit::cgroup::{IoCgroup, IoCount};
 use weightlift_workload::synthetic::{self, Profile};
-use weightlift_workload::util::{median, parse_size, peak_rss, reset_peak_rss};
-use weightlift_workload::yardstick::{evict, fresh_memory, raw_read};
+use weightlift_workload::util::{parse_size, peak_rss, reset_peak_rss};
+use weightlift_workload::yardstick::{fresh_memory, raw_read};
 
 #[derive(Args)]
 pub(crate) struct BenchArgs {
@@ -50,7 +50,7 @@ pub(crate) struct BenchArgs {
     /// baseline: 3000 req/s, 125 MB/s), `netfs` (500 req/s, 500 MB/s), `slow` (300 MB/s), or
     /// custom limits such as `800req/s,1GB/s`. The table adds the requests the disk served and
     /// their average size.
-    #[arg(long, value_parser = parse_storage)]
+    #[arg(long, value_parser = crate::harness::parse_storage)]
     storage: Option<Storage>,
     /// Write the records as a JSON array to this file.
     #[arg(long)]
@@ -58,48 +58,6 @@ pub(crate) struct BenchArgs {
     /// Draw throughput per contender against the raw limit as SVG.
     #[arg(long)]
     plot: Option<PathBuf>,
-}
-
-/// A storage profile: read limits of a block-I/O cgroup.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct Storage {
-    name: String,
-    bytes_per_s: Option<u64>,
-    requests_per_s: Option<u64>,
-}
-
-/// `volume`, `netfs`, `slow`, or `N req/s` and a size per second, comma-separated.
-fn parse_storage(text: &str) -> Result<Storage, String> {
-    let (bps, iops) = match text {
-        "volume" => (Some(125_000_000), Some(3000)),
-        "netfs" => (Some(500_000_000), Some(500)),
-        "slow" => (Some(300_000_000), None),
-        custom => {
-            let (mut bps, mut iops) = (None, None);
-            for part in custom.split(',').map(str::trim) {
-                if let Some(n) = part.strip_suffix("req/s") {
-                    iops = Some(
-                        n.trim()
-                            .parse::<u64>()
-                            .map_err(|e| format!("{part}: {e}"))?,
-                    );
-                } else if let Some(size) = part.strip_suffix("/s") {
-                    bps = Some(parse_size(size.trim())?);
-                } else {
-                    return Err(format!(
-                        "{part:?}: a storage profile is volume, netfs, slow, or limits such as \
-                         800req/s,1GB/s"
-                    ));
-                }
-            }
-            (bps, iops)
-        }
-    };
-    Ok(Storage {
-        name: text.to_string(),
-        bytes_per_s: bps,
-        requests_per_s: iops,
-    })
 }
 
 /// A checkpoint layout: synthetic (`synthetic::Profile`, sized by `--size`), or a random
@@ -243,8 +201,15 @@ impl Contender {
         self.name().starts_with("python-") || self.name().starts_with("transformers-")
     }
 
-    fn is_reference(self) -> bool {
-        matches!(self, Contender::Reference | Contender::ReferenceRayon)
+    /// Whether it loads a model with its config (the transformers contenders: hf-* profiles
+    /// only).
+    fn needs_model(self) -> bool {
+        matches!(
+            self,
+            Contender::TransformersStock
+                | Contender::TransformersWeightlift
+                | Contender::TransformersPlain
+        )
     }
 }
 
@@ -255,37 +220,6 @@ fn backend(name: &str) -> Backend {
         // SAFETY: the bench's own generated files are not modified while it runs.
         "mmap" => unsafe { Backend::mmap() },
         _ => Backend::auto(),
-    }
-}
-
-/// One measurement, as every timing child prints it: one JSON object on its last line of
-/// output (`secs`, `peak_rss` in bytes, `read_bytes` where the child counts them), the same
-/// for the Rust `bench-one` child and the Python scripts in `xtask/bench/`.
-#[derive(serde::Serialize, serde::Deserialize)]
-struct Sample {
-    secs: f64,
-    peak_rss: u64,
-    /// Bytes read from storage, where the child reported them.
-    #[serde(default)]
-    read_bytes: Option<u64>,
-    /// Killed for want of memory (in a memory cgroup).
-    #[serde(default, skip)]
-    oom_killed: bool,
-    /// Under `--storage`: the read requests and bytes the disk served (counted by the
-    /// block-I/O cgroup, not by the child).
-    #[serde(default, skip)]
-    disk: Option<IoCount>,
-}
-
-impl Sample {
-    /// The sample a child printed: its output's last line that is a JSON object.
-    fn parse(output: &str) -> Result<Sample, String> {
-        let line = output
-            .lines()
-            .rev()
-            .find(|l| l.trim_start().starts_with('{'))
-            .ok_or_else(|| format!("no sample in its output {output:?}"))?;
-        serde_json::from_str(line).map_err(|e| format!("{e} in {line:?}"))
     }
 }
 
@@ -368,15 +302,11 @@ pub(crate) fn run(args: &BenchArgs) -> Result<(), String> {
     };
 
     // A block-I/O cgroup for `--storage`, made once (on the disk holding the data).
-    let io = match &args.storage {
-        Some(st) => Some(IoCgroup::new(
-            &format!("weightlift-bench-io-{}", std::process::id()),
-            &data_dir,
-            st.bytes_per_s,
-            st.requests_per_s,
-        )?),
-        None => None,
-    };
+    let io = args
+        .storage
+        .as_ref()
+        .map(|st| st.cgroup(&data_dir))
+        .transpose()?;
 
     let mut records: Vec<Record> = Vec::new();
     for &profile_arg in &args.profiles {
@@ -396,6 +326,13 @@ pub(crate) fn run(args: &BenchArgs) -> Result<(), String> {
         let ckpt = Checkpoint::open(&disk_dir).map_err(|e| e.to_string())?;
         let (tensors, bytes) = (ckpt.len(), ckpt.data_bytes());
         drop(ckpt);
+        // The transformers contenders need a model with its config; the others run on any
+        // checkpoint.
+        let cell: Vec<Contender> = contenders
+            .iter()
+            .copied()
+            .filter(|c| !c.needs_model() || hf)
+            .collect();
         for &cache in &args.cache {
             let cold = cache != Cache::Warm;
             // Through the FUSE mount: the same files under another path.
@@ -410,140 +347,84 @@ pub(crate) fn run(args: &BenchArgs) -> Result<(), String> {
             if !cold {
                 raw_read(&paths, cpus, 16 << 20).map_err(|e| e.to_string())?;
             }
-            let mut samples: Vec<Vec<Sample>> = contenders.iter().map(|_| Vec::new()).collect();
-            let mut max_resident: f64 = 0.0;
             let url = nginx
                 .as_ref()
                 .map(|n| n.url(&disk_dir.file_name().unwrap_or_default().to_string_lossy()));
-            // The transformers contenders need a model with its config; the others run on
-            // any checkpoint.
-            let runs: Vec<bool> = contenders
+            let groups = Groups {
+                memory: if cache == Cache::ColdLimited {
+                    cgroup.as_ref()
+                } else {
+                    None
+                },
+                io: if cold { io.as_ref() } else { None },
+            };
+            let mut eviction = Eviction::new(cache, &paths, &disk_paths);
+            let samples = interleave(reps, cell.len(), &mut eviction, |i| {
+                let one = One {
+                    contender: cell[i],
+                    dir: &dir,
+                    url: url.as_deref(),
+                    threads,
+                    raw_threads: cpus.max(2),
+                    request_size: args.request_size,
+                };
+                groups.measure(&cell[i].name(), &[one.child()?]).map(Some)
+            })?;
+            let first = records.len();
+            let mut cell_records: Vec<Record> = cell
                 .iter()
-                .map(|c| {
-                    let needs_model = matches!(
-                        c,
-                        Contender::TransformersStock
-                            | Contender::TransformersWeightlift
-                            | Contender::TransformersPlain
-                    );
-                    needs_model == hf || !needs_model
+                .zip(&samples)
+                .filter(|(_, s)| !s.is_empty())
+                .map(|(c, s)| {
+                    let mut r =
+                        Record::of(profile_arg.name(), cache, c.name(), s, (tensors, bytes));
+                    r.storage = groups.io.and(args.storage.as_ref()).map(|s| s.name.clone());
+                    r.memory_limit = groups.memory.map(|_| args.memory_limit);
+                    r.oom_kills = groups
+                        .memory
+                        .map(|_| s.iter().filter(|x| x.oom_killed).count() as u64);
+                    r.software = c.is_python().then(|| software.clone()).flatten();
+                    r
                 })
                 .collect();
-            for _ in 0..reps {
-                for (i, &c) in contenders.iter().enumerate() {
-                    if !runs[i] {
-                        continue;
-                    }
-                    if cold {
-                        // Through FUSE, both the mount's cache and the disk's are dropped.
-                        for p in paths.iter().chain(if cache == Cache::ColdFuse {
-                            &disk_paths[..]
-                        } else {
-                            &[]
-                        }) {
-                            let r = evict(p).map_err(|e| e.to_string())?;
-                            max_resident = max_resident.max(r.fraction());
-                        }
-                    }
-                    let one = One {
-                        contender: c,
-                        dir: &dir,
-                        url: url.as_deref(),
-                        threads,
-                        raw_threads: cpus.max(2),
-                        request_size: args.request_size,
-                        cgroup: if cache == Cache::ColdLimited {
-                            cgroup.as_ref()
-                        } else {
-                            None
-                        },
-                        io: if cold { io.as_ref() } else { None },
-                    };
-                    samples[i].push(measure_in_child(&one)?);
-                }
-            }
-            if cold {
-                eprintln!(
-                    "   evicted with posix_fadvise(DONTNEED); at most {:.2}% of pages still cached after eviction",
-                    max_resident * 100.0
-                );
-            }
-            let medians: Vec<f64> = samples
-                .iter()
-                .map(|s| median(&s.iter().map(|x| x.secs).collect::<Vec<_>>()))
-                .collect();
-            let skipped = |i: usize| samples[i].is_empty();
-            // "raw" is the better of the one-thread and many-thread reads.
-            let best_raw = if medians[0] <= medians[1] { 0 } else { 1 };
-            let raw = medians[best_raw];
-            let reference = contenders
-                .iter()
-                .zip(&medians)
-                .filter(|(c, _)| c.is_reference())
-                .map(|(_, m)| *m)
-                .fold(f64::NAN, f64::min);
-            // The http contender is compared with the same load from the local files.
-            let local = contenders
-                .iter()
-                .position(|&c| c == Contender::WeightliftAutoCpu)
-                .map(|i| medians[i]);
-            let named = std::iter::once((best_raw, "raw".to_string()))
-                .chain(contenders.iter().enumerate().map(|(i, c)| (i, c.name())));
-            let first = records.len();
-            for (i, name) in named {
-                if skipped(i) {
-                    continue;
-                }
-                let secs: Vec<f64> = samples[i].iter().map(|x| x.secs).collect();
-                let ratio_to_local = (contenders[i] == Contender::WeightliftHttpCpu
-                    && name != "raw")
-                    .then_some(local)
-                    .flatten()
-                    .map(|local| local / medians[i]);
-                if let Some(ratio) = ratio_to_local {
+            let median_of = |c: Contender| {
+                cell_records
+                    .iter()
+                    .find(|r| r.contender == c.name())
+                    .map_or(f64::NAN, |r| r.median_s)
+            };
+            // "raw" is the better of the one-thread and many-thread reads; the reference the
+            // better of the crate's two loads; the http contender is also compared with the
+            // same load from the local files.
+            let raw = median_of(Contender::Raw1).min(median_of(Contender::RawN));
+            let reference =
+                median_of(Contender::Reference).min(median_of(Contender::ReferenceRayon));
+            let local = median_of(Contender::WeightliftAutoCpu);
+            for r in &mut cell_records {
+                r.compare(raw, reference);
+                if r.contender == Contender::WeightliftHttpCpu.name() && local.is_finite() {
+                    let ratio = local / r.median_s;
                     eprintln!(
                         "   weightlift-http-cpu (loopback nginx) runs at {ratio:.2}x the local-file load (weightlift-auto-cpu)"
                     );
+                    r.ratio_to_local = Some(ratio);
                 }
-                records.push(Record {
-                    profile: profile_arg.name().to_string(),
-                    cache,
-                    contender: name,
-                    median_s: medians[i],
-                    min_s: secs.iter().copied().fold(f64::INFINITY, f64::min),
-                    max_s: secs.iter().copied().fold(0.0, f64::max),
-                    gbps: bytes as f64 / medians[i] / 1e9,
-                    ratio_to_raw: raw / medians[i],
-                    ratio_to_reference: reference / medians[i],
-                    peak_rss_bytes: samples[i].iter().map(|x| x.peak_rss).max().unwrap_or(0),
-                    tensors,
-                    bytes,
-                    ratio_to_local,
-                    read_bytes: median_u64(samples[i].iter().filter_map(|x| x.read_bytes)),
-                    storage: (cold && io.is_some())
-                        .then(|| args.storage.as_ref().map(|s| s.name.clone()))
-                        .flatten(),
-                    disk_requests: median_u64(
-                        samples[i].iter().filter_map(|x| x.disk.map(|d| d.requests)),
-                    ),
-                    disk_bytes: median_u64(
-                        samples[i].iter().filter_map(|x| x.disk.map(|d| d.bytes)),
-                    ),
-                    memory_limit: (cache == Cache::ColdLimited).then_some(args.memory_limit),
-                    oom_kills: (cache == Cache::ColdLimited)
-                        .then(|| samples[i].iter().filter(|x| x.oom_killed).count() as u64),
-                    software: contenders[i]
-                        .is_python()
-                        .then(|| software.clone())
-                        .flatten(),
-                });
             }
+            if let Some(best) = cell_records
+                .iter()
+                .filter(|r| r.contender.starts_with("raw-"))
+                .min_by(|a, b| a.median_s.total_cmp(&b.median_s))
+            {
+                let mut raw = best.clone();
+                raw.contender = "raw".to_string();
+                records.push(raw);
+            }
+            records.extend(cell_records);
             print_table(&records[first..]);
         }
     }
     if let Some(path) = &args.json {
-        std::fs::write(path, serde_json::to_string_pretty(&records).expect("json"))
-            .map_err(|e| format!("{}: {e}", path.display()))?;
+        write_json(path, &records)?;
     }
     if let Some(path) = &args.plot {
         std::fs::write(path, crate::plot::svg(&records))
@@ -574,13 +455,6 @@ pub(crate) fn shard_paths(ckpt: &Checkpoint) -> Vec<PathBuf> {
         .collect()
 }
 
-/// The median of some byte counts (`None` for none).
-fn median_u64(values: impl Iterator<Item = u64>) -> Option<u64> {
-    let mut v: Vec<u64> = values.collect();
-    v.sort_unstable();
-    v.get(v.len() / 2).copied()
-}
-
 /// One measurement: what the parent passes to its `bench-one` child.
 struct One<'a> {
     contender: Contender,
@@ -589,73 +463,46 @@ struct One<'a> {
     threads: usize,
     raw_threads: usize,
     request_size: Option<u64>,
-    /// The memory cgroup the child runs in (`cold-limited`).
-    cgroup: Option<&'a weightlift_testkit::cgroup::MemoryCgroup>,
-    /// The block-I/O cgroup it reads through (`--storage`, cold runs).
-    io: Option<&'a IoCgroup>,
 }
 
-/// Runs one measurement in a fresh process, so that its peak RSS is its own and no
-/// allocator state carries over between contenders.
-fn measure_in_child(one: &One<'_>) -> Result<Sample, String> {
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let request_size = one.request_size.unwrap_or(weightlift::DEFAULT_REQUEST_SIZE);
-    let c = one.contender;
-    let kills = one.cgroup.map(|g| g.oom_kills());
-    let groups: Vec<&Path> = one
-        .cgroup
-        .map(|g| g.path())
-        .into_iter()
-        .chain(one.io.map(|g| g.path()))
-        .collect();
-    let before = one.io.map(IoCgroup::reads);
-    let out = if groups.is_empty() {
-        Command::new(exe)
-    } else {
-        weightlift_testkit::cgroup::command_in(&groups, &exe)
+impl One<'_> {
+    /// The `bench-one` child that makes this measurement, in a fresh process (so that its
+    /// peak RSS is its own and no allocator state carries over between contenders).
+    fn child(&self) -> Result<Child, String> {
+        let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+        let request_size = self
+            .request_size
+            .unwrap_or(weightlift::DEFAULT_REQUEST_SIZE);
+        Ok(Child::new(exe)
+            .args([
+                "bench-one",
+                "--contender",
+                &self.contender.name(),
+                "--threads",
+                &self.threads.to_string(),
+                "--raw-threads",
+                &self.raw_threads.to_string(),
+                "--request-size",
+                &request_size.to_string(),
+            ])
+            .arg("--dir")
+            .arg(self.dir)
+            .args(self.url.map(|u| ["--url", u]).into_iter().flatten()))
     }
-    .args([
-        "bench-one",
-        "--contender",
-        &c.name(),
-        "--threads",
-        &one.threads.to_string(),
-        "--raw-threads",
-        &one.raw_threads.to_string(),
-        "--request-size",
-        &request_size.to_string(),
-    ])
-    .arg("--dir")
-    .arg(one.dir)
-    .args(one.url.map(|u| ["--url", u]).into_iter().flatten())
-    .output()
-    .map_err(|e| e.to_string())?;
-    if let (Some(group), Some(before)) = (one.cgroup, kills)
-        && group.oom_kills() > before
-    {
-        eprintln!("   {}: OOM-killed in the memory cgroup", c.name());
-        return Ok(Sample {
-            secs: f64::NAN,
-            peak_rss: 0,
-            read_bytes: None,
-            oom_killed: true,
-            disk: None,
-        });
+}
+
+/// The `bench-one` child of a raw parallel read of the checkpoint in `dir` (`cat`'s yardstick,
+/// for the benches that time other loaders).
+pub(crate) fn raw_child(dir: &Path, threads: usize) -> Result<Child, String> {
+    One {
+        contender: Contender::RawN,
+        dir,
+        url: None,
+        threads,
+        raw_threads: threads,
+        request_size: None,
     }
-    if !out.status.success() {
-        return Err(format!(
-            "{}: {}",
-            c.name(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    let mut sample = Sample::parse(&String::from_utf8_lossy(&out.stdout))
-        .map_err(|e| format!("{}: {e}", c.name()))?;
-    sample.disk = one
-        .io
-        .zip(before)
-        .map(|(g, before)| g.reads().since(before));
-    Ok(sample)
+    .child()
 }
 
 /// Bytes this process (and the children it waited for) read from storage so far.
@@ -808,9 +655,7 @@ fn measure(args: &OneArgs, paths: &[PathBuf], bytes: u64) -> Result<Sample, Stri
     Ok(Sample {
         secs: start.elapsed().as_secs_f64(),
         peak_rss: peak_rss().unwrap_or(0),
-        read_bytes: None,
-        oom_killed: false,
-        disk: None,
+        ..Sample::default()
     })
 }
 
@@ -876,17 +721,26 @@ pub(crate) fn python_imports(modules: &str) -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
-/// Builds the bindings in release mode into the virtualenv (incremental after the first
-/// time), so that `python-weightlift` times optimised code.
+/// Builds the bindings in release mode into the project's virtualenv (incremental after the
+/// first time), so that the Python contenders time optimised code.
 pub(crate) fn python_weightlift_ready() -> bool {
-    let venv = workspace_root().join("target/py-venv");
+    bindings_ready_in(&workspace_root().join("target/py-venv"))
+}
+
+/// Builds the bindings in release mode into the virtualenv `venv` (which `.ci/run` makes,
+/// with maturin), and checks that its interpreter imports that build.
+pub(crate) fn bindings_ready_in(venv: &Path) -> bool {
     if !venv.join("bin/maturin").is_file() {
         eprintln!(
-            "note: no target/py-venv with maturin (bash .ci/run creates it); skipping the python-weightlift contender"
+            "note: no {} with maturin (bash .ci/run creates it); skipping the weightlift contenders that run in it",
+            venv.display()
         );
         return false;
     }
-    eprintln!("building the Python bindings (release) into target/py-venv");
+    eprintln!(
+        "building the Python bindings (release) into {}",
+        venv.display()
+    );
     let path = format!(
         "{}:{}",
         venv.join("bin").display(),
@@ -895,11 +749,11 @@ pub(crate) fn python_weightlift_ready() -> bool {
     let built = Command::new(venv.join("bin/maturin"))
         .args(["develop", "--release", "-q"])
         .current_dir(workspace_root().join("crates/python"))
-        .env("VIRTUAL_ENV", &venv)
+        .env("VIRTUAL_ENV", venv)
         .env("PATH", path)
         .status()
         .is_ok_and(|s| s.success());
-    let release = Command::new(python())
+    let release = Command::new(venv.join("bin/python"))
         .args([
             "-c",
             "import weightlift._native as n; assert n.__build__ == 'release'",
@@ -908,7 +762,8 @@ pub(crate) fn python_weightlift_ready() -> bool {
         .is_ok_and(|o| o.status.success());
     if !(built && release) {
         eprintln!(
-            "note: could not build the Python bindings in release mode; skipping python-weightlift"
+            "note: could not build the Python bindings in release mode into {}",
+            venv.display()
         );
     }
     built && release
@@ -970,49 +825,4 @@ fn python_load(name: &str, args: &[PathBuf]) -> Result<Sample, String> {
         return Err(format!("python: {}", String::from_utf8_lossy(&out.stderr)));
     }
     Sample::parse(&String::from_utf8_lossy(&out.stdout)).map_err(|e| format!("{name}: {e}"))
-}
-
-fn print_table(records: &[Record]) {
-    let disk = records.iter().any(|r| r.disk_requests.is_some());
-    print!(
-        "{:<26} {:>9} {:>9} {:>9} {:>8} {:>8} {:>8} {:>10} {:>7} {:>4}",
-        "contender",
-        "median s",
-        "min s",
-        "max s",
-        "GB/s",
-        "x raw",
-        "x ref",
-        "peak RSS",
-        "read x",
-        "oom"
-    );
-    if disk {
-        print!(" {:>9} {:>9}", "requests", "avg KiB");
-    }
-    println!();
-    for r in records {
-        let read = r.read_bytes.map_or("-".to_string(), |b| {
-            format!("{:.2}", b as f64 / r.bytes as f64)
-        });
-        let oom = r.oom_kills.map_or("-".to_string(), |n| n.to_string());
-        print!(
-            "{:<26} {:>9.3} {:>9.3} {:>9.3} {:>8.2} {:>8.2} {:>8.2} {:>9.0}M {:>7} {:>4}",
-            r.contender,
-            r.median_s,
-            r.min_s,
-            r.max_s,
-            r.gbps,
-            r.ratio_to_raw,
-            r.ratio_to_reference,
-            r.peak_rss_bytes as f64 / 1048576.0,
-            read,
-            oom,
-        );
-        if let (true, Some(n), Some(b)) = (disk, r.disk_requests, r.disk_bytes) {
-            print!(" {:>9} {:>9.0}", n, b as f64 / n.max(1) as f64 / 1024.0);
-        }
-        println!();
-    }
-    println!();
 }

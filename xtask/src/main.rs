@@ -5,6 +5,7 @@ mod bench_dist;
 mod bench_vllm;
 mod fuzz;
 mod gpu_bundle;
+mod harness;
 mod plot;
 mod record;
 

@@ -1,9 +1,10 @@
 """Runs vLLM's engine on the CPU, for the vLLM tests (``tests/vllm_engine/test_vllm.py``) and
 ``cargo xtask bench-vllm`` alike: for each
 ``MODEL=LOAD_FORMAT`` argument, starts ``LLM(model=MODEL, load_format=LOAD_FORMAT)``, generates
-greedily from a fixed prompt, and prints one JSON line: the tokens, the loader's
-`load_weights` time (one-process mode; what vLLM logs as "Loading weights took") and the engine
-start time, or the error.
+greedily from a fixed prompt, and prints one JSON line (the bench's sample): ``secs``, the
+loader's `load_weights` time (one-process mode; what vLLM logs as "Loading weights took"),
+``peak_rss`` (this process's peak so far, bytes), the engine's ``start_s`` and the ``tokens``,
+or the ``error``.
 
 Run as a script (vLLM's CPU platform starts its processes with `spawn`). One-process mode is
 ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` in the environment.
@@ -12,6 +13,7 @@ Run as a script (vLLM's CPU platform starts its processes with `spawn`). One-pro
 import gc
 import json
 import os
+import resource
 import sys
 import time
 
@@ -59,7 +61,7 @@ def run(model, load_format, extra):
     time_loads()
     LOADS.clear()
     start = time.perf_counter()
-    out = {"model": model, "load_format": load_format}
+    out = {"model": model, "load_format": load_format, "secs": None}
     try:
         llm = LLM(
             model=model,
@@ -80,12 +82,13 @@ def run(model, load_format, extra):
             use_tqdm=False,
         )
         out["tokens"] = list(result[0].outputs[0].token_ids)
-        out["load_s"] = LOADS[-1] if LOADS else None
+        out["secs"] = LOADS[-1] if LOADS else None
         del llm
     except Exception as e:  # noqa: BLE001 (reported to the test)
         out["error"] = f"{type(e).__name__}: {e}"
     finally:
         gc.collect()
+    out["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return out
 
 
@@ -93,7 +96,7 @@ def main():
     extra = json.loads(os.environ.get("WL_EXTRA", "{}"))
     for arg in sys.argv[1:]:
         model, _, load_format = arg.rpartition("=")
-        print("RESULT " + json.dumps(run(model, load_format, extra)), flush=True)
+        print(json.dumps(run(model, load_format, extra)), flush=True)
 
 
 if __name__ == "__main__":

@@ -185,3 +185,25 @@ def native(f):
     """The native checkpoint handle of an open ``safe_open`` (``SafetensorError`` once it is
     closed): what the package's other modules use of it."""
     return f._h()
+
+
+def device(f):
+    """The device a ``safe_open`` reads tensors to ("cpu", "cuda:0", ...)."""
+    return f._device
+
+
+def source(value):
+    """(torch ``safe_open``, tensor name) behind a slice that one handed out (or a wrapper of
+    one keeping it as ``_inner``, as transformers' loader does), else None."""
+    inner = getattr(value, "_inner", value)
+    if not isinstance(inner, PySafeSlice):
+        return None
+    owner = inner._owner
+    return (owner, inner._name) if owner._framework == "pt" else None
+
+
+def stop_prefetch(f):
+    """Cancels a ``safe_open``'s prefetch, pending or started: for callers that read its
+    tensors with planned loads of their own, which the prefetch would only compete with."""
+    f._prefetch_pending = None
+    native(f).close()

@@ -252,11 +252,7 @@ def wrap(original):
 
 def _source(value):
     """(safe_open handle, tensor name) behind a value transformers collected, or None."""
-    inner = getattr(value, "_inner", value)
-    owner, name = getattr(inner, "_owner", None), getattr(inner, "_name", None)
-    if owner is None or name is None or getattr(owner, "_framework", None) != "pt":
-        return None
-    return owner, name
+    return _open.source(value)
 
 
 def _unsupported(model, state_dict, load_config):
@@ -277,8 +273,8 @@ def _unsupported(model, state_dict, load_config):
         src = _source(value)
         if src is None:
             return f"{key!r} was not opened through weightlift"
-        if src[0]._device != "cpu":
-            return f"{key!r} is read to {src[0]._device}"
+        if _open.device(src[0]) != "cpu":
+            return f"{key!r} is read to {_open.device(src[0])}"
     return None
 
 
@@ -353,8 +349,7 @@ def _load(model, state_dict, load_config, disk_offload_index):
         owner, _ = _source(value)
         owners[id(owner)] = owner
     for owner in owners.values():
-        owner._prefetch_pending = None
-        _open.native(owner).close()  # its prefetch, if one started
+        _open.stop_prefetch(owner)
 
     # 1. Keys: renamed and grouped per parameter exactly as transformers does (its functions),
     #    without copying a converter per key.
