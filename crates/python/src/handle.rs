@@ -3,7 +3,7 @@
 //! reads served by a prefetch where there is one, and loads, all without the GIL.
 
 use crate::errors::{open_err, py_err};
-use crate::layout::{grouped, layout, report};
+use crate::layout::{Layout, grouped, report};
 use crate::tensor::PyTensor;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -57,6 +57,46 @@ fn open_options(path: &str, backend: &str, copy: bool) -> PyResult<OpenOptions> 
 fn device(name: &str) -> PyResult<Device> {
     name.parse::<Device>()
         .map_err(|e| PyValueError::new_err(e.to_string()))
+}
+
+/// Where a load puts tensors ("cpu", "cuda:N", "meta"), parsed once when the Python side
+/// makes it (`_args.native_device`), then passed to every load as it is.
+#[pyclass(
+    name = "Device",
+    module = "weightlift._native",
+    frozen,
+    eq,
+    hash,
+    from_py_object
+)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct PyDevice {
+    device: Device,
+}
+
+#[pymethods]
+impl PyDevice {
+    #[new]
+    fn new(name: &str) -> PyResult<PyDevice> {
+        Ok(PyDevice {
+            device: device(name)?,
+        })
+    }
+
+    fn __str__(&self) -> String {
+        self.device.to_string()
+    }
+
+    fn __repr__(&self) -> String {
+        format!("Device({:?})", self.device.to_string())
+    }
+}
+
+impl PyDevice {
+    /// Owned host memory: the loads' default.
+    const CPU: PyDevice = PyDevice {
+        device: Device::Cpu,
+    };
 }
 
 fn ranges_of(ranges: Option<Vec<(usize, usize)>>) -> Vec<Range<usize>> {
@@ -221,15 +261,14 @@ impl PyCheckpoint {
     /// `(memory, entry)` in `layout` ("np" or "pt"; see `Layout`). Mapped (a view where
     /// the block is contiguous) or read into memory of its own, as the checkpoint's mapping
     /// policy says.
-    #[pyo3(signature = (name, ranges=None, layout="np"))]
+    #[pyo3(signature = (name, ranges=None, layout=Layout::Numpy))]
     fn get<'py>(
         &self,
         py: Python<'py>,
         name: &str,
         ranges: Option<Vec<(usize, usize)>>,
-        layout: &str,
+        layout: Layout,
     ) -> PyResult<Bound<'py, PyTuple>> {
-        let layout = self::layout(layout)?;
         let tensor = self.read(py, name, ranges_of(ranges))?;
         let groups = grouped(py, std::slice::from_ref(&tensor), layout)?;
         let group = groups.get_item(0)?;
@@ -257,22 +296,21 @@ impl PyCheckpoint {
     /// `slices` maps tensor names to the block to load (one (start, stop) per leading
     /// dimension); the others load whole.
     /// `names`: load only these tensors.
-    #[pyo3(signature = (device="cpu", threads=None, prefix=None, drop_cache=false, layout="np", slices=None, names=None))]
+    #[pyo3(signature = (device=PyDevice::CPU, threads=None, prefix=None, drop_cache=false, layout=Layout::Numpy, slices=None, names=None))]
     #[allow(clippy::too_many_arguments)]
     fn load<'py>(
         &self,
         py: Python<'py>,
-        device: &str,
+        device: PyDevice,
         threads: Option<usize>,
         prefix: Option<String>,
         drop_cache: bool,
-        layout: &str,
+        layout: Layout,
         slices: Option<HashMap<String, Vec<(usize, usize)>>>,
         names: Option<HashSet<String>>,
     ) -> PyResult<(Bound<'py, PyList>, Bound<'py, PyList>)> {
-        let layout = self::layout(layout)?;
         let mut options =
-            load_options(self::device(device)?, threads, prefix, slices).drop_cache(drop_cache);
+            load_options(device.device, threads, prefix, slices).drop_cache(drop_cache);
         if let Some(names) = names {
             options = options.filter(move |n| names.contains(n));
         }
@@ -290,17 +328,17 @@ impl PyCheckpoint {
     /// (`weightlift::SharedLoad::digest`: equal on every rank that asked for the same load),
     /// and the `(shard, start, end)` file ranges the load read, all ranks together (for
     /// `drop_cache` once every rank is done).
-    #[pyo3(signature = (rank, world, device="cpu", threads=None, prefix=None, layout="np", slices=None))]
+    #[pyo3(signature = (rank, world, device=PyDevice::CPU, threads=None, prefix=None, layout=Layout::Numpy, slices=None))]
     #[allow(clippy::too_many_arguments, clippy::type_complexity)]
     fn load_share<'py>(
         &self,
         py: Python<'py>,
         rank: usize,
         world: usize,
-        device: &str,
+        device: PyDevice,
         threads: Option<usize>,
         prefix: Option<String>,
-        layout: &str,
+        layout: Layout,
         slices: Option<HashMap<String, Vec<(usize, usize)>>>,
     ) -> PyResult<(
         Bound<'py, PyList>,
@@ -309,8 +347,7 @@ impl PyCheckpoint {
         u64,
         Vec<(usize, u64, u64)>,
     )> {
-        let layout = self::layout(layout)?;
-        let options = load_options(self::device(device)?, threads, prefix, slices);
+        let options = load_options(device.device, threads, prefix, slices);
         let (state, spans, digest, read) = py
             .detach(|| {
                 let load = self
@@ -354,7 +391,7 @@ impl PyCheckpoint {
     /// The storages' addresses and lengths are taken here, from the tensors, which this call
     /// holds until it returns; what stays the caller's part is that nothing else reads or
     /// writes them meanwhile (the GIL is released).
-    #[pyo3(signature = (fills, dests, threads=None, max_gap=None, device="cpu"))]
+    #[pyo3(signature = (fills, dests, threads=None, max_gap=None, device=PyDevice::CPU))]
     fn load_into(
         &self,
         py: Python<'_>,
@@ -362,9 +399,9 @@ impl PyCheckpoint {
         dests: Vec<Bound<'_, PyAny>>,
         threads: Option<usize>,
         max_gap: Option<u64>,
-        device: &str,
+        device: PyDevice,
     ) -> PyResult<(u64, usize)> {
-        let device = self::device(device)?;
+        let device = device.device;
         let fills: Vec<Fill> = fills.iter().map(|f| f.fill.clone()).collect();
         // Each destination's storage: (address, length), checked to be on `device`.
         let dests = dests

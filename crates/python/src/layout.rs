@@ -10,24 +10,28 @@ use pyo3::types::{PyDict, PyList, PyString, PyTuple};
 use std::sync::Arc;
 use weightlift::{DeviceMemory, Dtype, FileReport, HostMemory, Tensor};
 
-/// How tensors are described to the Python side, which makes the arrays.
-#[derive(Clone, Copy, PartialEq, Eq)]
+/// How tensors are described to the Python side, which makes the arrays: `Layout.NP` or
+/// `Layout.PT`, chosen once per handle or call by the Python side (from the framework it was
+/// given), never parsed from a string per call.
+#[pyclass(
+    name = "Layout",
+    module = "weightlift._native",
+    eq,
+    eq_int,
+    frozen,
+    from_py_object
+)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Layout {
     /// numpy: `(name, dtype code, shape, byte offset)`.
+    #[pyo3(name = "NP")]
     Numpy,
     /// torch: `(name, dtype code, shape, strides, element offset, byte offset)`, shapes
     /// and strides as torch counts them (F4 packs two elements per byte: the last dimension
     /// is halved), the element offset -1 where the byte offset is not a multiple of the
     /// element size (such a tensor is copied).
+    #[pyo3(name = "PT")]
     Torch,
-}
-
-pub(crate) fn layout(name: &str) -> PyResult<Layout> {
-    match name {
-        "np" => Ok(Layout::Numpy),
-        "pt" => Ok(Layout::Torch),
-        other => Err(PyValueError::new_err(format!("unknown layout {other:?}"))),
-    }
 }
 
 /// One tensor's entry in `layout`, at `offset` bytes into its allocation.

@@ -28,13 +28,12 @@ use weightlift::Dtype;
 /// Every tensor of a safetensors file held in `data` (the whole file), in file order,
 /// grouped by allocation in `layout` (see `layout::grouped`).
 #[pyfunction]
-#[pyo3(signature = (data, layout="np"))]
+#[pyo3(signature = (data, layout=layout::Layout::Numpy))]
 fn load_bytes<'py>(
     py: Python<'py>,
     data: &Bound<'py, PyBytes>,
-    layout: &str,
+    layout: layout::Layout,
 ) -> PyResult<Bound<'py, PyList>> {
-    let layout = layout::layout(layout)?;
     let state = weightlift::load_bytes(data.as_bytes()).map_err(errors::py_err)?;
     layout::grouped(py, &state.into_tensors(), layout)
 }
@@ -86,6 +85,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<tensor::PyTensor>()?;
     m.add_class::<handle::PyCheckpoint>()?;
     m.add_class::<handle::PyFill>()?;
+    m.add_class::<handle::PyDevice>()?;
+    m.add_class::<layout::Layout>()?;
     m.add_class::<memory::PyMemory>()?;
     m.add_class::<memory::PyDeviceMemory>()?;
     m.add_class::<staging::PyStaging>()?;

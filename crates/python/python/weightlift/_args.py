@@ -1,5 +1,9 @@
 """The arguments every entry point takes alike: the framework, the device, sizes."""
 
+import functools
+
+from ._native import Device as _Device
+from ._native import Layout as _Layout
 from ._native import SafetensorError
 
 _FRAMEWORKS = {"np": "np", "numpy": "np", "pt": "pt", "torch": "pt", "pytorch": "pt"}
@@ -33,3 +37,18 @@ def size(value):
     from ._native import parse_size
 
     return parse_size(str(value))
+
+
+_LAYOUTS = {"np": _Layout.NP, "pt": _Layout.PT}
+
+
+def layout(framework):
+    """How the native side describes tensors for `framework` ("np" or "pt", as
+    ``framework()`` returns it)."""
+    return _LAYOUTS[framework]
+
+
+@functools.lru_cache(maxsize=64)
+def native_device(device):
+    """`device` ("cpu", "cuda:N") as the native side takes it, parsed once."""
+    return _Device(str(device))

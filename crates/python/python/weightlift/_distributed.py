@@ -13,7 +13,7 @@ checkpoint, tensors, dtypes and shapes). A rank that failed or disagrees makes e
 the group's timeout, which is raised the same way, never a hang.
 """
 
-from . import _arrays, _handle, _slicing
+from . import _args, _arrays, _handle, _slicing
 from ._native import SafetensorError
 
 # Bytes per broadcast: large enough to keep the transport busy, small enough to bound the
@@ -63,10 +63,10 @@ def load_shared(path, framework, device, group, backend="auto", token=None, thre
         groups, report, spans, digest, read = handle.load_share(
             rank,
             world,
-            device=device,
+            device=_args.native_device(device),
             threads=threads,
             prefix=prefix,
-            layout=framework,
+            layout=_args.layout(framework),
             slices=ranges,
         )
         status = ("ok", f"{digest:016x}")

@@ -44,11 +44,11 @@ def load_dict(handle, framework, device, threads=None, prefix=None, drop_cache=F
     native_device = device if device.startswith("cuda") else "cpu"
     ranges, after = _slicing.plans(handle, slices) if slices is not None else (None, {})
     groups, report = handle.load(
-        device=native_device,
+        device=_args.native_device(native_device),
         threads=threads,
         prefix=prefix,
         drop_cache=drop_cache,
-        layout=framework,
+        layout=_args.layout(framework),
         slices=ranges,
     )
     out = StateDict()

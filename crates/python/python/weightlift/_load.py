@@ -18,7 +18,7 @@ def load(data, framework="np"):
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise TypeError(f"load() takes bytes, not {type(data).__name__}")
     framework = _args.framework(framework)
-    groups = _load_bytes(bytes(data), layout=framework)
+    groups = _load_bytes(bytes(data), layout=_args.layout(framework))
     return _handle.arrays(groups, framework, {})
 
 

@@ -81,6 +81,7 @@ class safe_open:
         threads=None,
     ):
         self._framework = _args.framework(framework)
+        self._layout = _args.layout(self._framework)
         self._device = _args.device(self._framework, device)
         self._handle = _handle.open_handle(
             filename,
@@ -137,7 +138,7 @@ class safe_open:
         """The tensor (or block), and whether it lives in a mapping of the file."""
         if self._prefetch_pending is not None:
             self._start_prefetch()
-        memory, entry = self._h().get(name, ranges, layout=self._framework)
+        memory, entry = self._h().get(name, ranges, layout=self._layout)
         mapped = getattr(memory, "mapped", False)
         if self._framework == "np":
             import numpy as np

@@ -5,7 +5,7 @@ row of a stacked tensor, gate and up halves side by side, q/k/v rows cut from on
 Destinations on a CUDA device are filled through pinned staging buffers (one read lands in a
 buffer, its blocks are copied to their places on the device while the next reads run)."""
 
-from . import _arrays, _handle, _native, _slicing
+from . import _args, _arrays, _handle, _native, _slicing
 from ._native import InvalidPlacement, SafetensorError
 
 _CODES = {name: code for code, name in _arrays.TORCH_DTYPES.items()}
@@ -177,6 +177,8 @@ def load_into(source, placements, threads=None, backend="auto", token=None, max_
             # Work torch queued on these tensors' memory (on its streams) finishes before
             # weightlift's copies (on streams of its own) write it.
             torch.cuda.synchronize(device)
-        n, r = handle.load_into(blocks, dests, threads=threads, max_gap=max_gap, device=device)
+        n, r = handle.load_into(
+            blocks, dests, threads=threads, max_gap=max_gap, device=_args.native_device(device)
+        )
         read, reads = read + n, reads + r
     return read, reads

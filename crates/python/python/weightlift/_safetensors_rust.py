@@ -78,7 +78,7 @@ def deserialize(data):
     import numpy as np
 
     out = []
-    for memory, entries in _load_bytes(bytes(data), layout="np"):
+    for memory, entries in _load_bytes(bytes(data)):
         base = np.asarray(memory)
         for name, code, shape, offset in entries:
             count = 1

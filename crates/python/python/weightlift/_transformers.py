@@ -36,7 +36,7 @@ import logging
 import re
 import time
 
-from . import _open
+from . import _args, _open
 
 log = logging.getLogger("weightlift.transformers")
 
@@ -453,7 +453,7 @@ def _load(model, state_dict, load_config, disk_offload_index):
 
     def view_load(job):
         owner, names = job
-        groups_, _ = _open.native(owner).load(layout="pt", names=set(names))
+        groups_, _ = _open.native(owner).load(layout=_args.layout("pt"), names=set(names))
         return names, groups_
 
     with ThreadPoolExecutor(max_workers=max(1, min(8, len(views)))) as pool:

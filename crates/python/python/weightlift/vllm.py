@@ -211,7 +211,7 @@ def iterate(files, options, local_expert_ids=None):
         if skip is not None:
             names = {n for n in handle.offset_keys() if not skip(n)}
         groups, _ = handle.load(
-            layout="pt", threads=threads, drop_cache=drop_cache, names=names
+            layout=_args.layout("pt"), threads=threads, drop_cache=drop_cache, names=names
         )
         return groups
 
