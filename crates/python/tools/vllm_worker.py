@@ -92,7 +92,30 @@ def run(model, load_format, extra):
     return out
 
 
+def test_hooks():
+    """For the tests: ``WL_LOG=1`` sends weightlift's log (DEBUG and up) to standard error;
+    ``WL_FORCE_DEFAULT=SUBSTRING`` sends the tensors whose names contain it vLLM's default way
+    (as a weight loader that does arithmetic on them would)."""
+    if os.environ.get("WL_LOG"):
+        import logging
+
+        log = logging.getLogger("weightlift")
+        log.setLevel(logging.DEBUG)
+        log.addHandler(logging.StreamHandler(sys.stderr))
+    forced = os.environ.get("WL_FORCE_DEFAULT")
+    if forced:
+        from weightlift import _vllm_place
+
+        record = _vllm_place.Source.record
+
+        def record_unless_forced(self, dest, src):
+            return forced not in src.wl_name and record(self, dest, src)
+
+        _vllm_place.Source.record = record_unless_forced
+
+
 def main():
+    test_hooks()
     extra = json.loads(os.environ.get("WL_EXTRA", "{}"))
     for arg in sys.argv[1:]:
         model, _, load_format = arg.rpartition("=")

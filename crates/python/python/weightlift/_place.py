@@ -167,6 +167,11 @@ def load_into(source, placements, threads=None, backend="auto", token=None, max_
         handle = native(source)
     else:
         handle = _handle.open_handle(source, backend, True, token)
+    return fill(handle, placements, threads=threads, max_gap=max_gap)
+
+
+def fill(handle, placements, threads=None, max_gap=None):
+    """``load_into`` through the native checkpoint `handle`: one load per device."""
     placements = list(placements)
     per_device = fills(handle, placements)
     read = reads = 0

@@ -7,8 +7,14 @@ filters, weight tracking, ``model.load_weights``) with weightlift reading the sa
 files: every shard opened at once, read through the process's prefetch window (populated
 mappings on local disks, large reads into memory of its own on network filesystems, URLs
 and ``hf://``), never more than the window ahead of vLLM's own ``load_weights`` and within
-the memory budget, in file order. Tensors are handed to vLLM's weight loaders as the default
-loader hands them.
+the memory budget, in file order.
+
+By default vLLM's parameters are filled straight from the files, where vLLM's own weight
+loaders say (see ``weightlift._vllm_place``): the loaders are handed placeholders, their
+copies into the parameters are recorded as placements, and one planned load per file fills
+them, files loading in the background while vLLM records the next; a use of a tensor that is
+not a view or a copy goes the default way. ``place=False`` hands the loaders real tensors
+instead, read as above.
 
 Options, through ``model_loader_extra_config``:
 
@@ -19,7 +25,8 @@ Options, through ``model_loader_extra_config``:
 - ``copy``: read into memory of weightlift's own even where files could be mapped.
 - ``threads``: threads of the loads of shards prefetched whole (network filesystems).
 - ``drop_cache``: drop the page-cache pages of what was handed over (hosts with less memory
-  than the model).
+  than the model; with ``place=False``).
+- ``place``: fill the parameters straight from the files (default True).
 
 The rest of ``model_loader_extra_config`` goes to vLLM's default loader.
 """
@@ -27,7 +34,7 @@ The rest of ``model_loader_extra_config`` goes to vLLM's default loader.
 import os
 
 LOAD_FORMAT = "weightlift"
-OPTIONS = ("memory_budget", "prefetch_window", "copy", "threads", "drop_cache")
+OPTIONS = ("memory_budget", "prefetch_window", "copy", "threads", "drop_cache", "place")
 
 _LOADER = "vllm.model_executor.model_loader"
 _DEFAULT = f"{_LOADER}.default_loader:DefaultModelLoader"
@@ -163,7 +170,10 @@ def _loader(DefaultModelLoader):
                 import time
 
                 self.counter_before_loading_weights = time.perf_counter()
-            weights = iterate(files, self.weightlift, self.local_expert_ids)
+            if self.weightlift.get("place", True):
+                weights = place(files, self.weightlift, self.local_expert_ids)
+            else:
+                weights = iterate(files, self.weightlift, self.local_expert_ids)
             return ((source.prefix + name, tensor) for name, tensor in weights)
 
     return WeightliftModelLoader
@@ -175,6 +185,69 @@ def _natural(path):
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", os.path.basename(path))]
 
 
+def _skip(local_expert_ids):
+    """Whether a tensor belongs to another rank's experts (expert parallelism): not read."""
+    if local_expert_ids is None:
+        return None
+    from vllm.model_executor.model_loader.weight_utils import should_skip_weight
+
+    def skip(name):
+        return should_skip_weight(name, local_expert_ids)
+
+    return skip
+
+
+def place(files, options, local_expert_ids=None):
+    """(name, placeholder) of every tensor of `files`, file by file in file order, for vLLM's
+    weight loaders to place (see ``weightlift._vllm_place``): each file's placements load as
+    soon as its last tensor was handed over, in the background; the last step waits for all."""
+    import logging
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from . import _args, _handle, _vllm_place
+
+    skip = _skip(local_expert_ids)
+    files = sorted(files, key=_natural)
+    copy = bool(options.get("copy"))
+    budget = _args.size(options.get("memory_budget"))
+    window = _args.size(options.get("prefetch_window"))
+
+    def open_handle(path):
+        return _handle.open_handle(
+            path,
+            "pread" if copy else "auto",
+            copy,
+            memory_budget=budget,
+            prefetch_window=window,
+        )
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        source = _vllm_place.Source(files, open_handle, threads=options.get("threads"), pool=pool)
+        done = False
+        try:
+            for path in files:
+                names = source.names(path)
+                if skip is not None:
+                    names = [n for n in names if not skip(n)]
+                yield from source.tensors(path, names)
+                source.file_done(path)
+            source.finish()
+            done = True
+        finally:
+            if not done:
+                source.abandon()
+    logging.getLogger("weightlift.vllm").info(
+        "weightlift: %d copies into vLLM's parameters placed straight from %d files, "
+        "%d tensors went vLLM's default way, in %.3f s",
+        source.placed,
+        len(files),
+        len(source.defaults),
+        time.perf_counter() - start,
+    )
+
+
 def iterate(files, options, local_expert_ids=None):
     """(name, torch tensor) of every tensor of `files`, file by file in file order. Each file
     is one planned load (mapped and populated in parallel on local disks, read into memory of
@@ -184,13 +257,7 @@ def iterate(files, options, local_expert_ids=None):
 
     from . import _args, _arrays, _handle
 
-    skip = None
-    if local_expert_ids is not None:
-        from vllm.model_executor.model_loader.weight_utils import should_skip_weight
-
-        def skip(name):
-            return should_skip_weight(name, local_expert_ids)
-
+    skip = _skip(local_expert_ids)
     backend = "pread" if options.get("copy") else "auto"
     threads = options.get("threads")
     drop_cache = bool(options.get("drop_cache", False))

@@ -1,9 +1,12 @@
 """vLLM's real engine on the CPU with ``load_format="weightlift"`` (the loader weightlift
 registers through vLLM's plugin entry point): greedy tokens identical to the default loader's
-on tiny random Qwen3 and Qwen3-MoE models saved by transformers, in one process and in vLLM's
-default multi-process mode; a truncated shard (weightlift's error, from vLLM's worker
-process) and a missing shard (vLLM's check of the index) fail engine start naming the file,
-not a hang.
+on tiny random models saved by transformers (Qwen3, whose vLLM class fuses qkv and gate/up;
+Qwen3-MoE and Mixtral, whose experts vLLM fuses; a float32 checkpoint loaded as bfloat16), in
+one process and in vLLM's default multi-process mode, with the parameters placed straight
+from the files (the default: the experts counted as placed, not copied by weight loaders),
+with a tensor forced the default way, and with ``place=False``; a truncated shard
+(weightlift's error, from vLLM's worker process) and a missing shard (vLLM's check of the
+index) fail engine start naming the file, not a hang.
 
 Runs where vLLM is installed (``.ci/run`` makes a virtualenv with vLLM's CPU build); skipped
 elsewhere."""
@@ -27,7 +30,7 @@ DEADLINE = 900
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3MoeConfig
+    from transformers import AutoModelForCausalLM, MixtralConfig, Qwen3Config, Qwen3MoeConfig
 
     root = tmp_path_factory.mktemp("vllm-models")
     base = dict(
@@ -38,9 +41,12 @@ def models(tmp_path_factory):
     for name, config in {
         "dense": Qwen3Config(**base),
         "moe": Qwen3MoeConfig(**base, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2),
+        "mixtral": MixtralConfig(**base, num_local_experts=4, num_experts_per_tok=2),
+        "dense32": Qwen3Config(**base),
     }.items():
         torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        dtype = torch.float32 if name.endswith("32") else torch.bfloat16
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         path = root / name
         model.save_pretrained(path, max_shard_size="150KB")
         assert len([f for f in os.listdir(path) if f.endswith(".safetensors")]) >= 2
@@ -48,9 +54,10 @@ def models(tmp_path_factory):
     return out
 
 
-def engine(runs, one_process=True, extra=None):
-    """Results of `runs` ((model, load format)...) in one worker process."""
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", OMP_NUM_THREADS="2")
+def engine(runs, one_process=True, extra=None, env=None):
+    """Results of `runs` ((model, load format)...) in one worker process (`env`: more of its
+    environment, e.g. the worker's test hooks)."""
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", OMP_NUM_THREADS="2", **(env or {}))
     env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if one_process else "1"
     if extra:
         env["WL_EXTRA"] = json.dumps(extra)
@@ -68,19 +75,67 @@ def engine(runs, one_process=True, extra=None):
     return results
 
 
+MODELS = ["dense", "moe", "mixtral", "dense32"]
+
+
 @pytest.fixture(scope="module")
 def one_process(models):
-    runs = [(models[m], f) for m in ("dense", "moe") for f in ("auto", "weightlift")]
-    return {(os.path.basename(m), f): r for (m, f), r in zip(runs, engine(runs))}
+    runs = [(models[m], f) for m in MODELS for f in ("auto", "weightlift")]
+    return {(os.path.basename(m), f): r for (m, f), r in zip(runs, engine(runs, env={"WL_LOG": "1"}))}
 
 
-@pytest.mark.parametrize("name", ["dense", "moe"])
+def placed(result):
+    """(copies placed, tensors that went the default way) from weightlift's summary line."""
+    import re
+
+    found = re.findall(
+        r"weightlift: (\d+) copies into vLLM's parameters placed straight from \d+ files, "
+        r"(\d+) tensors went vLLM's default way",
+        result["log"],
+    )
+    assert found, result["log"][-3000:]
+    return tuple(int(n) for n in found[-1])
+
+
+@pytest.mark.parametrize("name", MODELS)
 def test_same_tokens_as_the_default_loader_in_one_process(one_process, name):
     auto, ours = one_process[(name, "auto")], one_process[(name, "weightlift")]
     assert "error" not in auto, auto
     assert "error" not in ours, ours
     assert ours["tokens"] == auto["tokens"] and len(ours["tokens"]) == 8
     assert ours["secs"] is not None, "vLLM logged the weight-loading time"
+
+
+def test_the_experts_are_placed_not_copied_by_weight_loaders(models):
+    """Every checkpoint tensor's copy into its parameter is a placement: each expert's three
+    projections into the fused expert tensors, q/k/v and gate/up into their fused parameters;
+    none goes the default way."""
+    (ours,) = engine([(models["moe"], "weightlift")], env={"WL_LOG": "1"})
+    assert "error" not in ours, ours
+    copies, defaults = placed(ours)
+    # 2 layers x 8 experts x 3 projections, and more (attention, norms, embeddings).
+    assert copies >= 2 * 8 * 3 and defaults == 0, (copies, defaults)
+    (mixtral,) = engine([(models["mixtral"], "weightlift")], env={"WL_LOG": "1"})
+    copies, defaults = placed(mixtral)
+    assert copies >= 2 * 4 * 3 and defaults == 0, (copies, defaults)
+
+
+def test_a_tensor_forced_the_default_way_still_loads(models, one_process):
+    (ours,) = engine(
+        [(models["moe"], "weightlift")],
+        env={"WL_LOG": "1", "WL_FORCE_DEFAULT": "layers.1.mlp.experts.3."},
+    )
+    assert "error" not in ours, ours
+    assert ours["tokens"] == one_process[("moe", "auto")]["tokens"]
+    copies, defaults = placed(ours)
+    assert defaults == 3 and copies > 0, (copies, defaults)
+    assert "layers.1.mlp.experts.3.down_proj.weight goes vLLM's default way" in ours["log"]
+
+
+def test_unplaced_loads_still_work(models, one_process):
+    (ours,) = engine([(models["moe"], "weightlift")], extra={"place": False})
+    assert "error" not in ours, ours
+    assert ours["tokens"] == one_process[("moe", "auto")]["tokens"]
 
 
 def test_same_tokens_in_the_default_multi_process_mode(models, one_process):
@@ -104,8 +159,12 @@ def test_options_pass_through_model_loader_extra_config(models, one_process):
 
 def test_the_memory_budget_option_bounds_the_loads(models):
     """vLLM's ``memory_budget`` is the budget the files' loads run under: a copying load that
-    needs more refuses before reading, and the engine start fails saying so."""
-    (ours,) = engine([(models["moe"], "weightlift")], extra={"copy": True, "memory_budget": "4KiB"})
+    needs more refuses before reading, and the engine start fails saying so. (Placed loads
+    read into the parameters themselves and hold no more than their staging.)"""
+    (ours,) = engine(
+        [(models["moe"], "weightlift")],
+        extra={"copy": True, "memory_budget": "4KiB", "place": False},
+    )
     assert "error" in ours, ours
     text = ours["error"] + ours["log"]
     assert "more than its budget of 4.00 KiB" in text, ours["error"]

@@ -1,0 +1,155 @@
+"""Placement by recording (``weightlift._vllm_place``), without vLLM: weight loaders written as
+vLLM's are (views of the parameter and of the checkpoint tensor, then ``copy_``) are handed
+placeholders, and the parameters must end byte-identical to the same loaders run on real
+tensors; what is not a view or a copy goes the default way and still loads correctly."""
+
+import pytest
+
+torch = pytest.importorskip("torch")
+from safetensors.torch import save_file  # noqa: E402
+
+from weightlift import _handle, _vllm_place  # noqa: E402
+
+E, H, I = 4, 16, 8  # experts, hidden, intermediate
+
+
+def checkpoint(tmp_path, dtype=torch.bfloat16):
+    torch.manual_seed(0)
+    files = []
+    for f in range(2):
+        tensors = {}
+        for e in range(E):
+            for proj, shape in (("gate", (I, H)), ("up", (I, H)), ("down", (H, I))):
+                tensors[f"l{f}.experts.{e}.{proj}.weight"] = torch.randn(shape).to(dtype)
+        tensors[f"l{f}.q.weight"] = torch.randn(H, H).to(dtype)
+        tensors[f"l{f}.k.weight"] = torch.randn(H // 2, H).to(dtype)
+        tensors[f"l{f}.norm.weight"] = torch.randn(H).to(dtype)
+        tensors[f"l{f}.scale"] = torch.randn(()).to(dtype)
+        path = tmp_path / f"model-{f}.safetensors"
+        save_file(tensors, str(path))
+        files.append(str(path))
+    return files
+
+
+class Model:
+    """Fused parameters as vLLM lays them out, and its weight loaders."""
+
+    def __init__(self, dtype=torch.bfloat16):
+        self.params = {}
+        for f in range(2):
+            self.params[f"l{f}.w13"] = torch.zeros(E, 2 * I, H, dtype=dtype)
+            self.params[f"l{f}.w2"] = torch.zeros(E, H, I, dtype=dtype)
+            self.params[f"l{f}.qk"] = torch.zeros(H + H // 2, H, dtype=dtype)
+            self.params[f"l{f}.norm"] = torch.zeros(H, dtype=dtype)
+            self.params[f"l{f}.scale"] = torch.zeros((), dtype=dtype)
+            # Stored transposed: the loader copies into a transposed view.
+            self.params[f"l{f}.down_t"] = torch.zeros(E, I, H, dtype=dtype)
+
+    def load_weights(self, weights):
+        loaded = set()
+        for name, w in weights:
+            layer, rest = name.split(".", 1)
+            if rest.startswith("experts."):
+                _, e, proj, _ = rest.split(".")
+                e = int(e)
+                if proj == "down":
+                    self.params[f"{layer}.w2"].data[e].copy_(w)
+                    # A second use of the same tensor: into a transposed view.
+                    self.params[f"{layer}.down_t"].data[e].t().copy_(w)
+                else:
+                    shard = 0 if proj == "gate" else 1
+                    expert = self.params[f"{layer}.w13"].data[e]
+                    expert.narrow(0, shard * I, I).copy_(w.narrow(0, 0, I))
+                loaded.add(f"{layer}.w13")
+            elif rest == "q.weight":
+                self.params[f"{layer}.qk"].data[:H].copy_(w)
+            elif rest == "k.weight":
+                self.params[f"{layer}.qk"].data[H:].copy_(w)
+            elif rest == "norm.weight":
+                # Arithmetic on the checkpoint tensor: not a placement.
+                self.params[f"{layer}.norm"].data.copy_(w + 1)
+            elif rest == "scale":
+                self.params[f"{layer}.scale"].data.copy_(w)
+            loaded.add(name)
+        return loaded
+
+
+def real_weights(files):
+    from safetensors.torch import load_file
+
+    for path in files:
+        yield from load_file(path).items()
+
+
+def placed_weights(files, source):
+    for path in files:
+        yield from source.tensors(path, source.names(path))
+        source.file_done(path)
+    source.finish()
+
+
+def open_handle(path):
+    return _handle.open_handle(path)
+
+
+@pytest.mark.parametrize("pool", [False, True])
+def test_recorded_placements_equal_the_loaders_run_on_real_tensors(tmp_path, pool):
+    from concurrent.futures import ThreadPoolExecutor
+
+    files = checkpoint(tmp_path)
+    want = Model()
+    want.load_weights(real_weights(files))
+    got = Model()
+    with ThreadPoolExecutor(2) as ex:
+        source = _vllm_place.Source(files, open_handle, pool=ex if pool else None)
+        loaded = got.load_weights(placed_weights(files, source))
+    assert loaded == want.load_weights(real_weights(files))
+    for name, p in want.params.items():
+        assert torch.equal(got.params[name], p), name
+    # Every expert projection (and q, k, the scalar) placed; the copies into transposed views
+    # (rows written across) and the norms (arithmetic) went the default way.
+    assert source.placed == 2 * (E * 3 + 3)
+    downs = [f"l{f}.experts.{e}.down.weight" for f in range(2) for e in range(E)]
+    assert sorted(source.defaults) == sorted(downs + ["l0.norm.weight", "l1.norm.weight"])
+
+
+def test_dtype_conversions_are_placed(tmp_path):
+    files = checkpoint(tmp_path, dtype=torch.float32)
+    want, got = Model(torch.bfloat16), Model(torch.bfloat16)
+
+    def converted(weights):
+        for name, w in weights:
+            yield name, w.to(torch.bfloat16)
+
+    want.load_weights(converted(real_weights(files)))
+    source = _vllm_place.Source(files, open_handle)
+    got.load_weights(converted(placed_weights(files, source)))
+    for name, p in want.params.items():
+        assert torch.equal(got.params[name], p), name
+    assert source.placed == 2 * (E * 3 + 3)
+
+
+def test_a_view_that_is_not_a_block_goes_the_default_way(tmp_path):
+    files = checkpoint(tmp_path)
+    source = _vllm_place.Source(files, open_handle)
+    dest = torch.zeros(E, I // 2, H, dtype=torch.bfloat16)
+    names = iter(placed_weights(files, source))
+    for name, w in names:
+        if name.endswith(".gate.weight") and name.startswith("l0."):
+            e = int(name.split(".")[2])
+            dest[e].copy_(w[::2])  # a stepped slice: not a block
+    from safetensors.torch import load_file
+
+    real = load_file(files[0])
+    for e in range(E):
+        assert torch.equal(dest[e], real[f"l0.experts.{e}.gate.weight"][::2])
+    assert source.placed == 0 and len(source.defaults) == E
+
+
+def test_a_truncated_file_fails_naming_it(tmp_path):
+    files = checkpoint(tmp_path)
+    with open(files[1], "r+b") as f:
+        f.truncate(f.seek(0, 2) - 100)
+    source = _vllm_place.Source(files, open_handle)
+    with pytest.raises(Exception, match="model-1.safetensors"):
+        Model().load_weights(placed_weights(files, source))
