@@ -494,6 +494,34 @@ impl PyCheckpoint {
             .collect()
     }
 
+    /// `(name, dtype code, shape, shard, start)` of every tensor, in file order: `shard` the
+    /// position of its file among the checkpoint's, `start` the byte offset of its data in
+    /// that file (for callers that map the files themselves and must tell which tensor a
+    /// pointer into the mapping belongs to).
+    #[allow(clippy::type_complexity)]
+    fn spans(&self) -> Vec<(&str, &'static str, Vec<usize>, usize, u64)> {
+        let at: HashMap<*const weightlift::Shard, usize> = self
+            .ckpt
+            .shards()
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s as *const _, i))
+            .collect();
+        self.ckpt
+            .tensors()
+            .map(|(shard, t)| {
+                let at = at.get(&(shard as *const _)).copied().unwrap_or(0);
+                (
+                    t.name.as_str(),
+                    t.dtype.name(),
+                    t.shape.clone(),
+                    at,
+                    shard.header().data_start() + t.data_offsets.0,
+                )
+            })
+            .collect()
+    }
+
     /// Number of tensors.
     fn __len__(&self) -> usize {
         self.ckpt.len()

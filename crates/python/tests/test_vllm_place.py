@@ -1,7 +1,8 @@
 """Placement by recording (``weightlift._vllm_place``), without vLLM: weight loaders written as
 vLLM's are (views of the parameter and of the checkpoint tensor, then ``copy_``) are handed
-placeholders, and the parameters must end byte-identical to the same loaders run on real
-tensors; what is not a view or a copy goes the default way and still loads correctly."""
+views of unread mappings of the files, their copies recorded and carried out by file loads,
+and the parameters must end byte-identical to the same loaders run on tensors read by
+safetensors; copies that are not placements go the default way and still load correctly."""
 
 import pytest
 
@@ -82,10 +83,7 @@ def real_weights(files):
 
 
 def placed_weights(files, source):
-    for path in files:
-        yield from source.tensors(path, source.names(path))
-        source.file_done(path)
-    source.finish()
+    yield from source.weights(files)
 
 
 def open_handle(path):
@@ -101,7 +99,7 @@ def test_recorded_placements_equal_the_loaders_run_on_real_tensors(tmp_path, poo
     want.load_weights(real_weights(files))
     got = Model()
     with ThreadPoolExecutor(2) as ex:
-        source = _vllm_place.Source(files, open_handle, pool=ex if pool else None)
+        source = _vllm_place.Source(open_handle, pool=ex if pool else None)
         loaded = got.load_weights(placed_weights(files, source))
     assert loaded == want.load_weights(real_weights(files))
     for name, p in want.params.items():
@@ -113,25 +111,36 @@ def test_recorded_placements_equal_the_loaders_run_on_real_tensors(tmp_path, poo
     assert sorted(source.defaults) == sorted(downs + ["l0.norm.weight", "l1.norm.weight"])
 
 
-def test_dtype_conversions_are_placed(tmp_path):
+def test_copies_across_dtypes_are_placed_and_conversions_go_the_default_way(tmp_path):
     files = checkpoint(tmp_path, dtype=torch.float32)
-    want, got = Model(torch.bfloat16), Model(torch.bfloat16)
+    want = Model(torch.bfloat16)
+    want.load_weights(real_weights(files))
+    got = Model(torch.bfloat16)
+    source = _vllm_place.Source(open_handle)
+    # copy_ from float32 into bfloat16 parameters: placed, converted by the file load.
+    got.load_weights(placed_weights(files, source))
+    for name, p in want.params.items():
+        assert torch.equal(got.params[name], p), name
+    assert source.placed == 2 * (E * 3 + 3)
 
     def converted(weights):
         for name, w in weights:
             yield name, w.to(torch.bfloat16)
 
+    # `.to()` first (a tensor the loader computed): the default way, the same bytes.
+    want = Model(torch.bfloat16)
     want.load_weights(converted(real_weights(files)))
-    source = _vllm_place.Source(files, open_handle)
+    got = Model(torch.bfloat16)
+    source = _vllm_place.Source(open_handle)
     got.load_weights(converted(placed_weights(files, source)))
     for name, p in want.params.items():
         assert torch.equal(got.params[name], p), name
-    assert source.placed == 2 * (E * 3 + 3)
+    assert source.placed == 0 and len(source.defaults) == 2 * (E * 3 + 4)
 
 
 def test_a_view_that_is_not_a_block_goes_the_default_way(tmp_path):
     files = checkpoint(tmp_path)
-    source = _vllm_place.Source(files, open_handle)
+    source = _vllm_place.Source(open_handle)
     dest = torch.zeros(E, I // 2, H, dtype=torch.bfloat16)
     names = iter(placed_weights(files, source))
     for name, w in names:
@@ -150,6 +159,6 @@ def test_a_truncated_file_fails_naming_it(tmp_path):
     files = checkpoint(tmp_path)
     with open(files[1], "r+b") as f:
         f.truncate(f.seek(0, 2) - 100)
-    source = _vllm_place.Source(files, open_handle)
-    with pytest.raises(Exception, match="model-1.safetensors"):
+    source = _vllm_place.Source(open_handle)
+    with pytest.raises(Exception, match="model-1.safetensors.*truncated"):
         Model().load_weights(placed_weights(files, source))

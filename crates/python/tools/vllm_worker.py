@@ -109,7 +109,7 @@ def test_hooks():
         record = _vllm_place.Source.record
 
         def record_unless_forced(self, dest, src):
-            return forced not in src.wl_name and record(self, dest, src)
+            return forced not in (self._current or "") and record(self, dest, src)
 
         _vllm_place.Source.record = record_unless_forced
 

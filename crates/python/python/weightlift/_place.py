@@ -11,7 +11,7 @@ from ._native import InvalidPlacement, SafetensorError
 _CODES = {name: code for code, name in _arrays.TORCH_DTYPES.items()}
 
 
-def _code(dtype):
+def code(dtype):
     code = _CODES.get(str(dtype).removeprefix("torch."))
     if code is None:
         raise SafetensorError(f"{dtype} has no safetensors dtype")
@@ -78,7 +78,7 @@ class _Bases:
                 storage.data_ptr(),
                 storage.nbytes(),
                 base.element_size(),
-                _code(base.dtype),
+                code(base.dtype),
                 str(base.device),
             )
         return found[1:]

@@ -3,311 +3,364 @@
 vLLM's ``model.load_weights`` hands every checkpoint tensor to its parameter's
 ``weight_loader``, which takes views of it and of the parameter (an expert's row of a fused
 tensor, a shard of fused qkv or gate/up, a tensor-parallel slice) and copies one into the
-other. Here the loaders are given placeholders instead of tensors: each carries the checkpoint
-tensor's name, dtype and shape, and the view taken of it, and no bytes. A view of a placeholder
-is a placeholder; ``copy_`` of a placeholder into a view of a parameter is recorded as a
-placement (the parameter's memory, offset and strides; the block of the tensor) instead of
-copied. Once a file's tensors have all been handed over, one planned load of that file
-(``load_into``: coalesced reads, in parallel, converting dtypes on the way) fills every recorded
-destination, while vLLM goes on with the next file's placeholders; the iterator's last step
-waits for every file.
+other. Here the loaders are handed views of private mappings of the files that nothing reads
+(no page is faulted in), and while they run ``Tensor.copy_`` (on the loading thread only) is
+recorded instead of made where its source is such a view: the parameter's memory, offset and
+strides, and the block of the checkpoint tensor the view covers (found from the pointer).
+Once a file's tensors have all been handed over, one planned load of that file
+(``load_into``: coalesced reads, in parallel, without the GIL) fills every destination
+recorded for it, while vLLM goes on with the next file; the iterator's last step waits for
+every file.
 
-Anything a weight loader does with a placeholder that is not a view or a copy into a parameter
-(arithmetic, concatenation, a transpose made contiguous, a look at the values) reads that
-tensor from the file there and then and carries on with real tensors: that use goes the default
-way (one DEBUG line names the tensor and the operation). Placements recorded so far are carried
-out first, so that the parameters see their writes in the order the loaders made them. No
-weight-loader logic is written here: whatever vLLM's loaders do is what gets recorded, so new
-model classes and vLLM releases need nothing here.
+A copy that cannot be a placement (its source computed by the loader: arithmetic, a
+conversion, a concatenation; a view that is not a block of the tensor; a destination written
+across its rows) is made as vLLM makes it, reading through the mapping, after the placements
+recorded so far are carried out (so that parameters see writes in the order the loaders made
+them); one DEBUG line names the tensor vLLM was handed last. Whatever else a loader does with a
+tensor reads it through the mapping: the default way. No weight-loader logic is written here:
+whatever vLLM's loaders do is what gets recorded, so new model classes and vLLM releases need
+nothing here.
 """
 
+import bisect
 import logging
+import mmap
 import threading
 
 import torch
-from torch.utils._pytree import tree_map
 
-from . import _args, _arrays, _place
+from . import _arrays, _native, _place
+from ._native import InvalidPlacement, SafetensorError
 
 _LOG = logging.getLogger("weightlift.vllm")
 
-aten = torch.ops.aten
-
-# Operations that make a view of their first argument: on a placeholder, another placeholder
-# (the view's offset, shape and strides computed on a meta tensor).
-_VIEWS = {
-    aten.view.default,
-    aten._unsafe_view.default,
-    aten.slice.Tensor,
-    aten.select.int,
-    aten.narrow.default,
-    aten.t.default,
-    aten.transpose.int,
-    aten.permute.default,
-    aten.unsqueeze.default,
-    aten.squeeze.default,
-    aten.squeeze.dim,
-    aten.squeeze.dims,
-    aten.alias.default,
-    aten.detach.default,
-    aten.as_strided.default,
-    aten.expand.default,
-    aten.unflatten.int,
-    aten.flatten.using_ints,
-    # Several views at once.
-    aten.unbind.int,
-    aten.split.Tensor,
-    aten.split_with_sizes.default,
-}
+_COPY = torch.Tensor.copy_
+# The recording on each thread that loads (a thread's `Source`), and the patch's users.
+_RECORDING = threading.local()
+_PATCH_LOCK = threading.Lock()
+_PATCH_USERS = 0
 
 
-class Placeholder(torch.Tensor):
-    """A view of a checkpoint tensor not read yet: ``name`` in the file ``source``, of dtype
-    ``base_dtype`` and shape ``base_shape``, seen as ``meta`` (a meta tensor with the view's
-    offset, shape and strides over the tensor's contiguous elements) and as ``dtype`` (the
-    checkpoint's, or another where a loader converted it: the file load converts once, to the
-    parameter's dtype)."""
+def _copy_(self, src, non_blocking=False):
+    source = getattr(_RECORDING, "source", None)
+    if source is not None:
+        if source.record(self, src):
+            return self
+        source.before_default_copy(self, src)
+    return _COPY(self, src, non_blocking)
 
-    @staticmethod
-    def __new__(cls, source, name, meta, dtype):
-        t = torch.Tensor._make_wrapper_subclass(
-            cls,
-            meta.shape,
-            strides=meta.stride(),
-            storage_offset=meta.storage_offset(),
-            dtype=dtype,
-            device=torch.device("cpu"),
-            requires_grad=False,
+
+def _install():
+    global _PATCH_USERS
+    with _PATCH_LOCK:
+        _PATCH_USERS += 1
+        torch.Tensor.copy_ = _copy_
+
+
+def _uninstall():
+    global _PATCH_USERS
+    with _PATCH_LOCK:
+        _PATCH_USERS -= 1
+        if _PATCH_USERS == 0:
+            torch.Tensor.copy_ = _COPY
+
+
+def box(offset, shape, strides, base_shape):
+    """Where a view of a contiguous tensor of `base_shape` lies in it, the view given by its
+    element `offset`, `shape` and `strides`: the index (a slice or an integer per dimension of
+    the tensor, as ``get_slice`` takes it) and, for each dimension the index keeps, which
+    dimension of the view it is; None where the view is not a block of the tensor, possibly
+    permuted (a stepped slice, an expanded dimension)."""
+    base_strides = [1] * len(base_shape)
+    for i in range(len(base_shape) - 2, -1, -1):
+        base_strides[i] = base_strides[i + 1] * base_shape[i + 1]
+    taken = {}
+    for d, (size, stride) in enumerate(zip(shape, strides)):
+        if size == 1:
+            continue
+        b = next(
+            (b for b in range(len(base_shape))
+             if b not in taken and base_strides[b] == stride and base_shape[b] >= size
+             and base_shape[b] > 1),
+            None,
         )
-        t.wl_source, t.wl_name, t.wl_meta = source, name, meta
-        return t
-
-    __torch_function__ = torch._C._disabled_torch_function_impl
-
-    def __repr__(self):
-        return f"Placeholder({self.wl_name!r}, shape={list(self.shape)}, dtype={self.dtype})"
-
-    @classmethod
-    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        first = args[0] if args else None
-        if func in _VIEWS and isinstance(first, Placeholder):
-            meta = func(first.wl_meta, *args[1:], **kwargs)
-            if isinstance(meta, (list, tuple)):
-                return type(meta)(
-                    Placeholder(first.wl_source, first.wl_name, m, first.dtype) for m in meta
-                )
-            return Placeholder(first.wl_source, first.wl_name, meta, first.dtype)
-        if func is aten._to_copy.default and isinstance(first, Placeholder):
-            # A conversion alone (`.to(dtype)`, same device and layout): the placement
-            # converts instead.
-            keys = set(kwargs) - {"dtype", "device", "layout", "non_blocking", "memory_format"}
-            device = kwargs.get("device")
-            if not keys and (device is None or torch.device(device).type == "cpu"):
-                dtype = kwargs.get("dtype") or first.dtype
-                if first.dtype == first.wl_source.dtype(first.wl_name):
-                    return Placeholder(first.wl_source, first.wl_name, first.wl_meta, dtype)
-        if func is aten.copy_.default and isinstance(args[1], Placeholder):
-            dest, src = args[0], args[1]
-            if not isinstance(dest, Placeholder) and src.wl_source.record(dest, src):
-                return dest
-        return first_real(func, args, kwargs)
-
-
-def first_real(func, args, kwargs):
-    """`func` run on real tensors: every placeholder among its arguments read from its file
-    (its source's earlier placements carried out first)."""
-    found = []
-
-    def real(x):
-        if isinstance(x, Placeholder):
-            found.append(x)
-            return x.wl_source.read(x)
-        return x
-
-    args, kwargs = tree_map(real, (args, kwargs))
-    for p in found:
-        p.wl_source.note_default(p.wl_name, func)
-    return func(*args, **kwargs)
-
-
-class _Box:
-    """Where a placeholder's view lies in its tensor: the index (slices and integers, one per
-    dimension of the tensor, as ``get_slice`` takes it) and, for each dimension of the view
-    that the index keeps, which one of the view's dimensions it is; None where the view is not
-    a box of the tensor, possibly permuted (a stepped slice, an expanded dimension)."""
-
-    @staticmethod
-    def of(meta, shape):
-        strides = [1] * len(shape)
-        for i in range(len(shape) - 2, -1, -1):
-            strides[i] = strides[i + 1] * shape[i + 1]
-        taken = {}
-        for d, (size, stride) in enumerate(zip(meta.shape, meta.stride())):
-            if size == 1:
-                continue
-            b = next(
-                (b for b in range(len(shape))
-                 if b not in taken and strides[b] == stride and shape[b] >= size and shape[b] > 1),
-                None,
-            )
-            if b is None:
-                return None
-            taken[b] = d
-        offset, index, order = meta.storage_offset(), [], []
-        for b in range(len(shape)):
-            start, offset = divmod(offset, strides[b]) if strides[b] else (0, offset)
-            if b in taken:
-                stop = start + meta.shape[taken[b]]
-                if stop > shape[b]:
-                    return None
-                index.append(slice(start, stop))
-                order.append(taken[b])
-            else:
-                if start >= max(shape[b], 1):
-                    return None
-                index.append(start)
-        if offset:
+        if b is None:
             return None
-        return tuple(index), order
+        taken[b] = d
+    index, order = [], []
+    for b in range(len(base_shape)):
+        start, offset = divmod(offset, base_strides[b])
+        if b in taken:
+            stop = start + shape[taken[b]]
+            if stop > base_shape[b]:
+                return None
+            index.append(slice(start, stop))
+            order.append(taken[b])
+        else:
+            if start >= max(base_shape[b], 1):
+                return None
+            index.append(start)
+    if offset:
+        return None
+    return index, order
+
+
+class _File:
+    """One checkpoint file: a private mapping of it that nothing reads unless a loader looks at
+    values, a view per tensor, the tensors' byte starts (to tell which tensor a pointer into
+    the mapping is in), and the placements recorded into it so far."""
+
+    def __init__(self, path, handle):
+        self.path, self.handle = path, handle
+        with open(path, "rb") as f:
+            size = f.seek(0, 2)
+            self.map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size else None
+        self.base = torch.frombuffer(self.map, dtype=torch.uint8) if size else torch.empty(0)
+        self.ptr = self.base.data_ptr()
+        self.end = self.ptr + size
+        self.typed = {}
+        self.names, self.starts, self.meta = [], [], []
+        for name, code, shape, _, start in handle.spans():
+            dtype = _arrays.torch_dtype(code)
+            count = 1
+            for d in shape:
+                count *= d
+            nbytes = count * dtype.itemsize
+            if start + nbytes > size:
+                raise SafetensorError(
+                    f"{path}: tensor {name!r} ends at byte {start + nbytes} of a file of {size} "
+                    "bytes: the file is truncated"
+                )
+            self.names.append(name)
+            self.starts.append(start)
+            self.meta.append((name, dtype, list(shape), start))
+        self.fills, self.dests, self.dest_at, self.pairs = [], [], {}, []
+
+    def view(self, i):
+        """Tensor `i` (in file order) as a view of the mapping (a copy where it is not aligned
+        to its element size in the file, which is never placed)."""
+        _, dtype, shape, start = self.meta[i]
+        size = dtype.itemsize
+        if start % size:
+            count = 1
+            for d in shape:
+                count *= d
+            return self.base[start : start + count * size].clone().view(dtype).view(shape)
+        typed = self.typed.get(dtype)
+        if typed is None:
+            n = self.base.numel()
+            typed = self.typed[dtype] = self.base[: n - n % size].view(dtype)
+        strides, step = [], 1
+        for d in reversed(shape):
+            strides.append(step)
+            step *= d
+        return typed.as_strided(shape, strides[::-1], start // size)
+
+    def find(self, byte):
+        """The tensor (name, dtype, shape, start) whose data holds file offset `byte`."""
+        i = bisect.bisect_right(self.starts, byte) - 1
+        return self.meta[i] if i >= 0 else None
+
+    def take(self):
+        """The placements recorded so far, handed over (the file starts recording anew)."""
+        out = (self.fills, self.dests, self.pairs)
+        self.fills, self.dests, self.dest_at, self.pairs = [], [], {}, []
+        return out
 
 
 class Source:
-    """The checkpoint files behind one vLLM load: placeholders for their tensors, the
+    """The checkpoint files behind one vLLM load: views of them for vLLM's weight loaders, the
     placements recorded per file, the file loads that carry them out (in the background, a
-    file as soon as vLLM has been handed all of its tensors), and the real reads of tensors
-    that go the default way."""
+    file as soon as vLLM has been handed all of its tensors), and the copies that go the
+    default way. `open_handle(path)` opens a file's native checkpoint."""
 
-    def __init__(self, files, open_handle, threads=None, pool=None):
+    def __init__(self, open_handle, threads=None, pool=None):
         self._open_handle = open_handle
-        self._handles = {}
-        self._info = {}
-        self._file_of = {}
-        self._pending = {}
-        self._running = []
-        self._pool = pool
         self._threads = threads
-        self._lock = threading.Lock()
+        self._pool = pool
+        self._files = {}
+        # The mappings' address ranges, sorted: (start, end, file).
+        self._ranges = []
+        self._running = []
+        self._current = None
         self.placed = 0
         self.defaults = {}
-        self.files = list(files)
 
-    # -- the tensors handed to vLLM
+    def weights(self, files, skip=None):
+        """(name, tensor) of every tensor of `files`, file by file in file order, `skip(name)`
+        left out; the copies vLLM makes from them are recorded while it iterates, and carried
+        out file by file; the last step waits for every file."""
+        _install()
+        _RECORDING.source = self
+        done = False
+        try:
+            for path in files:
+                f = self._file(path)
+                for i, name in enumerate(f.names):
+                    if skip is not None and skip(name):
+                        continue
+                    self._current = name
+                    yield name, f.view(i)
+                self.file_done(path)
+            self.finish()
+            done = True
+        finally:
+            _RECORDING.source = None
+            _uninstall()
+            if not done:
+                self.abandon()
 
-    def names(self, path):
-        """The tensors of the file `path`, in file order."""
-        return self._handle(path).offset_keys()
+    def _file(self, path):
+        f = self._files.get(path)
+        if f is None:
+            f = self._files[path] = _File(path, self._open_handle(path))
+            if f.end > f.ptr:
+                bisect.insort(self._ranges, (f.ptr, f.end, id(f), f))
+        return f
 
-    def tensors(self, path, names):
-        """(name, placeholder) for `names` of the file `path`, in file order."""
-        handle = self._handle(path)
-        for name in names:
-            code, shape = handle.info(name)
-            dtype = _arrays.torch_dtype(code)
-            self._info[name] = (dtype, list(shape))
-            self._file_of[name] = path
-            meta = torch.empty(shape, dtype=dtype, device="meta")
-            yield name, Placeholder(self, name, meta, dtype)
-
-    def dtype(self, name):
-        return self._info[name][0]
-
-    def _handle(self, path):
-        h = self._handles.get(path)
-        if h is None:
-            h = self._handles[path] = self._open_handle(path)
-        return h
+    def _mapped(self, ptr):
+        """The file whose mapping holds address `ptr`, or None."""
+        i = bisect.bisect_right(self._ranges, (ptr, float("inf"))) - 1
+        if i >= 0:
+            start, end, _, f = self._ranges[i]
+            if start <= ptr < end:
+                return f
+        return None
 
     # -- recording
 
     def record(self, dest, src):
-        """Records ``dest.copy_(src)`` as a placement of `src`'s block into `dest`; False
-        where it cannot be one (the copy then goes the default way)."""
-        if dest.shape != src.shape or dest.is_complex() or dest.device.type != "cpu":
+        """Records ``dest.copy_(src)`` as a placement where `src` is a view of a mapped file;
+        False where it cannot be one (the copy then goes the default way)."""
+        if not isinstance(src, torch.Tensor) or src.device.type != "cpu":
             return False
-        if src.dtype != self.dtype(src.wl_name) and src.dtype != dest.dtype:
-            return False  # converted twice: leave it to torch
+        f = self._mapped(src.data_ptr())
+        if f is None:
+            return False
+        if dest.shape != src.shape or dest.device.type != "cpu" or dest.is_complex():
+            return False
         if dest.numel() == 0:
             return True
-        dtype, shape = self._info[src.wl_name]
-        box = _Box.of(src.wl_meta, shape)
-        if box is None:
+        byte = src.data_ptr() - f.ptr
+        found = f.find(byte)
+        if found is None:
             return False
-        index, order = box
-        if all(isinstance(i, slice) and i.start == 0 and i.stop == n for i, n in zip(index, shape)):
-            index = None  # the whole tensor
-        # The destination seen in the tensor's dimension order (the view's size-1 dimensions,
-        # which address nothing, left out).
-        shape = [dest.shape[d] for d in order]
-        strides = [dest.stride(d) for d in order]
-        if shape and shape[-1] > 1 and strides[-1] != 1:
-            return False  # rows written across (a transposed copy): not a file load's
-        block = _place.Block(dest, dest.storage_offset(), shape, strides)
-        path = self._file_of[src.wl_name]
-        self._pending.setdefault(path, []).append((src.wl_name, index, block))
+        name, dtype, shape, start = found
+        if src.dtype != dtype:
+            return False
+        if byte == start and list(src.shape) == shape and src.is_contiguous():
+            # The whole tensor (the common case: an expert, a norm, a q projection).
+            if shape and shape[-1] > 1 and dest.stride(-1) != 1:
+                return False
+            ranges, block, strides = None, shape, list(dest.stride())
+        else:
+            where = self._block(byte - start, src, shape, dest)
+            if where is None:
+                return False
+            ranges, block, strides = where
+        key = dest.untyped_storage().data_ptr()
+        at = f.dest_at.get(key)
+        if at is None:
+            at = f.dest_at[key] = len(f.dests)
+            f.dests.append(dest)
+        f.fills.append(
+            _native.Fill(
+                name,
+                at,
+                dest.storage_offset() * dest.element_size(),
+                block=ranges,
+                shape=block,
+                strides=strides,
+                dtype=None if dest.dtype == dtype else _place.code(dest.dtype),
+            )
+        )
+        f.pairs.append((dest, src))
         self.placed += 1
         return True
 
+    @staticmethod
+    def _block(byte, src, shape, dest):
+        """The part of a tensor of `shape` that `src` (a view of it starting `byte` bytes into
+        it) covers, as a fill takes it: ``(ranges, block, strides)``, the destination's
+        strides in the tensor's dimension order (0 where the index is an integer); None where
+        it is not a block, or the destination is written across its rows."""
+        where = box(byte // src.element_size(), src.shape, src.stride(), shape)
+        if where is None:
+            return None
+        index, order = where
+        kept = [dest.shape[d] for d in order]
+        kept_strides = [dest.stride(d) for d in order]
+        if kept and kept[-1] > 1 and kept_strides[-1] != 1:
+            return None  # rows written across (a transposed copy): not a file load's
+        ranges, block, strides, it = [], [], [], iter(zip(kept, kept_strides))
+        for i in index:
+            if isinstance(i, slice):
+                size, stride = next(it)
+                ranges.append((i.start, i.stop))
+                block.append(size)
+                strides.append(stride)
+            else:
+                ranges.append((i, i + 1))
+                block.append(1)
+                strides.append(0)
+        return ranges, block, strides
+
+    def before_default_copy(self, dest, src):
+        """A copy made the default way is about to run: what was recorded before it is
+        carried out first."""
+        name = self._current
+        if name is not None and name not in self.defaults:
+            self.defaults[name] = True
+            _LOG.debug("weightlift: %s goes vLLM's default way (a copy that is not a placement)", name)
+        if any(f.fills for f in self._files.values()):
+            for path in list(self._files):
+                self.file_done(path)
+        self.wait()
+
     def file_done(self, path):
         """Every tensor of `path` was handed over: its placements start loading."""
-        placements = self._pending.pop(path, None)
-        if placements:
-            self._start(path, placements)
-
-    def _start(self, path, placements):
-        handle = self._handle(path)
+        f = self._files.get(path)
+        if f is None or not f.fills:
+            return
+        fills, dests, pairs = f.take()
         if self._pool is None:
-            self._load(handle, placements)
+            _load(f.handle, fills, dests, pairs, self._threads)
         else:
-            self._running.append(self._pool.submit(self._load, handle, placements))
+            self._running.append(
+                self._pool.submit(_load, f.handle, fills, dests, pairs, self._threads)
+            )
 
-    def _load(self, handle, placements):
-        try:
-            _place.fill(handle, placements, threads=self._threads)
-        except _place.InvalidPlacement as e:
-            # Placements one planned load refuses (two writing the same bytes, as a loader
-            # that writes a region twice would): made one by one, in the loaders' order.
-            _LOG.debug("weightlift: placements copied one by one: %s", e)
-            for name, index, block in placements:
-                memory, entry = handle.get(name, None, layout=_args.layout("pt"))
-                whole = _arrays.torch_groups([(memory, [entry])], {})[name]
-                src = whole if index is None else whole[index]
-                dest = block.base.as_strided(block.shape, block.strides, block.offset)
-                dest.copy_(src)
+    def wait(self):
+        running, self._running = self._running, []
+        for r in running:
+            r.result()
 
     def finish(self):
         """Carries out every placement recorded, and waits for them."""
-        for path in list(self._pending):
+        for path in list(self._files):
             self.file_done(path)
-        running, self._running = self._running, []
-        for f in running:
-            f.result()
+        self.wait()
 
     def abandon(self):
         """Waits for the file loads running (they write into parameters), their errors
         dropped: for a load that stops early, whose own error is the one to report."""
-        running, self._running, self._pending = self._running, [], {}
-        for f in running:
+        for f in self._files.values():
+            f.take()
+        running, self._running = self._running, []
+        for r in running:
             try:
-                f.result()
+                r.result()
             except Exception:  # noqa: BLE001 (the caller's error is the one reported)
                 pass
 
-    # -- the default way
 
-    def read(self, p):
-        """The real tensor behind placeholder `p` (its view, in its dtype), read now, after
-        every placement recorded so far is carried out."""
-        self.finish()
-        handle = self._handle(self._file_of[p.wl_name])
-        memory, entry = handle.get(p.wl_name, None, layout=_args.layout("pt"))
-        whole = _arrays.torch_groups([(memory, [entry])], {})[p.wl_name].contiguous()
-        out = whole.as_strided(
-            p.wl_meta.shape, p.wl_meta.stride(), whole.storage_offset() + p.wl_meta.storage_offset()
-        )
-        return out.to(p.dtype) if p.dtype != whole.dtype else out
-
-    def note_default(self, name, func):
-        if name not in self.defaults:
-            self.defaults[name] = str(func)
-            _LOG.debug("weightlift: %s goes vLLM's default way (%s on it)", name, func)
+def _load(handle, fills, dests, pairs, threads):
+    """One file's placements, in one planned load; where that load refuses them (two writing
+    the same bytes, as a loader that writes a region twice would), made one by one in the
+    loaders' order, reading through the mapping."""
+    try:
+        handle.load_into(fills, dests, threads=threads)
+    except InvalidPlacement as e:
+        _LOG.debug("weightlift: placements copied one by one: %s", e)
+        for dest, src in pairs:
+            _COPY(dest, src)

@@ -198,9 +198,10 @@ def _skip(local_expert_ids):
 
 
 def place(files, options, local_expert_ids=None):
-    """(name, placeholder) of every tensor of `files`, file by file in file order, for vLLM's
-    weight loaders to place (see ``weightlift._vllm_place``): each file's placements load as
-    soon as its last tensor was handed over, in the background; the last step waits for all."""
+    """(name, tensor) of every tensor of `files`, file by file in file order, views of
+    mappings nothing reads, whose copies into vLLM's parameters are placements (see
+    ``weightlift._vllm_place``): each file's placements load as soon as its last tensor was
+    handed over, in the background; the last step waits for all."""
     import logging
     import time
     from concurrent.futures import ThreadPoolExecutor
@@ -222,22 +223,15 @@ def place(files, options, local_expert_ids=None):
             prefetch_window=window,
         )
 
+    # The files' loads run beside vLLM's own Python loop, which keeps a core busy: two files
+    # at a time, sharing the other cores (one thread each on two cores: once the loop is
+    # done, the last files' loads have both).
+    workers = 2
+    threads = options.get("threads") or max(1, ((os.cpu_count() or 2) - 1) // workers)
     start = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        source = _vllm_place.Source(files, open_handle, threads=options.get("threads"), pool=pool)
-        done = False
-        try:
-            for path in files:
-                names = source.names(path)
-                if skip is not None:
-                    names = [n for n in names if not skip(n)]
-                yield from source.tensors(path, names)
-                source.file_done(path)
-            source.finish()
-            done = True
-        finally:
-            if not done:
-                source.abandon()
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        source = _vllm_place.Source(open_handle, threads=threads, pool=pool)
+        yield from source.weights(files, skip)
     logging.getLogger("weightlift.vllm").info(
         "weightlift: %d copies into vLLM's parameters placed straight from %d files, "
         "%d tensors went vLLM's default way, in %.3f s",
