@@ -194,6 +194,11 @@ class Source:
         _RECORDING.source = self
         done = False
         try:
+            # The files start coming into the page cache now, in the background and within the
+            # prefetch window, while vLLM's loop works through the first ones: on cold storage
+            # the reads would otherwise start only as each file's placements are complete.
+            for path in files:
+                self._file(path).handle.warm()
             for path in files:
                 f = self._file(path)
                 for i, name in enumerate(f.names):

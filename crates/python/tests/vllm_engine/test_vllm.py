@@ -198,6 +198,28 @@ def test_a_broken_checkpoint_fails_engine_start_with_weightlifts_error(models, t
     assert any(w in ours["error"] or w in ours["log"] for w in words), ours["error"]
 
 
+def test_a_missing_expert_goes_as_it_goes_with_the_default_loader(models, tmp_path):
+    """A checkpoint that lacks one expert's projection goes as it goes with the default loader:
+    vLLM 0.32's weight tracking counts fused parameters, not experts, so both engines start (the
+    expert's rows left as allocated); a vLLM that refuses it refuses it with both, saying the
+    same."""
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path / "missing-expert"
+    shutil.copytree(models["moe"], path)
+    gone = "model.layers.1.mlp.experts.3.up_proj.weight"
+    with open(path / "model.safetensors.index.json") as f:
+        index = json.load(f)
+    shard = path / index["weight_map"].pop(gone)
+    tensors = load_file(str(shard))
+    del tensors[gone]
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    with open(path / "model.safetensors.index.json", "w") as f:
+        json.dump(index, f)
+    auto, ours = engine([(str(path), "auto"), (str(path), "weightlift")])
+    assert ours.get("error") == auto.get("error"), (auto.get("error"), ours.get("error"))
+
+
 def test_a_vllm_without_an_internal_the_loader_uses_says_which(monkeypatch):
     """Registered on a vLLM that lacks an internal the loader relies on, the loader fails
     when asked for, naming the internal, rather than loading wrongly or not at all."""
