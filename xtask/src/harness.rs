@@ -2,9 +2,9 @@
 //! fresh child processes (one, or the ranks of a world started together) that each print one
 //! JSON [`Sample`]; a cell (profile x cache) runs every contender `reps` times, interleaved,
 //! with one eviction before each cold measurement; the cgroups of a memory limit or a storage
-//! profile wrap the children; the results become [`Record`](crate::record::Record)s.
+//! profile wrap the children; the results become the records of `record.rs`.
 
-use crate::record::Cache;
+use clap::ValueEnum;
 use serde::{Deserialize, Deserializer, Serialize};
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -13,6 +13,34 @@ use std::time::Duration;
 use weightlift_testkit::cgroup::{IoCgroup, IoCount, MemoryCgroup, command_in};
 use weightlift_workload::util::{median, parse_size};
 use weightlift_workload::yardstick::evict;
+
+/// Page-cache state before each measurement.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub(crate) enum Cache {
+    /// The files are in the page cache.
+    Warm,
+    /// Every file evicted (and checked) before each measurement.
+    Cold,
+    /// Cold, read through a FUSE passthrough mount (`bindfs`) standing in for a network
+    /// filesystem: both the mount's and the disk's caches are evicted.
+    ColdFuse,
+    /// Cold, each measurement in a memory cgroup of `--memory-limit` bytes (a host or
+    /// container with less memory than the model): bytes read from storage are reported
+    /// beside the time.
+    ColdLimited,
+}
+
+impl Cache {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Cache::Warm => "warm",
+            Cache::Cold => "cold",
+            Cache::ColdFuse => "cold-fuse",
+            Cache::ColdLimited => "cold-limited",
+        }
+    }
+}
 
 /// One measurement, as every timing child prints it: one JSON object on the last line of its
 /// output that is one. The Rust `bench-one` child and the scripts in `xtask/bench/` print

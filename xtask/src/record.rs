@@ -1,40 +1,12 @@
 //! What a bench run measures and records: the page-cache state of a measurement and one
 //! contender's result, shared by the bench that makes them and the plot that draws them.
 
+pub(crate) use crate::harness::Cache;
 use crate::harness::{Sample, Stats, median_u64};
-use clap::ValueEnum;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use weightlift_testkit::cgroup::IoCount;
 use weightlift_testkit::fuse::Mount;
-
-/// Page-cache state before each measurement.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
-#[serde(rename_all = "kebab-case")]
-pub(crate) enum Cache {
-    /// The files are in the page cache.
-    Warm,
-    /// Every file evicted (and checked) before each measurement.
-    Cold,
-    /// Cold, read through a FUSE passthrough mount (`bindfs`) standing in for a network
-    /// filesystem: both the mount's and the disk's caches are evicted.
-    ColdFuse,
-    /// Cold, each measurement in a memory cgroup of `--memory-limit` bytes (a host or
-    /// container with less memory than the model): bytes read from storage are reported
-    /// beside the time.
-    ColdLimited,
-}
-
-impl Cache {
-    pub(crate) fn name(self) -> &'static str {
-        match self {
-            Cache::Warm => "warm",
-            Cache::Cold => "cold",
-            Cache::ColdFuse => "cold-fuse",
-            Cache::ColdLimited => "cold-limited",
-        }
-    }
-}
 
 /// The FUSE passthrough of `data_dir` that `cold-fuse` reads through (beside it, as
 /// `bench-data-fuse`), mounted when `caches` asks for that state.
