@@ -116,7 +116,10 @@ enum LetGo {
 /// What a populating thread does next.
 enum Next {
     /// Populates these ranges of the job's file (one chunk).
-    Chunk(Arc<Job>, Vec<Range<u64>>),
+    /// `read_first`: whether a mapped file's chunk not in the page cache is read in through
+    /// the shard's source before its mapping is populated (where the checkpoint fits; see
+    /// `populate`).
+    Chunk(Arc<Job>, Vec<Range<u64>>, bool),
     /// Waits for a reader to read (the window is full).
     Wait,
     /// Nothing is left to populate: the thread ends.
@@ -266,6 +269,15 @@ impl State {
                 return Next::Wait;
             }
             entry.next += 1;
+            // On a host short of memory, only what no reader has read yet: the pages of what
+            // they read may be gone already (released past the lag), and reading them again
+            // would read those bytes from storage twice (a populating thread slower than its
+            // readers read 1.16x the checkpoint in a 256 MiB cgroup).
+            let ranges = if fits {
+                vec![range.clone()]
+            } else {
+                unread_runs(&entry.ranges, &entry.consumed, tensors.clone(), &range)
+            };
             for t in tensors {
                 if !entry.consumed[t] {
                     entry.populated[t] += overlap(&entry.ranges[t], &range);
@@ -273,7 +285,7 @@ impl State {
             }
             let job = Arc::clone(&entry.job);
             self.ahead += unread;
-            return Next::Chunk(job, vec![range]);
+            return Next::Chunk(job, ranges, fits);
         }
     }
 }
@@ -291,6 +303,31 @@ pub(crate) fn window() -> &'static Window {
         state: Mutex::new(State::default()),
         wake: Condvar::new(),
     })
+}
+
+/// The parts of `chunk` that hold tensors of `tensors` no reader has read, as runs of
+/// neighbouring ones.
+fn unread_runs(
+    ranges: &[Range<u64>],
+    consumed: &[bool],
+    tensors: Range<usize>,
+    chunk: &Range<u64>,
+) -> Vec<Range<u64>> {
+    let mut out: Vec<Range<u64>> = Vec::new();
+    for t in tensors.filter(|&t| !consumed[t]) {
+        let (start, end) = (
+            ranges[t].start.max(chunk.start),
+            ranges[t].end.min(chunk.end),
+        );
+        if start >= end {
+            continue;
+        }
+        match out.last_mut() {
+            Some(run) if run.end >= start => run.end = run.end.max(end),
+            _ => out.push(start..end),
+        }
+    }
+    out
 }
 
 /// Bytes of a tensor (its file range `tensor`) inside the file range `chunk`.
@@ -399,10 +436,10 @@ impl Window {
         let mut state = self.lock();
         loop {
             match state.next() {
-                Next::Chunk(job, ranges) => {
+                Next::Chunk(job, ranges, read_first) => {
                     drop(state);
                     for range in ranges {
-                        populate(&job, range, &mut buf);
+                        populate(&job, range, read_first, &mut buf);
                     }
                     state = self.lock();
                 }
@@ -445,9 +482,10 @@ fn chunks(ranges: &[Range<u64>], start: u64, end: u64) -> Vec<(Range<u64>, Range
 }
 
 /// Brings `range` of the job's file into memory: the page cache through a read into `buf`
-/// where it is not there, and for a mapped file its mapping's pages. Failures are left to
-/// the readers, which read the bytes themselves and report their own errors.
-fn populate(job: &Job, range: Range<u64>, buf: &mut Vec<u8>) {
+/// where it is not there, and for a mapped file its mapping's pages (read in through the
+/// shard's source first only with `read_first`). Failures are left to the readers, which read
+/// the bytes themselves and report their own errors.
+fn populate(job: &Job, range: Range<u64>, read_first: bool, buf: &mut Vec<u8>) {
     if job.cancelled.load(Ordering::Relaxed) {
         return;
     }
@@ -466,9 +504,14 @@ fn populate(job: &Job, range: Range<u64>, buf: &mut Vec<u8>) {
         // the mapping's readahead state, which readers faulting the same file at the same
         // time share: under a request-counting throttle the disk then saw ~200 KiB requests
         // from a prefetching reader of 8 MiB tensors, against ~1 MiB this way
-        // (`crates/python/tests/test_storage.py`).
+        // (`crates/python/tests/test_storage.py`). Not on a host short of memory: there the
+        // pages read in and not yet mapped were reclaimed before the mapping took them, and
+        // read again (a patched reader in a 256 MiB cgroup read 1.16x the checkpoint,
+        // `crates/python/tests/test_memory.py`), while the mapping's own faults take each
+        // page once.
         Some(memory) => memory.mapping().is_none_or(|m| {
-            (!m.resident(range.start, len) && read(buf)) || m.populate(range.start, len).is_err()
+            (read_first && !m.resident(range.start, len) && read(buf))
+                || m.populate(range.start, len).is_err()
         }),
         None => read(buf),
     };
@@ -536,7 +579,7 @@ mod tests {
     /// The file offset of a chunk handed out, or `None` for a wait, `Some(u64::MAX)` for done.
     fn step(state: &mut State) -> Option<u64> {
         match state.next() {
-            Next::Chunk(_, ranges) => Some(ranges[0].start),
+            Next::Chunk(_, ranges, _) => Some(ranges[0].start),
             Next::Wait => None,
             Next::Done => Some(u64::MAX),
         }
@@ -562,11 +605,11 @@ mod tests {
         }
         assert_eq!(state.ahead, 0);
         // A reader ahead of the window read four tensors of the next chunk: only the rest
-        // of it counts ahead of the readers.
+        // of it counts ahead of the readers, and only the rest is read (the host is short).
         for t in 16..20 {
             state.consumed(1, t);
         }
-        assert_eq!(step(&mut state), Some(base + 16 * mb));
+        assert_eq!(step(&mut state), Some(base + 20 * mb));
         assert_eq!(state.ahead, 12 * mb);
         assert_eq!(step(&mut state), None);
         // Readers skip ahead and read the third chunk's tensors before the second's: the
@@ -580,6 +623,23 @@ mod tests {
         let (_, past, _) = state.forget(1).unwrap();
         assert_eq!(past.iter().map(|r| r.end - r.start).sum::<u64>(), 32 * mb);
         assert_eq!(state.registered, 0);
+    }
+
+    #[test]
+    fn on_a_host_short_of_memory_only_unread_tensors_are_read() {
+        let mb = 1u64 << 20;
+        let ranges: Vec<Range<u64>> = (0..8).map(|t| t * mb..(t + 1) * mb).collect();
+        let mut consumed = vec![false; 8];
+        consumed[0] = true;
+        consumed[3] = true;
+        // The chunk cuts tensors 1 and 6: clipped to it; the read tensors 0 and 3 left out.
+        let chunk = mb / 2..6 * mb + mb / 2;
+        assert_eq!(
+            unread_runs(&ranges, &consumed, 0..7, &chunk),
+            vec![mb..3 * mb, 4 * mb..6 * mb + mb / 2]
+        );
+        consumed.iter_mut().for_each(|c| *c = true);
+        assert!(unread_runs(&ranges, &consumed, 0..7, &chunk).is_empty());
     }
 
     #[test]

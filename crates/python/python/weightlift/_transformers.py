@@ -593,7 +593,7 @@ def _target_dtype(group, code, torch):
     source = torch_dtype(code)
     want = group.dtype if group.dtype is not None else source
     if want != source:
-        from ._place import _code
+        from ._place import code as _code
 
         try:
             to = _code(want)
