@@ -20,7 +20,35 @@ def mountpoint(fstype, option=None):
     return None
 
 
-class Cgroup:
+class _Group:
+    """What every group here does: write a control file, run a command inside, go away."""
+
+    path = None
+
+    def write(self, name, value):
+        with open(os.path.join(self.path, name), "w") as f:
+            f.write(str(value))
+
+    def run(self, argv, env=None):
+        """Runs `argv` inside the group."""
+        return subprocess.run(
+            ["sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', self.path, *argv],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env=env,
+        )
+
+    def close(self):
+        if self.path:
+            try:
+                os.rmdir(self.path)
+            except OSError:
+                pass
+            self.path = None
+
+
+class Cgroup(_Group):
     """A memory cgroup with a limit (v1, else v2), removed on close."""
 
     def __init__(self, limit):
@@ -54,10 +82,6 @@ class Cgroup:
                 self.close()
         pytest.skip("no memory cgroup can be made here: " + ("; ".join(why) or "no cgroup fs"))
 
-    def write(self, name, value):
-        with open(os.path.join(self.path, name), "w") as f:
-            f.write(str(value))
-
     def oom_kills(self):
         name = "memory.oom_control" if self.version == 1 else "memory.events"
         try:
@@ -69,24 +93,17 @@ class Cgroup:
             pass
         return 0
 
-    def run(self, argv, env=None):
-        """Runs `argv` inside the group."""
-        return subprocess.run(
-            ["sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', self.path, *argv],
-            capture_output=True,
-            text=True,
-            timeout=600,
-            env=env,
-        )
 
-    def close(self):
-        if self.path:
-            try:
-                os.rmdir(self.path)
-            except OSError:
-                pass
-            self.path = None
-
+def evict(files):
+    """Drops `files` from the page cache, for a cold run (written just now: dirty pages are
+    not dropped, so they are synced first)."""
+    for f in files:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
 
 def device_of(path):
@@ -95,7 +112,7 @@ def device_of(path):
     return f"{os.major(dev)}:{os.minor(dev)}"
 
 
-class IoCgroup:
+class IoCgroup(_Group):
     """A block-I/O cgroup whose reads from the disk holding `path` are limited to `iops`
     requests/s and `bps` bytes/s (None: no limit); `reads()` says what reached the disk."""
 
@@ -132,10 +149,6 @@ class IoCgroup:
                 self.close()
         pytest.skip("no block-I/O cgroup can be made here: " + ("; ".join(why) or "no cgroup fs"))
 
-    def write(self, name, value):
-        with open(os.path.join(self.path, name), "w") as f:
-            f.write(str(value))
-
     def reads(self):
         """(requests, bytes) the group's processes read from the disk so far."""
         if self.version == 1:
@@ -154,21 +167,3 @@ class IoCgroup:
                     kv = dict(x.split("=") for x in fields[1:])
                     return int(kv.get("rios", 0)), int(kv.get("rbytes", 0))
         return 0, 0
-
-    def run(self, argv, env=None):
-        """Runs `argv` inside the group."""
-        return subprocess.run(
-            ["sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', self.path, *argv],
-            capture_output=True,
-            text=True,
-            timeout=600,
-            env=env,
-        )
-
-    def close(self):
-        if self.path:
-            try:
-                os.rmdir(self.path)
-            except OSError:
-                pass
-            self.path = None

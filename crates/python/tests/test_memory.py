@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from cgroups import Cgroup
+from cgroups import Cgroup, evict
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.abspath(os.path.join(HERE, "..", "..", ".."))
@@ -64,16 +64,6 @@ def checkpoint(tmp_path_factory):
     total = sum(os.path.getsize(f) for f in files)
     assert total >= 1.5 * LIMIT
     return {"path": str(path), "files": files, "bytes": total, "digest": h.hexdigest()}
-
-
-def evict(files):
-    for f in files:
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 def run_pattern(cgroup, checkpoint, pattern, env=None):

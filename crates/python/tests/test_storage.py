@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from cgroups import IoCgroup
+from cgroups import IoCgroup, evict
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # Requests of 512 KiB or more on average: buffered reads reach the block layer in bios of
@@ -72,17 +72,6 @@ def checkpoint(tmp_path_factory):
         "bytes": sum(os.path.getsize(f) for f in files),
         "digest": {"whole": whole.hexdigest(), "per": per.hexdigest()},
     }
-
-
-def evict(files):
-    for f in files:
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            # Written just now: dirty pages are not dropped.
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 @pytest.mark.parametrize("pattern", ["mapped", "copy", "patched-stream"])

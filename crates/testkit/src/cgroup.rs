@@ -164,27 +164,17 @@ impl IoCgroup {
         let device = device_of(path)?;
         let mut why = Vec::new();
         if let Some(v1) = mountpoint("cgroup", Some("blkio")) {
-            let group = v1.join(name);
-            let _ = std::fs::remove_dir(&group);
-            match std::fs::create_dir(&group) {
-                Ok(()) => {
-                    let g = IoCgroup {
-                        path: group,
-                        version: 1,
-                        device: device.clone(),
-                    };
-                    let mut set = Ok(());
-                    if let Some(bps) = bytes_per_s {
-                        set = set.and(g.write("blkio.throttle.read_bps_device", bps));
-                    }
-                    if let (Ok(()), Some(iops)) = (&set, requests_per_s) {
-                        set = g.write("blkio.throttle.read_iops_device", iops);
-                    }
-                    match set {
-                        Ok(()) => return Ok(g),
-                        Err(e) => why.push(format!("v1 at {}: {e}", v1.display())),
-                    }
+            let limits = |g: &IoCgroup| {
+                if let Some(bps) = bytes_per_s {
+                    g.write("blkio.throttle.read_bps_device", bps)?;
                 }
+                if let Some(iops) = requests_per_s {
+                    g.write("blkio.throttle.read_iops_device", iops)?;
+                }
+                Ok(())
+            };
+            match IoCgroup::make(&v1, name, 1, &device, limits) {
+                Ok(g) => return Ok(g),
                 Err(e) => why.push(format!("v1 at {}: {e}", v1.display())),
             }
         }
@@ -192,29 +182,18 @@ impl IoCgroup {
             let controllers =
                 std::fs::read_to_string(v2.join("cgroup.controllers")).unwrap_or_default();
             if controllers.split_whitespace().any(|c| c == "io") {
-                let group = v2.join(name);
-                let _ = std::fs::remove_dir(&group);
-                match std::fs::create_dir(&group) {
-                    Ok(()) => {
-                        let g = IoCgroup {
-                            path: group,
-                            version: 2,
-                            device: device.clone(),
-                        };
-                        let mut limits = String::new();
-                        if let Some(bps) = bytes_per_s {
-                            limits.push_str(&format!(" rbps={bps}"));
-                        }
-                        if let Some(iops) = requests_per_s {
-                            limits.push_str(&format!(" riops={iops}"));
-                        }
-                        let set =
-                            std::fs::write(g.path.join("io.max"), format!("{device}{limits}"));
-                        match set {
-                            Ok(()) => return Ok(g),
-                            Err(e) => why.push(format!("v2 at {}: {e}", v2.display())),
-                        }
+                let limits = |g: &IoCgroup| {
+                    let mut line = device.clone();
+                    if let Some(bps) = bytes_per_s {
+                        line.push_str(&format!(" rbps={bps}"));
                     }
+                    if let Some(iops) = requests_per_s {
+                        line.push_str(&format!(" riops={iops}"));
+                    }
+                    std::fs::write(g.path.join("io.max"), line).map_err(|e| e.to_string())
+                };
+                match IoCgroup::make(&v2, name, 2, &device, limits) {
+                    Ok(g) => return Ok(g),
                     Err(e) => why.push(format!("v2 at {}: {e}", v2.display())),
                 }
             } else {
@@ -229,6 +208,27 @@ impl IoCgroup {
                 why.join("; ")
             }
         ))
+    }
+
+    /// Makes the group `name` under the cgroup filesystem `root` (of `version`) and sets its
+    /// `limits`; removed again (on drop) where they cannot be set.
+    fn make(
+        root: &Path,
+        name: &str,
+        version: u8,
+        device: &str,
+        limits: impl FnOnce(&IoCgroup) -> Result<(), String>,
+    ) -> Result<IoCgroup, String> {
+        let path = root.join(name);
+        let _ = std::fs::remove_dir(&path);
+        std::fs::create_dir(&path).map_err(|e| e.to_string())?;
+        let group = IoCgroup {
+            path,
+            version,
+            device: device.to_string(),
+        };
+        limits(&group)?;
+        Ok(group)
     }
 
     /// Writes `"MAJ:MIN value"` to the group's `file`.

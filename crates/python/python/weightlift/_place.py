@@ -11,11 +11,12 @@ from ._native import InvalidPlacement, SafetensorError
 _CODES = {name: code for code, name in _arrays.TORCH_DTYPES.items()}
 
 
-def code(dtype):
-    code = _CODES.get(str(dtype).removeprefix("torch."))
-    if code is None:
+def dtype_code(dtype):
+    """The safetensors dtype code of a torch dtype."""
+    found = _CODES.get(str(dtype).removeprefix("torch."))
+    if found is None:
         raise SafetensorError(f"{dtype} has no safetensors dtype")
-    return code
+    return found
 
 
 class Block:
@@ -78,7 +79,7 @@ class _Bases:
                 storage.data_ptr(),
                 storage.nbytes(),
                 base.element_size(),
-                code(base.dtype),
+                dtype_code(base.dtype),
                 str(base.device),
             )
         return found[1:]
@@ -167,11 +168,6 @@ def load_into(source, placements, threads=None, backend="auto", token=None, max_
         handle = native(source)
     else:
         handle = _handle.open_handle(source, backend, True, token)
-    return fill(handle, placements, threads=threads, max_gap=max_gap)
-
-
-def fill(handle, placements, threads=None, max_gap=None):
-    """``load_into`` through the native checkpoint `handle`: one load per device."""
     placements = list(placements)
     per_device = fills(handle, placements)
     read = reads = 0

@@ -250,11 +250,6 @@ def wrap(original):
     return convert_and_load_state_dict_in_model
 
 
-def _source(value):
-    """(safe_open handle, tensor name) behind a value transformers collected, or None."""
-    return _open.source(value)
-
-
 def _unsupported(model, state_dict, load_config):
     """Why this load goes to transformers' own code, or None."""
     import torch
@@ -270,7 +265,7 @@ def _unsupported(model, state_dict, load_config):
     if any(is_dtensor(p) for p in model.state_dict().values()):
         return "tensor-parallel parameters (DTensors)"
     for key, value in state_dict.items():
-        src = _source(value)
+        src = _open.source(value)
         if src is None:
             return f"{key!r} was not opened through weightlift"
         if _open.device(src[0]) != "cpu":
@@ -346,7 +341,7 @@ def _load(model, state_dict, load_config, disk_offload_index):
     # where they take 0.01 s without.)
     owners = {}
     for value in state_dict.values():
-        owner, _ = _source(value)
+        owner, _ = _open.source(value)
         owners[id(owner)] = owner
     for owner in owners.values():
         _open.stop_prefetch(owner)
@@ -593,10 +588,10 @@ def _target_dtype(group, code, torch):
     source = torch_dtype(code)
     want = group.dtype if group.dtype is not None else source
     if want != source:
-        from ._place import code as _code
+        from ._place import dtype_code
 
         try:
-            to = _code(want)
+            to = dtype_code(want)
         except Exception:  # noqa: BLE001 (no safetensors code: not ours to convert)
             raise _Unhandled(f"a cast from {code} to {want}") from None
         if code not in _FLOATS or to not in _FLOATS:
@@ -613,7 +608,7 @@ def _plan(group, model, torch, device):
     def empty(shape, dtype):
         return torch.empty(shape, dtype=dtype, device=device)
 
-    sources = [(p, k, _source(v), i) for p, k, v, i in group.entries]
+    sources = [(p, k, _open.source(v), i) for p, k, v, i in group.entries]
     if group.converter is None:
         (_, _, (owner, name), _), = sources
         code, shape = _info(owner, name)

@@ -263,6 +263,9 @@ class Source:
             if where is None:
                 return False
             ranges, block, strides = where
+        # The fill is made here, not by `_place.fills` (which load_into's callers use): that
+        # asks the header and parses an index per placement, which this already knows, at
+        # one call per checkpoint tensor inside vLLM's loop.
         key = dest.untyped_storage().data_ptr()
         at = f.dest_at.get(key)
         if at is None:
@@ -276,7 +279,7 @@ class Source:
                 block=ranges,
                 shape=block,
                 strides=strides,
-                dtype=None if dest.dtype == dtype else _place.code(dest.dtype),
+                dtype=None if dest.dtype == dtype else _place.dtype_code(dest.dtype),
             )
         )
         f.pairs.append((dest, src))
