@@ -42,6 +42,14 @@ impl PyMemory {
         self.memory.is_mapped()
     }
 
+    /// Whether anything else holds the allocation (a shard's mapping or a shard loaded whole,
+    /// which many tensors share), rather than only this object (one tensor's bytes read into
+    /// memory of their own, freed with the last array made from it).
+    #[getter]
+    fn shared(&self) -> bool {
+        self.memory.is_mapped() || Arc::strong_count(&self.memory) > 1
+    }
+
     /// The allocation's identity (its address): equal for every `Memory` object over the
     /// same allocation, so Python can reuse what it built over one.
     #[getter]

@@ -8,7 +8,9 @@ Patterns: ``stock`` (safetensors: every shard opened with ``safe_open``, then ea
 read in file order, hashed and dropped, as transformers does), ``patched`` (the same under
 ``weightlift.patch()``), ``iterate`` (``weightlift.safe_open`` of the directory, each tensor
 in file order), ``mapped`` (``weightlift.load_checkpoint``, then each tensor in file order),
-``owned`` (``load_checkpoint(copy=True)``: more than fits, so it must refuse).
+``owned`` (``load_checkpoint(copy=True)``: more than fits, so it must refuse); ``read-pt``
+(``weightlift.safe_open(dir, "pt", backend="pread", prefetch=True)``, each tensor in file
+order: torch tensors of bytes read into memory of their own, as on a network filesystem).
 """
 
 import hashlib
@@ -23,6 +25,11 @@ def read_bytes():
             if line.startswith("read_bytes:"):
                 return int(line.split()[1])
     return 0
+
+
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def shards(path):
@@ -59,6 +66,20 @@ def main():
                 h.update(name.encode())
                 h.update(t.tobytes())
                 del t
+    elif pattern == "read-pt":
+        import torch
+        import weightlift
+
+        with weightlift.safe_open(path, "pt", backend="pread", prefetch=True) as f:
+            start = peak = rss()
+            for name in f.offset_keys():
+                t = f.get_tensor(name)
+                h.update(name.encode())
+                h.update(t.numpy().tobytes())
+                del t
+                peak = max(peak, rss())
+            out["peak_growth"] = peak - start
+        del torch
     elif pattern == "mapped":
         import weightlift
 

@@ -89,6 +89,32 @@ def test_reads_larger_than_memory_read_each_byte_once(cgroup, checkpoint, patter
         assert any("populated up front" in r for r in got["reasons"]), got["reasons"]
 
 
+def test_tensors_read_into_memory_of_their_own_are_freed_with_the_caller_s(checkpoint):
+    """torch tensors of bytes read (not mapped: a network filesystem, ``backend="pread"``) go
+    with their last reference: a handle that kept each one it handed out held the whole
+    checkpoint by its end (and was OOM-killed in a cgroup smaller than it). No cgroup here:
+    torch alone does not fit the limit the others run in; the memory held is sampled after each tensor instead."""
+    pytest.importorskip("torch")
+    evict(checkpoint["files"])
+    out = subprocess.run(
+        [sys.executable, os.path.join(HERE, "mem_worker.py"), "read-pt", checkpoint["path"]],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        # A window smaller than the checkpoint: prefetched through the page cache, not
+        # loaded whole (which holds it all until the handle closes, by design).
+        env=dict(os.environ, WEIGHTLIFT_PREFETCH_WINDOW="64MiB"),
+    )
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["digest"] == checkpoint["digest"]
+    growth = got["peak_growth"]
+    print(f"read-pt: peak memory grew {growth / 2**20:.0f} MiB reading {checkpoint['bytes'] / 2**20:.0f} MiB")
+    # The prefetch holds nothing of its own for a checkpoint that does not fit its window
+    # (the page cache is not counted): what remains is a tensor or two and the allocator's.
+    assert growth < checkpoint["bytes"] // 4, f"peak memory grew {growth} bytes"
+
+
 def test_stock_safetensors_as_the_yardstick(cgroup, checkpoint):
     """What the patched pattern is compared with (not an assertion on safetensors)."""
     got = run_pattern(cgroup, checkpoint, "stock")

@@ -69,13 +69,32 @@ impl Checkpoint {
         let mut ways = Vec::with_capacity(self.shards().len());
         let mut owned = HashSet::new();
         let mut owned_bytes = 0u64;
+        let mapped: Vec<bool> = self
+            .shards()
+            .iter()
+            .map(|shard| {
+                shard
+                    .maps(self.mapping(), Use::Read)
+                    .map(|(m, _)| m)
+                    .unwrap_or(false)
+            })
+            .collect();
+        // Shards read into memory of their own are prefetched whole only where all of them
+        // fit the window: held until the handle closes, a part of them would take memory the
+        // window needs for the rest (in a memory cgroup smaller than the checkpoint, the
+        // first shards held whole left the window's pages no room: they were evicted before
+        // their reader came, and 1.3-1.5x the checkpoint was read).
+        let unmapped: u64 = self
+            .shards()
+            .iter()
+            .zip(&mapped)
+            .filter(|(_, m)| !**m)
+            .map(|(shard, _)| shard.header().data_len())
+            .sum();
+        let whole = unmapped > 0 && window().reserve_owned(unmapped, limit);
         for (s, shard) in self.shards().iter().enumerate() {
             let bytes = shard.header().data_len();
-            let mapped = shard
-                .maps(self.mapping(), Use::Read)
-                .map(|(m, _)| m)
-                .unwrap_or(false);
-            let way = if mapped {
+            let way = if mapped[s] {
                 // SAFETY: the policy maps only under a `Mapping` made by its unsafe
                 // constructors, whose contract the caller took on when opening the checkpoint.
                 match unsafe { shard.mapping() } {
@@ -89,7 +108,7 @@ impl Checkpoint {
                     )),
                     Err(_) => Way::None,
                 }
-            } else if window().reserve_owned(bytes, limit) {
+            } else if whole {
                 owned.insert(s);
                 owned_bytes += bytes;
                 Way::Owned

@@ -122,14 +122,18 @@ def numpy_groups(groups, out):
 
 
 class TorchBases:
-    """The torch tensor over each allocation and its typed views, built once per allocation
-    (a handle keeps one of these across `get_tensor` calls)."""
+    """The torch tensor over each shared allocation (a shard's mapping, a shard loaded whole)
+    and its typed views, built once per allocation (a handle keeps one of these across
+    `get_tensor` calls). One tensor's bytes read into memory of their own are not kept: that
+    memory must go with the caller's last reference to the tensor (kept here, a handle that
+    reads files it does not map held every tensor it had read until closed: a patched reader
+    of a network filesystem was OOM-killed in a memory cgroup smaller than the checkpoint)."""
 
     def __init__(self):
         self._bases = {}
 
     def base(self, memory):
-        key = getattr(memory, "key", None)
+        key = getattr(memory, "key", None) if getattr(memory, "shared", True) else None
         found = self._bases.get(key) if key is not None else None
         if found is None:
             found = (memory, torch_base(memory), {})
