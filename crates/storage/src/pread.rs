@@ -90,9 +90,15 @@ impl ByteSource for PreadSource {
     }
 
     fn will_need(&self, offset: u64, len: u64) {
-        if let Some(len) = std::num::NonZeroU64::new(len) {
-            let _ = fadvise(&self.file, offset, Some(len), Advice::WillNeed);
-        }
+        will_need(&self.file, offset, len);
+    }
+}
+
+/// `POSIX_FADV_WILLNEED` on a range: the kernel starts reading it into the page cache, in
+/// large requests, and returns.
+pub(crate) fn will_need(file: &File, offset: u64, len: u64) {
+    if let Some(len) = std::num::NonZeroU64::new(len) {
+        let _ = fadvise(file, offset, Some(len), Advice::WillNeed);
     }
 }
 
