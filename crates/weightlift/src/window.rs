@@ -18,7 +18,7 @@ use crate::memory::HostMemory;
 use crate::trail::Trail;
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, mpsc};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 /// Bytes populated per step: large reads, small enough to keep the window fine-grained.
@@ -144,6 +144,9 @@ struct State {
     /// Data bytes of the checkpoints announced (see [`crate::Announcement`]): what
     /// prefetches started later will serve.
     announced: u64,
+    /// Pages readers are past, to let go of on a populating thread (see
+    /// [`Window::consumed`]).
+    letting_go: Vec<(Arc<Job>, Vec<Range<u64>>, LetGo)>,
 }
 
 impl State {
@@ -411,21 +414,28 @@ impl Window {
     /// A reader read tensor `t` (file order) of `job`'s shard (see [`State::consumed`]); the
     /// pages the readers are past are let go of (see `drop_pages`).
     ///
-    ///
-    /// A thread of their own lets go of them, not the reader: releasing pages reclaims them
-    /// there and then (a page-table walk, a TLB flush on every core), work a reader of tens
-    /// of thousands of tensors would otherwise do between reads, and a populating thread
-    /// between chunks (a tenth of a patched stream's time in a memory cgroup, on hf-moe).
+    /// Where a populating thread runs, it lets go of them, not the reader: releasing pages
+    /// reclaims them there and then (a page-table walk, a TLB flush on every core), work a
+    /// reader of tens of thousands of tensors would otherwise do on its own thread between
+    /// reads (a tenth of a patched stream's time in a memory cgroup). Not a thread of its
+    /// own: releases then lag the populating, and memory pressure reclaims for them (a
+    /// patched stream of hf-moe-large in a 768 MiB cgroup, `cargo xtask bench --cache
+    /// cold-limited`, 3 runs each: 2.25-2.28 s on the populating threads, 2.91-3.20 s on a
+    /// thread of their own, 2.49 s on the reader's).
     pub(crate) fn consumed(&self, job: &Arc<Job>, t: usize) {
-        let (past, let_go) = self.lock().consumed(job.id, t);
-        self.wake.notify_all();
-        if past.is_empty() || let_go == LetGo::Keep {
+        let mut state = self.lock();
+        let (past, let_go) = state.consumed(job.id, t);
+        let later = !past.is_empty() && let_go != LetGo::Keep && state.workers > 0;
+        if later {
+            state.letting_go.push((Arc::clone(job), past, let_go));
+            drop(state);
+            self.wake.notify_all();
             return;
         }
-        if let Err((job, past, let_go)) = let_go_later((Arc::clone(job), past, let_go)) {
-            for r in past {
-                drop_pages(&job, r, let_go);
-            }
+        drop(state);
+        self.wake.notify_all();
+        for r in past {
+            drop_pages(job, r, let_go);
         }
     }
 
@@ -446,6 +456,18 @@ impl Window {
         let mut buf: Vec<u8> = Vec::new();
         let mut state = self.lock();
         loop {
+            // Pages readers are past first: letting go of them makes room for the chunks.
+            let letting_go = std::mem::take(&mut state.letting_go);
+            if !letting_go.is_empty() {
+                drop(state);
+                for (job, past, let_go) in letting_go {
+                    for r in past {
+                        drop_pages(&job, r, let_go);
+                    }
+                }
+                state = self.lock();
+                continue;
+            }
             match state.next() {
                 Next::Chunk(job, ranges, read_first) => {
                     drop(state);
@@ -528,33 +550,6 @@ fn populate(job: &Job, range: Range<u64>, read_first: bool, buf: &mut Vec<u8>) {
     };
     if failed {
         job.cancelled.store(true, Ordering::Relaxed);
-    }
-}
-
-/// Pages of a job's file its readers are past, and what becomes of them.
-type LetGoOf = (Arc<Job>, Vec<Range<u64>>, LetGo);
-
-/// Hands `pages` to the thread that lets go of pages (started on first use; it holds the job,
-/// and so its mapping, until done); gives them back where no thread could be started.
-fn let_go_later(pages: LetGoOf) -> Result<(), LetGoOf> {
-    static SENDER: OnceLock<Option<mpsc::Sender<LetGoOf>>> = OnceLock::new();
-    let sender = SENDER.get_or_init(|| {
-        let (tx, rx) = mpsc::channel::<LetGoOf>();
-        std::thread::Builder::new()
-            .name("weightlift-release".into())
-            .spawn(move || {
-                for (job, past, let_go) in rx {
-                    for r in past {
-                        drop_pages(&job, r, let_go);
-                    }
-                }
-            })
-            .ok()
-            .map(|_| tx)
-    });
-    match sender {
-        Some(tx) => tx.send(pages).map_err(|e| e.0),
-        None => Err(pages),
     }
 }
 
