@@ -93,7 +93,8 @@ def test_tensors_read_into_memory_of_their_own_are_freed_with_the_caller_s(check
     """torch tensors of bytes read (not mapped: a network filesystem, ``backend="pread"``) go
     with their last reference: a handle that kept each one it handed out held the whole
     checkpoint by its end (and was OOM-killed in a cgroup smaller than it). No cgroup here:
-    torch alone does not fit the limit the others run in; the memory held is sampled after each tensor instead."""
+    torch alone does not fit the limit the others run in; the memory held is sampled after
+    each tensor instead."""
     pytest.importorskip("torch")
     evict(checkpoint["files"])
     out = subprocess.run(
@@ -109,7 +110,8 @@ def test_tensors_read_into_memory_of_their_own_are_freed_with_the_caller_s(check
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got["digest"] == checkpoint["digest"]
     growth = got["peak_growth"]
-    print(f"read-pt: peak memory grew {growth / 2**20:.0f} MiB reading {checkpoint['bytes'] / 2**20:.0f} MiB")
+    mib = 1 << 20
+    print(f"read-pt: peak memory grew {growth / mib:.0f} MiB reading {checkpoint['bytes'] / mib:.0f} MiB")
     # The prefetch holds nothing of its own for a checkpoint that does not fit its window
     # (the page cache is not counted): what remains is a tensor or two and the allocator's.
     assert growth < checkpoint["bytes"] // 4, f"peak memory grew {growth} bytes"

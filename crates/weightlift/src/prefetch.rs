@@ -68,7 +68,6 @@ impl Checkpoint {
         let cancel = Arc::new(AtomicBool::new(false));
         let mut ways = Vec::with_capacity(self.shards().len());
         let mut owned = HashSet::new();
-        let mut owned_bytes = 0u64;
         let mapped: Vec<bool> = self
             .shards()
             .iter()
@@ -92,8 +91,8 @@ impl Checkpoint {
             .map(|(shard, _)| shard.header().data_len())
             .sum();
         let whole = unmapped > 0 && window().reserve_owned(unmapped, limit);
+        let owned_bytes = if whole { unmapped } else { 0 };
         for (s, shard) in self.shards().iter().enumerate() {
-            let bytes = shard.header().data_len();
             let way = if mapped[s] {
                 // SAFETY: the policy maps only under a `Mapping` made by its unsafe
                 // constructors, whose contract the caller took on when opening the checkpoint.
@@ -110,7 +109,6 @@ impl Checkpoint {
                 }
             } else if whole {
                 owned.insert(s);
-                owned_bytes += bytes;
                 Way::Owned
             } else if shard.path().is_some() {
                 Way::Window(window().register(

@@ -424,19 +424,15 @@ impl Window {
     /// thread of their own, 2.49 s on the reader's).
     pub(crate) fn consumed(&self, job: &Arc<Job>, t: usize) {
         let mut state = self.lock();
-        let (past, let_go) = state.consumed(job.id, t);
-        let later = !past.is_empty() && let_go != LetGo::Keep && state.workers > 0;
-        if later {
-            state.letting_go.push((Arc::clone(job), past, let_go));
-            drop(state);
-            self.wake.notify_all();
-            return;
+        let (mut past, let_go) = state.consumed(job.id, t);
+        if !past.is_empty() && let_go != LetGo::Keep && state.workers > 0 {
+            state
+                .letting_go
+                .push((Arc::clone(job), std::mem::take(&mut past), let_go));
         }
         drop(state);
         self.wake.notify_all();
-        for r in past {
-            drop_pages(job, r, let_go);
-        }
+        drop_pages(job, past, let_go);
     }
 
     /// Forgets job `id` (see [`State::forget`]) and lets go of what its readers read.
@@ -444,9 +440,7 @@ impl Window {
         let removed = self.lock().forget(id);
         self.wake.notify_all();
         if let Some((job, past, let_go)) = removed {
-            for r in past {
-                drop_pages(&job, r, let_go);
-            }
+            drop_pages(&job, past, let_go);
         }
     }
 
@@ -461,9 +455,7 @@ impl Window {
             if !letting_go.is_empty() {
                 drop(state);
                 for (job, past, let_go) in letting_go {
-                    for r in past {
-                        drop_pages(&job, r, let_go);
-                    }
+                    drop_pages(&job, past, let_go);
                 }
                 state = self.lock();
                 continue;
@@ -553,18 +545,21 @@ fn populate(job: &Job, range: Range<u64>, read_first: bool, buf: &mut Vec<u8>) {
     }
 }
 
-/// Lets go of the pages of `range` of the job's file, which its readers are past: released
+/// Lets go of the pages of `ranges` of the job's file, which its readers are past: released
 /// with `drop_cache`; else, in a mapping, marked the first to reclaim (so that memory
 /// pressure evicts what was read before what was not yet).
-fn drop_pages(job: &Job, range: Range<u64>, let_go: LetGo) {
-    let len = range.end - range.start;
-    match (job.mapping.as_ref().and_then(|m| m.mapping()), let_go) {
-        (_, LetGo::Keep) | (None, LetGo::Cool) => {}
-        (Some(map), LetGo::Release) => map.release(range.start, len),
-        (Some(map), LetGo::Cool) => map.cool(range.start, len),
-        (None, LetGo::Release) => job.ckpt.shards()[job.shard]
-            .source()
-            .drop_cache(range.start, len),
+fn drop_pages(job: &Job, ranges: Vec<Range<u64>>, let_go: LetGo) {
+    let map = job.mapping.as_ref().and_then(|m| m.mapping());
+    for range in ranges {
+        let len = range.end - range.start;
+        match (map, let_go) {
+            (_, LetGo::Keep) | (None, LetGo::Cool) => {}
+            (Some(map), LetGo::Release) => map.release(range.start, len),
+            (Some(map), LetGo::Cool) => map.cool(range.start, len),
+            (None, LetGo::Release) => job.ckpt.shards()[job.shard]
+                .source()
+                .drop_cache(range.start, len),
+        }
     }
 }
 
