@@ -288,3 +288,44 @@ impl Drop for Prefetch {
         window().release_owned(self.owned_bytes);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Mapping, MemoryBudget, OpenOptions};
+
+    #[test]
+    fn shards_read_into_memory_of_their_own_are_prefetched_whole_only_all_together() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = vec![3u8; 1 << 20];
+        for s in 0..3 {
+            let name = format!("t{s}");
+            let tensor = weightlift_format::TensorRef {
+                name: &name,
+                dtype: weightlift_format::Dtype::U8,
+                shape: &[1 << 20],
+                data: &data,
+            };
+            let path = dir.path().join(format!("model-{s:05}.safetensors"));
+            weightlift_format::write_file(&path, &[tensor], None).unwrap();
+        }
+        let options = OpenOptions::default().mapping(Mapping::never());
+        let ckpt = Arc::new(Checkpoint::open_with(dir.path(), &options).unwrap());
+        let whole = |window: u64| {
+            let budget = MemoryBudget::of(window * 2).with_window(window);
+            let prefetch = ckpt.prefetch(LoadOptions::default().memory_budget(budget));
+            let ways: Vec<bool> = prefetch
+                .ways
+                .iter()
+                .map(|w| matches!(w, Way::Owned))
+                .collect();
+            assert_eq!(ckpt.get("t1").unwrap().bytes(), Some(data.as_slice()));
+            ways
+        };
+        // Two of the three 1 MiB shards would fit a 2.5 MiB window: none is held whole, all
+        // go through the window (held whole, two would leave the third no room).
+        assert_eq!(whole(5 << 19), vec![false; 3]);
+        // All three fit: all are loaded whole.
+        assert_eq!(whole(4 << 20), vec![true; 3]);
+    }
+}
