@@ -9,7 +9,8 @@
 //! warning and continues with buffered reads.
 
 use crate::aligned::{AlignedBuf, PAGE};
-use crate::pread::{advise, drop_cache, read_exact_at};
+use crate::pread::{advise, read_exact_at};
+use crate::readahead::{drop_cache, will_need};
 use crate::{AccessPattern, BackendKind, ByteSource, eof_error};
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -259,6 +260,13 @@ impl ByteSource for DirectSource {
         // Only a buffered fallback filled the page cache.
         if !self.is_direct() {
             drop_cache(&self.buffered, offset, len);
+        }
+    }
+
+    fn will_need(&self, offset: u64, len: u64) {
+        // Direct reads bypass the page cache: reading ahead into it would only read twice.
+        if !self.is_direct() {
+            will_need(&self.buffered, offset, len);
         }
     }
 

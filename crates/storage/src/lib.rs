@@ -22,6 +22,7 @@ mod mapped;
 mod memory;
 mod mmap;
 mod pread;
+mod readahead;
 #[cfg(feature = "remote")]
 pub mod remote;
 mod store;

@@ -30,9 +30,10 @@ impl MmapSource {
         // SAFETY: the caller promises the file is neither truncated nor modified while
         // mapped (this function's contract).
         let map = unsafe { Mmap::map(&file)? };
+        let source = MmapSource { map, file };
         // Loads read whole ranges front to back: ask for aggressive readahead.
-        let _ = map.advise(Advice::Sequential);
-        Ok(MmapSource { map, file })
+        source.hint(AccessPattern::Sequential);
+        Ok(source)
     }
 }
 
@@ -71,10 +72,15 @@ impl ByteSource for MmapSource {
     }
 
     fn hint(&self, pattern: AccessPattern) {
-        let _ = self.map.advise(match pattern {
-            AccessPattern::Sequential => Advice::Sequential,
-            AccessPattern::Sparse => Advice::Random,
-        });
+        // As `MappedFile::hint` does, for the same reasons: read front to back, faults read
+        // 2 MiB folios; a sparse selection reads nothing around it.
+        let advice = match pattern {
+            AccessPattern::Sequential => [Advice::Sequential, Advice::HugePage],
+            AccessPattern::Sparse => [Advice::Random, Advice::NoHugePage],
+        };
+        for advice in advice {
+            let _ = self.map.advise(advice);
+        }
     }
 
     fn mapped(&self) -> Option<&[u8]> {
@@ -86,7 +92,7 @@ impl ByteSource for MmapSource {
     }
 
     fn drop_cache(&self, offset: u64, len: u64) {
-        crate::pread::drop_cache(&self.file, offset, len);
+        crate::readahead::drop_cache(&self.file, offset, len);
     }
 }
 

@@ -86,26 +86,11 @@ impl ByteSource for PreadSource {
     }
 
     fn drop_cache(&self, offset: u64, len: u64) {
-        drop_cache(&self.file, offset, len);
+        crate::readahead::drop_cache(&self.file, offset, len);
     }
 
     fn will_need(&self, offset: u64, len: u64) {
-        will_need(&self.file, offset, len);
-    }
-}
-
-/// `POSIX_FADV_WILLNEED` on a range: the kernel starts reading it into the page cache, in
-/// large requests, and returns.
-pub(crate) fn will_need(file: &File, offset: u64, len: u64) {
-    if let Some(len) = std::num::NonZeroU64::new(len) {
-        let _ = fadvise(file, offset, Some(len), Advice::WillNeed);
-    }
-}
-
-/// `POSIX_FADV_DONTNEED` on a range: its clean page-cache pages are dropped.
-pub(crate) fn drop_cache(file: &File, offset: u64, len: u64) {
-    if let Some(len) = std::num::NonZeroU64::new(len) {
-        let _ = fadvise(file, offset, Some(len), Advice::DontNeed);
+        crate::readahead::will_need(&self.file, offset, len);
     }
 }
 

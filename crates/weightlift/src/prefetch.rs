@@ -23,6 +23,7 @@ use crate::error::Result;
 use crate::mapping::Use;
 use crate::options::LoadOptions;
 use crate::pool::default_threads;
+use crate::shard::Shard;
 use crate::tensor::{StateDict, Tensor};
 use crate::window::{Job, window};
 use std::collections::HashSet;
@@ -30,6 +31,7 @@ use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
+use weightlift_storage::BackendKind;
 
 /// How one shard is prefetched.
 #[derive(Debug)]
@@ -110,7 +112,7 @@ impl Checkpoint {
             } else if whole {
                 owned.insert(s);
                 Way::Owned
-            } else if shard.path().is_some() {
+            } else if reads_ahead(shard) {
                 Way::Window(window().register(
                     self,
                     s,
@@ -175,9 +177,10 @@ impl Checkpoint {
             .iter()
             .enumerate()
             .map(|(s, shard)| {
-                let cold = shard.path().is_some_and(|path| {
-                    weightlift_storage::residency(path).is_ok_and(|r| r.fraction() < 0.9)
-                });
+                let cold = reads_ahead(shard)
+                    && shard.path().is_some_and(|path| {
+                        weightlift_storage::residency(path).is_ok_and(|r| r.fraction() < 0.9)
+                    });
                 if fits && cold {
                     let budget = self.budget();
                     Way::Window(window().register(self, s, None, false, budget, default_threads()))
@@ -197,6 +200,13 @@ impl Checkpoint {
             done,
         }
     }
+}
+
+/// Whether the window can read `shard` ahead of its readers when it is not mapped: a local
+/// file read through the page cache (one read with `O_DIRECT` bypasses it, so reading ahead
+/// there would read every byte twice).
+fn reads_ahead(shard: &Shard) -> bool {
+    shard.path().is_some() && shard.backend() != BackendKind::Direct
 }
 
 /// A checkpoint announced to the process's prefetch window (see [`Checkpoint::announce`]);

@@ -7,8 +7,9 @@
 //! memory is read once, not populated whole and evicted before anyone reads it.
 //!
 //! Populating: for a file the checkpoint maps, its mapping's pages (`MADV_POPULATE_READ`);
-//! for any other file (a network filesystem, a URL), reads through its source into a reused
-//! buffer, which leave the bytes in the page cache for the reader's own read. What was read
+//! for any other local file (a network filesystem, `backend="pread"`), reads through its
+//! source into a reused buffer, which leave the bytes in the page cache for the reader's own
+//! read. What was read
 //! can be released afterwards (`drop_cache`): a file's pages are dropped from the cache once
 //! its reader is past them.
 
@@ -506,40 +507,46 @@ fn chunks(ranges: &[Range<u64>], start: u64, end: u64) -> Vec<(Range<u64>, Range
     out
 }
 
-/// Brings `range` of the job's file into memory: the page cache through a read into `buf`
-/// where it is not there, and for a mapped file its mapping's pages (read in through the
-/// shard's source first only with `read_first`). Failures are left to the readers, which read
-/// the bytes themselves and report their own errors.
+/// Brings `range` of the job's file into memory: for a mapped file its mapping's pages (read
+/// in through the shard's source first only with `read_first`); for any other file the page
+/// cache, through a read into `buf`. Failures are left to the readers, which read the bytes
+/// themselves and report their own errors.
 fn populate(job: &Job, range: Range<u64>, read_first: bool, buf: &mut Vec<u8>) {
     if job.cancelled.load(Ordering::Relaxed) {
         return;
     }
     let len = range.end - range.start;
+    let source = job.ckpt.shards()[job.shard].source();
     let read = |buf: &mut Vec<u8>| {
         buf.resize(len as usize, 0);
-        job.ckpt.shards()[job.shard]
-            .source()
-            .read_exact_at(range.start, buf)
-            .is_err()
+        source.read_exact_at(range.start, buf).is_err()
     };
-    let failed = match &job.mapping {
-        // Where the chunk is not in the page cache yet, one large read through the shard's
-        // source brings it in first (its own file handle, and so its own readahead state),
-        // then populating the mapping does no I/O. Populating it cold faults it in through
-        // the mapping's readahead state, which readers faulting the same file at the same
-        // time share: under a request-counting throttle the disk then saw ~200 KiB requests
-        // from a prefetching reader of 8 MiB tensors, against ~1 MiB this way
-        // (`crates/python/tests/test_storage.py`). Not on a host short of memory: there the
-        // pages read in and not yet mapped were reclaimed before the mapping took them, and
-        // read again (a patched reader in a 256 MiB cgroup read 1.16x the checkpoint,
-        // `crates/python/tests/test_memory.py`), while the mapping's own faults take each
-        // page once.
-        Some(memory) => memory.mapping().is_none_or(|m| {
-            (read_first && !m.resident(range.start, len) && read(buf))
-                || m.populate(range.start, len).is_err()
-        }),
-        None => read(buf),
+    // Not `POSIX_FADV_WILLNEED`, which would save the copy: the kernel reads ahead that way
+    // in requests of at most 1 MiB (single pages in the bio, not the large folios of a read),
+    // 618 KiB on average against 2.5 MiB for 16 MiB reads (cold, this VM's virtio disk); a
+    // patched reader of a file read, not mapped, made 24k requests of 90 KiB and read 1.6x
+    // the checkpoint that way, against 533 of 2.5 MiB and 1.0x.
+    let Some(memory) = &job.mapping else {
+        if read(buf) {
+            job.cancelled.store(true, Ordering::Relaxed);
+        }
+        return;
     };
+    // Where the chunk is not in the page cache yet, one large read through the shard's
+    // source brings it in first (its own file handle, and so its own readahead state), then
+    // populating the mapping does no I/O. Populating it cold faults it in through the
+    // mapping's readahead state, which readers faulting the same file at the same time
+    // share: under a request-counting throttle the disk then saw ~200 KiB requests from a
+    // prefetching reader of 8 MiB tensors, against ~1 MiB this way
+    // (`crates/python/tests/test_storage.py`). Not on a host short of memory: there the pages
+    // read in and not yet mapped were reclaimed before the mapping took them, and read again
+    // (a patched reader in a 256 MiB cgroup read 1.16x the checkpoint,
+    // `crates/python/tests/test_memory.py`), while the mapping's own faults take each page
+    // once.
+    let failed = memory.mapping().is_none_or(|m| {
+        (read_first && !m.resident(range.start, len) && read(buf))
+            || m.populate(range.start, len).is_err()
+    });
     if failed {
         job.cancelled.store(true, Ordering::Relaxed);
     }
