@@ -48,8 +48,9 @@ pub(crate) struct BenchArgs {
     /// Cold runs on throttled storage: each cold measurement's process reads the disk through
     /// a block-I/O cgroup limiting requests and bandwidth. `volume` (a cloud block volume's
     /// baseline: 3000 req/s, 125 MB/s), `netfs` (500 req/s, 500 MB/s), `slow` (300 MB/s), or
-    /// custom limits such as `800req/s,1GB/s`. The table adds the requests the disk served and
-    /// their average size.
+    /// custom limits such as `800req/s,1GB/s`; any of them with `,readahead=128KiB` sets the
+    /// disk's readahead meanwhile (the kernel's default on a cloud VM's volume; restored after).
+    /// The table adds the requests the disk served and their average size.
     #[arg(long, value_parser = crate::harness::parse_storage)]
     storage: Option<Storage>,
     /// Write the records as a JSON array to this file.

@@ -368,30 +368,44 @@ pub(crate) struct Storage {
     pub(crate) name: String,
     bytes_per_s: Option<u64>,
     requests_per_s: Option<u64>,
+    /// The disk's readahead while the profile is in force (`None`: left as it is).
+    readahead: Option<u64>,
 }
 
 impl Storage {
-    /// The block-I/O cgroup of this profile on the disk holding `data_dir`.
+    /// The block-I/O cgroup of this profile on the disk holding `data_dir` (with the disk's
+    /// readahead set, where the profile sets one, until it is dropped).
     pub(crate) fn cgroup(&self, data_dir: &Path) -> Result<IoCgroup, String> {
-        IoCgroup::new(
+        let group = IoCgroup::new(
             &format!("weightlift-bench-io-{}", std::process::id()),
             data_dir,
             self.bytes_per_s,
             self.requests_per_s,
-        )
+        )?;
+        match self.readahead {
+            Some(bytes) => group.with_readahead(bytes),
+            None => Ok(group),
+        }
     }
 }
 
-/// `volume`, `netfs`, `slow`, or `N req/s` and a size per second, comma-separated.
+/// `volume`, `netfs`, `slow`, or `N req/s` and a size per second, comma-separated; any of
+/// them with `readahead=SIZE` (the disk's readahead while the profile is in force).
 pub(crate) fn parse_storage(text: &str) -> Result<Storage, String> {
-    let (bps, iops) = match text {
-        "volume" => (Some(125_000_000), Some(3000)),
-        "netfs" => (Some(500_000_000), Some(500)),
-        "slow" => (Some(300_000_000), None),
-        custom => {
-            let (mut bps, mut iops) = (None, None);
-            for part in custom.split(',').map(str::trim) {
-                if let Some(n) = part.strip_suffix("req/s") {
+    let (mut bps, mut iops, mut readahead) = (None, None, None);
+    for (i, part) in text.split(',').map(str::trim).enumerate() {
+        match part {
+            "volume" | "netfs" | "slow" if i == 0 => {
+                (bps, iops) = match part {
+                    "volume" => (Some(125_000_000), Some(3000)),
+                    "netfs" => (Some(500_000_000), Some(500)),
+                    _ => (Some(300_000_000), None),
+                }
+            }
+            _ => {
+                if let Some(size) = part.strip_prefix("readahead=") {
+                    readahead = Some(parse_size(size.trim())?);
+                } else if let Some(n) = part.strip_suffix("req/s") {
                     iops = Some(
                         n.trim()
                             .parse::<u64>()
@@ -402,17 +416,17 @@ pub(crate) fn parse_storage(text: &str) -> Result<Storage, String> {
                 } else {
                     return Err(format!(
                         "{part:?}: a storage profile is volume, netfs, slow, or limits such as \
-                         800req/s,1GB/s"
+                         800req/s,1GB/s, with readahead=SIZE if wanted"
                     ));
                 }
             }
-            (bps, iops)
         }
-    };
+    }
     Ok(Storage {
         name: text.to_string(),
         bytes_per_s: bps,
         requests_per_s: iops,
+        readahead,
     })
 }
 
@@ -466,5 +480,12 @@ mod tests {
         );
         assert_eq!(parse_storage("slow").unwrap().requests_per_s, None);
         assert!(parse_storage("fast").is_err());
+        let s = parse_storage("netfs,readahead=128KiB").unwrap();
+        assert_eq!(
+            (s.requests_per_s, s.readahead, s.name.as_str()),
+            (Some(500), Some(128 << 10), "netfs,readahead=128KiB")
+        );
+        assert_eq!(parse_storage("volume").unwrap().readahead, None);
+        assert!(parse_storage("1GB/s,netfs").is_err(), "a name comes first");
     }
 }

@@ -118,6 +118,9 @@ pub struct IoCgroup {
     version: u8,
     /// The disk, as `MAJ:MIN`.
     device: String,
+    /// The disk's readahead (`read_ahead_kb`) before [`IoCgroup::with_readahead`] set it,
+    /// restored on drop.
+    readahead_was: Option<String>,
 }
 
 /// Requests and bytes a group sent to a disk.
@@ -226,9 +229,32 @@ impl IoCgroup {
             path,
             version,
             device: device.to_string(),
+            readahead_was: None,
         };
         limits(&group)?;
         Ok(group)
+    }
+
+    /// Sets the disk's readahead to `bytes` (rounded down to KiB) until the group is dropped:
+    /// the storage a profile models has its own (a cloud volume's kernel keeps the default
+    /// 128 KiB; a VM's disk may have been given more), and the requests a load makes depend
+    /// on it. The setting is the disk's, not the group's: every reader of the disk sees it
+    /// meanwhile.
+    pub fn with_readahead(mut self, bytes: u64) -> Result<IoCgroup, String> {
+        let file = self.readahead_file();
+        let was = std::fs::read_to_string(&file).map_err(|e| format!("{}: {e}", file.display()))?;
+        std::fs::write(&file, format!("{}", bytes >> 10))
+            .map_err(|e| format!("{}: {e}", file.display()))?;
+        self.readahead_was.get_or_insert(was.trim().to_string());
+        Ok(self)
+    }
+
+    /// The disk's readahead setting in sysfs.
+    fn readahead_file(&self) -> PathBuf {
+        PathBuf::from(format!(
+            "/sys/dev/block/{}/queue/read_ahead_kb",
+            self.device
+        ))
     }
 
     /// Writes `"MAJ:MIN value"` to the group's `file`.
@@ -282,6 +308,9 @@ impl IoCgroup {
 impl Drop for IoCgroup {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir(&self.path);
+        if let Some(was) = &self.readahead_was {
+            let _ = std::fs::write(self.readahead_file(), was);
+        }
     }
 }
 
