@@ -140,8 +140,11 @@ impl Exec<'_> {
                         if self.cancelled() {
                             return Err(Error::Cancelled);
                         }
-                        mapping(request.shard_plan as usize)
-                            .populate(request.file_offset, request.len)
+                        let map = mapping(request.shard_plan as usize);
+                        if !map.resident(request.file_offset, request.len) {
+                            self.read_ahead(request);
+                        }
+                        map.populate(request.file_offset, request.len)
                             .map_err(|source| self.read_error(request, source))?;
                         self.reported(request);
                     }
@@ -149,6 +152,23 @@ impl Exec<'_> {
                 Ok::<(), Error>(())
             })
         })
+    }
+
+    /// Brings a request's bytes into the page cache with one read through its shard's source
+    /// (into a reused buffer; the bytes stay in the page cache), before its mapping is
+    /// populated: faulting them in goes through the mapping's readahead, which reads the
+    /// file's readahead size at a time (a 128 KiB readahead, the kernel's default: a mapped
+    /// load of hf-moe reached the disk in 5,337 requests of 256 KiB, 3.97x the raw read
+    /// under `--storage netfs`), where a large read reaches it in the device's largest
+    /// requests. The populate that follows reports any error; this read's are ignored.
+    fn read_ahead(&self, request: &Request) {
+        let sp = &self.plan.shards[request.shard_plan as usize];
+        let source = self.shards[sp.shard].source();
+        READ_AHEAD.with(|buf| {
+            let mut buf = buf.borrow_mut();
+            buf.resize(request.len as usize, 0);
+            let _ = source.read_exact_at(request.file_offset, &mut buf);
+        });
     }
 
     /// After an owned load: tells each source that the bytes read from it (the header at
@@ -346,4 +366,6 @@ fn pattern(selected: u64, data_len: u64) -> AccessPattern {
 thread_local! {
     /// Per-thread staging for converted pieces: bounded by the request size.
     static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    /// Per-thread buffer of [`Exec::read_ahead`]: bounded by the request size.
+    static READ_AHEAD: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
