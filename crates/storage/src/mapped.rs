@@ -81,15 +81,17 @@ impl MappedFile {
     /// Tells the kernel how the mapping will be read (readahead on page faults).
     ///
     /// Read front to back (the default), the mapping is also advised `MADV_HUGEPAGE`: a fault
-    /// then reads the 2 MiB-aligned block around it as one 2 MiB page-cache folio (4 MiB
-    /// ahead), whatever the file's readahead size, and maps it with one page-table entry.
-    /// Measured cold on hf-moe (1.3 GB, populated in 16 MiB ranges, this VM's virtio disk):
-    /// 337 requests of 4 MiB, against 4,198 of 325 KiB reading ahead with
-    /// `POSIX_FADV_WILLNEED` and 5,329 of 256 KiB faulting, with the usual 128 KiB
-    /// `read_ahead_kb` (and 337 against ~1,000 with this VM's 8 MiB); and touching the
-    /// populated bytes walks 2 MiB pages, not 4 KiB ones. A sparse selection is advised
-    /// `MADV_RANDOM` and not `MADV_HUGEPAGE`, so that faults read no bytes around the
-    /// selection, and [`MappedFile::populate`] reads its ranges ahead exactly.
+    /// that misses the page cache then reads the 2 MiB-aligned block around it as one 2 MiB
+    /// folio (4 MiB ahead), whatever the file's readahead size. A script populating a fresh
+    /// mapping of hf-moe cold in 16 MiB ranges (128 KiB `read_ahead_kb`, this VM's virtio
+    /// disk) reached the disk in 337 requests of 4 MiB that way, against 4,198 of 325 KiB
+    /// reading ahead with `POSIX_FADV_WILLNEED` and 5,329 of 256 KiB faulting. It does not
+    /// apply to faults that follow an asynchronous readahead chain (one a buffered read of
+    /// the file started, such as the header's): those read the readahead size, which is why
+    /// loads read cold ranges with one large read before populating them. A sparse
+    /// selection is advised `MADV_RANDOM` and not `MADV_HUGEPAGE`, so that faults read no
+    /// bytes around the selection, and [`MappedFile::populate`] reads its ranges ahead
+    /// exactly.
     pub fn hint(&self, pattern: AccessPattern) {
         let advice = match pattern {
             AccessPattern::Sequential => [Advice::Sequential, Advice::HugePage],

@@ -154,20 +154,19 @@ impl Exec<'_> {
         })
     }
 
-    /// Brings a request's bytes into the page cache with one read through its shard's source
-    /// (into a reused buffer; the bytes stay in the page cache), before its mapping is
-    /// populated: faulting them in goes through the mapping's readahead, which reads the
-    /// file's readahead size at a time (a 128 KiB readahead, the kernel's default: a mapped
-    /// load of hf-moe reached the disk in 5,337 requests of 256 KiB, 3.97x the raw read
-    /// under `--storage netfs`), where a large read reaches it in the device's largest
-    /// requests. The populate that follows reports any error; this read's are ignored.
+    /// Brings a request's bytes into the page cache with one read ([`Shard::read_in`])
+    /// before its mapping is populated: faulted in, they came at the file's readahead size
+    /// (a 128 KiB readahead, the kernel's default: a mapped load of hf-moe reached the disk
+    /// in 5,337 requests of 256 KiB, 3.97x the raw read under `--storage netfs`). The
+    /// populate that follows reports any error; this read's are ignored.
     fn read_ahead(&self, request: &Request) {
         let sp = &self.plan.shards[request.shard_plan as usize];
-        let source = self.shards[sp.shard].source();
         READ_AHEAD.with(|buf| {
-            let mut buf = buf.borrow_mut();
-            buf.resize(request.len as usize, 0);
-            let _ = source.read_exact_at(request.file_offset, &mut buf);
+            let _ = self.shards[sp.shard].read_in(
+                request.file_offset,
+                request.len,
+                &mut buf.borrow_mut(),
+            );
         });
     }
 

@@ -60,6 +60,16 @@ impl Shard {
         &self.source
     }
 
+    /// Brings `offset..offset + len` of the file into the page cache with one read through
+    /// its source into `buf` (reused; its contents are of no further use): the device's
+    /// largest requests and large page-cache folios, where faulting the bytes into a mapping
+    /// reads the file's readahead size at a time and `POSIX_FADV_WILLNEED` single pages. For
+    /// callers that populate a mapping of the same bytes next.
+    pub(crate) fn read_in(&self, offset: u64, len: u64, buf: &mut Vec<u8>) -> std::io::Result<()> {
+        buf.resize(len as usize, 0);
+        self.source.read_exact_at(offset, buf)
+    }
+
     /// Whether this shard's tensors are mapped for `what` under `mapping`, and why: the
     /// one place that decides (see [`crate::mapping`]).
     pub(crate) fn maps(&self, mapping: Mapping, what: Use) -> Result<(bool, String)> {

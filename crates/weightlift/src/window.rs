@@ -516,11 +516,8 @@ fn populate(job: &Job, range: Range<u64>, read_first: bool, buf: &mut Vec<u8>) {
         return;
     }
     let len = range.end - range.start;
-    let source = job.ckpt.shards()[job.shard].source();
-    let read = |buf: &mut Vec<u8>| {
-        buf.resize(len as usize, 0);
-        source.read_exact_at(range.start, buf).is_err()
-    };
+    let shard = &job.ckpt.shards()[job.shard];
+    let read = |buf: &mut Vec<u8>| shard.read_in(range.start, len, buf).is_err();
     // Not `POSIX_FADV_WILLNEED`, which would save the copy: the kernel reads ahead that way
     // in requests of at most 1 MiB (single pages in the bio, not the large folios of a read),
     // 618 KiB on average against 2.5 MiB for 16 MiB reads (cold, this VM's virtio disk); a
