@@ -149,6 +149,30 @@ class IoCgroup(_Group):
                 self.close()
         pytest.skip("no block-I/O cgroup can be made here: " + ("; ".join(why) or "no cgroup fs"))
 
+    def set_readahead(self, kib):
+        """Sets the disk's readahead to `kib` KiB until `close()` (the disk's setting, seen by
+        every reader meanwhile): a cloud volume's kernel keeps the default 128 KiB where this
+        VM's disk reads ahead 8 MiB, and the requests a load makes depend on it. Skips the
+        test where the setting cannot be written."""
+        file = f"/sys/dev/block/{self.device}/queue/read_ahead_kb"
+        try:
+            with open(file) as f:
+                was = f.read().strip()
+            with open(file, "w") as f:
+                f.write(str(kib))
+        except OSError as e:
+            self.close()
+            pytest.skip(f"the disk's readahead cannot be set: {e}")
+        self._readahead = (file, was)
+
+    def close(self):
+        file, was = getattr(self, "_readahead", (None, None))
+        if file:
+            with open(file, "w") as f:
+                f.write(was)
+            self._readahead = (None, None)
+        super().close()
+
     def reads(self):
         """(requests, bytes) the group's processes read from the disk so far."""
         if self.version == 1:

@@ -156,9 +156,9 @@ def load_into(source, placements, threads=None, backend="auto", token=None, max_
     differs. Checked before anything is read: a block of the wrong shape, one that falls
     outside its destination or overlaps another's bytes raises ``InvalidPlacement`` (a
     ``SafetensorError``).
-    ``max_gap``: the most bytes between two blocks of sliced tensors read (and dropped) to
-    keep one read (default 4 KiB; never more than 1/32 of the block after the gap: the rule
-    of every load). Returns ``(bytes read, reads made)``. The
+    ``max_gap``: the most unselected bytes between two blocks read (and dropped) to keep one
+    read: only bytes of the two blocks' tensors, never a tensor nobody asked for (default 1
+    MiB, the rule of every load; 0 reads exactly the blocks). Returns ``(bytes read, reads made)``. The
     destinations must not be touched by other threads until it returns (the GIL is released
     while it reads).
     """
