@@ -25,6 +25,11 @@ use std::time::Duration;
 /// Bytes populated per step: large reads, small enough to keep the window fine-grained.
 const CHUNK: u64 = 16 << 20;
 
+/// On a host short of memory, a mapped chunk is read and mapped this much at a time: the
+/// pages one read brings into the page cache are mapped a moment later, before memory
+/// pressure can reclaim them, and each read is still a request of megabytes.
+const SHORT_STEP: u64 = 4 << 20;
+
 /// One shard being prefetched.
 #[derive(Debug)]
 pub(crate) struct Job {
@@ -117,9 +122,8 @@ enum LetGo {
 /// What a populating thread does next.
 enum Next {
     /// Populates these ranges of the job's file (one chunk).
-    /// `read_first`: whether a mapped file's chunk not in the page cache is read in through
-    /// the shard's source before its mapping is populated (where the checkpoint fits; see
-    /// `populate`).
+    /// And whether everything registered fits the window (else a mapped file's chunk is
+    /// read and mapped in steps of [`SHORT_STEP`]; see `populate`).
     Chunk(Arc<Job>, Vec<Range<u64>>, bool),
     /// Waits for a reader to read (the window is full).
     Wait,
@@ -462,10 +466,10 @@ impl Window {
                 continue;
             }
             match state.next() {
-                Next::Chunk(job, ranges, read_first) => {
+                Next::Chunk(job, ranges, fits) => {
                     drop(state);
                     for range in ranges {
-                        populate(&job, range, read_first, &mut buf);
+                        populate(&job, range, fits, &mut buf);
                     }
                     state = self.lock();
                 }
@@ -507,42 +511,53 @@ fn chunks(ranges: &[Range<u64>], start: u64, end: u64) -> Vec<(Range<u64>, Range
     out
 }
 
-/// Brings `range` of the job's file into memory: for a mapped file its mapping's pages (read
-/// in through the shard's source first only with `read_first`); for any other file the page
-/// cache, through a read into `buf`. Failures are left to the readers, which read the bytes
-/// themselves and report their own errors.
-fn populate(job: &Job, range: Range<u64>, read_first: bool, buf: &mut Vec<u8>) {
+/// Brings `range` of the job's file into memory: for a mapped file its mapping's pages, read
+/// in through the shard's source first where they are not in the page cache (in one read
+/// where everything registered `fits` the window, else in steps of [`SHORT_STEP`]); for any
+/// other file the page cache, through a read into `buf`. Failures are left to the readers,
+/// which read the bytes themselves and report their own errors.
+fn populate(job: &Job, range: Range<u64>, fits: bool, buf: &mut Vec<u8>) {
     if job.cancelled.load(Ordering::Relaxed) {
         return;
     }
-    let len = range.end - range.start;
     let shard = &job.ckpt.shards()[job.shard];
-    let read = |buf: &mut Vec<u8>| shard.read_in(range.start, len, buf).is_err();
+    let read = |at: u64, len: u64, buf: &mut Vec<u8>| shard.read_in(at, len, buf).is_err();
     // Not `POSIX_FADV_WILLNEED`, which would save the copy: the kernel reads ahead that way
     // in requests of at most 1 MiB (single pages in the bio, not the large folios of a read),
     // 618 KiB on average against 2.5 MiB for 16 MiB reads (cold, this VM's virtio disk); a
     // patched reader of a file read, not mapped, made 24k requests of 90 KiB and read 1.6x
     // the checkpoint that way, against 533 of 2.5 MiB and 1.0x.
     let Some(memory) = &job.mapping else {
-        if read(buf) {
+        if read(range.start, range.end - range.start, buf) {
             job.cancelled.store(true, Ordering::Relaxed);
         }
         return;
     };
-    // Where the chunk is not in the page cache yet, one large read through the shard's
-    // source brings it in first (its own file handle, and so its own readahead state), then
+    // Where a step is not in the page cache yet, one large read through the shard's source
+    // brings it in first (its own file handle, and so its own readahead state), then
     // populating the mapping does no I/O. Populating it cold faults it in through the
     // mapping's readahead state, which readers faulting the same file at the same time
-    // share: under a request-counting throttle the disk then saw ~200 KiB requests from a
-    // prefetching reader of 8 MiB tensors, against ~1 MiB this way
-    // (`crates/python/tests/test_storage.py`). Not on a host short of memory: there the pages
-    // read in and not yet mapped were reclaimed before the mapping took them, and read again
-    // (a patched reader in a 256 MiB cgroup read 1.16x the checkpoint,
-    // `crates/python/tests/test_memory.py`), while the mapping's own faults take each page
-    // once.
+    // share, a readahead's worth at a time: under a request-counting throttle the disk then
+    // saw ~200 KiB requests from a prefetching reader of 8 MiB tensors, against ~1 MiB this
+    // way (`crates/python/tests/test_storage.py`), and with a 128 KiB readahead a patched
+    // stream in a 768 MiB cgroup populating without reading first made 250-580 KiB
+    // requests (1.9-2.3x the raw read under the netfs profile; 3.2-4.0 s with 1-2 MiB steps,
+    // 2.76-2.79 s with 4-16 MiB, raw 2.7 s). On a host short of memory the pages one 16 MiB
+    // read brought in were once reclaimed before the mapping took them, and read again (a
+    // patched reader in a 256 MiB cgroup read 1.16x the checkpoint,
+    // `crates/python/tests/test_memory.py`; 1.000x in 3 runs each with 4 and 16 MiB steps
+    // now): there each step is mapped right after its read.
+    let step = if fits { CHUNK } else { SHORT_STEP };
     let failed = memory.mapping().is_none_or(|m| {
-        (read_first && !m.resident(range.start, len) && read(buf))
-            || m.populate(range.start, len).is_err()
+        let mut at = range.start;
+        while at < range.end {
+            let len = step.min(range.end - at);
+            if (!m.resident(at, len) && read(at, len, buf)) || m.populate(at, len).is_err() {
+                return true;
+            }
+            at += len;
+        }
+        false
     });
     if failed {
         job.cancelled.store(true, Ordering::Relaxed);
