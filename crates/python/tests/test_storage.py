@@ -61,6 +61,38 @@ def warm_imports():
     subprocess.run([sys.executable, "-c", warm], check=True, capture_output=True, timeout=120)
 
 
+def cold_run(path, files, argv, iops=1_000_000, bps=None, readahead_kib=None, env=None):
+    """Runs `argv` cold in a block-I/O cgroup on the disk holding `path` (by default with a
+    request limit far above what the disk does: the group only counts), with the disk's
+    readahead set to `readahead_kib` meanwhile where given: `files` evicted, the workers'
+    imports warmed first. Returns the run and the (requests, bytes) the disk served it."""
+    group = IoCgroup(path, iops=iops, bps=bps)
+    try:
+        if readahead_kib:
+            group.set_readahead(readahead_kib)
+        warm_imports()
+        evict(files)
+        before = group.reads()
+        out = group.run(argv, env=env)
+        after = group.reads()
+    finally:
+        group.close()
+    return out, after[0] - before[0], after[1] - before[1]
+
+
+def average_kib(requests, read):
+    return read / max(requests, 1) / 1024
+
+
+def assert_large_requests(what, requests, read, data):
+    """About every byte of `data` read once, in requests of `MIN_AVERAGE` or more."""
+    print(f"{what}: {requests} requests, {average_kib(requests, read):.0f} KiB on average")
+    assert read <= 1.10 * data, f"{what}: {read} of {data} bytes"
+    assert read / max(requests, 1) >= MIN_AVERAGE, (
+        f"{what}: {requests} requests of {average_kib(requests, read):.0f} KiB on average"
+    )
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """3 shards of 8 MiB tensors (~100 MiB), on the disk, with each pattern's expected hash."""
@@ -99,26 +131,16 @@ def test_cold_loads_reach_the_disk_in_large_requests(checkpoint, pattern):
     pair is run up to three times and judged by its best run. (Two processes populating
     hf-moe with the readahead weightlift did before, `POSIX_FADV_WILLNEED` then populating,
     reached the disk in 65-84 KiB requests every time; 2.7-3.8 MiB now.)"""
-    # A request limit far above what the disk does: the group only counts.
     load = pattern.removesuffix("-by-two")
     argv = [sys.executable, "-c", WORKER, load, checkpoint["path"]]
     two = pattern.endswith("-by-two")
     if two:
         argv = ["sh", "-c", '"$@" & "$@"; wait', "two", *argv]
     for attempt in range(3 if two else 1):
-        group = IoCgroup(checkpoint["path"], iops=1_000_000)
-        try:
-            warm_imports()
-            evict(checkpoint["files"])
-            before = group.reads()
-            out = group.run(argv)
-            after = group.reads()
-        finally:
-            group.close()
-        requests, read = after[0] - before[0], after[1] - before[1]
+        out, requests, read = cold_run(checkpoint["path"], checkpoint["files"], argv)
         if read / max(requests, 1) >= MIN_AVERAGE:
             break
-        print(f"{pattern}, run {attempt + 1}: {requests} requests of {read / max(requests, 1) / 1024:.0f} KiB")
+        print(f"{pattern}, run {attempt + 1}: {requests} requests of {average_kib(requests, read):.0f} KiB")
     assert out.returncode == 0, out.stderr
     # Two processes' lines may interleave on the shared pipe: each result is found whole.
     results = re.findall(r'\{"digest": "[0-9a-f]+"\}', out.stdout)
@@ -126,12 +148,8 @@ def test_cold_loads_reach_the_disk_in_large_requests(checkpoint, pattern):
     want = checkpoint["digest"]["per" if pattern == "patched-stream" else "whole"]
     for result in results:
         assert json.loads(result)["digest"] == want, pattern
-    print(f"{pattern}: {requests} requests, {read / max(requests, 1) / 1024:.0f} KiB on average")
     assert read >= 0.95 * checkpoint["bytes"], f"{pattern}: {read} of {checkpoint['bytes']} bytes"
-    assert read <= 1.10 * checkpoint["bytes"], f"{pattern}: {read} of {checkpoint['bytes']} bytes"
-    assert read / max(requests, 1) >= MIN_AVERAGE, (
-        f"{pattern}: {requests} requests of {read / max(requests, 1) / 1024:.0f} KiB on average"
-    )
+    assert_large_requests(pattern, requests, read, checkpoint["bytes"])
 
 
 SLICED_WORKER = r"""
@@ -193,27 +211,13 @@ def test_tensor_parallel_ranks_reach_the_disk_in_large_requests(small_tensors):
     requests."""
     argv = [sys.executable, "-c", SLICED_WORKER]
     pair = ["sh", "-c", '"$@" 0 2 "$0" & "$@" 1 2 "$0"; wait', small_tensors["path"], *argv]
-    group = IoCgroup(small_tensors["path"], iops=1_000_000)
-    try:
-        group.set_readahead(128)
-        warm_imports()
-        evict(small_tensors["files"])
-        before = group.reads()
-        out = group.run(pair)
-        after = group.reads()
-    finally:
-        group.close()
+    out, requests, read = cold_run(small_tensors["path"], small_tensors["files"], pair, readahead_kib=128)
     assert out.returncode == 0, out.stderr
     results = [json.loads(r) for r in re.findall(r'\{"rank": \d, "digest": "[0-9a-f]+"\}', out.stdout)]
     assert sorted(r["rank"] for r in results) == [0, 1], out.stdout
     for r in results:
         assert r["digest"] == small_tensors["digests"][r["rank"]], r["rank"]
-    requests, read = after[0] - before[0], after[1] - before[1]
-    print(f"sliced-by-two: {requests} requests, {read / max(requests, 1) / 1024:.0f} KiB on average")
-    assert read <= 1.10 * small_tensors["bytes"], f"{read} of {small_tensors['bytes']} bytes"
-    assert read / max(requests, 1) >= MIN_AVERAGE, (
-        f"{requests} requests of {read / max(requests, 1) / 1024:.0f} KiB on average"
-    )
+    assert_large_requests("sliced-by-two", requests, read, small_tensors["bytes"])
 
 
 def test_a_stream_short_of_memory_reaches_the_disk_in_large_requests(small_tensors):
@@ -230,21 +234,11 @@ def test_a_stream_short_of_memory_reaches_the_disk_in_large_requests(small_tenso
     before the change, 313-1,069 after)."""
     argv = [sys.executable, "-c", WORKER, "patched-stream-working", small_tensors["path"]]
     env = dict(os.environ, WEIGHTLIFT_MEMORY_BUDGET="24MiB")
-    group = IoCgroup(small_tensors["path"], iops=500, bps=500_000_000)
-    try:
-        group.set_readahead(128)
-        warm_imports()
-        evict(small_tensors["files"])
-        before = group.reads()
-        out = group.run(argv, env=env)
-        after = group.reads()
-    finally:
-        group.close()
+    # The netfs profile's limits.
+    out, requests, read = cold_run(
+        small_tensors["path"], small_tensors["files"], argv,
+        iops=500, bps=500_000_000, readahead_kib=128, env=env,
+    )
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout.strip().splitlines()[-1])["digest"] == small_tensors["per"]
-    requests, read = after[0] - before[0], after[1] - before[1]
-    print(f"short of memory: {requests} requests, {read / max(requests, 1) / 1024:.0f} KiB on average")
-    assert read <= 1.10 * small_tensors["bytes"], f"{read} of {small_tensors['bytes']} bytes"
-    assert read / max(requests, 1) >= MIN_AVERAGE, (
-        f"{requests} requests of {read / max(requests, 1) / 1024:.0f} KiB on average"
-    )
+    assert_large_requests("short of memory", requests, read, small_tensors["bytes"])
