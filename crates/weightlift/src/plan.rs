@@ -9,7 +9,8 @@
 //! a request across the unselected bytes between them when those are at most
 //! [`ReadPlan::build`]'s `max_gap` and belong to the two runs' tensors (the other ranks'
 //! rows): a request saved is worth more than a small gap read and dropped. Per run,
-//! planning does a constant amount of arithmetic and pushes one or a few [`Piece`]s; nothing is quadratic.
+//! planning does a constant amount of arithmetic and pushes one or a few [`Piece`]s;
+//! nothing is quadratic.
 //!
 //! The [`Coalescer`] is the one planner of reads: loads feed it their slots' runs, placement
 //! loads (`place.rs`) the runs of the caller's fills; both get requests by the same rules
@@ -100,8 +101,9 @@ pub(crate) struct Run {
 /// Turns runs, fed in file order per shard, into coalesced requests of at most the request
 /// size: runs that follow each other in the file share a request; a run joins the previous
 /// run's request across a gap of at most `max_gap` bytes when the gap lies within the two
-/// runs' tensors (the rest of a block's tensor, the other ranks' rows or columns); a run longer than a request's room is split on an 8-byte
-/// boundary, and the next request starts where the split fell (never re-reading a gap).
+/// runs' tensors (the rest of a block's tensor, the other ranks' rows or columns); a run
+/// longer than a request's room is split on an 8-byte boundary, and the next request starts
+/// where the split fell (never re-reading a gap).
 pub(crate) struct Coalescer {
     request_size: u64,
     max_gap: u64,

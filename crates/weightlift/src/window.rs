@@ -121,9 +121,9 @@ enum LetGo {
 
 /// What a populating thread does next.
 enum Next {
-    /// Populates these ranges of the job's file (one chunk).
-    /// And whether everything registered fits the window (else a mapped file's chunk is
-    /// read and mapped in steps of [`SHORT_STEP`]; see `populate`).
+    /// Populates these ranges of the job's file (one chunk); the flag: whether everything
+    /// registered fits the window (else a mapped file's chunk is read and mapped in steps of
+    /// [`SHORT_STEP`]; see `populate`).
     Chunk(Arc<Job>, Vec<Range<u64>>, bool),
     /// Waits for a reader to read (the window is full).
     Wait,
