@@ -111,7 +111,7 @@ struct Segment {
     at: u64,
     dst_len: u64,
     fill: usize,
-    /// The file bytes of the whole tensor (see [`plan::Run::tensor`]).
+    /// The file bytes of the whole tensor (see [`crate::plan::Run::tensor_start`]).
     whole: Range<u64>,
 }
 
