@@ -3,6 +3,8 @@
 //! byte what one process loading alone gets; slice plans load exactly the slices.
 
 use std::ops::Range;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Barrier, Mutex};
 use weightlift::{Checkpoint, Dtype, LoadOptions, Share, StateDict};
 use weightlift_testkit::files::{Spec, disk_tempdir, moe, split, write_file, write_sharded};
 
@@ -87,6 +89,132 @@ fn ranks_read_their_share_once_and_end_with_everything() {
     );
 }
 
+/// A transport between threads standing in for ranks: every call is collective (all ranks
+/// make the same calls in the same order), as `torch.distributed`'s are.
+struct Loopback {
+    world: usize,
+    barrier: Barrier,
+    bytes: Mutex<Vec<u8>>,
+    statuses: Mutex<Vec<Option<String>>>,
+    sends: AtomicUsize,
+}
+
+impl Loopback {
+    fn new(world: usize) -> Loopback {
+        Loopback {
+            world,
+            barrier: Barrier::new(world),
+            bytes: Mutex::new(Vec::new()),
+            statuses: Mutex::new(vec![None; world]),
+            sends: AtomicUsize::new(0),
+        }
+    }
+
+    /// Every rank's status; an error naming the ranks that failed.
+    fn agree(&self, rank: usize, mine: Option<&weightlift::Error>) -> Result<(), String> {
+        self.statuses.lock().unwrap()[rank] = mine.map(|e| e.to_string());
+        self.barrier.wait();
+        let failed: Vec<String> = (self.statuses.lock().unwrap().iter().enumerate())
+            .filter_map(|(r, s)| s.as_ref().map(|s| format!("rank {r}: {s}")))
+            .collect();
+        self.barrier.wait();
+        match failed.is_empty() {
+            true => Ok(()),
+            false => Err(failed.join("; ")),
+        }
+    }
+
+    /// The owner's bytes into every other rank's.
+    fn broadcast(&self, rank: usize, owner: usize, bytes: &mut [u8]) -> Result<(), String> {
+        if rank == owner {
+            *self.bytes.lock().unwrap() = bytes.to_vec();
+            self.sends.fetch_add(1, Ordering::Relaxed);
+        }
+        self.barrier.wait();
+        if rank != owner {
+            bytes.copy_from_slice(&self.bytes.lock().unwrap());
+        }
+        self.barrier.wait();
+        Ok(())
+    }
+}
+
+/// Every rank plans its share, then reads it while exchanging, on threads of its own.
+fn exchanged(
+    ckpt: &Checkpoint,
+    options: impl Fn(usize) -> LoadOptions + Sync,
+    world: usize,
+    chunk: u64,
+) -> (Vec<Result<StateDict, String>>, usize) {
+    let net = Loopback::new(world);
+    let out = std::thread::scope(|s| {
+        let ranks: Vec<_> = (0..world)
+            .map(|rank| {
+                let (net, options) = (&net, &options);
+                s.spawn(move || {
+                    let mut load = ckpt
+                        .plan_share(&options(rank), Share { rank, world })
+                        .map_err(|e| e.to_string())?;
+                    load.exchange(
+                        chunk,
+                        |mine| net.agree(rank, mine),
+                        |span, bytes| net.broadcast(rank, span.owner, bytes),
+                    )
+                    .map_err(|e| e.to_string())?;
+                    Ok(load.finish())
+                })
+            })
+            .collect();
+        ranks.into_iter().map(|r| r.join().unwrap()).collect()
+    });
+    assert_eq!(net.world, world);
+    (out, net.sends.load(Ordering::Relaxed))
+}
+
+#[test]
+fn shares_read_while_they_are_exchanged_end_with_everything() {
+    let dir = disk_tempdir();
+    write_sharded(dir.path(), &split(moe(3, 24, 64, 32), 3), true);
+    let ckpt = Checkpoint::open(dir.path()).unwrap();
+    let options = LoadOptions::default().request_size(64 << 10);
+    let alone = bytes_by_name(&ckpt.load(&options).unwrap());
+    let total = ckpt.data_bytes();
+    for (world, chunk) in [(2, 100_000), (3, 1 << 20), (4, 4096)] {
+        let (ranks, sends) = exchanged(&ckpt, |_| options.clone(), world, chunk);
+        let mut sum = 0;
+        for (rank, state) in ranks.into_iter().enumerate() {
+            let state = state.unwrap();
+            assert_eq!(bytes_by_name(&state), alone, "rank {rank}/{world}");
+            sum += state.bytes_read();
+        }
+        assert_eq!(sum, total, "the storage is read once, not {world} times");
+        // Pieces of at most `chunk` bytes: the spans cut into as many rounds as it takes.
+        assert!(sends as u64 >= total / chunk, "{sends} pieces of {chunk}");
+    }
+}
+
+#[test]
+fn a_rank_whose_reads_fail_fails_every_rank_of_the_exchange() {
+    let dir = disk_tempdir();
+    write_sharded(dir.path(), &split(moe(3, 24, 64, 32), 3), true);
+    let ckpt = Checkpoint::open(dir.path()).unwrap();
+    // Rank 1's reads are called off before they start: its first piece never comes.
+    let cancelled = Arc::new(AtomicBool::new(true));
+    let options = |rank: usize| {
+        let options = LoadOptions::default().request_size(64 << 10);
+        match rank {
+            1 => options.cancel(Arc::clone(&cancelled)),
+            _ => options,
+        }
+    };
+    let (ranks, _) = exchanged(&ckpt, options, 2, 1 << 20);
+    for (rank, state) in ranks.into_iter().enumerate() {
+        let err = state.expect_err("every rank fails");
+        assert!(err.contains("rank 1: "), "rank {rank}: {err}");
+        assert!(err.to_lowercase().contains("cancel"), "rank {rank}: {err}");
+    }
+}
+
 #[test]
 fn slice_plans_load_exactly_the_slices() {
     let dir = disk_tempdir();
@@ -138,6 +266,10 @@ fn slice_plans_load_exactly_the_slices() {
         let both = shared(&ckpt, &options, 2);
         for (s, _) in &both {
             assert_eq!(bytes_by_name(s), bytes_by_name(&state));
+        }
+        let (both, _) = exchanged(&ckpt, |_| options.clone(), 2, 64 << 10);
+        for s in both {
+            assert_eq!(bytes_by_name(&s.unwrap()), bytes_by_name(&state));
         }
     }
 }

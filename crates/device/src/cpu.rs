@@ -85,6 +85,14 @@ pub struct CpuRegion<'a> {
     bytes: &'a mut [u8],
 }
 
+impl<'a> CpuRegion<'a> {
+    /// `bytes` of host memory as a region, for a caller that carves its regions itself
+    /// (regions of one buffer filled while other parts of it are in use).
+    pub fn new(bytes: &'a mut [u8]) -> CpuRegion<'a> {
+        CpuRegion { bytes }
+    }
+}
+
 impl Target for CpuTarget {
     type Alloc = HostBuffer;
     type Memory = HostBuffer;
@@ -153,8 +161,8 @@ fn populate(bytes: &mut [u8]) {
     if !bytes.is_empty() {
         let start = bytes.as_ptr() as usize & !(4096 - 1);
         let end = (bytes.as_ptr() as usize + bytes.len()).next_multiple_of(4096);
-        // SAFETY: `start..end` covers whole pages of the live anonymous mapping that holds
-        // `bytes` (the mapping is page-aligned and spans whole pages). POPULATE_WRITE only
+        // SAFETY: `start..end` covers the pages that hold at least one byte of `bytes`, all
+        // of them mapped and writable (`bytes` is a live mutable slice). POPULATE_WRITE only
         // makes those pages present and writable; it never changes their contents, so
         // neighbouring regions being written by other threads are unaffected.
         unsafe {

@@ -372,6 +372,77 @@ impl PyCheckpoint {
         Ok((grouped(py, &tensors, layout)?, files, spans, digest, read))
     }
 
+    /// A host load shared by `world` ranks whose exchange runs while this rank's share is
+    /// read (see `weightlift::SharedLoad::exchange`), driven by three callables of the
+    /// caller's transport: `begin(groups, report, spans, digest, read)` once planned (as
+    /// `load_share` returns them; the groups' memory is filled by the exchange and must not
+    /// be read before this call returns), then, once per round, `agree(error)` (this
+    /// rank's read failure as a string, or None: the transport tells every rank and raises
+    /// where any failed) and `send(owner, allocation, start, end)` per piece (the owner
+    /// broadcasts those bytes of `groups[allocation]`'s memory, the others receive them).
+    /// An exception from a callable ends the load with it.
+    #[pyo3(signature = (rank, world, chunk, begin, agree, send, threads=None, prefix=None, layout=Layout::Numpy, slices=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn load_share_exchanged(
+        &self,
+        py: Python<'_>,
+        rank: usize,
+        world: usize,
+        chunk: u64,
+        begin: Py<PyAny>,
+        agree: Py<PyAny>,
+        send: Py<PyAny>,
+        threads: Option<usize>,
+        prefix: Option<String>,
+        layout: Layout,
+        slices: Option<HashMap<String, Vec<(usize, usize)>>>,
+    ) -> PyResult<()> {
+        let options = load_options(Device::Cpu, threads, prefix, slices);
+        let ckpt = &self.ckpt;
+        let mut load = py
+            .detach(|| ckpt.plan_share(&options, weightlift::Share { rank, world }))
+            .map_err(py_err)?;
+        let spans: Vec<_> = load
+            .spans()
+            .iter()
+            .map(|s| (s.owner, s.allocation, s.range.start, s.range.end))
+            .collect();
+        let read: Vec<_> = load
+            .read_ranges()
+            .into_iter()
+            .map(|(s, r)| (s, r.start, r.end))
+            .collect();
+        // SAFETY: the Python side (`weightlift._distributed`) reads no byte of these tensors
+        // before this call returns, and writes only the pieces `send` names for other ranks
+        // (broadcasts into them); a failed load's tensors are dropped unread.
+        let state = unsafe { load.state_before_exchange() };
+        let files = report(py, state.files())?;
+        let groups = grouped(py, &state.into_tensors(), layout)?;
+        begin.call1(py, (groups, files, spans, load.digest(), read))?;
+        py.detach(|| {
+            load.exchange_spans(
+                chunk,
+                |mine| {
+                    let mine = mine.map(|e| e.to_string());
+                    Python::attach(|py| agree.call1(py, (mine,)).map(drop))
+                },
+                |span| {
+                    let at = (
+                        span.owner,
+                        span.allocation,
+                        span.range.start,
+                        span.range.end,
+                    );
+                    Python::attach(|py| send.call1(py, at).map(drop))
+                },
+            )
+        })
+        .map_err(|e| match e {
+            weightlift::ExchangeError::Load(e) => py_err(e),
+            weightlift::ExchangeError::Transport(e) => e,
+        })
+    }
+
     /// Drops `ranges` (`(shard, start, end)`, as `load_share` returns them) from the page
     /// cache.
     fn drop_cache(&self, py: Python<'_>, ranges: Vec<(usize, u64, u64)>) {

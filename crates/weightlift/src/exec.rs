@@ -68,11 +68,11 @@ pub(crate) struct Exec<'a> {
 }
 
 impl Exec<'_> {
-    fn cancelled(&self) -> bool {
+    pub(crate) fn cancelled(&self) -> bool {
         self.cancel.is_some_and(|c| c.load(Ordering::Relaxed))
     }
 
-    fn reported(&self, request: &Request) {
+    pub(crate) fn reported(&self, request: &Request) {
         let sp = &self.plan.shards[request.shard_plan as usize];
         self.progress.done(sp.shard, sp.bytes, request.len);
     }
@@ -191,7 +191,7 @@ impl Exec<'_> {
     }
 
     /// Tells each source how the plan reads it.
-    fn hint(&self) {
+    pub(crate) fn hint(&self) {
         for sp in &self.plan.shards {
             let shard = &self.shards[sp.shard];
             shard
@@ -202,7 +202,7 @@ impl Exec<'_> {
 
     /// Reads one request into `buf` (its destination range): one scatter read straight
     /// into the tensors' slots, skipping alignment padding (see [`read_stretches`]).
-    fn fill_request(&self, request: &Request, buf: &mut [u8]) -> Result<()> {
+    pub(crate) fn fill_request(&self, request: &Request, buf: &mut [u8]) -> Result<()> {
         let plan = self.plan;
         let sp = &plan.shards[request.shard_plan as usize];
         let shard = &self.shards[sp.shard];

@@ -57,7 +57,7 @@ pub use pool::default_threads;
 pub use prefetch::{Announcement, Prefetch};
 pub use progress::{Progress, ProgressFn};
 pub use shard::Shard;
-pub use share::{ExchangeSpan, Share, SharedLoad};
+pub use share::{ExchangeError, ExchangeSpan, Share, SharedLoad};
 pub use tensor::{Element, FileReport, Placement, StateDict, Tensor, TensorView};
 
 // The items of the lower crates that this crate's API uses (in signatures, errors and
