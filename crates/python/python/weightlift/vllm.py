@@ -206,7 +206,7 @@ def place(files, options, local_expert_ids=None):
     import time
     from concurrent.futures import ThreadPoolExecutor
 
-    from . import _args, _handle, _vllm_place
+    from . import _args, _gc, _handle, _vllm_place
 
     skip = _skip(local_expert_ids)
     files = sorted(files, key=_natural)
@@ -229,7 +229,7 @@ def place(files, options, local_expert_ids=None):
     workers = 2
     threads = options.get("threads") or max(1, ((os.cpu_count() or 2) - 1) // workers)
     start = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    with _gc.frozen(), ThreadPoolExecutor(max_workers=workers) as pool:
         source = _vllm_place.Source(open_handle, threads=threads, pool=pool)
         yield from source.weights(files, skip)
     logging.getLogger("weightlift.vllm").info(
@@ -249,7 +249,7 @@ def iterate(files, options, local_expert_ids=None):
     running in the background while vLLM copies this one's tensors into its parameters."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from . import _args, _arrays, _handle
+    from . import _args, _arrays, _gc, _handle
 
     skip = _skip(local_expert_ids)
     backend = "pread" if options.get("copy") else "auto"
@@ -288,7 +288,7 @@ def iterate(files, options, local_expert_ids=None):
         window = budget // 2 if budget is not None else memory_budget()[1]
     depth = max(1, min(3, window // max(largest, 1)))
     waited, start = 0.0, time.perf_counter()
-    with ThreadPoolExecutor(max_workers=depth) as pool:
+    with _gc.frozen(), ThreadPoolExecutor(max_workers=depth) as pool:
         ahead = [pool.submit(load, f) for f in files[:depth]]
         for i in range(len(files)):
             t = time.perf_counter()
