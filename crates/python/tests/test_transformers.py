@@ -3,6 +3,7 @@ and saved by transformers itself (sharded), loaded stock and patched; every para
 byte-identical and the logits identical; model ids resolve in a Hugging Face cache laid out
 as huggingface_hub lays it out; bad checkpoints fail the way they fail stock."""
 
+import gc
 import hashlib
 import json
 import os
@@ -93,15 +94,26 @@ def test_patched_from_pretrained_equals_stock(models, name, monkeypatch):
     if name == "moe":
         assert tensors_in(path) >= 4800
     stock = AutoModelForCausalLM.from_pretrained(path)
-    opened = []
+    opened, frozen = [], []
     real = _handle.open_handle
-    monkeypatch.setattr(_handle, "open_handle", lambda *a, **k: opened.append(a[0]) or real(*a, **k))
+
+    def watched(*a, **k):
+        opened.append(a[0])
+        if str(a[0]).endswith(".safetensors"):
+            frozen.append(gc.get_freeze_count())
+        return real(*a, **k)
+
+    monkeypatch.setattr(_handle, "open_handle", watched)
+    before = gc.get_freeze_count()
     with weightlift.patch():
         patched = AutoModelForCausalLM.from_pretrained(path)
     # The shards (each by its safe_open), and the directory (the early read; see below).
     files = sorted(os.path.basename(p) for p in opened if str(p).endswith(".safetensors"))
     assert files == sorted(shards), "weightlift opened the shards"
     assert_same_model(stock, patched)
+    # The objects older than the call were kept out of the collector's walks while it
+    # opened the shards (see weightlift._gc), and handed back.
+    assert min(frozen) > before and gc.get_freeze_count() == before
 
 
 def test_patch_replaces_every_imported_name_and_unpatch_restores_them(tmp_path, monkeypatch):
