@@ -80,7 +80,8 @@ impl MappedFile {
 
     /// Tells the kernel how the mapping will be read (readahead on page faults).
     ///
-    /// Read front to back (the default), the mapping is also advised `MADV_HUGEPAGE`: a fault
+    /// Read front to back (the default), the mapping is also advised `MADV_HUGEPAGE` where
+    /// the file's readahead is under 4 MiB (see `readahead::sequential_advice`): a fault
     /// that misses the page cache then reads the 2 MiB-aligned block around it as one 2 MiB
     /// folio (4 MiB ahead), whatever the file's readahead size. A script populating a fresh
     /// mapping of hf-moe cold in 16 MiB ranges (128 KiB `read_ahead_kb`, this VM's virtio
@@ -93,15 +94,15 @@ impl MappedFile {
     /// bytes around the selection, and [`MappedFile::populate`] reads its ranges ahead
     /// exactly.
     pub fn hint(&self, pattern: AccessPattern) {
-        let advice = match pattern {
-            AccessPattern::Sequential => [Advice::Sequential, Advice::HugePage],
-            AccessPattern::Sparse => [Advice::Random, Advice::NoHugePage],
+        let advice: &[Advice] = match pattern {
+            AccessPattern::Sequential => crate::readahead::sequential_advice(&self.file),
+            AccessPattern::Sparse => &[Advice::Random, Advice::NoHugePage],
         };
         self.sparse
             .store(pattern == AccessPattern::Sparse, Ordering::Relaxed);
         // Hints: losing them only costs speed (kernels without transparent huge pages
         // refuse `MADV_HUGEPAGE`; the readahead advice stands).
-        for advice in advice {
+        for &advice in advice {
             let _ = self.map.advise(advice);
         }
     }

@@ -73,12 +73,13 @@ impl ByteSource for MmapSource {
 
     fn hint(&self, pattern: AccessPattern) {
         // As `MappedFile::hint` does, for the same reasons: read front to back, faults read
-        // 2 MiB folios; a sparse selection reads nothing around it.
-        let advice = match pattern {
-            AccessPattern::Sequential => [Advice::Sequential, Advice::HugePage],
-            AccessPattern::Sparse => [Advice::Random, Advice::NoHugePage],
+        // 2 MiB folios where the readahead is smaller; a sparse selection reads nothing
+        // around it.
+        let advice: &[Advice] = match pattern {
+            AccessPattern::Sequential => crate::readahead::sequential_advice(&self.file),
+            AccessPattern::Sparse => &[Advice::Random, Advice::NoHugePage],
         };
-        for advice in advice {
+        for &advice in advice {
             let _ = self.map.advise(advice);
         }
     }
