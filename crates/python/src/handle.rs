@@ -353,17 +353,8 @@ impl PyCheckpoint {
                 let load = self
                     .ckpt
                     .load_share(&options, weightlift::Share { rank, world })?;
-                let spans: Vec<_> = load
-                    .spans()
-                    .iter()
-                    .map(|s| (s.owner, s.allocation, s.range.start, s.range.end))
-                    .collect();
+                let (spans, read) = share_layout(&load);
                 let digest = load.digest();
-                let read: Vec<_> = load
-                    .read_ranges()
-                    .into_iter()
-                    .map(|(s, r)| (s, r.start, r.end))
-                    .collect();
                 Ok::<_, Error>((load.finish(), spans, digest, read))
             })
             .map_err(py_err)?;
@@ -402,16 +393,7 @@ impl PyCheckpoint {
         let mut load = py
             .detach(|| ckpt.plan_share(&options, weightlift::Share { rank, world }))
             .map_err(py_err)?;
-        let spans: Vec<_> = load
-            .spans()
-            .iter()
-            .map(|s| (s.owner, s.allocation, s.range.start, s.range.end))
-            .collect();
-        let read: Vec<_> = load
-            .read_ranges()
-            .into_iter()
-            .map(|(s, r)| (s, r.start, r.end))
-            .collect();
+        let (spans, read) = share_layout(&load);
         // SAFETY: the Python side (`weightlift._distributed`) reads no byte of these tensors
         // before this call returns, and writes only the pieces `send` names for other ranks
         // (broadcasts into them); a failed load's tensors are dropped unread.
@@ -597,6 +579,25 @@ impl PyCheckpoint {
     fn __len__(&self) -> usize {
         self.ckpt.len()
     }
+}
+
+/// A shared load's spans, `(owner, allocation, start, end)`, and the file ranges it reads,
+/// `(shard, start, end)`, as `load_share` and `load_share_exchanged` hand them to Python.
+#[allow(clippy::type_complexity)]
+fn share_layout(
+    load: &weightlift::SharedLoad<'_>,
+) -> (Vec<(usize, usize, u64, u64)>, Vec<(usize, u64, u64)>) {
+    let spans = load
+        .spans()
+        .iter()
+        .map(|s| (s.owner, s.allocation, s.range.start, s.range.end))
+        .collect();
+    let read = load
+        .read_ranges()
+        .into_iter()
+        .map(|(s, r)| (s, r.start, r.end))
+        .collect();
+    (spans, read)
 }
 
 /// Load options from the Python arguments shared by `load` and `load_share`.

@@ -129,7 +129,7 @@ mod tests {
     use std::io::Write;
 
     #[test]
-    fn a_step_is_the_larger_of_the_request_and_readahead_sizes() {
+    fn a_step_is_the_larger_of_the_request_and_readahead_sizes_and_readahead_is_read_alone() {
         let sys = tempfile::tempdir().unwrap();
         let write = |rel: &str, text: &str| {
             let path = sys.path().join(rel);
@@ -150,12 +150,16 @@ mod tests {
         )
         .unwrap();
         assert_eq!(step_of(sys.path(), 8, 17), 256 << 10);
+        // The readahead alone (what decides a mapping's advice): the disk's for a partition.
+        assert_eq!(readahead_of(sys.path(), 8, 17), Some(128 << 10));
         write("dev/block/9:0/queue/max_sectors_kb", "512");
         write("dev/block/9:0/queue/read_ahead_kb", "8192");
         assert_eq!(step_of(sys.path(), 9, 0), 8192 << 10);
         // A network filesystem: readahead only.
         write("class/bdi/0:53/read_ahead_kb", "1024");
         assert_eq!(step_of(sys.path(), 0, 53), 1 << 20);
+        assert_eq!(readahead_of(sys.path(), 0, 53), Some(1 << 20));
+        assert_eq!(readahead_of(sys.path(), 0, 99), None);
         // Nothing known, or nonsense: the kernel's default, or the bounds.
         assert_eq!(step_of(sys.path(), 0, 99), DEFAULT_STEP);
         write("class/bdi/0:54/read_ahead_kb", "0");
@@ -170,30 +174,6 @@ mod tests {
         // the mapping is never dereferenced, only asked about with `mincore`.
         let map = unsafe { memmap2::Mmap::map(file) }.unwrap();
         crate::auto::resident_pages_of(&map, 0, len.div_ceil(4096)).unwrap() * 4096
-    }
-
-    #[test]
-    fn the_readahead_is_the_disks_or_the_filesystems() {
-        let sys = tempfile::tempdir().unwrap();
-        let write = |rel: &str, text: &str| {
-            let path = sys.path().join(rel);
-            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-            std::fs::write(path, text).unwrap();
-        };
-        // A partition: its disk's queue.
-        write("devices/vda/queue/read_ahead_kb", "8192\n");
-        std::fs::create_dir_all(sys.path().join("devices/vda/vda1")).unwrap();
-        std::fs::create_dir_all(sys.path().join("dev/block")).unwrap();
-        std::os::unix::fs::symlink(
-            sys.path().join("devices/vda/vda1"),
-            sys.path().join("dev/block/254:1"),
-        )
-        .unwrap();
-        assert_eq!(readahead_of(sys.path(), 254, 1), Some(8 << 20));
-        // NFS or FUSE: the filesystem's own.
-        write("class/bdi/0:60/read_ahead_kb", "128");
-        assert_eq!(readahead_of(sys.path(), 0, 60), Some(128 << 10));
-        assert_eq!(readahead_of(sys.path(), 0, 61), None);
     }
 
     #[test]

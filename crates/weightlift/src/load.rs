@@ -175,6 +175,25 @@ impl Checkpoint {
         thread_pool(threads, "weightlift")
     }
 
+    /// Runs `f` with an execution of `plan` on the load's threads, reporting the plan's
+    /// bytes as its progress and stopping at the load's cancel flag.
+    pub(crate) fn with_exec<R>(
+        &self,
+        plan: &ReadPlan,
+        options: &LoadOptions,
+        f: impl FnOnce(&Exec<'_>) -> Result<R>,
+    ) -> Result<R> {
+        let progress = self.progress_sink(options, plan.bytes);
+        let pool = self.pool(options)?;
+        f(&Exec {
+            shards: self.shards(),
+            plan,
+            pool: &pool,
+            progress: &progress,
+            cancel: options.cancel.as_deref(),
+        })
+    }
+
     /// Where a load of `bytes` bytes reports its progress.
     pub(crate) fn progress_sink(&self, options: &LoadOptions, bytes: u64) -> ProgressSink {
         ProgressSink::new(self.shards().len(), bytes, options.progress.clone())
@@ -324,16 +343,9 @@ impl Checkpoint {
             weightlift_device::Target::max_region(target),
             convert_fn,
         );
-        let progress = self.progress_sink(options, plan.bytes);
-        let pool = self.pool(options)?;
-        let run = Exec {
-            shards: self.shards(),
-            plan: &plan,
-            pool: &pool,
-            progress: &progress,
-            cancel: options.cancel.as_deref(),
-        };
-        let memories = run.fill(target, 0..plan.requests.len())?;
+        let memories = self.with_exec(&plan, options, |run| {
+            run.fill(target, 0..plan.requests.len())
+        })?;
         let tensors = self
             .shard_tensors(&plan, memories, |memory| Storage::Device {
                 memory: Arc::new(memory),

@@ -40,7 +40,6 @@
 
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
-use crate::exec::Exec;
 use crate::memory::HostMemory;
 use crate::options::LoadOptions;
 use crate::plan::{ReadPlan, Request};
@@ -247,16 +246,8 @@ impl Checkpoint {
         }
         let memories = if read {
             let part = plan.share(share.rank, share.world);
-            let progress = self.progress_sink(options, plan.bytes);
-            let pool = self.pool(options)?;
-            let run = Exec {
-                shards: self.shards(),
-                plan: &plan,
-                pool: &pool,
-                progress: &progress,
-                cancel: options.cancel.as_deref(),
-            };
-            run.fill(target, part)?.into_iter().map(wrap).collect()
+            let memories = self.with_exec(&plan, options, |run| run.fill(target, part))?;
+            memories.into_iter().map(wrap).collect()
         } else {
             plan.shards
                 .iter()
@@ -603,55 +594,48 @@ impl SharedLoad<'_> {
     /// marking each one done in `mark` (or the first failure); stops early once `stop` is
     /// set.
     fn read_in_order(&self, mine: &[Request], mark: &Watermark, stop: &AtomicBool) {
-        let ckpt = self.ckpt;
-        let pool = match ckpt.pool(&self.options) {
-            Ok(pool) => pool,
-            Err(e) => return mark.fail(e),
-        };
-        let progress = ckpt.progress_sink(&self.options, self.plan.bytes);
-        let run = Exec {
-            shards: ckpt.shards(),
-            plan: &self.plan,
-            pool: &pool,
-            progress: &progress,
-            cancel: self.options.cancel.as_deref(),
-        };
-        run.hint();
-        let next = AtomicUsize::new(0);
-        let threads = pool.current_num_threads().min(mine.len()).max(1);
-        pool.install(|| {
-            (0..threads).into_par_iter().for_each(|_| {
-                while let Some((i, request)) = {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    mine.get(i).map(|r| (i, r))
-                } {
-                    if stop.load(Ordering::Relaxed) || mark.failed() {
-                        return;
-                    }
-                    if run.cancelled() {
-                        return mark.fail(Error::Cancelled);
-                    }
-                    // SAFETY: the request's destination lies in this rank's spans, which
-                    // no one else writes (the exchange receives only other ranks' spans) and
-                    // no one reads until the watermark passes the request; destinations of
-                    // different requests are disjoint.
-                    let bytes =
-                        unsafe { self.bytes(request.shard_plan as usize, request.dst.clone()) };
-                    let Some(bytes) = bytes else {
-                        return mark.fail(Error::InvalidOption(
-                            "a request's destination lies outside its allocation".into(),
-                        ));
-                    };
-                    match CpuRegion::new(bytes).fill(|buf| run.fill_request(request, buf)) {
-                        Ok(()) => {
-                            run.reported(request);
-                            mark.done(i);
+        let read = self.ckpt.with_exec(&self.plan, &self.options, |run| {
+            run.hint();
+            let next = AtomicUsize::new(0);
+            let threads = run.pool.current_num_threads().min(mine.len()).max(1);
+            run.pool.install(|| {
+                (0..threads).into_par_iter().for_each(|_| {
+                    while let Some((i, request)) = {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        mine.get(i).map(|r| (i, r))
+                    } {
+                        if stop.load(Ordering::Relaxed) || mark.failed() {
+                            return;
                         }
-                        Err(e) => return mark.fail(e),
+                        if run.cancelled() {
+                            return mark.fail(Error::Cancelled);
+                        }
+                        // SAFETY: the request's destination lies in this rank's spans, which
+                        // no one else writes (the exchange receives only other ranks' spans)
+                        // and no one reads until the watermark passes the request;
+                        // destinations of different requests are disjoint.
+                        let bytes =
+                            unsafe { self.bytes(request.shard_plan as usize, request.dst.clone()) };
+                        let Some(bytes) = bytes else {
+                            return mark.fail(Error::InvalidOption(
+                                "a request's destination lies outside its allocation".into(),
+                            ));
+                        };
+                        match CpuRegion::new(bytes).fill(|buf| run.fill_request(request, buf)) {
+                            Ok(()) => {
+                                run.reported(request);
+                                mark.done(i);
+                            }
+                            Err(e) => return mark.fail(e),
+                        }
                     }
-                }
-            })
+                })
+            });
+            Ok(())
         });
+        if let Err(e) = read {
+            mark.fail(e);
+        }
     }
 }
 
