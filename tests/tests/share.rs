@@ -194,6 +194,72 @@ fn shares_read_while_they_are_exchanged_end_with_everything() {
 }
 
 #[test]
+fn the_exchange_starts_before_a_rank_has_read_its_share() {
+    let dir = disk_tempdir();
+    write_sharded(dir.path(), &split(moe(3, 24, 64, 32), 3), true);
+    let ckpt = Checkpoint::open(dir.path()).unwrap();
+    // Rank 0's reads stop after their first request until a piece has been exchanged: an
+    // exchange that waited for the whole share would never send one (the wait times out
+    // and says so).
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let rx = Mutex::new(rx);
+    let overlapped = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&overlapped);
+    let waited = AtomicBool::new(false);
+    let net = Loopback::new(2);
+    let sent = Mutex::new(Some(tx));
+    let options = LoadOptions::default()
+        .request_size(64 << 10)
+        .threads(1)
+        .progress(move |_| {
+            if !waited.swap(true, Ordering::SeqCst) {
+                let got = rx
+                    .lock()
+                    .unwrap()
+                    .recv_timeout(std::time::Duration::from_secs(20));
+                flag.store(got.is_ok(), Ordering::SeqCst);
+            }
+        });
+    let states: Vec<StateDict> = std::thread::scope(|s| {
+        let ranks: Vec<_> = (0..2)
+            .map(|rank| {
+                let (net, sent) = (&net, &sent);
+                let options = match rank {
+                    0 => options.clone(),
+                    _ => LoadOptions::default().request_size(64 << 10),
+                };
+                let ckpt = &ckpt;
+                s.spawn(move || {
+                    let mut load = ckpt.plan_share(&options, Share { rank, world: 2 }).unwrap();
+                    load.exchange(
+                        4096,
+                        |mine| net.agree(rank, mine),
+                        |span, bytes| {
+                            net.broadcast(rank, span.owner, bytes)?;
+                            if let Some(tx) = sent.lock().unwrap().take() {
+                                let _ = tx.send(());
+                            }
+                            Ok(())
+                        },
+                    )
+                    .unwrap();
+                    load.finish()
+                })
+            })
+            .collect();
+        ranks.into_iter().map(|r| r.join().unwrap()).collect()
+    });
+    assert!(
+        overlapped.load(Ordering::SeqCst),
+        "a piece was exchanged while rank 0 still had its share to read"
+    );
+    let alone = bytes_by_name(&ckpt.load(&LoadOptions::default()).unwrap());
+    for state in &states {
+        assert_eq!(bytes_by_name(state), alone);
+    }
+}
+
+#[test]
 fn a_rank_whose_reads_fail_fails_every_rank_of_the_exchange() {
     let dir = disk_tempdir();
     write_sharded(dir.path(), &split(moe(3, 24, 64, 32), 3), true);

@@ -88,8 +88,13 @@ const HUGE_FAULT_READ: u64 = 4 << 20;
 /// (this VM's 8 MiB readahead: touching a mapped 1.18 GiB checkpoint cold took 1.4-1.9 s
 /// advised, 0.34-0.44 s not).
 pub(crate) fn sequential_advice(file: &File) -> &'static [memmap2::Advice] {
+    advice_for(readahead(file))
+}
+
+/// [`sequential_advice`] for a device whose readahead is `readahead` (None: unknown).
+fn advice_for(readahead: Option<u64>) -> &'static [memmap2::Advice] {
     use memmap2::Advice;
-    match readahead(file) {
+    match readahead {
         Some(bytes) if bytes >= HUGE_FAULT_READ => &[Advice::Sequential],
         _ => &[Advice::Sequential, Advice::HugePage],
     }
@@ -166,6 +171,18 @@ mod tests {
         assert_eq!(step_of(sys.path(), 0, 54), MIN_STEP);
         write("class/bdi/0:55/read_ahead_kb", "cheese");
         assert_eq!(step_of(sys.path(), 0, 55), DEFAULT_STEP);
+    }
+
+    #[test]
+    fn huge_pages_are_advised_only_where_faults_would_read_less_than_they_make_them() {
+        use memmap2::Advice;
+        let huge = |ra| advice_for(ra).contains(&Advice::HugePage);
+        assert!(huge(Some(128 << 10)), "the kernel's default readahead");
+        assert!(huge(Some(2 << 20)));
+        assert!(huge(None), "unknown: as measured for the default");
+        assert!(!huge(Some(4 << 20)));
+        assert!(!huge(Some(8 << 20)), "this VM's readahead");
+        assert!(advice_for(Some(8 << 20)).contains(&Advice::Sequential));
     }
 
     /// The bytes of the first `len` of `file` in the page cache.

@@ -623,8 +623,10 @@ impl SharedLoad<'_> {
                         };
                         match CpuRegion::new(bytes).fill(|buf| run.fill_request(request, buf)) {
                             Ok(()) => {
-                                run.reported(request);
+                                // The exchange first: a slow progress callback must not
+                                // hold back the pieces this request completes.
                                 mark.done(i);
+                                run.reported(request);
                             }
                             Err(e) => return mark.fail(e),
                         }
