@@ -12,9 +12,11 @@
 //!   tensors from the load (a view, no copy);
 //! - a URL that does not fit: not prefetched; reads fetch their own bytes.
 //!
-//! Reads of mapped files never wait: they take the mapping's pages, populated or not. Reads
-//! of files loaded whole wait for the load (or, if it failed or was called off, read the
-//! file themselves and report their own errors). No lock is held outside this module and
+//! Reads through the window wait for the chunks holding their bytes where the window holds
+//! the whole checkpoint (populating them themselves where no thread has taken them: see
+//! `State::claim` in [`crate::window`]); on a host short of memory they take the mapping's
+//! pages, populated or not. Reads of files loaded whole wait for the load (or, if it
+//! failed or was called off, read the file themselves and report their own errors). No lock is held outside this module and
 //! the window: a caller cannot keep one while it waits for something else (an interpreter's
 //! lock, say), so a reader cannot deadlock against the prefetch or another reader.
 
@@ -279,6 +281,7 @@ impl Prefetch {
         };
         match &self.ways[s] {
             Way::Window(job) => {
+                window().serve(job, t);
                 let read = self.ckpt.read_slice(name, ranges, false);
                 window().consumed(job, t);
                 read
