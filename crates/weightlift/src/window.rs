@@ -573,16 +573,34 @@ impl Window {
                 }
                 Claim::Take(job, ranges, fits, c) => {
                     drop(state);
-                    BUF.with(|buf| {
-                        for range in ranges {
-                            populate(&job, range, fits, &mut buf.borrow_mut());
-                        }
-                    });
+                    BUF.with(|buf| self.run_chunk(&job, c, ranges, fits, &mut buf.borrow_mut()));
                     state = self.lock();
-                    state.finished(job.id, c);
-                    self.wake.notify_all();
                 }
             }
+        }
+    }
+
+    /// Populates chunk `c` of `job`'s file (its `ranges`), then marks it finished and wakes
+    /// whoever waits for it, even where populating panics: a reader waiting for the chunk
+    /// must not wait forever.
+    fn run_chunk(
+        &self,
+        job: &Arc<Job>,
+        c: usize,
+        ranges: Vec<Range<u64>>,
+        fits: bool,
+        buf: &mut Vec<u8>,
+    ) {
+        struct Finish<'a>(&'a Window, u64, usize);
+        impl Drop for Finish<'_> {
+            fn drop(&mut self) {
+                self.0.lock().finished(self.1, self.2);
+                self.0.wake.notify_all();
+            }
+        }
+        let _finish = Finish(self, job.id, c);
+        for range in ranges {
+            populate(job, range, fits, buf);
         }
     }
 
@@ -614,12 +632,8 @@ impl Window {
             match state.next() {
                 Next::Chunk(job, ranges, fits, c) => {
                     drop(state);
-                    for range in ranges {
-                        populate(&job, range, fits, &mut buf);
-                    }
+                    self.run_chunk(&job, c, ranges, fits, &mut buf);
                     state = self.lock();
-                    state.finished(job.id, c);
-                    self.wake.notify_all();
                 }
                 // Full: wait for a reader (or a cancellation), then look again.
                 Next::Wait => {
