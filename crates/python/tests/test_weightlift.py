@@ -356,6 +356,65 @@ def test_urls_load_like_files(files, tmp_path):
         server.wait()
 
 
+def resident(path, offset, length):
+    """Whether every page of `offset..offset + length` of `path` is in the page cache
+    (`mincore` on a private mapping of it, which reads nothing)."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    page = mmap.PAGESIZE
+    start = offset // page * page
+    pages = (offset + length - start + page - 1) // page
+    vec = (ctypes.c_ubyte * pages)()
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) as m:
+        first = ctypes.c_char.from_buffer(m)
+        try:
+            ok = libc.mincore(
+                ctypes.c_void_p(ctypes.addressof(first) + start), ctypes.c_size_t(pages * page), vec
+            )
+        finally:
+            del first
+    assert ok == 0, os.strerror(ctypes.get_errno())
+    return all(v & 1 for v in vec)
+
+
+def test_the_first_read_starts_the_prefetch_of_every_file_opened_to_prefetch(tmp_path):
+    """A loader opens every file of a model, then reads them one after another: the first
+    read starts the prefetch of every file opened to prefetch and still open (the window
+    reads the next files while the reader is on the first), not of one closed, nor of one
+    opened without a prefetch."""
+    import time
+
+    from cgroups import evict
+
+    paths = []
+    for i in range(5):
+        path = str(tmp_path / f"model-{i}.safetensors")
+        save_file({f"w{i}.{j}": np.full((1 << 20,), i * 2 + j, dtype=np.float32) for j in range(2)}, path)
+        paths.append(path)
+    evict(paths)
+    last = os.path.getsize(paths[0]) - 4096
+    opened = [weightlift.safe_open(p, "np", prefetch=True) for p in paths[:3]]
+    closed = weightlift.safe_open(paths[3], "np", prefetch=True)
+    closed.__exit__(None, None, None)
+    plain = weightlift.safe_open(paths[4], "np")
+    try:
+        assert not any(resident(p, last, 4096) for p in paths)
+        assert (opened[0].get_tensor("w0.1") == 1).all()
+        deadline = time.monotonic() + 60
+        while not all(resident(p, 0, last + 4096) for p in paths[:3]):
+            assert time.monotonic() < deadline, "the files opened to prefetch were not read"
+            time.sleep(0.05)
+        assert not resident(paths[3], last, 4096), "a closed handle's file was read"
+        assert not resident(paths[4], last, 4096), "a file opened without a prefetch was read"
+        for i, f in enumerate(opened):
+            assert (f.get_tensor(f"w{i}.0") == i * 2).all()
+    finally:
+        for f in (*opened, plain):
+            f.__exit__(None, None, None)
+
+
 PREFETCH_READERS = """
 import sys, threading
 import weightlift
