@@ -94,10 +94,7 @@ impl MappedFile {
     /// bytes around the selection, and [`MappedFile::populate`] reads its ranges ahead
     /// exactly.
     pub fn hint(&self, pattern: AccessPattern) {
-        let advice: &[Advice] = match pattern {
-            AccessPattern::Sequential => crate::readahead::sequential_advice(&self.file),
-            AccessPattern::Sparse => &[Advice::Random, Advice::NoHugePage],
-        };
+        let advice = crate::readahead::mapping_advice(&self.file, pattern);
         self.sparse
             .store(pattern == AccessPattern::Sparse, Ordering::Relaxed);
         // Hints: losing them only costs speed (kernels without transparent huge pages

@@ -5,7 +5,7 @@
 //! mapping crashes the process with `SIGBUS` (hence the `unsafe` constructor).
 
 use crate::{AccessPattern, BackendKind, ByteSource, eof_error};
-use memmap2::{Advice, Mmap};
+use memmap2::Mmap;
 use std::fs::File;
 use std::io;
 use std::path::Path;
@@ -75,10 +75,7 @@ impl ByteSource for MmapSource {
         // As `MappedFile::hint` does, for the same reasons: read front to back, faults read
         // 2 MiB folios where the readahead is smaller; a sparse selection reads nothing
         // around it.
-        let advice: &[Advice] = match pattern {
-            AccessPattern::Sequential => crate::readahead::sequential_advice(&self.file),
-            AccessPattern::Sparse => &[Advice::Random, Advice::NoHugePage],
-        };
+        let advice = crate::readahead::mapping_advice(&self.file, pattern);
         for &advice in advice {
             let _ = self.map.advise(advice);
         }

@@ -91,6 +91,20 @@ pub(crate) fn sequential_advice(file: &File) -> &'static [memmap2::Advice] {
     advice_for(readahead(file))
 }
 
+/// The advice for a mapping of `file` read the way `pattern` says (both kinds of mapping
+/// take it): read front to back, [`sequential_advice`]; a sparse selection, no readahead
+/// and no huge pages, so that faults read nothing around it.
+pub(crate) fn mapping_advice(
+    file: &File,
+    pattern: crate::AccessPattern,
+) -> &'static [memmap2::Advice] {
+    use memmap2::Advice;
+    match pattern {
+        crate::AccessPattern::Sequential => sequential_advice(file),
+        crate::AccessPattern::Sparse => &[Advice::Random, Advice::NoHugePage],
+    }
+}
+
 /// [`sequential_advice`] for a device whose readahead is `readahead` (None: unknown).
 fn advice_for(readahead: Option<u64>) -> &'static [memmap2::Advice] {
     use memmap2::Advice;

@@ -124,6 +124,16 @@ impl Entry {
         }
     }
 
+    /// Bytes of chunk `c` that hold tensors no reader has read yet.
+    fn unread_in(&self, c: usize) -> u64 {
+        let (range, tensors) = &self.chunks[c];
+        tensors
+            .clone()
+            .filter(|&t| !self.consumed[t])
+            .map(|t| overlap(&self.ranges[t], range))
+            .sum()
+    }
+
     /// The chunks that hold bytes of tensor `t`.
     fn chunks_of(&self, t: usize) -> Range<usize> {
         let range = &self.ranges[t];
@@ -307,12 +317,8 @@ impl State {
     fn take(&mut self, at: usize, c: usize) -> (Arc<Job>, Vec<Range<u64>>, bool) {
         let fits = self.fits(self.entries[at].limit);
         let entry = &mut self.entries[at];
+        let unread = entry.unread_in(c);
         let (range, tensors) = entry.chunks[c].clone();
-        let unread: u64 = tensors
-            .clone()
-            .filter(|&t| !entry.consumed[t])
-            .map(|t| overlap(&entry.ranges[t], &range))
-            .sum();
         entry.mark_taken(c);
         entry.in_flight = Some(c);
         // On a host short of memory, only what no reader has read yet: the pages of what
@@ -397,12 +403,7 @@ impl State {
             let ahead = self.ahead;
             let entry = &mut self.entries[pick];
             let c = entry.next;
-            let (range, tensors) = entry.chunks[c].clone();
-            let unread: u64 = tensors
-                .clone()
-                .filter(|&t| !entry.consumed[t])
-                .map(|t| overlap(&entry.ranges[t], &range))
-                .sum();
+            let unread = entry.unread_in(c);
             if unread == 0 && !fits {
                 // Every tensor of the chunk was read already, on a host short of memory:
                 // whatever its readers left unpopulated, their own touches bring in (a
