@@ -108,6 +108,11 @@ fn ranges_of(ranges: Option<Vec<(usize, usize)>>) -> Vec<Range<usize>> {
 }
 
 impl PyCheckpoint {
+    /// The checkpoint.
+    pub(crate) fn checkpoint(&self) -> &Arc<Checkpoint> {
+        &self.ckpt
+    }
+
     /// One tensor (or the block `ranges` of it), through the prefetch where there is one.
     fn read(&self, py: Python<'_>, name: &str, ranges: Vec<Range<usize>>) -> PyResult<Tensor> {
         // Without the GIL: a read may wait for the prefetch, and the prefetch's own lock is

@@ -12,7 +12,9 @@
 //! - `handle`: the open checkpoint (`safe_open`'s and `load_checkpoint`'s), its prefetch
 //!   and loads.
 //! - `staging`: the pinned pools placement loads into GPUs share.
+//! - `assemble`: fused parameters made in place of pieces of the files.
 
+mod assemble;
 mod dlpack;
 mod errors;
 mod handle;
@@ -94,5 +96,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(byte_len, m)?)?;
     m.add_function(wrap_pyfunction!(memory_budget, m)?)?;
     m.add_function(wrap_pyfunction!(parse_size, m)?)?;
+    m.add_function(wrap_pyfunction!(assemble::assemble, m)?)?;
     Ok(())
 }

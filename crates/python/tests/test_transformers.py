@@ -6,6 +6,7 @@ as huggingface_hub lays it out; bad checkpoints fail the way they fail stock."""
 import gc
 import hashlib
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -335,3 +336,88 @@ print("ok", early[0])
 """
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.startswith("ok"), out.stdout + out.stderr[-3000:]
+
+
+def file_backed(tensor):
+    """The files (paths) whose private mappings hold part of `tensor`'s bytes, from
+    /proc/self/maps."""
+    start = tensor.data_ptr()
+    end = start + tensor.numel() * tensor.element_size()
+    found = set()
+    with open("/proc/self/maps") as f:
+        for line in f:
+            parts = line.split(maxsplit=5)
+            lo, hi = (int(x, 16) for x in parts[0].split("-"))
+            if lo < end and start < hi and len(parts) == 6 and parts[5].strip().startswith("/"):
+                found.add(parts[5].strip())
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_fused_experts_are_assembled_from_the_files_pages(tmp_path, monkeypatch):
+    """A layer's experts stacked into one parameter are made of the files' own pages (each
+    expert's whole pages mapped privately where it goes, the pages two experts share
+    copied), not copied into fresh memory: byte-identical to stock, writable without the
+    file changing, and filled the ordinary way where assembling is not possible."""
+    torch.manual_seed(0)
+    # Experts of 64 x 576 bf16 (18 pages): large enough to map; shards of 1 MB cut layers
+    # across files (pieces of one parameter in two files, in two phases).
+    config = Qwen3MoeConfig(
+        vocab_size=256,
+        hidden_size=576,
+        intermediate_size=128,
+        moe_intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_experts=8,
+        num_experts_per_tok=2,
+        max_position_embeddings=64,
+    )
+    AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(
+        tmp_path, max_shard_size="1MB"
+    )
+    files = sorted(f for f in os.listdir(tmp_path) if f.endswith(".safetensors"))
+    assert len(files) >= 3, files
+    digest = lambda: [hashlib.sha256((tmp_path / f).read_bytes()).hexdigest() for f in files]  # noqa: E731
+    before = digest()
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path)
+
+    lines = []
+    handler = logging.Handler()
+    handler.emit = lambda r: lines.append(r.getMessage())
+    log = logging.getLogger("weightlift.transformers")
+    log.addHandler(handler)
+    monkeypatch.setattr(log, "level", logging.DEBUG)
+    try:
+        with weightlift.patch():
+            patched = AutoModelForCausalLM.from_pretrained(tmp_path)
+    finally:
+        log.removeHandler(handler)
+    assert_same_model(stock, patched)
+    summary = [l for l in lines if "assembled:" in l]
+    assert summary, lines
+    mapped = int(summary[0].split(" bytes mapped")[0].rsplit(" ", 1)[1])
+    assert mapped > 0, summary
+    experts = {n: p for n, p in patched.named_parameters() if ".experts." in n}
+    assert experts
+    for name, p in experts.items():
+        held = file_backed(p)
+        assert held and all(h.endswith(".safetensors") for h in held), (name, held)
+    # Writes go to private copies of the pages.
+    with torch.no_grad():
+        for p in experts.values():
+            p.add_(1)
+    assert digest() == before
+    assert not torch.equal(raw(next(iter(experts.values()))), raw(dict(stock.named_parameters())[next(iter(experts))]))
+    del patched
+
+    # Where nothing can be assembled, the same parameters, filled.
+    from weightlift import _native
+
+    monkeypatch.setattr(_native, "assemble", lambda jobs: ([None] * len(jobs), 0, 0))
+    with weightlift.patch():
+        filled = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert_same_model(stock, filled)
+    assert all(not file_backed(p) for n, p in filled.named_parameters() if ".experts." in n)

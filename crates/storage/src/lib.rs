@@ -13,6 +13,7 @@
 //! short buffer of stale bytes, so a file that shrinks during a load is detected.
 
 mod aligned;
+mod assembly;
 mod auto;
 mod direct;
 mod error;
@@ -28,6 +29,7 @@ pub mod remote;
 mod store;
 
 pub use aligned::{AlignedBuf, PAGE};
+pub use assembly::{Assembly, MIN_MAPPED, map_room};
 pub use auto::{
     AutoPolicy, FsKind, Residency, available_memory, fs_kind, map_advice, residency, residency_in,
 };

@@ -73,6 +73,11 @@ impl MappedFile {
         self.map.is_empty()
     }
 
+    /// The file mapped.
+    pub(crate) fn file(&self) -> &File {
+        &self.file
+    }
+
     /// The file's length now.
     pub fn current_len(&self) -> Option<u64> {
         self.file.metadata().ok().map(|m| m.len())

@@ -203,11 +203,11 @@ impl Checkpoint {
             .memory_budget
             .clone()
             .unwrap_or_else(MemoryBudget::detect);
-        Checkpoint::assemble(location, index, shards, store, options.mapping, budget)
+        Checkpoint::from_parts(location, index, shards, store, options.mapping, budget)
     }
 
     /// Checks the shards against the index (or each other) and builds the checkpoint.
-    fn assemble(
+    fn from_parts(
         location: Location,
         index: Option<(Location, ShardIndex)>,
         shards: Vec<Shard>,

@@ -22,6 +22,7 @@
 //! is loaded at run time, so the feature builds anywhere). [`Checkpoint::load_staged`] runs
 //! the GPU pipeline over any [`CopyEngine`].
 
+mod assemble;
 mod budget;
 mod checkpoint;
 mod convert;
@@ -45,6 +46,7 @@ mod tensor;
 mod trail;
 mod window;
 
+pub use assemble::{AssembleReport, Piece};
 pub use budget::MemoryBudget;
 pub use checkpoint::{Checkpoint, OpenOptions};
 pub use error::{Error, Result};
@@ -77,7 +79,9 @@ pub use weightlift_storage::{
     AccessPattern, AutoPolicy, Backend, BackendKind, ByteSource, Entry, LocalStore, Location,
     Opened, RemoteStats, Store, StoreOptions, open_store,
 };
-pub use weightlift_storage::{MemoryInfo, human, memory_info, parse_size};
+pub use weightlift_storage::{
+    Assembly, MIN_MAPPED, MemoryInfo, human, map_room, memory_info, parse_size,
+};
 
 /// Remote storage options (feature `remote`).
 #[cfg(feature = "remote")]

@@ -3,7 +3,7 @@
 
 use std::fmt;
 use weightlift_device::HostBuffer;
-use weightlift_storage::MappedFile;
+use weightlift_storage::{Assembly, MappedFile};
 
 /// Host memory holding loaded tensors: one allocation per shard, shared by its tensors.
 pub struct HostMemory(HostKind);
@@ -13,6 +13,8 @@ enum HostKind {
     Owned(HostBuffer),
     /// A private mapping of the whole file.
     Mapped(MappedFile),
+    /// Pieces of files mapped (or copied) in place (see [`crate::assemble`]).
+    Assembled(Assembly),
 }
 
 impl HostMemory {
@@ -24,11 +26,18 @@ impl HostMemory {
         HostMemory(HostKind::Mapped(map))
     }
 
+    /// Memory assembled from pieces of files, once every piece is placed (see
+    /// [`crate::Checkpoint::assemble`]).
+    pub fn assembled(assembly: Assembly) -> HostMemory {
+        HostMemory(HostKind::Assembled(assembly))
+    }
+
     /// The bytes.
     pub fn as_slice(&self) -> &[u8] {
         match &self.0 {
             HostKind::Owned(b) => b.as_slice(),
             HostKind::Mapped(m) => m.as_slice(),
+            HostKind::Assembled(a) => a.as_slice(),
         }
     }
 
@@ -37,11 +46,16 @@ impl HostMemory {
         matches!(self.0, HostKind::Mapped(_))
     }
 
+    /// Whether this was assembled from pieces of files (see [`HostMemory::assembled`]).
+    pub fn is_assembled(&self) -> bool {
+        matches!(self.0, HostKind::Assembled(_))
+    }
+
     /// The file mapping, for mapped memory.
     pub(crate) fn mapping(&self) -> Option<&MappedFile> {
         match &self.0 {
             HostKind::Mapped(m) => Some(m),
-            HostKind::Owned(_) => None,
+            HostKind::Owned(_) | HostKind::Assembled(_) => None,
         }
     }
 
@@ -61,6 +75,7 @@ impl fmt::Debug for HostMemory {
         let kind = match &self.0 {
             HostKind::Owned(_) => "owned",
             HostKind::Mapped(_) => "mapped",
+            HostKind::Assembled(_) => "assembled",
         };
         f.debug_struct("HostMemory")
             .field("kind", &kind)

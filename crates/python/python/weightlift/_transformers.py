@@ -413,6 +413,7 @@ def _load(model, state_dict, load_config, disk_offload_index):
     views = {}  # handle -> {checkpoint key: target}
     fills = {}  # handle -> [(name, index, dest view)]
     made = []  # (target name, tensor)
+    placed = []  # (target name, tensor, blocks): to assemble or fill
     stock = []
     for key, group in groups.items():
         try:
@@ -426,10 +427,19 @@ def _load(model, state_dict, load_config, disk_offload_index):
             owner, name = payload
             views.setdefault(id(_open.native(owner)), (owner, {}))[1][name] = key
         else:
-            for target, tensor, blocks in payload:
-                made.append((target, tensor))
-                for owner, name, index, dest in blocks:
-                    fills.setdefault(id(_open.native(owner)), (owner, []))[1].append((name, index, dest))
+            placed.extend(payload)
+
+    # Parameters made of whole checkpoint tensors side by side (a layer's experts stacked,
+    # gate and up): assembled in place from the files' pages where the files map, the rest
+    # filled.
+    assembled = _assemble(placed, torch) if device == "cpu" else {}
+    for i, (target, tensor, blocks) in enumerate(placed):
+        if i in assembled:
+            made.append((target, assembled[i]))
+            continue
+        made.append((target, tensor))
+        for owner, name, index, dest in blocks:
+            fills.setdefault(id(_open.native(owner)), (owner, []))[1].append((name, index, dest))
 
     # 3. One load per file: views (mapped where the files map), then the placements.
     from . import _arrays
@@ -471,11 +481,13 @@ def _load(model, state_dict, load_config, disk_offload_index):
     for group in stock:
         _stock(group, model, loading_info, cml)
     log.debug(
-        "weightlift: %d parameters: planned in %.3f s; %d filled in place in %.3f s; "
-        "%d views in %.3f s; %d by transformers in %.3f s",
+        "weightlift: %d parameters: planned in %.3f s; %d filled in place (%d of them "
+        "assembled from the files' pages) in %.3f s; %d views in %.3f s; %d by transformers "
+        "in %.3f s",
         len(groups),
         planned - start,
         len(made),
+        len(assembled),
         filled - planned,
         sum(len(n) for _, n in views.values()),
         viewed - filled,
@@ -734,6 +746,56 @@ def _plan(group, model, torch, device):
         return "fill", [(_final_name(group.key, first, first), tensor, [(owner, name, None, place)])]
 
     raise _Unhandled(f"conversion operations {[k.__name__ for k in kinds]}")
+
+
+def _assemble(placed, torch):
+    """{position in `placed`: tensor} for the placements (see `_plan`) whose tensor is made
+    of whole checkpoint tensors, unconverted and side by side (C-contiguous blocks),
+    assembled from the files' pages (``_native.assemble``: no copy into fresh memory, the
+    costliest part of filling a fused parameter). Those whose files are read rather than
+    mapped, or that cannot be assembled otherwise, are left out: filled as planned."""
+    from . import _native
+    from ._arrays import torch_base, torch_dtype
+
+    jobs, positions = [], []
+    for i, (_, tensor, blocks) in enumerate(placed):
+        size = tensor.element_size()
+        pieces = []
+        for owner, name, index, dest in blocks:
+            if index is not None or not hasattr(dest, "regroups") or dest.regroups or dest.base is not tensor:
+                break
+            code, shape = _info(owner, name)
+            if torch_dtype(code) != tensor.dtype or list(shape) != list(dest.shape):
+                break
+            if dest.strides != _contiguous(dest.shape):
+                break
+            pieces.append((_open.native(owner), name, dest.offset * size))
+        else:
+            if pieces:
+                jobs.append((tensor.numel() * size, size, pieces))
+                positions.append(i)
+    if not jobs:
+        return {}
+    memories, mapped, copied = _native.assemble(jobs)
+    out = {}
+    for i, memory in zip(positions, memories):
+        if memory is not None:
+            tensor = placed[i][1]
+            out[i] = torch_base(memory).view(tensor.dtype).view(tensor.shape)
+    log.debug(
+        "weightlift: %d of %d parameters assembled: %d bytes mapped from the files, %d copied",
+        len(out), len(jobs), mapped, copied,
+    )
+    return out
+
+
+def _contiguous(shape):
+    """The strides (elements) of a C-contiguous tensor of `shape`."""
+    strides, step = [], 1
+    for d in reversed(shape):
+        strides.append(step)
+        step *= d
+    return strides[::-1]
 
 
 def _cat_shape(shapes, dim):
