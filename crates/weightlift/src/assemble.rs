@@ -113,65 +113,144 @@ impl Checkpoint {
             // made by its unsafe constructors, whose contract the caller took on.
             .map(|sp| unsafe { self.shards()[sp.shard].mapping() })
             .collect::<Result<Vec<_>>>()?;
-        // Only what fits the prefetch window is read ahead: the rest would be evicted before
-        // it is mapped, and is read by the copies or on first touch.
-        let budget = options.budget_in(self);
-        let ahead = plan.prefix_within(budget.window());
-        self.with_exec(&plan, options, |exec| exec.cache(&maps, ahead))?;
         // Pieces that follow each other both in the file and in their assembly (an expert's
         // gate and up projections) are placed as one: one mapping, and no page between them
         // copied.
-        let mut spans: Vec<(usize, &Piece<'_>, u64, u64)> = pieces
+        let mut spans: Vec<Run<'_>> = pieces
             .iter()
             .zip(&located)
-            .map(|(piece, &s)| {
+            .map(|(piece, &shard)| {
                 let (_, offset, len) = self.file_span(piece.tensor).expect("located above");
-                (s, piece, offset, len)
+                Run {
+                    shard,
+                    piece,
+                    offset,
+                    len,
+                }
             })
             .collect();
-        spans.sort_unstable_by_key(|&(_, p, _, _)| (p.into as *const Assembly as usize, p.at));
-        let mut runs: Vec<(usize, &Piece<'_>, u64, u64)> = Vec::with_capacity(spans.len());
+        spans.sort_unstable_by_key(|r| (r.piece.into as *const Assembly as usize, r.piece.at));
+        let mut runs: Vec<Run<'_>> = Vec::with_capacity(spans.len());
         for span in spans {
             match runs.last_mut() {
                 Some(run)
-                    if run.0 == span.0
-                        && std::ptr::eq(run.1.into, span.1.into)
-                        && run.1.at + run.3 == span.1.at
-                        && run.2 + run.3 == span.2 =>
+                    if run.shard == span.shard
+                        && std::ptr::eq(run.piece.into, span.piece.into)
+                        && run.piece.at + run.len == span.piece.at
+                        && run.offset + run.len == span.offset =>
                 {
-                    run.3 += span.3;
+                    run.len += span.len;
                 }
                 _ => runs.push(span),
             }
         }
-        let mut report = AssembleReport::default();
-        for (s, piece, offset, len) in runs {
-            let sp = plan
-                .shards
+        // Each run is placed as soon as the request holding its last byte is in the page
+        // cache (the file's requests are read in order): placing overlaps reading the rest.
+        // Only what fits the prefetch window is read ahead (the rest would be evicted before
+        // it is placed); runs past it are placed after, their copies read then and their
+        // mapped pages on first touch.
+        let budget = options.budget_in(self);
+        let ahead = plan.prefix_within(budget.window());
+        runs.sort_unstable_by_key(|r| (r.shard, r.offset + r.len));
+        let mut by_request: Vec<std::ops::Range<usize>> = vec![0..0; ahead.len()];
+        let mut next = 0;
+        for (i, request) in ahead.iter().enumerate() {
+            let shard = plan.shards[request.shard_plan as usize].shard;
+            let end = request.file_offset + request.len;
+            let from = runs[next..]
+                .iter()
+                .position(|r| (r.shard, r.offset + r.len) >= (shard, request.file_offset))
+                .map_or(runs.len(), |p| next + p);
+            let to = runs[from..]
+                .iter()
+                .position(|r| (r.shard, r.offset + r.len) > (shard, end))
+                .map_or(runs.len(), |p| from + p);
+            by_request[i] = from..to;
+            next = to;
+        }
+        let shard_plan = |s: usize| {
+            plan.shards
                 .iter()
                 .position(|sp| sp.shard == s)
-                .expect("every piece's shard is in the plan");
-            let map = maps[sp]
+                .expect("every piece's shard is in the plan")
+        };
+        let mapped = std::sync::atomic::AtomicU64::new(0);
+        let place = |run: &Run<'_>| -> Result<()> {
+            let map = maps[shard_plan(run.shard)]
                 .mapping()
                 .expect("a shard's mapping is a mapped file");
-            let at = usize::try_from(piece.at).map_err(|_| placement(piece, "out of range"))?;
-            // SAFETY: the files' contract and the pieces' exclusivity are this function's.
-            let mapped =
-                unsafe { piece.into.place(map, offset, len as usize, at) }.map_err(|e| {
-                    if e.kind() == std::io::ErrorKind::InvalidInput {
-                        placement(piece, &e.to_string())
-                    } else {
-                        Error::Io {
-                            location: self.shards()[s].location().clone(),
-                            context: "assembling a tensor",
-                            source: e.into(),
-                        }
-                    }
-                })?;
-            report.mapped += mapped as u64;
-            report.copied += len - mapped as u64;
-        }
+            // SAFETY: the files' contract and the pieces' exclusivity are this function's;
+            // each run is placed once.
+            let n = unsafe { run.place(map) }.map_err(|e| self.assembly_error(run, e))?;
+            mapped.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+            Ok(())
+        };
+        let placed = |i: usize| by_request.get(i).cloned().unwrap_or(0..0);
+        self.with_exec(&plan, options, |exec| {
+            exec.cache(&maps, ahead, |_, index| {
+                runs[placed(index)].iter().try_for_each(place)
+            })
+        })?;
+        let done: Vec<bool> = {
+            let mut done = vec![false; runs.len()];
+            for r in &by_request {
+                done[r.clone()].iter_mut().for_each(|d| *d = true);
+            }
+            done
+        };
+        runs.iter()
+            .zip(&done)
+            .filter(|(_, d)| !**d)
+            .try_for_each(|(run, _)| place(run))?;
+        let mapped = mapped.into_inner();
+        let total: u64 = runs.iter().map(|r| r.len).sum();
+        let report = AssembleReport {
+            mapped,
+            copied: total - mapped,
+        };
         Ok(report)
+    }
+}
+
+/// Pieces that follow each other in one file as in their assembly, placed as one.
+struct Run<'a> {
+    shard: usize,
+    /// The first piece (its assembly and place).
+    piece: &'a Piece<'a>,
+    /// The run's bytes in the file.
+    offset: u64,
+    len: u64,
+}
+
+impl Run<'_> {
+    /// Places the run (see [`Assembly::place`]); the bytes mapped.
+    ///
+    /// # Safety
+    ///
+    /// [`Checkpoint::assemble`]'s contract; `map` is the run's file.
+    unsafe fn place(&self, map: &weightlift_storage::MappedFile) -> std::io::Result<usize> {
+        let at = usize::try_from(self.piece.at)
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "out of range"))?;
+        // SAFETY: passed on from this function's contract.
+        unsafe {
+            self.piece
+                .into
+                .place(map, self.offset, self.len as usize, at)
+        }
+    }
+}
+
+impl Checkpoint {
+    fn assembly_error(&self, run: &Run<'_>, e: std::io::Error) -> Error {
+        if e.kind() == std::io::ErrorKind::InvalidInput {
+            placement(run.piece, &e.to_string())
+        } else {
+            Error::Io {
+                location: self.shards()[run.shard].location().clone(),
+                context: "assembling a tensor",
+                source: e.into(),
+            }
+        }
     }
 }
 

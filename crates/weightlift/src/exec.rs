@@ -119,7 +119,7 @@ impl Exec<'_> {
             let header = self.shards[sp.shard].header();
             mapping(i).hint(pattern(sp.bytes, header.data_len()));
         }
-        self.per_file(requests, |request| {
+        self.per_file(requests, |_, request| {
             let map = mapping(request.shard_plan as usize);
             if !map.resident(request.file_offset, request.len) {
                 self.read_ahead(request);
@@ -130,31 +130,37 @@ impl Exec<'_> {
     }
 
     /// Brings the ranges of `requests` into the page cache (one large read each, where
-    /// they are not there already; see `read_ahead`) without mapping them: for callers
-    /// that map the pages elsewhere next (`Checkpoint::assemble`). `maps`: as `populate`'s.
-    /// Read errors are left to whatever touches the bytes next.
-    pub(crate) fn cache(&self, maps: &[Arc<HostMemory>], requests: &[Request]) -> Result<()> {
-        self.per_file(requests, |request| {
+    /// they are not there already; see `read_ahead`) without mapping them, then runs
+    /// `then(request, position in requests)`: for callers that map the pages elsewhere
+    /// (`Checkpoint::assemble`). `maps`: as `populate`'s. Read errors are left to whatever
+    /// touches the bytes next.
+    pub(crate) fn cache(
+        &self,
+        maps: &[Arc<HostMemory>],
+        requests: &[Request],
+        then: impl Fn(&Request, usize) -> Result<()> + Sync,
+    ) -> Result<()> {
+        self.per_file(requests, |index, request| {
             let map = maps[request.shard_plan as usize]
                 .mapping()
                 .expect("a shard's mapping is a mapped file");
             if !map.resident(request.file_offset, request.len) {
                 self.read_ahead(request);
             }
-            Ok(())
+            then(request, index)
         })
     }
 
-    /// Runs `each` on every request, reporting it done, one file per thread: each thread
-    /// takes the next file and runs its requests in order, one stream per file, whose
-    /// readahead grows as a sequential reader's does. Threads populating neighbouring
-    /// ranges of one file split each other's readahead: under a block-I/O throttle the disk
-    /// saw requests of 1.2 MiB on average with four threads on one file at a time, against
-    /// 2.6 MiB with one (hf-moe, cold).
+    /// Runs `each(position, request)` on every request, reporting it done, one file per
+    /// thread: each thread takes the next file and runs its requests in order, one stream
+    /// per file, whose readahead grows as a sequential reader's does. Threads populating
+    /// neighbouring ranges of one file split each other's readahead: under a block-I/O
+    /// throttle the disk saw requests of 1.2 MiB on average with four threads on one file
+    /// at a time, against 2.6 MiB with one (hf-moe, cold).
     fn per_file(
         &self,
         requests: &[Request],
-        each: impl Fn(&Request) -> Result<()> + Sync,
+        each: impl Fn(usize, &Request) -> Result<()> + Sync,
     ) -> Result<()> {
         let mut files: Vec<Range<usize>> = Vec::new();
         for (i, r) in requests.iter().enumerate() {
@@ -168,11 +174,11 @@ impl Exec<'_> {
         self.pool.install(|| {
             (0..threads).into_par_iter().try_for_each(|_| {
                 while let Some(file) = files.get(next.fetch_add(1, Ordering::Relaxed)) {
-                    for request in &requests[file.clone()] {
+                    for (index, request) in requests[file.clone()].iter().enumerate() {
                         if self.cancelled() {
                             return Err(Error::Cancelled);
                         }
-                        each(request)?;
+                        each(file.start + index, request)?;
                         self.reported(request);
                     }
                 }
