@@ -389,12 +389,14 @@ def test_fused_experts_are_assembled_from_the_files_pages(tmp_path, monkeypatch)
     handler.emit = lambda r: lines.append(r.getMessage())
     log = logging.getLogger("weightlift.transformers")
     log.addHandler(handler)
-    monkeypatch.setattr(log, "level", logging.DEBUG)
+    level = log.level
+    log.setLevel(logging.DEBUG)  # (setLevel, not the attribute: it clears logging's cache)
     try:
         with weightlift.patch():
             patched = AutoModelForCausalLM.from_pretrained(tmp_path)
     finally:
         log.removeHandler(handler)
+        log.setLevel(level)
     assert_same_model(stock, patched)
     summary = [l for l in lines if "assembled:" in l]
     assert summary, lines
