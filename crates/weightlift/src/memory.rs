@@ -13,7 +13,7 @@ enum HostKind {
     Owned(HostBuffer),
     /// A private mapping of the whole file.
     Mapped(MappedFile),
-    /// Pieces of files mapped (or copied) in place (see [`crate::assemble`]).
+    /// Pieces of files mapped (or copied) in place (see `Checkpoint::assemble`).
     Assembled(Assembly),
 }
 
@@ -27,7 +27,7 @@ impl HostMemory {
     }
 
     /// Memory assembled from pieces of files, once every piece is placed (see
-    /// [`crate::Checkpoint::assemble`]).
+    /// `Checkpoint::assemble`).
     pub fn assembled(assembly: Assembly) -> HostMemory {
         HostMemory(HostKind::Assembled(assembly))
     }
