@@ -458,3 +458,34 @@ def test_readers_waiting_for_a_prefetch_do_not_deadlock(tmp_path):
         )
         assert out.returncode == 0, out.stderr
         assert out.stdout.split(None, 1) == ["8", "[]\n"], out.stdout
+
+
+def test_the_first_read_of_a_prefetching_handle_calls_off_early_reads(tmp_path):
+    """An early read of a whole checkpoint (``from_pretrained``'s, started before the model is
+    built) is called off by the first read of a handle opened to prefetch, whose window reads
+    the files for the reader from then on; a read of a handle opened without a prefetch
+    leaves it running."""
+    from weightlift import _open
+
+    path = str(tmp_path / "m.safetensors")
+    save_file({"w": np.arange(1024, dtype=np.float32)}, path)
+
+    class Early:
+        closed = 0
+
+        def close(self):
+            Early.closed += 1
+
+    early = Early()
+    _open.add_early_read(early)
+    try:
+        with weightlift.safe_open(path, "np") as f:
+            assert (f.get_tensor("w") == np.arange(1024)).all()
+        assert Early.closed == 0
+        with weightlift.safe_open(path, "np", prefetch=True) as f:
+            assert (f.get_slice("w")[:8] == np.arange(8)).all()
+        assert Early.closed == 1
+        _open.stop_early_reads()
+        assert Early.closed == 1, "called off once, and no longer registered"
+    finally:
+        _open.remove_early_read(early)

@@ -34,7 +34,6 @@ import functools
 import gc
 import logging
 import re
-import threading
 import time
 
 from . import _args, _open
@@ -152,29 +151,15 @@ def optional_ops(cml):
     return out
 
 
-# The early read (`_Warm`) of the ``from_pretrained`` call running on this thread.
-_EARLY = threading.local()
-
-
-def _stop_early_read():
-    """Calls off the early read of the ``from_pretrained`` call on this thread: the planned
-    loads that start now read the files themselves, and two readers of one file split each
-    other's reads. Measured cold (hf-dense, 111 tensors, 1.2 GB, median of 5): 0.67 s with it
-    called off here, 1.25 s with it running on to the end (stock 0.91 s); under 300 requests/s,
-    hf-moe reached the disk in 500-620 requests with it called off, 590-1,430 without."""
-    warm = getattr(_EARLY, "read", None)
-    if warm is not None:
-        warm.close()
-
-
 def warming(from_pretrained):
     """``PreTrainedModel.from_pretrained`` (its function) that starts reading the checkpoint's
     files into the page cache as soon as it is called, where they are local safetensors
     files that fit the prefetch window and are not cached already: transformers resolves the
     files, reads the configuration and builds the whole model (hundreds of milliseconds for
     a large MoE) before it opens a file, and the read overlaps that work. Called off when
-    ``from_pretrained`` returns, or earlier when weightlift's conversion step starts its own
-    planned loads of the files (see `_stop_early_read`).
+    ``from_pretrained`` returns, or earlier when a reader starts: weightlift's conversion
+    step's planned loads, or transformers' first read through the patched ``safe_open`` (see
+    ``weightlift._open.stop_early_reads``).
 
     While it runs, the objects that were there before are kept out of the garbage
     collector's walks (``weightlift._gc.frozen``): building a model and loading tens of
@@ -186,12 +171,12 @@ def warming(from_pretrained):
     @functools.wraps(from_pretrained)
     def from_pretrained_warming(cls, pretrained_model_name_or_path=None, *args, **kwargs):
         warm = _Warm(pretrained_model_name_or_path, kwargs)
-        outer, _EARLY.read = getattr(_EARLY, "read", None), warm
+        _open.add_early_read(warm)
         try:
             with _gc.frozen():
                 return from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs)
         finally:
-            _EARLY.read = outer
+            _open.remove_early_read(warm)
             warm.close()
 
     from_pretrained_warming._weightlift_original = from_pretrained
@@ -263,7 +248,10 @@ def wrap(original):
         if why is not None:
             log.debug("weightlift: transformers' own conversion for this load: %s", why)
             return original(*args, **kwargs)
-        _stop_early_read()
+        # The planned loads read the files from here on (hf-dense cold, median of 4-5: 0.67-0.81
+        # s with the early read called off here, 1.21-1.25 s without; under 300 requests/s,
+        # hf-moe reached the disk in 500-620 requests, 590-1,430 without).
+        _open.stop_early_reads()
         # Tens of thousands of small objects (plans, blocks): the collector would otherwise
         # walk every live object (torch, transformers, the model) several times over.
         enabled = gc.isenabled()
