@@ -89,17 +89,23 @@ impl Checkpoint {
                 self.location()
             )));
         }
-        let mut located = Vec::with_capacity(pieces.len());
+        let mut spans: Vec<Run<'_>> = Vec::with_capacity(pieces.len());
         let mut selected: Vec<Vec<Pick>> = vec![Vec::new(); self.shards().len()];
         for piece in pieces {
-            let (s, t) = self
+            let (shard, t) = self
                 .locate(piece.tensor)
                 .ok_or_else(|| Error::NotFound(piece.tensor.to_string()))?;
-            selected[s].push(Pick {
+            selected[shard].push(Pick {
                 tensor: t as u32,
                 slice: None,
             });
-            located.push(s);
+            let (start, end) = self.shards()[shard].header().tensors()[t].data_offsets;
+            spans.push(Run {
+                shard,
+                piece,
+                offset: self.shards()[shard].header().data_start() + start,
+                len: end - start,
+            });
         }
         for picks in &mut selected {
             picks.sort_unstable_by_key(|p| p.tensor);
@@ -116,19 +122,6 @@ impl Checkpoint {
         // Pieces that follow each other both in the file and in their assembly (an expert's
         // gate and up projections) are placed as one: one mapping, and no page between them
         // copied.
-        let mut spans: Vec<Run<'_>> = pieces
-            .iter()
-            .zip(&located)
-            .map(|(piece, &shard)| {
-                let (_, offset, len) = self.file_span(piece.tensor).expect("located above");
-                Run {
-                    shard,
-                    piece,
-                    offset,
-                    len,
-                }
-            })
-            .collect();
         spans.sort_unstable_by_key(|r| (r.piece.into as *const Assembly as usize, r.piece.at));
         let mut runs: Vec<Run<'_>> = Vec::with_capacity(spans.len());
         for span in spans {

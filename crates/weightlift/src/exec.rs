@@ -119,21 +119,18 @@ impl Exec<'_> {
             let header = self.shards[sp.shard].header();
             mapping(i).hint(pattern(sp.bytes, header.data_len()));
         }
-        self.per_file(requests, |_, request| {
-            let map = mapping(request.shard_plan as usize);
-            if !map.resident(request.file_offset, request.len) {
-                self.read_ahead(request);
-            }
-            map.populate(request.file_offset, request.len)
+        self.cache(maps, requests, |request, _| {
+            mapping(request.shard_plan as usize)
+                .populate(request.file_offset, request.len)
                 .map_err(|source| self.read_error(request, source))
         })
     }
 
     /// Brings the ranges of `requests` into the page cache (one large read each, where
-    /// they are not there already; see `read_ahead`) without mapping them, then runs
-    /// `then(request, position in requests)`: for callers that map the pages elsewhere
-    /// (`Checkpoint::assemble`). `maps`: as `populate`'s. Read errors are left to whatever
-    /// touches the bytes next.
+    /// they are not there already; see `read_ahead`), then runs `then(request, position in
+    /// requests)`: populating the shard's mapping (`populate`), or mapping the pages
+    /// elsewhere (`Checkpoint::assemble`). `maps`: as `populate`'s. The read's own errors
+    /// are left to `then`, or to whatever touches the bytes next.
     pub(crate) fn cache(
         &self,
         maps: &[Arc<HostMemory>],

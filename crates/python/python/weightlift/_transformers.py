@@ -764,13 +764,14 @@ def _assemble(placed, torch):
     mapped, or that cannot be assembled otherwise, are left out: filled as planned."""
     from . import _native
     from ._arrays import torch_base, torch_dtype
+    from ._place import Block
 
     jobs, positions = [], []
     for i, (_, tensor, blocks) in enumerate(placed):
         size = tensor.element_size()
         pieces = []
         for owner, name, index, dest in blocks:
-            if index is not None or not hasattr(dest, "regroups") or dest.regroups or dest.base is not tensor:
+            if index is not None or not isinstance(dest, Block) or dest.regroups or dest.base is not tensor:
                 break
             code, shape = _info(owner, name)
             if torch_dtype(code) != tensor.dtype or list(shape) != list(dest.shape):
