@@ -36,6 +36,7 @@ with zipfile.ZipFile(sys.argv[1]) as z:
             req = req.split(";")[0].replace("+cpu", "")
         print(req)
 PY
-"$venv/bin/python" -m pip install -q --disable-pip-version-check -r "$wheels/requirements.txt" \
+# One large wheel on disk at a time (torch's CUDA libraries): see .ci/pip-install.
+"$(dirname "$0")/../../../../.ci/pip-install" "$venv/bin/python" -r "$wheels/requirements.txt" \
     'maturin>=1.16,<2' pytest accelerate runai-model-streamer fastsafetensors
 "$venv/bin/python" -m pip install -q --disable-pip-version-check --no-deps "$wheel"
