@@ -111,6 +111,75 @@ def test_recorded_placements_equal_the_loaders_run_on_real_tensors(tmp_path, poo
     assert sorted(source.defaults) == sorted(downs + ["l0.norm.weight", "l1.norm.weight"])
 
 
+@pytest.mark.parametrize("pool", [False, True])
+def test_parameters_made_of_whole_tensors_are_assembled_from_the_files_pages(tmp_path, pool):
+    """Given the model's parameters, those whose memory whole checkpoint tensors cover side
+    by side (fused experts, q and k rows, a scalar) take memory assembled from the files'
+    pages instead of being filled; the others are filled as before; every byte as the
+    loaders run on real tensors leave it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    files = checkpoint(tmp_path)
+    want = Model()
+    want.load_weights(real_weights(files))
+    got = Model()
+    before = {name: p.data_ptr() for name, p in got.params.items()}
+    with ThreadPoolExecutor(2) as ex:
+        source = _vllm_place.Source(
+            open_handle, pool=ex if pool else None, params=lambda: list(got.params.values())
+        )
+        got.load_weights(placed_weights(files, source))
+    for name, p in want.params.items():
+        assert torch.equal(got.params[name], p), name
+    assert source.placed == 2 * (E * 3 + 3)
+    moved = sorted(n for n, p in got.params.items() if p.data_ptr() != before[n])
+    assert moved == sorted(f"l{f}.{p}" for f in range(2) for p in ("w13", "w2", "qk", "scale"))
+    assert source.assembled == len(moved)
+
+
+class Spoiled(Model):
+    """Memory that whole tensors do not cover (w13 has rows of padding) or that a loader
+    writes otherwise too (a computed row of qk after q and k, a slice of w2 before the
+    experts): filled where vLLM made it."""
+
+    def __init__(self, dtype=torch.bfloat16):
+        super().__init__(dtype)
+        for f in range(2):
+            self.params[f"l{f}.w13"] = torch.zeros(E, 2 * I + 2, H, dtype=dtype)
+
+    def load_weights(self, weights):
+        loaded = set()
+        for name, w in weights:
+            layer, rest = name.split(".", 1)
+            if rest == "experts.0.gate.weight":
+                # A block of one tensor (not the whole) before the whole ones.
+                self.params[f"{layer}.w2"].data[E - 1, :2].copy_(w[:2, :I])
+            loaded |= super().load_weights([(name, w)])
+            if rest == "k.weight":
+                self.params[f"{layer}.qk"].data[0].copy_(w[0] * 2)
+        return loaded
+
+
+@pytest.mark.parametrize("pool", [False, True])
+def test_memory_not_covered_by_whole_tensors_or_written_otherwise_is_filled(tmp_path, pool):
+    from concurrent.futures import ThreadPoolExecutor
+
+    files = checkpoint(tmp_path)
+    want = Spoiled()
+    want.load_weights(real_weights(files))
+    got = Spoiled()
+    before = {name: p.data_ptr() for name, p in got.params.items()}
+    with ThreadPoolExecutor(2) as ex:
+        source = _vllm_place.Source(
+            open_handle, pool=ex if pool else None, params=lambda: list(got.params.values())
+        )
+        got.load_weights(placed_weights(files, source))
+    for name, p in want.params.items():
+        assert torch.equal(got.params[name], p), name
+    moved = sorted(n for n, p in got.params.items() if p.data_ptr() != before[n])
+    assert moved == ["l0.scale", "l1.scale"]
+
+
 def test_copies_across_dtypes_are_placed_and_conversions_go_the_default_way(tmp_path):
     files = checkpoint(tmp_path, dtype=torch.float32)
     want = Model(torch.bfloat16)

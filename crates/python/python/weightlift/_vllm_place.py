@@ -174,10 +174,17 @@ class Source:
     file as soon as vLLM has been handed all of its tensors), and the copies that go the
     default way. `open_handle(path)` opens a file's native checkpoint."""
 
-    def __init__(self, open_handle, threads=None, pool=None):
+    def __init__(self, open_handle, threads=None, pool=None, params=None):
         self._open_handle = open_handle
         self._threads = threads
         self._pool = pool
+        # `params()`: the model's parameters, whose memory an assembled one replaces (None:
+        # nothing is assembled). Per storage of a parameter being assembled: its `_Fused`.
+        self._params = params
+        self._fused = {}
+        # Memory written otherwise than by whole pieces: never assembled.
+        self._written = set()
+        self.assembled = 0
         self._files = {}
         # The mappings' address ranges, sorted: (start, end, file).
         self._ranges = []
@@ -253,7 +260,15 @@ class Source:
         name, dtype, shape, start = found
         if src.dtype != dtype:
             return False
-        if byte == start and list(src.shape) == shape and src.is_contiguous():
+        key = dest.untyped_storage().data_ptr()
+        whole = byte == start and list(src.shape) == shape and src.is_contiguous()
+        if whole and dest.dtype == dtype and self._fuse(key, dest, src, f, name):
+            return True
+        fused = self._fused.get(key)
+        if fused is not None:
+            self._unfuse(key, fused)
+        self._written.add(key)
+        if whole:
             # The whole tensor (the common case: an expert, a norm, a q projection).
             if shape and shape[-1] > 1 and dest.stride(-1) != 1:
                 return False
@@ -266,7 +281,6 @@ class Source:
         # The fill is made here, not by `_place.fills` (which load_into's callers use): that
         # asks the header and parses an index per placement, which this already knows, at
         # one call per checkpoint tensor inside vLLM's loop.
-        key = dest.untyped_storage().data_ptr()
         at = f.dest_at.get(key)
         if at is None:
             at = f.dest_at[key] = len(f.dests)
@@ -313,9 +327,105 @@ class Source:
                 strides.append(0)
         return ranges, block, strides
 
+    # -- parameters made of the files' pages
+
+    def _fuse(self, key, dest, src, f, name):
+        """Takes a whole, unconverted tensor copied into a C-contiguous part of a parameter's
+        memory as a piece of that memory assembled from the files' pages (see
+        ``weightlift._native.assemble``), once pieces cover all of it; False where the copy is
+        to be a fill (nothing is assembled here, the memory has been written otherwise, or
+        the destination is not contiguous)."""
+        if self._params is None or not dest.is_contiguous() or dest.device.type != "cpu":
+            return False
+        fused = self._fused.get(key)
+        if fused is None:
+            if key in self._written:
+                return False
+            storage = dest.untyped_storage()
+            fused = self._fused[key] = _Fused(storage.nbytes(), dest.element_size())
+        if fused.future is not None:
+            return False  # covered already: a second write of the same bytes
+        size = dest.element_size()
+        fused.pieces.append((f.handle, name, dest.storage_offset() * size))
+        fused.held.append((f, name, dest, src))
+        fused.covered += dest.numel() * size
+        self.placed += 1
+        if fused.covered == fused.nbytes:
+            fused.future = self._submit(self._assemble, fused)
+        return True
+
+    def _unfuse(self, key, fused):
+        """`key`'s memory is not assembled after all (it is written otherwise, or pieces do
+        not cover it): its pieces are loaded as fills, into the memory vLLM made (or, where
+        the assembly ran already, its bytes copied there)."""
+        del self._fused[key]
+        self._written.add(key)
+        if fused.future is not None:
+            memory = fused.future.result()
+            if memory is not None:
+                _COPY(_bytes_of(fused.held[0][2]), _arrays.torch_base(memory))
+                return
+        for job in _fills(fused.held):
+            self._submit(_load, *job, self._threads).result()
+
+    def _submit(self, fn, *args):
+        if self._pool is None:
+            done = _Done(fn(*args))
+            return done
+        future = self._pool.submit(fn, *args)
+        self._running.append(future)
+        return future
+
+    @staticmethod
+    def _assemble(fused):
+        try:
+            memories, _, _ = _native.assemble([(fused.nbytes, fused.align, fused.pieces)])
+        except ValueError:  # pieces that overlap (a region written twice): filled in order
+            memories = [None]
+        if memories[0] is None:
+            # Its files are read, not mapped, or the process has no room for more mappings.
+            for job in _fills(fused.held):
+                _load(*job, None)
+        return memories[0]
+
+    def _swap(self):
+        """Every parameter whose memory was assembled views the assembly instead (vLLM's
+        memory for it, never written, is freed); memory that is not one parameter's whole
+        gets the assembled bytes copied in."""
+        fused = {k: v for k, v in self._fused.items() if v.future is not None}
+        self._fused.clear()
+        if not fused:
+            return
+        owners = {}
+        for param in self._params():
+            key = param.untyped_storage().data_ptr()
+            if key in fused:
+                owners.setdefault(key, []).append(param)
+        for key, one in fused.items():
+            memory = one.future.result()
+            if memory is None:
+                continue  # filled the ordinary way
+            base = _arrays.torch_base(memory)
+            params = owners.get(key, [])
+            if params and all(
+                p.storage_offset() == 0 and p.is_contiguous()
+                and p.numel() * p.element_size() == one.nbytes
+                for p in params
+            ):
+                for p in params:
+                    p.data = base.view(p.dtype).view(p.shape)
+                self.assembled += 1
+            else:
+                _COPY(_bytes_of(one.held[0][2]), base)
+
     def before_default_copy(self, dest, src):
         """A copy made the default way is about to run: what was recorded before it is
         carried out first."""
+        key = dest.untyped_storage().data_ptr() if isinstance(dest, torch.Tensor) else None
+        fused = self._fused.get(key)
+        if fused is not None:
+            self._unfuse(key, fused)
+        self._written.add(key)
         name = self._current
         if name is not None and name not in self.defaults:
             self.defaults[name] = True
@@ -344,22 +454,73 @@ class Source:
             r.result()
 
     def finish(self):
-        """Carries out every placement recorded, and waits for them."""
+        """Carries out every placement recorded, and waits for them; parameters assembled
+        take their new memory."""
+        for key, fused in list(self._fused.items()):
+            if fused.future is None:
+                self._unfuse(key, fused)
         for path in list(self._files):
             self.file_done(path)
         self.wait()
+        self._swap()
 
     def abandon(self):
         """Waits for the file loads running (they write into parameters), their errors
         dropped: for a load that stops early, whose own error is the one to report."""
         for f in self._files.values():
             f.take()
+        self._fused.clear()
         running, self._running = self._running, []
         for r in running:
             try:
                 r.result()
             except Exception:  # noqa: BLE001 (the caller's error is the one reported)
                 pass
+
+
+class _Fused:
+    """A parameter's memory being assembled from whole checkpoint tensors: its size, the
+    alignment its first byte needs, the pieces recorded so far (native checkpoint, tensor
+    name, byte position), the views they were copied into (to fill them the ordinary way
+    where it is not assembled after all), the bytes they cover, and the assembly once they
+    cover it all."""
+
+    def __init__(self, nbytes, align):
+        self.nbytes, self.align = nbytes, align
+        self.pieces, self.held, self.covered, self.future = [], [], 0, None
+
+
+def _fills(held):
+    """Whole pieces (file, tensor name, destination, source view) as one load per file:
+    (native checkpoint, fills, destinations, (destination, source) pairs)."""
+    by_file = {}
+    for f, name, dest, src in held:
+        by_file.setdefault(id(f), (f, []))[1].append((name, dest, src))
+    for f, pieces in by_file.values():
+        fills, dests, at = [], [], {}
+        for name, dest, _ in pieces:
+            # One destination per memory, as load_into takes them (offsets are the memory's).
+            i = at.setdefault(dest.untyped_storage().data_ptr(), len(dests))
+            if i == len(dests):
+                dests.append(dest)
+            fills.append(_native.Fill(name, i, dest.storage_offset() * dest.element_size(),
+                                      shape=list(dest.shape), strides=list(dest.stride())))
+        yield f.handle, fills, dests, [(d, s) for _, d, s in pieces]
+
+
+def _bytes_of(tensor):
+    """All of `tensor`'s memory, as bytes."""
+    return torch.empty(0, dtype=torch.uint8).set_(tensor.untyped_storage())
+
+
+class _Done:
+    """A result computed at once, with a future's ``result``."""
+
+    def __init__(self, value):
+        self._value = value
+
+    def result(self):
+        return self._value
 
 
 def _load(handle, fills, dests, pairs, threads):

@@ -34,7 +34,7 @@ The rest of ``model_loader_extra_config`` goes to vLLM's default loader.
 import os
 
 LOAD_FORMAT = "weightlift"
-OPTIONS = ("memory_budget", "prefetch_window", "copy", "threads", "drop_cache", "place")
+OPTIONS = ("memory_budget", "prefetch_window", "copy", "threads", "drop_cache", "place", "assemble")
 
 _LOADER = "vllm.model_executor.model_loader"
 _DEFAULT = f"{_LOADER}.default_loader:DefaultModelLoader"
@@ -49,6 +49,7 @@ SURFACE = (
      ("self", "model_name_or_path", "subfolder", "revision", "fall_back_to_pt",
       "allow_patterns_overrides")),
     (f"{_DEFAULT}._get_weights_iterator", "call", ("self", "source")),
+    (f"{_DEFAULT}.get_all_weights", "call", ("self", "model_config", "model")),
     (f"{_DEFAULT}.Source", "fields",
      ("model_or_path", "revision", "subfolder", "prefix", "fall_back_to_pt",
       "allow_patterns_overrides")),
@@ -147,6 +148,14 @@ def _loader(DefaultModelLoader):
             finally:
                 self.load_config.load_format = saved
 
+        def get_all_weights(self, model_config, model):
+            # The model, whose parameters made of the files' pages take their new memory.
+            self._weightlift_model = model
+            try:
+                yield from super().get_all_weights(model_config, model)
+            finally:
+                self._weightlift_model = None
+
         def _get_weights_iterator(self, source):
             folder, files, use_safetensors, index = self._prepare_weights(
                 source.model_or_path,
@@ -171,7 +180,11 @@ def _loader(DefaultModelLoader):
 
                 self.counter_before_loading_weights = time.perf_counter()
             if self.weightlift.get("place", True):
-                weights = place(files, self.weightlift, self.local_expert_ids)
+                model = getattr(self, "_weightlift_model", None)
+                params = None
+                if model is not None and self.weightlift.get("assemble", True):
+                    params = model.parameters
+                weights = place(files, self.weightlift, self.local_expert_ids, params)
             else:
                 weights = iterate(files, self.weightlift, self.local_expert_ids)
             return ((source.prefix + name, tensor) for name, tensor in weights)
@@ -197,7 +210,7 @@ def _skip(local_expert_ids):
     return skip
 
 
-def place(files, options, local_expert_ids=None):
+def place(files, options, local_expert_ids=None, params=None):
     """(name, tensor) of every tensor of `files`, file by file in file order, views of
     mappings nothing reads, whose copies into vLLM's parameters are placements (see
     ``weightlift._vllm_place``): each file's placements load as soon as its last tensor was
@@ -230,13 +243,15 @@ def place(files, options, local_expert_ids=None):
     threads = options.get("threads") or max(1, ((os.cpu_count() or 2) - 1) // workers)
     start = time.perf_counter()
     with _gc.frozen(), ThreadPoolExecutor(max_workers=workers) as pool:
-        source = _vllm_place.Source(open_handle, threads=threads, pool=pool)
+        source = _vllm_place.Source(open_handle, threads=threads, pool=pool, params=params)
         yield from source.weights(files, skip)
     logging.getLogger("weightlift.vllm").info(
-        "weightlift: %d copies into vLLM's parameters placed straight from %d files, "
+        "weightlift: %d copies into vLLM's parameters placed straight from %d files "
+        "(%d parameters assembled from the files' pages), "
         "%d tensors went vLLM's default way, in %.3f s",
         source.placed,
         len(files),
+        source.assembled,
         len(source.defaults),
         time.perf_counter() - start,
     )

@@ -84,17 +84,20 @@ def one_process(models):
     return {(os.path.basename(m), f): r for (m, f), r in zip(runs, engine(runs, env={"WL_LOG": "1"}))}
 
 
-def placed(result):
-    """(copies placed, tensors that went the default way) from weightlift's summary line."""
+def placed(result, assembled=False):
+    """(copies placed, tensors that went the default way) from weightlift's summary line;
+    with `assembled`, also the parameters assembled from the files' pages."""
     import re
 
     found = re.findall(
-        r"weightlift: (\d+) copies into vLLM's parameters placed straight from \d+ files, "
+        r"weightlift: (\d+) copies into vLLM's parameters placed straight from \d+ files "
+        r"\((\d+) parameters assembled from the files' pages\), "
         r"(\d+) tensors went vLLM's default way",
         result["log"],
     )
     assert found, result["log"][-3000:]
-    return tuple(int(n) for n in found[-1])
+    copies, fused, defaults = (int(n) for n in found[-1])
+    return (copies, defaults, fused) if assembled else (copies, defaults)
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -112,12 +115,16 @@ def test_the_experts_are_placed_not_copied_by_weight_loaders(models):
     none goes the default way."""
     (ours,) = engine([(models["moe"], "weightlift")], env={"WL_LOG": "1"})
     assert "error" not in ours, ours
-    copies, defaults = placed(ours)
+    copies, defaults, fused = placed(ours, assembled=True)
     # 2 layers x 8 experts x 3 projections, and more (attention, norms, embeddings).
     assert copies >= 2 * 8 * 3 and defaults == 0, (copies, defaults)
+    # Made of whole checkpoint tensors side by side, so assembled from the files' pages:
+    # per layer the fused experts (w13: gate and up; w2: down) and qkv.
+    assert fused >= 2 * 3, fused
     (mixtral,) = engine([(models["mixtral"], "weightlift")], env={"WL_LOG": "1"})
-    copies, defaults = placed(mixtral)
+    copies, defaults, fused = placed(mixtral, assembled=True)
     assert copies >= 2 * 4 * 3 and defaults == 0, (copies, defaults)
+    assert fused >= 2 * 3, fused
 
 
 def test_a_tensor_forced_the_default_way_still_loads(models, one_process):
@@ -136,6 +143,14 @@ def test_unplaced_loads_still_work(models, one_process):
     (ours,) = engine([(models["moe"], "weightlift")], extra={"place": False})
     assert "error" not in ours, ours
     assert ours["tokens"] == one_process[("moe", "auto")]["tokens"]
+
+
+def test_placed_without_assembly_still_works(models, one_process):
+    (ours,) = engine([(models["moe"], "weightlift")], extra={"assemble": False}, env={"WL_LOG": "1"})
+    assert "error" not in ours, ours
+    assert ours["tokens"] == one_process[("moe", "auto")]["tokens"]
+    copies, defaults, fused = placed(ours, assembled=True)
+    assert copies > 0 and defaults == 0 and fused == 0, (copies, defaults, fused)
 
 
 def test_same_tokens_in_the_default_multi_process_mode(models, one_process):
