@@ -182,6 +182,8 @@ class Source:
         # nothing is assembled). Per storage of a parameter being assembled: its `_Fused`.
         self._params = params
         self._fused = {}
+        # Covered, not yet handed to an assembly (one call per file for all of them).
+        self._ready = []
         # Memory written otherwise than by whole pieces: never assembled.
         self._written = set()
         self.assembled = 0
@@ -341,9 +343,11 @@ class Source:
         if fused is None:
             if key in self._written:
                 return False
-            storage = dest.untyped_storage()
-            fused = self._fused[key] = _Fused(storage.nbytes(), dest.element_size())
-        if fused.future is not None:
+            nbytes = dest.untyped_storage().nbytes()
+            if nbytes < _MIN_ASSEMBLED:
+                return False
+            fused = self._fused[key] = _Fused(nbytes, dest.element_size())
+        if fused.covered == fused.nbytes:
             return False  # covered already: a second write of the same bytes
         size = dest.element_size()
         fused.pieces.append((f.handle, name, dest.storage_offset() * size))
@@ -351,8 +355,17 @@ class Source:
         fused.covered += dest.numel() * size
         self.placed += 1
         if fused.covered == fused.nbytes:
-            fused.future = self._submit(self._assemble, fused)
+            self._ready.append(fused)
         return True
+
+    def _assemble_ready(self):
+        """Hands the memories covered so far to one assembly call (each call has a cost of
+        its own: the process's mappings counted, a pool started)."""
+        ready, self._ready = self._ready, []
+        if ready:
+            future = self._submit(_assemble, ready)
+            for i, fused in enumerate(ready):
+                fused.future = _Part(future, i)
 
     def _unfuse(self, key, fused):
         """`key`'s memory is not assembled after all (it is written otherwise, or pieces do
@@ -360,6 +373,8 @@ class Source:
         the assembly ran already, its bytes copied there)."""
         del self._fused[key]
         self._written.add(key)
+        if fused in self._ready:
+            self._ready.remove(fused)
         if fused.future is not None:
             memory = fused.future.result()
             if memory is not None:
@@ -375,18 +390,6 @@ class Source:
         future = self._pool.submit(fn, *args)
         self._running.append(future)
         return future
-
-    @staticmethod
-    def _assemble(fused):
-        try:
-            memories, _, _ = _native.assemble([(fused.nbytes, fused.align, fused.pieces)])
-        except ValueError:  # pieces that overlap (a region written twice): filled in order
-            memories = [None]
-        if memories[0] is None:
-            # Its files are read, not mapped, or the process has no room for more mappings.
-            for job in _fills(fused.held):
-                _load(*job, None)
-        return memories[0]
 
     def _swap(self):
         """Every parameter whose memory was assembled views the assembly instead (vLLM's
@@ -436,7 +439,9 @@ class Source:
         self.wait()
 
     def file_done(self, path):
-        """Every tensor of `path` was handed over: its placements start loading."""
+        """Every tensor of `path` was handed over: its placements start loading, and the
+        memories its pieces completed start being assembled."""
+        self._assemble_ready()
         f = self._files.get(path)
         if f is None or not f.fills:
             return
@@ -457,10 +462,11 @@ class Source:
         """Carries out every placement recorded, and waits for them; parameters assembled
         take their new memory."""
         for key, fused in list(self._fused.items()):
-            if fused.future is None:
+            if fused.covered != fused.nbytes:
                 self._unfuse(key, fused)
         for path in list(self._files):
             self.file_done(path)
+        self._assemble_ready()
         self.wait()
         self._swap()
 
@@ -470,6 +476,7 @@ class Source:
         for f in self._files.values():
             f.take()
         self._fused.clear()
+        self._ready.clear()
         running, self._running = self._running, []
         for r in running:
             try:
@@ -488,6 +495,42 @@ class _Fused:
     def __init__(self, nbytes, align):
         self.nbytes, self.align = nbytes, align
         self.pieces, self.held, self.covered, self.future = [], [], 0, None
+
+
+# Memory smaller than this is filled: assembling it would copy it all the same (the files'
+# pages are mapped only where a run covers 16 of them), at a call's cost.
+_MIN_ASSEMBLED = 64 << 10
+
+
+def _assemble(ready):
+    """Assembles each `_Fused` of `ready` from the files' pages (one ``_native.assemble``
+    call); the memory of each, or None where it was filled the ordinary way instead (its
+    files are read, not mapped; the process has no room for more mappings; its pieces
+    overlap, a region written twice)."""
+    try:
+        memories, _, _ = _native.assemble([(f.nbytes, f.align, f.pieces) for f in ready])
+    except ValueError:
+        # Pieces of one that overlap: each assembled alone, to find which.
+        if len(ready) == 1:
+            memories = [None]
+        else:
+            memories = [_assemble([f])[0] for f in ready]
+            return memories
+    for fused, memory in zip(ready, memories):
+        if memory is None:
+            for job in _fills(fused.held):
+                _load(*job, None)
+    return memories
+
+
+class _Part:
+    """Item `i` of a future's list, with a future's ``result``."""
+
+    def __init__(self, future, i):
+        self._future, self._i = future, i
+
+    def result(self):
+        return self._future.result()[self._i]
 
 
 def _fills(held):
