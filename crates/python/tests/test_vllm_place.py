@@ -14,7 +14,8 @@ from weightlift import _handle, _vllm_place  # noqa: E402
 E, H, I = 4, 16, 8  # experts, hidden, intermediate
 
 
-def checkpoint(tmp_path, dtype=torch.bfloat16):
+def checkpoint(tmp_path, dtype=torch.bfloat16, pad=0):
+    """Two files of a layer each; `pad` bytes more in each (a tensor no loader takes)."""
     torch.manual_seed(0)
     files = []
     for f in range(2):
@@ -26,6 +27,8 @@ def checkpoint(tmp_path, dtype=torch.bfloat16):
         tensors[f"l{f}.k.weight"] = torch.randn(H // 2, H).to(dtype)
         tensors[f"l{f}.norm.weight"] = torch.randn(H).to(dtype)
         tensors[f"l{f}.scale"] = torch.randn(()).to(dtype)
+        if pad:
+            tensors[f"l{f}.pad"] = torch.zeros(pad, dtype=torch.uint8)
         path = tmp_path / f"model-{f}.safetensors"
         save_file(tensors, str(path))
         files.append(str(path))
@@ -138,6 +141,37 @@ def test_parameters_made_of_whole_tensors_are_assembled_from_the_files_pages(
     moved = sorted(n for n, p in got.params.items() if p.data_ptr() != before[n])
     assert moved == sorted(f"l{f}.{p}" for f in range(2) for p in ("w13", "w2", "qk", "scale"))
     assert source.assembled == len(moved)
+
+
+def test_cold_files_fill_the_parameters_instead(tmp_path, monkeypatch):
+    """Where the files are not in the page cache when the load starts, each is read once, by
+    the load of all its placements: nothing is assembled (decided once, for the load)."""
+    import os
+
+    monkeypatch.setattr(_vllm_place, "_MIN_ASSEMBLED", 0)
+    # Large enough that opening a file (its header read) does not bring it all in.
+    files = checkpoint(tmp_path, pad=16 << 20)
+    for path in files:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    want = Model()
+    want.load_weights(real_weights(files))
+    for path in files:  # real_weights read them: cold again
+        fd = os.open(path, os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+    got = Model()
+    before = {name: p.data_ptr() for name, p in got.params.items()}
+    source = _vllm_place.Source(open_handle, params=lambda: list(got.params.values()))
+    got.load_weights(placed_weights(files, source))
+    for name, p in want.params.items():
+        assert torch.equal(got.params[name], p), name
+    assert source.assembled == 0
+    assert all(p.data_ptr() == before[n] for n, p in got.params.items())
 
 
 class Spoiled(Model):
