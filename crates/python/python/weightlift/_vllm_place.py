@@ -392,9 +392,9 @@ class Source:
             self._submit(_load, *job, self._threads).result()
 
     def _submit(self, fn, *args):
+        """`fn(*args)` in the background pool (at once, where there is none): its future."""
         if self._pool is None:
-            done = _Done(fn(*args))
-            return done
+            return _Done(fn(*args))
         future = self._pool.submit(fn, *args)
         self._running.append(future)
         return future
