@@ -114,21 +114,20 @@ def test_recorded_placements_equal_the_loaders_run_on_real_tensors(tmp_path, poo
     assert sorted(source.defaults) == sorted(downs + ["l0.norm.weight", "l1.norm.weight"])
 
 
-@pytest.mark.parametrize("pool", [False, True])
-def test_parameters_made_of_whole_tensors_are_assembled_from_the_files_pages(
-    tmp_path, pool, monkeypatch
-):
-    """Given the model's parameters, those whose memory whole checkpoint tensors cover side
-    by side (fused experts, q and k rows, a scalar) take memory assembled from the files'
-    pages instead of being filled; the others are filled as before; every byte as the
-    loaders run on real tensors leave it. (Tiny parameters here: none is too small.)"""
+def assembled(files, model_class, pool, evicted=False):
+    """`model_class`'s loaders run on real tensors and on placements with the model's
+    parameters given (so that those made of whole tensors are assembled): the parameters
+    must be byte-identical. Returns the source and the names of the parameters whose memory
+    was replaced. `evicted`: the files are dropped from the page cache before the load."""
     from concurrent.futures import ThreadPoolExecutor
 
-    monkeypatch.setattr(_vllm_place, "_MIN_ASSEMBLED", 0)
-    files = checkpoint(tmp_path)
-    want = Model()
+    from cgroups import evict
+
+    want = model_class()
     want.load_weights(real_weights(files))
-    got = Model()
+    if evicted:
+        evict(files)
+    got = model_class()
     before = {name: p.data_ptr() for name, p in got.params.items()}
     with ThreadPoolExecutor(2) as ex:
         source = _vllm_place.Source(
@@ -137,8 +136,20 @@ def test_parameters_made_of_whole_tensors_are_assembled_from_the_files_pages(
         got.load_weights(placed_weights(files, source))
     for name, p in want.params.items():
         assert torch.equal(got.params[name], p), name
+    return source, sorted(n for n, p in got.params.items() if p.data_ptr() != before[n])
+
+
+@pytest.mark.parametrize("pool", [False, True])
+def test_parameters_made_of_whole_tensors_are_assembled_from_the_files_pages(
+    tmp_path, pool, monkeypatch
+):
+    """Given the model's parameters, those whose memory whole checkpoint tensors cover side
+    by side (fused experts, q and k rows, a scalar) take memory assembled from the files'
+    pages instead of being filled; the others are filled as before; every byte as the
+    loaders run on real tensors leave it. (Tiny parameters here: none is too small.)"""
+    monkeypatch.setattr(_vllm_place, "_MIN_ASSEMBLED", 0)
+    source, moved = assembled(checkpoint(tmp_path), Model, pool)
     assert source.placed == 2 * (E * 3 + 3)
-    moved = sorted(n for n, p in got.params.items() if p.data_ptr() != before[n])
     assert moved == sorted(f"l{f}.{p}" for f in range(2) for p in ("w13", "w2", "qk", "scale"))
     assert source.assembled == len(moved)
 
@@ -146,32 +157,12 @@ def test_parameters_made_of_whole_tensors_are_assembled_from_the_files_pages(
 def test_cold_files_fill_the_parameters_instead(tmp_path, monkeypatch):
     """Where the files are not in the page cache when the load starts, each is read once, by
     the load of all its placements: nothing is assembled (decided once, for the load)."""
-    import os
-
     monkeypatch.setattr(_vllm_place, "_MIN_ASSEMBLED", 0)
     # Large enough that opening a file (its header read) does not bring it all in.
     files = checkpoint(tmp_path, pad=16 << 20)
-    for path in files:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-    want = Model()
-    want.load_weights(real_weights(files))
-    for path in files:  # real_weights read them: cold again
-        fd = os.open(path, os.O_RDONLY)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        os.close(fd)
-    got = Model()
-    before = {name: p.data_ptr() for name, p in got.params.items()}
-    source = _vllm_place.Source(open_handle, params=lambda: list(got.params.values()))
-    got.load_weights(placed_weights(files, source))
-    for name, p in want.params.items():
-        assert torch.equal(got.params[name], p), name
+    source, moved = assembled(files, Model, pool=False, evicted=True)
     assert source.assembled == 0
-    assert all(p.data_ptr() == before[n] for n, p in got.params.items())
+    assert moved == []
 
 
 class Spoiled(Model):
@@ -201,22 +192,8 @@ class Spoiled(Model):
 def test_memory_not_covered_by_whole_tensors_or_written_otherwise_is_filled(
     tmp_path, pool, monkeypatch
 ):
-    from concurrent.futures import ThreadPoolExecutor
-
     monkeypatch.setattr(_vllm_place, "_MIN_ASSEMBLED", 0)
-    files = checkpoint(tmp_path)
-    want = Spoiled()
-    want.load_weights(real_weights(files))
-    got = Spoiled()
-    before = {name: p.data_ptr() for name, p in got.params.items()}
-    with ThreadPoolExecutor(2) as ex:
-        source = _vllm_place.Source(
-            open_handle, pool=ex if pool else None, params=lambda: list(got.params.values())
-        )
-        got.load_weights(placed_weights(files, source))
-    for name, p in want.params.items():
-        assert torch.equal(got.params[name], p), name
-    moved = sorted(n for n, p in got.params.items() if p.data_ptr() != before[n])
+    _, moved = assembled(checkpoint(tmp_path), Spoiled, pool)
     assert moved == ["l0.scale", "l1.scale"]
 
 

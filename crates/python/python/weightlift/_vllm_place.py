@@ -274,10 +274,7 @@ class Source:
         whole = byte == start and list(src.shape) == shape and src.is_contiguous()
         if whole and dest.dtype == dtype and self._fuse(key, dest, src, f, name):
             return True
-        fused = self._fused.get(key)
-        if fused is not None:
-            self._unfuse(key, fused)
-        self._written.add(key)
+        self._written_otherwise(key)
         if whole:
             # The whole tensor (the common case: an expert, a norm, a q projection).
             if shape and shape[-1] > 1 and dest.stride(-1) != 1:
@@ -345,7 +342,7 @@ class Source:
         ``weightlift._native.assemble``), once pieces cover all of it; False where the copy is
         to be a fill (nothing is assembled here, the memory has been written otherwise, or
         the destination is not contiguous)."""
-        if self._params is None or not dest.is_contiguous() or dest.device.type != "cpu":
+        if self._params is None or not dest.is_contiguous():
             return False
         fused = self._fused.get(key)
         if fused is None:
@@ -375,12 +372,19 @@ class Source:
             for i, fused in enumerate(ready):
                 fused.future = _Part(future, i)
 
+    def _written_otherwise(self, key):
+        """The memory at `key` is written other than by whole pieces (a fill, a default
+        copy): never assembled, and what was gathered for it so far is filled."""
+        fused = self._fused.get(key)
+        if fused is not None:
+            self._unfuse(key, fused)
+        self._written.add(key)
+
     def _unfuse(self, key, fused):
         """`key`'s memory is not assembled after all (it is written otherwise, or pieces do
         not cover it): its pieces are loaded as fills, into the memory vLLM made (or, where
         the assembly ran already, its bytes copied there)."""
         del self._fused[key]
-        self._written.add(key)
         if fused in self._ready:
             self._ready.remove(fused)
         if fused.future is not None:
@@ -432,11 +436,7 @@ class Source:
     def before_default_copy(self, dest, src):
         """A copy made the default way is about to run: what was recorded before it is
         carried out first."""
-        key = dest.untyped_storage().data_ptr() if isinstance(dest, torch.Tensor) else None
-        fused = self._fused.get(key)
-        if fused is not None:
-            self._unfuse(key, fused)
-        self._written.add(key)
+        self._written_otherwise(dest.untyped_storage().data_ptr())
         name = self._current
         if name is not None and name not in self.defaults:
             self.defaults[name] = True
@@ -542,11 +542,9 @@ def _assemble(ready):
         memories, _, _ = _native.assemble([(f.nbytes, f.align, f.pieces) for f in ready])
     except ValueError:
         # Pieces of one that overlap: each assembled alone, to find which.
-        if len(ready) == 1:
-            memories = [None]
-        else:
-            memories = [_assemble([f])[0] for f in ready]
-            return memories
+        if len(ready) > 1:
+            return [_assemble([f])[0] for f in ready]
+        memories = [None]
     for fused, memory in zip(ready, memories):
         if memory is None:
             for job in _fills(fused.held):
