@@ -36,7 +36,12 @@ with zipfile.ZipFile(sys.argv[1]) as z:
             req = req.split(";")[0].replace("+cpu", "")
         print(req)
 PY
-# One large wheel on disk at a time (torch's CUDA libraries): see .ci/pip-install.
-"$(dirname "$0")/../../../../.ci/pip-install" "$venv/bin/python" -r "$wheels/requirements.txt" \
+# One large wheel on disk at a time (torch's CUDA libraries): see .ci/pip-install. torch
+# first, then what of its CUDA libraries it does not load without a GPU goes (.ci/prune-cuda)
+# before the rest arrives.
+ci="$(dirname "$0")/../../../../.ci"
+"$ci/pip-install" "$venv/bin/python" "$(grep '^torch==' "$wheels/requirements.txt")"
+"$ci/prune-cuda" "$venv/bin/python"
+"$ci/pip-install" "$venv/bin/python" -r "$wheels/requirements.txt" \
     'maturin>=1.16,<2' pytest accelerate runai-model-streamer fastsafetensors
 "$venv/bin/python" -m pip install -q --disable-pip-version-check --no-deps "$wheel"
