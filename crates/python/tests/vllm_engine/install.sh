@@ -40,8 +40,10 @@ PY
 # first, then what of its CUDA libraries it does not load without a GPU goes (.ci/prune-cuda)
 # before the rest arrives.
 ci="$(dirname "$0")/../../../../.ci"
-"$ci/pip-install" "$venv/bin/python" "$(grep '^torch==' "$wheels/requirements.txt")"
+# triton is left out: vLLM's CPU build disables it (its CPU torch does not bring it).
+"$ci/pip-install" "$venv/bin/python" --without triton "$(grep '^torch==' "$wheels/requirements.txt")"
 "$ci/prune-cuda" "$venv/bin/python"
-"$ci/pip-install" "$venv/bin/python" -r "$wheels/requirements.txt" \
+"$ci/pip-install" "$venv/bin/python" --without triton -r "$wheels/requirements.txt" \
     'maturin>=1.16,<2' pytest accelerate runai-model-streamer fastsafetensors
-"$venv/bin/python" -m pip install -q --disable-pip-version-check --no-deps "$wheel"
+"$venv/bin/python" -m pip install -q --disable-pip-version-check --no-deps --no-compile "$wheel"
+rm -f "$wheel"
