@@ -70,6 +70,51 @@ fn checkpoints() -> tempfile::TempDir {
     dir
 }
 
+/// The processes whose parent is `pid` (from /proc/*/stat: the field after the command).
+fn children_of(pid: u32) -> Vec<u32> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(child) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // `PID (COMMAND) STATE PPID ...`: the command may hold spaces and parentheses.
+        let after = &stat[stat.rfind(')').map_or(0, |i| i + 1)..];
+        if after.split_whitespace().nth(1) == Some(&pid.to_string()) {
+            found.push(child);
+        }
+    }
+    found
+}
+
+#[test]
+fn a_stopped_nginx_leaves_no_worker_running() {
+    let dir = checkpoints();
+    let server = Nginx::start(dir.path());
+    let master = server.pid();
+    let mut workers = children_of(master);
+    for _ in 0..200 {
+        if !workers.is_empty() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+        workers = children_of(master);
+    }
+    assert!(
+        !workers.is_empty(),
+        "nginx's master {master} has no workers"
+    );
+    drop(server);
+    // Killed alone, the master would leave its workers running, orphaned.
+    let left: Vec<u32> = workers
+        .into_iter()
+        .filter(|w| Path::new(&format!("/proc/{w}")).exists())
+        .collect();
+    assert!(left.is_empty(), "nginx workers still running: {left:?}");
+}
+
 #[test]
 fn http_loads_equal_local_loads() {
     let dir = checkpoints();

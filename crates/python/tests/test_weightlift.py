@@ -352,8 +352,13 @@ def test_urls_load_like_files(files, tmp_path):
         for name in local:
             same(hub[name], local[name])
     finally:
-        server.kill()
-        server.wait()
+        # SIGTERM: the master stops its worker, then exits (SIGKILL would orphan the worker).
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
 
 
 def resident(path, offset, length):

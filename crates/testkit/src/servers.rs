@@ -63,6 +63,24 @@ fn kill(child: &mut Child) {
     let _ = child.wait();
 }
 
+/// Stops nginx: SIGTERM to its master process, which stops its workers and then exits; a
+/// SIGKILL would end the master alone and leave the workers running, orphaned, holding the
+/// test's directory (after a few runs of the tests, dozens of them). SIGKILL only where the
+/// master has not exited within a few seconds.
+fn terminate(child: &mut Child) {
+    use rustix::process::{Pid, Signal, kill_process};
+    if kill_process(Pid::from_child(child), Signal::TERM).is_ok() {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if matches!(child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    kill(child);
+}
+
 /// nginx serving a directory over HTTP (or HTTPS) on 127.0.0.1, with Range support.
 pub struct Nginx {
     child: Child,
@@ -220,7 +238,7 @@ impl Nginx {
                     };
                 }
                 Err(e) => {
-                    kill(&mut child);
+                    terminate(&mut child);
                     let log =
                         std::fs::read_to_string(conf.path().join("error.log")).unwrap_or_default();
                     last_error = format!("{e}: {log}");
@@ -244,11 +262,16 @@ impl Nginx {
     pub fn addr(&self) -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], self.port))
     }
+
+    /// The process id of nginx's master process.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
 }
 
 impl Drop for Nginx {
     fn drop(&mut self) {
-        kill(&mut self.child);
+        terminate(&mut self.child);
     }
 }
 
