@@ -23,7 +23,9 @@ nothing here.
 """
 
 import bisect
+import functools
 import logging
+import math
 import mmap
 import threading
 
@@ -63,6 +65,16 @@ def _uninstall():
         _PATCH_USERS -= 1
         if _PATCH_USERS == 0:
             torch.Tensor.copy_ = _COPY
+
+
+@functools.lru_cache(maxsize=256)
+def _contiguous_strides(shape):
+    """The strides of a C-contiguous tensor of `shape` (a tuple): a checkpoint has few shapes."""
+    strides, step = [], 1
+    for d in reversed(shape):
+        strides.append(step)
+        step *= d
+    return tuple(reversed(strides))
 
 
 def box(offset, shape, strides, base_shape):
@@ -120,12 +132,12 @@ class _File:
         self.end = self.ptr + size
         self.typed = {}
         self.names, self.starts, self.meta = [], [], []
+        dtypes = {}
         for name, code, shape, _, start in handle.spans():
-            dtype = _arrays.torch_dtype(code)
-            count = 1
-            for d in shape:
-                count *= d
-            nbytes = count * dtype.itemsize
+            dtype = dtypes.get(code)
+            if dtype is None:
+                dtype = dtypes[code] = _arrays.torch_dtype(code)
+            nbytes = math.prod(shape) * dtype.itemsize
             if start + nbytes > size:
                 raise SafetensorError(
                     f"{path}: tensor {name!r} ends at byte {start + nbytes} of a file of {size} "
@@ -133,7 +145,7 @@ class _File:
                 )
             self.names.append(name)
             self.starts.append(start)
-            self.meta.append((name, dtype, list(shape), start))
+            self.meta.append((name, dtype, tuple(shape), start))
         self.fills, self.dests, self.dest_at, self.pairs = [], [], {}, []
 
     def view(self, i):
@@ -142,19 +154,13 @@ class _File:
         _, dtype, shape, start = self.meta[i]
         size = dtype.itemsize
         if start % size:
-            count = 1
-            for d in shape:
-                count *= d
-            return self.base[start : start + count * size].clone().view(dtype).view(shape)
+            nbytes = math.prod(shape) * size
+            return self.base[start : start + nbytes].clone().view(dtype).view(shape)
         typed = self.typed.get(dtype)
         if typed is None:
             n = self.base.numel()
             typed = self.typed[dtype] = self.base[: n - n % size].view(dtype)
-        strides, step = [], 1
-        for d in reversed(shape):
-            strides.append(step)
-            step *= d
-        return typed.as_strided(shape, strides[::-1], start // size)
+        return typed.as_strided(shape, _contiguous_strides(shape), start // size)
 
     def find(self, byte):
         """The tensor (name, dtype, shape, start) whose data holds file offset `byte`."""
@@ -188,8 +194,9 @@ class Source:
         self._written = set()
         self.assembled = 0
         self._files = {}
-        # The mappings' address ranges, sorted: (start, end, file).
+        # The mappings' address ranges, sorted: (start, end, file); the file found last.
         self._ranges = []
+        self._last = None
         self._running = []
         self._current = None
         self.placed = 0
@@ -242,10 +249,14 @@ class Source:
 
     def _mapped(self, ptr):
         """The file whose mapping holds address `ptr`, or None."""
+        f = self._last
+        if f is not None and f.ptr <= ptr < f.end:
+            return f  # vLLM hands the tensors over file by file
         i = bisect.bisect_right(self._ranges, (ptr, float("inf"))) - 1
         if i >= 0:
             start, end, _, f = self._ranges[i]
             if start <= ptr < end:
+                self._last = f
                 return f
         return None
 
@@ -254,12 +265,13 @@ class Source:
     def record(self, dest, src):
         """Records ``dest.copy_(src)`` as a placement where `src` is a view of a mapped file;
         False where it cannot be one (the copy then goes the default way)."""
-        if not isinstance(src, torch.Tensor) or src.device.type != "cpu":
+        # `is_cpu`, not `device.type`: this runs once per checkpoint tensor, inside vLLM's loop.
+        if not isinstance(src, torch.Tensor) or not src.is_cpu:
             return False
         f = self._mapped(src.data_ptr())
         if f is None:
             return False
-        if dest.shape != src.shape or dest.device.type != "cpu" or dest.is_complex():
+        if not dest.is_cpu or dest.shape != src.shape or dest.is_complex():
             return False
         if dest.numel() == 0:
             return True
@@ -271,7 +283,7 @@ class Source:
         if src.dtype != dtype:
             return False
         key = dest.untyped_storage().data_ptr()
-        whole = byte == start and list(src.shape) == shape and src.is_contiguous()
+        whole = byte == start and src.shape == shape and src.is_contiguous()
         if whole and dest.dtype == dtype and self._fuse(key, dest, src, f, name):
             return True
         self._written_otherwise(key)
