@@ -7,6 +7,7 @@ Here each allocation becomes one array (numpy through ``__array_interface__``, t
 tensor for torch (``as_strided`` with strides computed natively), under 1 us for numpy.
 """
 
+import functools
 import gc
 
 from ._native import DeviceMemory, SafetensorError
@@ -143,6 +144,17 @@ class TorchBases:
 
     def clear(self):
         self._bases.clear()
+
+
+@functools.lru_cache(maxsize=256)
+def contiguous_strides(shape):
+    """The strides (elements) of a C-contiguous tensor of `shape` (a tuple), as a tuple; cached:
+    a checkpoint has few distinct shapes, and callers ask once per tensor."""
+    strides, step = [], 1
+    for d in reversed(shape):
+        strides.append(step)
+        step *= d
+    return tuple(reversed(strides))
 
 
 def torch_base(memory):

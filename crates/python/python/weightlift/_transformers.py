@@ -763,7 +763,7 @@ def _assemble(placed, torch):
     costliest part of filling a fused parameter). Those whose files are read rather than
     mapped, or that cannot be assembled otherwise, are left out: filled as planned."""
     from . import _native
-    from ._arrays import torch_base, torch_dtype
+    from ._arrays import contiguous_strides, torch_base, torch_dtype
     from ._place import Block
 
     jobs, positions = [], []
@@ -776,7 +776,7 @@ def _assemble(placed, torch):
             code, shape = _info(owner, name)
             if torch_dtype(code) != tensor.dtype or list(shape) != list(dest.shape):
                 break
-            if dest.strides != _contiguous(dest.shape):
+            if tuple(dest.strides) != contiguous_strides(tuple(dest.shape)):
                 break
             pieces.append((_open.native(owner), name, dest.offset * size))
         else:
@@ -796,15 +796,6 @@ def _assemble(placed, torch):
         len(out), len(jobs), mapped, copied,
     )
     return out
-
-
-def _contiguous(shape):
-    """The strides (elements) of a C-contiguous tensor of `shape`."""
-    strides, step = [], 1
-    for d in reversed(shape):
-        strides.append(step)
-        step *= d
-    return strides[::-1]
 
 
 def _cat_shape(shapes, dim):

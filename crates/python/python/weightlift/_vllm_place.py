@@ -23,7 +23,6 @@ nothing here.
 """
 
 import bisect
-import functools
 import logging
 import math
 import mmap
@@ -65,16 +64,6 @@ def _uninstall():
         _PATCH_USERS -= 1
         if _PATCH_USERS == 0:
             torch.Tensor.copy_ = _COPY
-
-
-@functools.lru_cache(maxsize=256)
-def _contiguous_strides(shape):
-    """The strides of a C-contiguous tensor of `shape` (a tuple): a checkpoint has few shapes."""
-    strides, step = [], 1
-    for d in reversed(shape):
-        strides.append(step)
-        step *= d
-    return tuple(reversed(strides))
 
 
 def box(offset, shape, strides, base_shape):
@@ -160,7 +149,7 @@ class _File:
         if typed is None:
             n = self.base.numel()
             typed = self.typed[dtype] = self.base[: n - n % size].view(dtype)
-        return typed.as_strided(shape, _contiguous_strides(shape), start // size)
+        return typed.as_strided(shape, _arrays.contiguous_strides(shape), start // size)
 
     def find(self, byte):
         """The tensor (name, dtype, shape, start) whose data holds file offset `byte`."""
