@@ -241,6 +241,27 @@ def test_a_view_that_is_not_a_block_goes_the_default_way(tmp_path):
     assert source.placed == 0 and len(source.defaults) == E
 
 
+def test_a_tensor_not_aligned_in_its_file_is_handed_over_as_a_copy(tmp_path):
+    # The format allows a float32 tensor at an odd byte (writers pad): torch cannot view it,
+    # so vLLM gets a copy of its bytes, and the copy into a parameter goes the default way.
+    import numpy as np
+
+    header = b'{"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},"w":{"dtype":"F32","shape":[2],"data_offsets":[1,9]}}'
+    path = tmp_path / "odd.safetensors"
+    data = b"\x07" + np.array([1.5, -2.0], dtype="<f4").tobytes()
+    path.write_bytes(len(header).to_bytes(8, "little") + header + data)
+    source = _vllm_place.Source(open_handle)
+    dest = torch.zeros(2)
+    got = {}
+    for name, w in placed_weights([str(path)], source):
+        got[name] = w.tolist()
+        if name == "w":
+            dest.copy_(w)
+    assert got == {"a": [7], "w": [1.5, -2.0]}
+    assert dest.tolist() == [1.5, -2.0]
+    assert source.placed == 0
+
+
 def test_a_truncated_file_fails_naming_it(tmp_path):
     files = checkpoint(tmp_path)
     with open(files[1], "r+b") as f:

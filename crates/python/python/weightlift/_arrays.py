@@ -9,6 +9,7 @@ tensor for torch (``as_strided`` with strides computed natively), under 1 us for
 
 import functools
 import gc
+import math
 
 from ._native import DeviceMemory, SafetensorError
 
@@ -178,13 +179,13 @@ def torch_view(base, typed, entry):
         view = typed[code] = base[: n - n % size].view(dtype).as_strided
     if elem >= 0:
         return view(shape, strides, elem)
-    # A tensor not aligned to its element size in the file (rare; the format allows it):
-    # a copy of its bytes.
-    dtype = torch_dtype(code)
-    count = 1
-    for d in shape:
-        count *= d
-    raw = base[offset : offset + count * dtype.itemsize].clone()
+    return torch_unaligned(base, offset, torch_dtype(code), shape)
+
+
+def torch_unaligned(base, offset, dtype, shape):
+    """A tensor not aligned to its element size in the file (rare; the format allows it), at
+    byte `offset` of the bytes `base`: a copy of its bytes (torch cannot view it)."""
+    raw = base[offset : offset + math.prod(shape) * dtype.itemsize].clone()
     return raw.view(dtype).view(shape)
 
 

@@ -121,11 +121,8 @@ class _File:
         self.end = self.ptr + size
         self.typed = {}
         self.names, self.starts, self.meta = [], [], []
-        dtypes = {}
         for name, code, shape, _, start in handle.spans():
-            dtype = dtypes.get(code)
-            if dtype is None:
-                dtype = dtypes[code] = _arrays.torch_dtype(code)
+            dtype = _arrays.torch_dtype(code)
             nbytes = math.prod(shape) * dtype.itemsize
             if start + nbytes > size:
                 raise SafetensorError(
@@ -143,8 +140,7 @@ class _File:
         _, dtype, shape, start = self.meta[i]
         size = dtype.itemsize
         if start % size:
-            nbytes = math.prod(shape) * size
-            return self.base[start : start + nbytes].clone().view(dtype).view(shape)
+            return _arrays.torch_unaligned(self.base, start, dtype, shape)
         typed = self.typed.get(dtype)
         if typed is None:
             n = self.base.numel()
