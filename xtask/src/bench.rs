@@ -360,7 +360,7 @@ pub(crate) fn run(args: &BenchArgs) -> Result<(), String> {
                 io: if cold { io.as_ref() } else { None },
             };
             let mut eviction = Eviction::new(cache, &paths, &disk_paths);
-            let samples = interleave(reps, cell.len(), &mut eviction, |i| {
+            let samples = interleave(reps, cell.len(), &mut eviction, groups.io.is_some(), |i| {
                 let one = One {
                     contender: cell[i],
                     dir: &dir,

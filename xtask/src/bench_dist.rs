@@ -148,17 +148,23 @@ pub(crate) fn run(args: &BenchDistArgs) -> Result<(), String> {
                 cache.name(),
             );
             let mut eviction = Eviction::new(cache, &paths, &paths);
-            let samples = interleave(reps, 1 + modes.len(), &mut eviction, |i| {
-                if i == 0 {
-                    return groups
-                        .measure("raw", &[raw_child(&dir, cpus.max(2))?])
-                        .map(Some);
-                }
-                let mode = modes[i - 1];
-                groups
-                    .measure(&mode.name(), &ranks(world, mode, &location)?)
-                    .map(Some)
-            })?;
+            let samples = interleave(
+                reps,
+                1 + modes.len(),
+                &mut eviction,
+                groups.io.is_some(),
+                |i| {
+                    if i == 0 {
+                        return groups
+                            .measure("raw", &[raw_child(&dir, cpus.max(2))?])
+                            .map(Some);
+                    }
+                    let mode = modes[i - 1];
+                    groups
+                        .measure(&mode.name(), &ranks(world, mode, &location)?)
+                        .map(Some)
+                },
+            )?;
             let mut cell: Vec<Record> = std::iter::once("raw".to_string())
                 .chain(modes.iter().map(|m| m.name()))
                 .zip(&samples)

