@@ -54,9 +54,14 @@ SURFACE = (
      ("model_or_path", "revision", "subfolder", "prefix", "fall_back_to_pt",
       "allow_patterns_overrides")),
     (f"{_DEFAULT}.counter_before_loading_weights", "present", None),
+    (f"{_LOADER}.weight_utils:should_skip_weight", "call", ("weight_name", "local_expert_ids")),
+)
+# Where the default loader's `Source` names a model's unused weights (vLLM 0.32 on; 0.31 has
+# neither the field nor the filter), the files holding only those are left out as vLLM's
+# default loader leaves them out, with its own filter: checked only where the field is there.
+UNUSED_WEIGHTS = (
     (f"{_LOADER}.weight_utils:filter_safetensors_files_by_weight_name", "call",
      ("hf_weights_files", "is_unused_weight")),
-    (f"{_LOADER}.weight_utils:should_skip_weight", "call", ("weight_name", "local_expert_ids")),
 )
 
 
@@ -65,7 +70,20 @@ def surface_problem():
     changed), as "name why", or None."""
     from . import _surface
 
-    return _surface.problem(SURFACE, _surface.importer)
+    problem = _surface.problem(SURFACE, _surface.importer)
+    if problem is None and _names_unused_weights():
+        problem = _surface.problem(UNUSED_WEIGHTS, _surface.importer)
+    return problem
+
+
+def _names_unused_weights():
+    """Whether this vLLM's default loader's `Source` has the field `is_unused_weight`."""
+    import dataclasses
+
+    from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
+
+    fields = dataclasses.fields(DefaultModelLoader.Source)
+    return any(f.name == "is_unused_weight" for f in fields)
 
 
 def register():
@@ -169,7 +187,7 @@ def _loader(DefaultModelLoader):
                     f"load_format='weightlift' reads safetensors checkpoints; "
                     f"{source.model_or_path} has none"
                 )
-            if source.is_unused_weight is not None:
+            if getattr(source, "is_unused_weight", None) is not None:
                 from vllm.model_executor.model_loader.weight_utils import (
                     filter_safetensors_files_by_weight_name,
                 )

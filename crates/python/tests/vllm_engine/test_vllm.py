@@ -254,3 +254,24 @@ def test_a_vllm_without_an_internal_the_loader_uses_says_which(monkeypatch):
     model_loader._LOAD_FORMAT_TO_MODEL_LOADER.pop("weightlift", None)
     weightlift.vllm.register()
     assert model_loader.get_model_loader(LoadConfig(load_format="weightlift")) is not None
+
+
+def test_the_unused_weight_filter_is_needed_only_where_vllm_names_unused_weights(monkeypatch):
+    """vLLM 0.32 added `Source.is_unused_weight` and the filter that leaves out the files
+    holding only such weights; 0.31 has neither. The loader needs the filter exactly where
+    the field is there."""
+    from vllm.model_executor.model_loader import weight_utils
+
+    import weightlift.vllm
+
+    names = weightlift.vllm._names_unused_weights()
+    assert names == hasattr(weight_utils, "filter_safetensors_files_by_weight_name")
+    monkeypatch.delattr(weight_utils, "filter_safetensors_files_by_weight_name", raising=False)
+    problem = weightlift.vllm.surface_problem()
+    if names:
+        assert problem == (
+            "vllm.model_executor.model_loader.weight_utils:"
+            "filter_safetensors_files_by_weight_name missing"
+        )
+    monkeypatch.setattr(weightlift.vllm, "_names_unused_weights", lambda: False)
+    assert weightlift.vllm.surface_problem() is None
