@@ -66,6 +66,15 @@ pub(crate) struct Sample {
     /// What failed, where the child reports a failure as a result (vLLM's engine).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) error: Option<String>,
+    /// Under a storage profile, where the child counts them (the vLLM worker): the read
+    /// requests and bytes its block-I/O group sent to the disk while the timed load ran, read
+    /// from the group's counters before and after it. The group's count for the whole child
+    /// ([`Sample::disk`]) also holds what the process reads before and after the load (a vLLM
+    /// engine start reads hundreds of small pieces of files besides the checkpoint).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) load_disk_requests: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) load_disk_bytes: Option<u64>,
     /// A rank of `bench-dist`: the bytes of the tensors it had to load.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) needed: Option<u64>,

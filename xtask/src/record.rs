@@ -81,6 +81,12 @@ pub(crate) struct Record {
     pub(crate) disk_requests: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) disk_bytes: Option<u64>,
+    /// The same during the timed load alone, where the child counted it (medians; see
+    /// `Sample::load_disk_requests`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) load_disk_requests: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) load_disk_bytes: Option<u64>,
     /// The Python libraries the contender ran with (e.g. "transformers 5.25.0, torch
     /// 2.15.0"), for the Python contenders.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -141,6 +147,8 @@ impl Record {
             storage: None,
             disk_requests: disk(|d| d.requests),
             disk_bytes: disk(|d| d.bytes),
+            load_disk_requests: median_u64(samples.iter().filter_map(|s| s.load_disk_requests)),
+            load_disk_bytes: median_u64(samples.iter().filter_map(|s| s.load_disk_bytes)),
             software: None,
             start_s: (!starts.is_empty()).then(|| Stats::of_secs(&starts).median),
             same_tokens: None,
@@ -164,8 +172,9 @@ impl Record {
 /// ranks' reads).
 pub(crate) fn print_table(records: &[Record]) {
     let has = |f: fn(&Record) -> bool| records.iter().any(f);
-    let (disk, oom, start, tokens, dist, error) = (
+    let (disk, load_disk, oom, start, tokens, dist, error) = (
         has(|r| r.disk_requests.is_some()),
+        has(|r| r.load_disk_requests.is_some()),
         has(|r| r.oom_kills.is_some()),
         has(|r| r.start_s.is_some()),
         has(|r| r.same_tokens.is_some()),
@@ -193,6 +202,9 @@ pub(crate) fn print_table(records: &[Record]) {
     }
     if disk {
         print!(" {:>9} {:>8}", "requests", "avg KiB");
+    }
+    if load_disk {
+        print!(" {:>9} {:>8}", "load req", "avg KiB");
     }
     if start {
         print!(" {:>8}", "start s");
@@ -223,13 +235,17 @@ pub(crate) fn print_table(records: &[Record]) {
         if oom {
             print!(" {:>4}", opt(r.oom_kills.map(|n| n.to_string())));
         }
-        if disk {
-            match (r.disk_requests, r.disk_bytes) {
-                (Some(n), Some(b)) => {
-                    print!(" {:>9} {:>8.0}", n, b as f64 / n.max(1) as f64 / 1024.0)
-                }
-                _ => print!(" {:>9} {:>8}", "-", "-"),
+        let requests = |count: Option<u64>, bytes: Option<u64>| match (count, bytes) {
+            (Some(n), Some(b)) => {
+                print!(" {:>9} {:>8.0}", n, b as f64 / n.max(1) as f64 / 1024.0)
             }
+            _ => print!(" {:>9} {:>8}", "-", "-"),
+        };
+        if disk {
+            requests(r.disk_requests, r.disk_bytes);
+        }
+        if load_disk {
+            requests(r.load_disk_requests, r.load_disk_bytes);
         }
         if start {
             print!(" {:>8}", opt(r.start_s.map(|s| format!("{s:.3}"))));

@@ -264,3 +264,32 @@ def test_a_stream_short_of_memory_reaches_the_disk_in_large_requests(small_tenso
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout.strip().splitlines()[-1])["digest"] == small_tensors["per"]
     assert_large_requests("short of memory", requests, read, small_tensors["bytes"])
+
+
+def test_the_vllm_worker_counts_its_groups_reads_around_a_load(checkpoint):
+    """`cargo xtask bench-vllm --storage` reports the requests of the load alone, which the
+    vLLM worker reads from its own block-I/O group's counters before and after the load (an
+    engine start reads many small pieces of files besides the checkpoint): that count is the
+    bytes read in between, and within what the group counted for the whole process."""
+    tools = os.path.join(HERE, "..", "tools")
+    reader = (
+        "import json, sys\n"
+        f"sys.path.insert(0, {tools!r})\n"
+        "from vllm_worker import disk_reads\n"
+        "before = disk_reads()\n"
+        "for f in sys.argv[1:]:\n"
+        "    with open(f, 'rb') as r:\n"
+        "        while r.read(16 << 20):\n"
+        "            pass\n"
+        "after = disk_reads()\n"
+        "print(json.dumps([after[0] - before[0], after[1] - before[1]]))\n"
+    )
+    out, requests, read = cold_run(
+        checkpoint["path"], checkpoint["files"], [sys.executable, "-c", reader, *checkpoint["files"]]
+    )
+    assert out.returncode == 0, out.stderr
+    load_requests, load_bytes = json.loads(out.stdout.strip().splitlines()[-1])
+    data = checkpoint["bytes"]
+    print(f"load: {load_requests} requests, {load_bytes} bytes; process: {requests}, {read}")
+    assert data <= load_bytes <= 1.10 * data
+    assert 0 < load_requests <= requests and load_bytes <= read

@@ -4,7 +4,8 @@
 greedily from a fixed prompt, and prints one JSON line (the bench's sample): ``secs``, the
 loader's `load_weights` time (one-process mode; what vLLM logs as "Loading weights took"),
 ``peak_rss`` (this process's peak so far, bytes), the engine's ``start_s`` and the ``tokens``,
-or the ``error``.
+or the ``error``; in a block-I/O cgroup (the bench's storage profiles), the group's read
+requests and bytes during the load (``load_disk_requests``, ``load_disk_bytes``).
 
 Run as a script (vLLM's CPU platform starts its processes with `spawn`). One-process mode is
 ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` in the environment.
@@ -21,6 +22,49 @@ PROMPT = [3, 17, 42, 99, 5, 64, 1, 77]
 
 
 LOADS = []
+# The disk reads (requests, bytes) of this process's block-I/O cgroup during each load, where
+# it runs in one (the bench's `--storage` profiles): counted around the load alone, since an
+# engine start also reads many small pieces of files (modules, libraries) before and after.
+LOAD_DISK = []
+
+
+def disk_reads():
+    """(requests, bytes) this process's block-I/O cgroup has read from every disk so far, or
+    None outside such a group (cgroup v1 `blkio.throttle.io_serviced` / `io_service_bytes`,
+    v2 `io.stat`)."""
+    try:
+        lines = open("/proc/self/cgroup").read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if path == "/":
+            continue
+        if "blkio" in controllers.split(","):
+            base = f"/sys/fs/cgroup/blkio{path}"
+            try:
+                counts = [
+                    sum(
+                        int(f[2])
+                        for f in (l.split() for l in open(f"{base}/{name}"))
+                        if len(f) == 3 and f[1] == "Read"
+                    )
+                    for name in ("blkio.throttle.io_serviced", "blkio.throttle.io_service_bytes")
+                ]
+            except (OSError, ValueError):
+                return None
+            return tuple(counts)
+        if controllers == "":
+            try:
+                text = open(f"/sys/fs/cgroup{path}/io.stat").read()
+            except OSError:
+                continue
+            fields = [kv.split("=") for kv in text.split() if "=" in kv]
+            return (
+                sum(int(v) for k, v in fields if k == "rios"),
+                sum(int(v) for k, v in fields if k == "rbytes"),
+            )
+    return None
 
 
 def time_loads():
@@ -34,11 +78,15 @@ def time_loads():
             return
 
         def load_weights(self, *a, **k):
+            disk = disk_reads()
             start = time.perf_counter()
             try:
                 return original(self, *a, **k)
             finally:
                 LOADS.append(time.perf_counter() - start)
+                after = disk_reads()
+                if disk is not None and after is not None:
+                    LOAD_DISK.append((after[0] - disk[0], after[1] - disk[1]))
 
         load_weights._timed = True
         cls.load_weights = load_weights
@@ -60,6 +108,7 @@ def run(model, load_format, extra):
 
     time_loads()
     LOADS.clear()
+    LOAD_DISK.clear()
     start = time.perf_counter()
     out = {"model": model, "load_format": load_format, "secs": None}
     try:
@@ -83,6 +132,8 @@ def run(model, load_format, extra):
         )
         out["tokens"] = list(result[0].outputs[0].token_ids)
         out["secs"] = LOADS[-1] if LOADS else None
+        if LOAD_DISK:
+            out["load_disk_requests"], out["load_disk_bytes"] = LOAD_DISK[-1]
         del llm
     except Exception as e:  # noqa: BLE001 (reported to the test)
         out["error"] = f"{type(e).__name__}: {e}"
