@@ -55,6 +55,8 @@ SURFACE = (
       "allow_patterns_overrides")),
     (f"{_DEFAULT}.counter_before_loading_weights", "present", None),
     (f"{_LOADER}.weight_utils:should_skip_weight", "call", ("weight_name", "local_expert_ids")),
+    (f"{_LOADER}.weight_utils:filter_mm_encoder_only_safetensors_files", "call",
+     ("hf_weights_files", "hf_folder", "index_file", "language_model_prefixes")),
 )
 # Where the default loader's `Source` names a model's unused weights (vLLM 0.32 on; 0.31 has
 # neither the field nor the filter), the files holding only those are left out as vLLM's
@@ -187,6 +189,7 @@ def _loader(DefaultModelLoader):
                     f"load_format='weightlift' reads safetensors checkpoints; "
                     f"{source.model_or_path} has none"
                 )
+            files = self._encoder_only(folder, files, index, source)
             if getattr(source, "is_unused_weight", None) is not None:
                 from vllm.model_executor.model_loader.weight_utils import (
                     filter_safetensors_files_by_weight_name,
@@ -206,6 +209,30 @@ def _loader(DefaultModelLoader):
             else:
                 weights = iterate(files, self.weightlift, self.local_expert_ids)
             return ((source.prefix + name, tensor) for name, tensor in weights)
+
+        def _encoder_only(self, folder, files, index, source):
+            # A multimodal model run encoder-only (`--mm-encoder-only`): the files holding
+            # only the language model's weights are left out, as vLLM's default loader does.
+            prefixes = getattr(self, "_encoder_only_lm_prefixes", None)
+            if prefixes is None or not files:
+                return files
+            from vllm.model_executor.model_loader.weight_utils import (
+                filter_mm_encoder_only_safetensors_files,
+            )
+
+            kept = filter_mm_encoder_only_safetensors_files(
+                files,
+                folder,
+                index,
+                prefixes,
+                weights_mapper=getattr(self, "_encoder_only_weights_mapper", None),
+            )
+            if not kept:
+                raise RuntimeError(
+                    f"load_format='weightlift': the encoder-only filter left no file of "
+                    f"{source.model_or_path} (language model prefixes {prefixes})"
+                )
+            return kept
 
     return WeightliftModelLoader
 

@@ -275,3 +275,44 @@ def test_the_unused_weight_filter_is_needed_only_where_vllm_names_unused_weights
         )
     monkeypatch.setattr(weightlift.vllm, "_names_unused_weights", lambda: False)
     assert weightlift.vllm.surface_problem() is None
+
+
+@pytest.mark.parametrize("encoder_only", [True, False])
+def test_a_model_run_encoder_only_reads_no_file_holding_only_the_language_model(
+    tmp_path, monkeypatch, encoder_only
+):
+    """With `--mm-encoder-only` vLLM's default loader leaves out the files holding only the
+    language model's weights (`filter_mm_encoder_only_safetensors_files`); so does
+    weightlift's, with that filter: the files handed to the placement are the ones kept."""
+    import torch
+    from safetensors.torch import save_file
+    from vllm.config import LoadConfig
+    from vllm.model_executor.model_loader import get_model_loader
+
+    import weightlift.vllm
+
+    shards = {
+        "model-00001-of-00002.safetensors": {"visual.proj": torch.zeros(4),
+                                             "language_model.a": torch.zeros(4)},
+        "model-00002-of-00002.safetensors": {"language_model.b": torch.zeros(4)},
+    }
+    weight_map = {}
+    for file, tensors in shards.items():
+        save_file(tensors, str(tmp_path / file), metadata={"format": "pt"})
+        weight_map.update({name: file for name in tensors})
+    with open(tmp_path / "model.safetensors.index.json", "w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f)
+    weightlift.vllm.register()  # as vLLM's plugin loading does in an engine's processes
+    loader = get_model_loader(LoadConfig(load_format="weightlift"))
+    handed = []
+
+    def place(files, *args, **kwargs):
+        handed.extend(os.path.basename(f) for f in files)
+        return iter(())
+
+    monkeypatch.setattr(weightlift.vllm, "place", place)
+    if encoder_only:
+        loader._encoder_only_lm_prefixes = ("language_model",)
+    list(loader._get_weights_iterator(loader.Source(model_or_path=str(tmp_path), revision=None)))
+    kept = ["model-00001-of-00002.safetensors"]
+    assert sorted(handed) == (kept if encoder_only else sorted(shards))
