@@ -5,9 +5,13 @@ using it is skipped with the reason."""
 
 import os
 import subprocess
+import sys
 import uuid
 
 import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tools"))
+import blkio_counts  # noqa: E402 (the tools' directory first)
 
 
 def mountpoint(fstype, option=None):
@@ -175,19 +179,4 @@ class IoCgroup(_Group):
 
     def reads(self):
         """(requests, bytes) the group's processes read from the disk so far."""
-        if self.version == 1:
-            counts = []
-            for name in ("blkio.throttle.io_serviced", "blkio.throttle.io_service_bytes"):
-                with open(os.path.join(self.path, name)) as f:
-                    counts.append(sum(
-                        int(fields[2]) for fields in (line.split() for line in f)
-                        if len(fields) == 3 and fields[0] == self.device and fields[1] == "Read"
-                    ))
-            return tuple(counts)
-        with open(os.path.join(self.path, "io.stat")) as f:
-            for line in f:
-                fields = line.split()
-                if fields and fields[0] == self.device:
-                    kv = dict(x.split("=") for x in fields[1:])
-                    return int(kv.get("rios", 0)), int(kv.get("rbytes", 0))
-        return 0, 0
+        return blkio_counts.reads(self.path, self.version, self.device)

@@ -268,20 +268,21 @@ def test_a_stream_short_of_memory_reaches_the_disk_in_large_requests(small_tenso
 
 def test_the_vllm_worker_counts_its_groups_reads_around_a_load(checkpoint):
     """`cargo xtask bench-vllm --storage` reports the requests of the load alone, which the
-    vLLM worker reads from its own block-I/O group's counters before and after the load (an
-    engine start reads many small pieces of files besides the checkpoint): that count is the
-    bytes read in between, and within what the group counted for the whole process."""
+    vLLM worker reads from its own block-I/O group's counters before and after the load
+    (`blkio_counts.own_group_reads`; an engine start reads many small pieces of files besides
+    the checkpoint): that count is the bytes read in between, and within what the group
+    counted for the whole process."""
     tools = os.path.join(HERE, "..", "tools")
     reader = (
         "import json, sys\n"
         f"sys.path.insert(0, {tools!r})\n"
-        "from vllm_worker import disk_reads\n"
-        "before = disk_reads()\n"
+        "from blkio_counts import own_group_reads\n"
+        "before = own_group_reads()\n"
         "for f in sys.argv[1:]:\n"
         "    with open(f, 'rb') as r:\n"
         "        while r.read(16 << 20):\n"
         "            pass\n"
-        "after = disk_reads()\n"
+        "after = own_group_reads()\n"
         "print(json.dumps([after[0] - before[0], after[1] - before[1]]))\n"
     )
     out, requests, read = cold_run(

@@ -18,6 +18,8 @@ import resource
 import sys
 import time
 
+from blkio_counts import own_group_reads
+
 PROMPT = [3, 17, 42, 99, 5, 64, 1, 77]
 
 
@@ -26,45 +28,6 @@ LOADS = []
 # it runs in one (the bench's `--storage` profiles): counted around the load alone, since an
 # engine start also reads many small pieces of files (modules, libraries) before and after.
 LOAD_DISK = []
-
-
-def disk_reads():
-    """(requests, bytes) this process's block-I/O cgroup has read from every disk so far, or
-    None outside such a group (cgroup v1 `blkio.throttle.io_serviced` / `io_service_bytes`,
-    v2 `io.stat`)."""
-    try:
-        lines = open("/proc/self/cgroup").read().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        _, controllers, path = line.split(":", 2)
-        if path == "/":
-            continue
-        if "blkio" in controllers.split(","):
-            base = f"/sys/fs/cgroup/blkio{path}"
-            try:
-                counts = [
-                    sum(
-                        int(f[2])
-                        for f in (l.split() for l in open(f"{base}/{name}"))
-                        if len(f) == 3 and f[1] == "Read"
-                    )
-                    for name in ("blkio.throttle.io_serviced", "blkio.throttle.io_service_bytes")
-                ]
-            except (OSError, ValueError):
-                return None
-            return tuple(counts)
-        if controllers == "":
-            try:
-                text = open(f"/sys/fs/cgroup{path}/io.stat").read()
-            except OSError:
-                continue
-            fields = [kv.split("=") for kv in text.split() if "=" in kv]
-            return (
-                sum(int(v) for k, v in fields if k == "rios"),
-                sum(int(v) for k, v in fields if k == "rbytes"),
-            )
-    return None
 
 
 def time_loads():
@@ -78,13 +41,13 @@ def time_loads():
             return
 
         def load_weights(self, *a, **k):
-            disk = disk_reads()
+            disk = own_group_reads()
             start = time.perf_counter()
             try:
                 return original(self, *a, **k)
             finally:
                 LOADS.append(time.perf_counter() - start)
-                after = disk_reads()
+                after = own_group_reads()
                 if disk is not None and after is not None:
                     LOAD_DISK.append((after[0] - disk[0], after[1] - disk[1]))
 
