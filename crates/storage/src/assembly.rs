@@ -195,6 +195,61 @@ impl Assembly {
         Ok(mapped)
     }
 
+    /// Maps in the pages of `at..at + len` that [`Assembly::place`] mapped from a file (reading
+    /// those not in the page cache) and touches each once, so that touching them later costs
+    /// no page fault (one system call, where touching takes a fault per few pages) and no
+    /// first access (see `MappedFile::populate`). Worth it on the threads that place while
+    /// the disk still reads: the faults a reader would take later are taken while the disk
+    /// is the bound (hf-moe cold, `from_pretrained` and a touch of every parameter, 4 runs
+    /// each: 0.85-0.92 s against 0.94-1.07 s with the mapping alone).
+    ///
+    /// A range whose file was cut short is an `UnexpectedEof` error (where a touch would
+    /// raise `SIGBUS`). On kernels without `MADV_POPULATE_READ` (before 5.14) nothing is
+    /// done: the pages fault in when touched.
+    ///
+    /// # Safety
+    ///
+    /// As [`Assembly::place`]: nothing places into `at..at + len` meanwhile.
+    pub unsafe fn populate(&self, at: usize, len: usize) -> io::Result<()> {
+        let end = at
+            .checked_add(len)
+            .filter(|&end| end <= self.len)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "outside the assembly"))?;
+        let (lo, hi) = (
+            (self.phase + at).div_ceil(PAGE) * PAGE,
+            (self.phase + end) / PAGE * PAGE,
+        );
+        if hi <= lo {
+            return Ok(());
+        }
+        // SAFETY: `lo..hi` is page-aligned and inside the reservation, which this assembly
+        // owns; `MADV_POPULATE_READ` only maps pages in (private mappings stay shared with
+        // the page cache until written), it changes no byte.
+        let advised = unsafe {
+            rustix::mm::madvise(
+                self.base.as_ptr().add(lo).cast::<c_void>(),
+                hi - lo,
+                rustix::mm::Advice::LinuxPopulateRead,
+            )
+        };
+        match advised {
+            Ok(()) => {
+                // SAFETY: `lo..hi` is inside the reservation, mapped and readable, and nothing
+                // writes it meanwhile (this function's contract).
+                let pages =
+                    unsafe { std::slice::from_raw_parts(self.base.as_ptr().add(lo), hi - lo) };
+                crate::mapped::first_touch(pages);
+                Ok(())
+            }
+            Err(e) if e == rustix::io::Errno::FAULT => Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "a file placed in the assembly ended before its piece (was it truncated?)",
+            )),
+            Err(e) if e == rustix::io::Errno::INVAL => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Reads `len` bytes of `file` from `offset` into position `to` of the reservation (one
     /// positioned read: the bytes are in the page cache, read there by the caller).
     ///
@@ -297,6 +352,39 @@ mod tests {
         // SAFETY: the assembly's bytes, not borrowed elsewhere now.
         unsafe { std::slice::from_raw_parts_mut(ptr, len)[4096 * 3] ^= 0xff };
         assert_eq!(std::fs::read(f.path()).unwrap(), data);
+    }
+
+    #[test]
+    fn populating_maps_the_placed_pages_in_and_changes_no_byte() {
+        let (f, data) = file_of(64 * 4096);
+        // SAFETY: the temporary file is private to this test and never changed.
+        let map = unsafe { MappedFile::open(f.path()).unwrap() };
+        let assembly = Assembly::new(40 * 4096, 100).unwrap();
+        // SAFETY: the file is not changed; nothing reads the assembly meanwhile.
+        unsafe {
+            assert!(assembly.place(&map, 100 + 4096, 40 * 4096, 0).unwrap() > 0);
+            assembly.populate(0, 40 * 4096).unwrap();
+            assert!(
+                assembly.populate(1, 40 * 4096).is_err(),
+                "past the assembly"
+            );
+        }
+        assert_eq!(assembly.as_slice(), &data[100 + 4096..100 + 41 * 4096]);
+    }
+
+    #[test]
+    fn populating_a_piece_of_a_truncated_file_is_an_error_not_a_crash() {
+        let (f, _) = file_of(64 * 4096);
+        // SAFETY: the file is truncated below on purpose, and the assembly's pages past the
+        // cut are never touched: only populated, which reports it.
+        let map = unsafe { MappedFile::open(f.path()).unwrap() };
+        let assembly = Assembly::new(48 * 4096, 0).unwrap();
+        // SAFETY: as above.
+        unsafe { assembly.place(&map, 8 * 4096, 48 * 4096, 0).unwrap() };
+        f.as_file().set_len(16 * 4096).unwrap();
+        // SAFETY: as above.
+        let err = unsafe { assembly.populate(0, 48 * 4096) }.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof, "{err}");
     }
 
     #[test]

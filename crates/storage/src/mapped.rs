@@ -164,7 +164,8 @@ impl MappedFile {
     }
 
     /// Brings the pages of `offset..offset + len` in (reading them from the file where they
-    /// are not in the page cache) and maps them, so that touching them later costs nothing.
+    /// are not in the page cache), maps them and touches each once (see [`first_touch`]),
+    /// so that touching them later costs nothing.
     /// Safe to call from many threads on disjoint or overlapping ranges.
     ///
     /// A range that the file no longer covers (it was truncated) is an `UnexpectedEof`
@@ -201,7 +202,10 @@ impl MappedFile {
             .map
             .advise_range(Advice::PopulateRead, offset as usize, len as usize)
         {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                first_touch(&self.map[offset as usize..end as usize]);
+                Ok(())
+            }
             Err(e) if e.raw_os_error() == Some(libc::EFAULT) => Err(self.cut(offset, end)),
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => self.touch(offset, end),
             Err(e) => Err(e),
@@ -214,12 +218,7 @@ impl MappedFile {
         if self.current_len().is_some_and(|now| now < end) {
             return Err(self.cut(offset, end));
         }
-        let bytes = &self.map[offset as usize..end as usize];
-        let mut sum = 0u8;
-        for page in bytes.chunks(4096) {
-            sum = sum.wrapping_add(page[0]);
-        }
-        std::hint::black_box(sum);
+        first_touch(&self.map[offset as usize..end as usize]);
         Ok(())
     }
 
@@ -232,6 +231,24 @@ impl MappedFile {
             ),
         )
     }
+}
+
+/// Reads one byte of every page of `bytes` (present pages: no fault is taken).
+///
+/// Mapping a page in is not all its first touch costs: on a virtual machine the first access
+/// to a page just read from the disk still took ~0.3 us of user time per 4 KiB page with
+/// its entry present (hf-dense cold, 1.18 GiB: 0.05-0.11 s for the first touch of every
+/// page after a mapped load, 0.008 s for the second; the same after a warm load). Taken
+/// here, by the threads that populate while the disk reads the next ranges, it overlaps
+/// the reads: `from_pretrained` of hf-dense cold plus a touch of every parameter took
+/// 0.62-0.68 s against 0.76-0.85 s without, 3 runs each interleaved, and warm loads were
+/// unchanged.
+pub(crate) fn first_touch(bytes: &[u8]) {
+    let mut sum = 0u8;
+    for page in bytes.chunks(4096) {
+        sum = sum.wrapping_add(page[0]);
+    }
+    std::hint::black_box(sum);
 }
 
 #[cfg(test)]

@@ -168,20 +168,22 @@ impl Checkpoint {
                 .expect("every piece's shard is in the plan")
         };
         let mapped = std::sync::atomic::AtomicU64::new(0);
-        let place = |run: &Run<'_>| -> Result<()> {
+        // Runs whose bytes are in the page cache are mapped in as well (see
+        // `Assembly::populate`); those past the window stay to be faulted in when touched.
+        let place = |run: &Run<'_>, cached: bool| -> Result<()> {
             let map = maps[shard_plan(run.shard)]
                 .mapping()
                 .expect("a shard's mapping is a mapped file");
             // SAFETY: the files' contract and the pieces' exclusivity are this function's;
             // each run is placed once.
-            let n = unsafe { run.place(map) }.map_err(|e| self.assembly_error(run, e))?;
+            let n = unsafe { run.place(map, cached) }.map_err(|e| self.assembly_error(run, e))?;
             mapped.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
             Ok(())
         };
         let placed = |i: usize| by_request.get(i).cloned().unwrap_or(0..0);
         self.with_exec(&plan, options, |exec| {
             exec.cache(&maps, ahead, |_, index| {
-                runs[placed(index)].iter().try_for_each(place)
+                runs[placed(index)].iter().try_for_each(|r| place(r, true))
             })
         })?;
         let done: Vec<bool> = {
@@ -194,7 +196,7 @@ impl Checkpoint {
         runs.iter()
             .zip(&done)
             .filter(|(_, d)| !**d)
-            .try_for_each(|(run, _)| place(run))?;
+            .try_for_each(|(run, _)| place(run, false))?;
         let mapped = mapped.into_inner();
         let total: u64 = runs.iter().map(|r| r.len).sum();
         let report = AssembleReport {
@@ -216,20 +218,27 @@ struct Run<'a> {
 }
 
 impl Run<'_> {
-    /// Places the run (see [`Assembly::place`]); the bytes mapped.
+    /// Places the run (see [`Assembly::place`]), its mapped pages mapped in where
+    /// `populate`; the bytes mapped.
     ///
     /// # Safety
     ///
     /// [`Checkpoint::assemble`]'s contract; `map` is the run's file.
-    unsafe fn place(&self, map: &weightlift_storage::MappedFile) -> std::io::Result<usize> {
+    unsafe fn place(
+        &self,
+        map: &weightlift_storage::MappedFile,
+        populate: bool,
+    ) -> std::io::Result<usize> {
         let at = usize::try_from(self.piece.at)
             .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "out of range"))?;
+        let into = self.piece.into;
         // SAFETY: passed on from this function's contract.
-        unsafe {
-            self.piece
-                .into
-                .place(map, self.offset, self.len as usize, at)
+        let mapped = unsafe { into.place(map, self.offset, self.len as usize, at) }?;
+        if populate && mapped > 0 {
+            // SAFETY: as above: the run's bytes are this call's alone.
+            unsafe { into.populate(at, self.len as usize) }?;
         }
+        Ok(mapped)
     }
 }
 
