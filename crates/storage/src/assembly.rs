@@ -122,18 +122,7 @@ impl Assembly {
         len: usize,
         at: usize,
     ) -> io::Result<usize> {
-        let end = at
-            .checked_add(len)
-            .filter(|&end| end <= self.len)
-            .ok_or_else(|| {
-                io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    format!(
-                        "a piece of {len} bytes at {at} overflows an assembly of {}",
-                        self.len
-                    ),
-                )
-            })?;
+        let end = self.piece_end(at, len)?;
         offset
             .checked_add(len as u64)
             .filter(|&e| e <= file.len() as u64)
@@ -151,7 +140,7 @@ impl Assembly {
         }
         // Positions in the reservation.
         let (start, stop) = (self.phase + at, self.phase + end);
-        let (lo, hi) = (start.div_ceil(PAGE) * PAGE, stop / PAGE * PAGE);
+        let (lo, hi) = self.whole_pages(at, end);
         let in_phase = (offset % PAGE as u64) as usize == start % PAGE;
         let mapped = if in_phase && hi > lo && hi - lo >= MIN_MAPPED {
             hi - lo
@@ -211,14 +200,8 @@ impl Assembly {
     ///
     /// As [`Assembly::place`]: nothing places into `at..at + len` meanwhile.
     pub unsafe fn populate(&self, at: usize, len: usize) -> io::Result<()> {
-        let end = at
-            .checked_add(len)
-            .filter(|&end| end <= self.len)
-            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "outside the assembly"))?;
-        let (lo, hi) = (
-            (self.phase + at).div_ceil(PAGE) * PAGE,
-            (self.phase + end) / PAGE * PAGE,
-        );
+        let end = self.piece_end(at, len)?;
+        let (lo, hi) = self.whole_pages(at, end);
         if hi <= lo {
             return Ok(());
         }
@@ -248,6 +231,30 @@ impl Assembly {
             Err(e) if e == rustix::io::Errno::INVAL => Ok(()),
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// The end of a piece of `len` bytes at `at`, checked to lie inside the assembly.
+    fn piece_end(&self, at: usize, len: usize) -> io::Result<usize> {
+        at.checked_add(len)
+            .filter(|&end| end <= self.len)
+            .ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!(
+                        "a piece of {len} bytes at {at} overflows an assembly of {}",
+                        self.len
+                    ),
+                )
+            })
+    }
+
+    /// The whole pages inside bytes `at..end` of the assembly, as positions in the
+    /// reservation (`lo >= hi`: none): what [`Assembly::place`] can map.
+    fn whole_pages(&self, at: usize, end: usize) -> (usize, usize) {
+        (
+            (self.phase + at).div_ceil(PAGE) * PAGE,
+            (self.phase + end) / PAGE * PAGE,
+        )
     }
 
     /// Reads `len` bytes of `file` from `offset` into position `to` of the reservation (one
