@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 import weightlift
-from sample import emit
+from sample import disk_reads, emit, start
 
 mode, path = sys.argv[1], sys.argv[2]
 dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=600))
@@ -27,8 +27,11 @@ def rows(name, shape):
     return (slice(rank * n // world, (rank + 1) * n // world),)
 
 
+# The ranks share one block-I/O group: its counters taken before the barrier and after every
+# rank has finished are the world's reads during the load (each rank reports the same).
+before = disk_reads()
 dist.barrier()
-t = time.perf_counter()
+t = start(before)
 if mode == "each":
     state = weightlift.load_checkpoint(path, framework="pt")
 elif mode == "shared":
@@ -45,6 +48,6 @@ for v in state.values():
 secs = time.perf_counter() - t
 needed = sum(v.numel() * v.element_size() for v in state.values())
 read = sum(f["bytes_read"] for f in state.report)
-emit(secs, read_bytes=read, needed=needed)
 dist.barrier()
+emit(secs, disk=disk_reads(), read_bytes=read, needed=needed)
 dist.destroy_process_group()

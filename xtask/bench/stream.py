@@ -8,14 +8,14 @@ import time
 import safetensors
 import torch
 
-from sample import emit
+from sample import emit, start
 
 mode, paths = sys.argv[1], sys.argv[2:]
 if mode == "weightlift":
     import weightlift
 
     weightlift.patch()
-t = time.perf_counter()
+t = start()
 handles = [safetensors.safe_open(p, framework="pt") for p in paths]
 total = 0
 for h in handles:

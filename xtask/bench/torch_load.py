@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from sample import emit
+from sample import emit, start
 
 mode, paths = sys.argv[1], sys.argv[2:]
 if mode == "safetensors":
@@ -19,7 +19,7 @@ else:
     import weightlift.torch
 
     load_file = weightlift.torch.load_file
-t = time.perf_counter()
+t = start()
 if mode == "weightlift-checkpoint":
     dicts = [weightlift.load_checkpoint(paths[0], framework="pt")]
 else:

@@ -13,7 +13,7 @@ import torch
 import transformers
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from sample import emit
+from sample import emit, start
 
 transformers.utils.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
@@ -23,7 +23,7 @@ AutoModelForCausalLM._model_mapping[type(config)]
 if mode != "stock":
     import weightlift
     weightlift.patch(conversion=(mode == "weightlift"))
-t = time.perf_counter()
+t = start()
 model = AutoModelForCausalLM.from_pretrained(path)
 seen, total = set(), 0
 for p in model.parameters():

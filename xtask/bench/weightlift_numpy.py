@@ -12,8 +12,8 @@ except ImportError:
     pass
 import weightlift
 
-from sample import emit
+from sample import emit, start
 
-t = time.perf_counter()
+t = start()
 d = weightlift.load_checkpoint(sys.argv[1])
 emit(time.perf_counter() - t)

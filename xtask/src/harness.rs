@@ -66,11 +66,12 @@ pub(crate) struct Sample {
     /// What failed, where the child reports a failure as a result (vLLM's engine).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) error: Option<String>,
-    /// Under a storage profile, where the child counts them (the vLLM worker): the read
-    /// requests and bytes its block-I/O group sent to the disk while the timed load ran, read
-    /// from the group's counters before and after it. The group's count for the whole child
-    /// ([`Sample::disk`]) also holds what the process reads before and after the load (a vLLM
-    /// engine start reads hundreds of small pieces of files besides the checkpoint).
+    /// Under a storage profile, where the child counts them (the Python children: vLLM's
+    /// worker and the scripts in `xtask/bench/`): the read requests and bytes its block-I/O
+    /// group sent to the disk while the timed load ran, read from the group's counters before
+    /// and after it. The group's count for the whole child ([`Sample::disk`]) also holds what
+    /// the process reads before and after the load (its imports; a vLLM engine start reads
+    /// hundreds of small pieces of files besides the checkpoint).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) load_disk_requests: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -116,7 +117,9 @@ impl Sample {
     }
 
     /// Several children's samples as one measurement: the slowest time, the largest peak, the
-    /// bytes read summed, the first error.
+    /// bytes read summed, the first error; the disk reads during the load the largest any
+    /// child counted (the ranks of a world share one block-I/O group, and each counts the
+    /// group's reads from before its barrier to after the last rank's load).
     fn together(ranks: Vec<Sample>) -> Sample {
         if ranks.len() == 1 {
             return ranks.into_iter().next().expect("one sample");
@@ -126,6 +129,8 @@ impl Sample {
             peak_rss: ranks.iter().map(|r| r.peak_rss).max().unwrap_or(0),
             read_bytes: ranks.iter().map(|r| r.read_bytes).sum(),
             error: ranks.iter().find_map(|r| r.error.clone()),
+            load_disk_requests: ranks.iter().filter_map(|r| r.load_disk_requests).max(),
+            load_disk_bytes: ranks.iter().filter_map(|r| r.load_disk_bytes).max(),
             ranks,
             ..Sample::default()
         }
