@@ -15,7 +15,6 @@
 mod aligned;
 mod assembly;
 mod auto;
-mod bring_in;
 mod direct;
 mod error;
 pub mod hub;
@@ -104,28 +103,6 @@ pub trait ByteSource: Send + Sync + fmt::Debug {
     /// what a caller that has other work to do first asks for. A hint; the default does
     /// nothing (sources without a page cache).
     fn will_need(&self, _offset: u64, _len: u64) {}
-
-    /// Reads `offset..offset + len` into the page cache, for a caller that maps or reads
-    /// those bytes next and reads the source front to back: a local file through a
-    /// transient mapping that reads 2 MiB folios in requests of the device's largest size,
-    /// copying nothing, at the cost of up to a few MiB read around the range; other sources
-    /// (and kernels that refuse) into `scratch`, resized to `len`.
-    fn read_in(&self, offset: u64, len: u64, scratch: &mut Vec<u8>) -> io::Result<()> {
-        read_into(self, offset, len, scratch)
-    }
-}
-
-/// [`ByteSource::read_in`]'s fallback: an ordinary read of the range into `scratch`.
-fn read_into<S: ByteSource + ?Sized>(
-    source: &S,
-    offset: u64,
-    len: u64,
-    scratch: &mut Vec<u8>,
-) -> io::Result<()> {
-    let len = usize::try_from(len)
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "range too large to read"))?;
-    scratch.resize(len, 0);
-    source.read_exact_at(offset, scratch)
 }
 
 /// How a load will read a source.

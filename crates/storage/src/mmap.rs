@@ -92,13 +92,6 @@ impl ByteSource for MmapSource {
     fn drop_cache(&self, offset: u64, len: u64) {
         crate::readahead::drop_cache(&self.file, offset, len);
     }
-
-    fn read_in(&self, offset: u64, len: u64, scratch: &mut Vec<u8>) -> io::Result<()> {
-        if crate::bring_in::bring_in(&self.file, offset, len)? {
-            return Ok(());
-        }
-        crate::read_into(self, offset, len, scratch)
-    }
 }
 
 #[cfg(test)]

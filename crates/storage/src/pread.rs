@@ -89,13 +89,6 @@ impl ByteSource for PreadSource {
         crate::readahead::drop_cache(&self.file, offset, len);
     }
 
-    fn read_in(&self, offset: u64, len: u64, scratch: &mut Vec<u8>) -> io::Result<()> {
-        if crate::bring_in::bring_in(&self.file, offset, len)? {
-            return Ok(());
-        }
-        crate::read_into(self, offset, len, scratch)
-    }
-
     fn will_need(&self, offset: u64, len: u64) {
         crate::readahead::will_need(&self.file, offset, len);
     }

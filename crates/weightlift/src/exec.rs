@@ -191,14 +191,10 @@ impl Exec<'_> {
     /// populate that follows reports any error; this read's are ignored.
     fn read_ahead(&self, request: &Request) {
         let sp = &self.plan.shards[request.shard_plan as usize];
-        let shard = &self.shards[sp.shard];
-        let front_to_back =
-            pattern(sp.bytes, shard.header().data_len()) == AccessPattern::Sequential;
         READ_AHEAD.with(|buf| {
-            let _ = shard.read_in(
+            let _ = self.shards[sp.shard].read_in(
                 request.file_offset,
                 request.len,
-                front_to_back,
                 &mut buf.borrow_mut(),
             );
         });

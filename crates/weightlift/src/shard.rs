@@ -60,23 +60,12 @@ impl Shard {
         &self.source
     }
 
-    /// Brings `offset..offset + len` of the file into the page cache for callers that map or
-    /// read the same bytes next: the device's largest requests and large page-cache folios,
-    /// where faulting the bytes into a mapping reads the file's readahead size at a time and
-    /// `POSIX_FADV_WILLNEED` single pages. A file read `front_to_back` goes through
-    /// [`ByteSource::read_in`] (2 MiB folios, nothing copied, up to a few MiB read around
-    /// the range); a sparse selection with one read into `buf` (reused; its contents are of
-    /// no further use), which reads the range alone.
-    pub(crate) fn read_in(
-        &self,
-        offset: u64,
-        len: u64,
-        front_to_back: bool,
-        buf: &mut Vec<u8>,
-    ) -> std::io::Result<()> {
-        if front_to_back {
-            return self.source.read_in(offset, len, buf);
-        }
+    /// Brings `offset..offset + len` of the file into the page cache with one read through
+    /// its source into `buf` (reused; its contents are of no further use): the device's
+    /// largest requests and large page-cache folios, where faulting the bytes into a mapping
+    /// reads the file's readahead size at a time and `POSIX_FADV_WILLNEED` single pages. For
+    /// callers that populate a mapping of the same bytes next.
+    pub(crate) fn read_in(&self, offset: u64, len: u64, buf: &mut Vec<u8>) -> std::io::Result<()> {
         buf.resize(len as usize, 0);
         self.source.read_exact_at(offset, buf)
     }

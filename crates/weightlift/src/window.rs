@@ -697,7 +697,7 @@ fn populate(job: &Job, range: Range<u64>, fits: bool, buf: &mut Vec<u8>) {
         return;
     }
     let shard = &job.ckpt.shards()[job.shard];
-    let read = |at: u64, len: u64, buf: &mut Vec<u8>| shard.read_in(at, len, true, buf).is_err();
+    let read = |at: u64, len: u64, buf: &mut Vec<u8>| shard.read_in(at, len, buf).is_err();
     // Not `POSIX_FADV_WILLNEED`, which would save the copy: the kernel reads ahead that way
     // in requests of at most 1 MiB (single pages in the bio, not the large folios of a read),
     // 618 KiB on average against 2.5 MiB for 16 MiB reads (cold, this VM's virtio disk); a
