@@ -294,3 +294,31 @@ def test_the_vllm_worker_counts_its_groups_reads_around_a_load(checkpoint):
     print(f"load: {load_requests} requests, {load_bytes} bytes; process: {requests}, {read}")
     assert data <= load_bytes <= 1.10 * data
     assert 0 < load_requests <= requests and load_bytes <= read
+
+
+def test_the_benchs_python_children_count_the_reads_of_their_load_alone(checkpoint):
+    """Every Python child of `cargo xtask bench` prints its sample through
+    `xtask/bench/sample.py`, which adds the block-I/O group's reads between `start()` and
+    `emit()` (the load's own, where the group's count for the whole process also holds what
+    its imports read): within the checkpoint's bytes and the whole process's count."""
+    bench = os.path.join(HERE, "..", "..", "..", "xtask", "bench")
+    child = (
+        "import sys\n"
+        f"sys.path.insert(0, {bench!r})\n"
+        "from sample import emit, start\n"
+        "t = start()\n"
+        "for f in sys.argv[1:]:\n"
+        "    with open(f, 'rb') as r:\n"
+        "        while r.read(16 << 20):\n"
+        "            pass\n"
+        "emit(0.0)\n"
+    )
+    out, requests, read = cold_run(
+        checkpoint["path"], checkpoint["files"], [sys.executable, "-c", child, *checkpoint["files"]]
+    )
+    assert out.returncode == 0, out.stderr
+    sample = json.loads(out.stdout.strip().splitlines()[-1])
+    data = checkpoint["bytes"]
+    print(f"sample: {sample}; process: {requests} requests, {read} bytes")
+    assert data <= sample["load_disk_bytes"] <= 1.10 * data
+    assert 0 < sample["load_disk_requests"] <= requests and sample["load_disk_bytes"] <= read
