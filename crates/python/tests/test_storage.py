@@ -266,6 +266,32 @@ def test_a_stream_short_of_memory_reaches_the_disk_in_large_requests(small_tenso
     assert_large_requests("short of memory", requests, read, small_tensors["bytes"])
 
 
+# A child's reading of the checkpoint's files, between the counting its test sets up before
+# and reports after.
+READ_FILES = (
+    "for f in sys.argv[1:]:\n"
+    "    with open(f, 'rb') as r:\n"
+    "        while r.read(16 << 20):\n"
+    "            pass\n"
+)
+
+
+def assert_load_counted(checkpoint, setup, report, counts):
+    """Runs `setup`, a read of every file, then `report` as a cold child in a block-I/O group;
+    `counts(last line's JSON)` is the (requests, bytes) the child counted for its load: the
+    checkpoint's bytes, within what the group counted for the whole process."""
+    child = setup + READ_FILES + report
+    out, requests, read = cold_run(
+        checkpoint["path"], checkpoint["files"], [sys.executable, "-c", child, *checkpoint["files"]]
+    )
+    assert out.returncode == 0, out.stderr
+    load_requests, load_bytes = counts(json.loads(out.stdout.strip().splitlines()[-1]))
+    data = checkpoint["bytes"]
+    print(f"load: {load_requests} requests, {load_bytes} bytes; process: {requests}, {read}")
+    assert data <= load_bytes <= 1.10 * data
+    assert 0 < load_requests <= requests and load_bytes <= read
+
+
 def test_the_vllm_worker_counts_its_groups_reads_around_a_load(checkpoint):
     """`cargo xtask bench-vllm --storage` reports the requests of the load alone, which the
     vLLM worker reads from its own block-I/O group's counters before and after the load
@@ -273,27 +299,17 @@ def test_the_vllm_worker_counts_its_groups_reads_around_a_load(checkpoint):
     the checkpoint): that count is the bytes read in between, and within what the group
     counted for the whole process."""
     tools = os.path.join(HERE, "..", "tools")
-    reader = (
+    setup = (
         "import json, sys\n"
         f"sys.path.insert(0, {tools!r})\n"
         "from blkio_counts import own_group_reads\n"
         "before = own_group_reads()\n"
-        "for f in sys.argv[1:]:\n"
-        "    with open(f, 'rb') as r:\n"
-        "        while r.read(16 << 20):\n"
-        "            pass\n"
+    )
+    report = (
         "after = own_group_reads()\n"
         "print(json.dumps([after[0] - before[0], after[1] - before[1]]))\n"
     )
-    out, requests, read = cold_run(
-        checkpoint["path"], checkpoint["files"], [sys.executable, "-c", reader, *checkpoint["files"]]
-    )
-    assert out.returncode == 0, out.stderr
-    load_requests, load_bytes = json.loads(out.stdout.strip().splitlines()[-1])
-    data = checkpoint["bytes"]
-    print(f"load: {load_requests} requests, {load_bytes} bytes; process: {requests}, {read}")
-    assert data <= load_bytes <= 1.10 * data
-    assert 0 < load_requests <= requests and load_bytes <= read
+    assert_load_counted(checkpoint, setup, report, tuple)
 
 
 def test_the_benchs_python_children_count_the_reads_of_their_load_alone(checkpoint):
@@ -302,23 +318,12 @@ def test_the_benchs_python_children_count_the_reads_of_their_load_alone(checkpoi
     `emit()` (the load's own, where the group's count for the whole process also holds what
     its imports read): within the checkpoint's bytes and the whole process's count."""
     bench = os.path.join(HERE, "..", "..", "..", "xtask", "bench")
-    child = (
+    setup = (
         "import sys\n"
         f"sys.path.insert(0, {bench!r})\n"
         "from sample import emit, start\n"
         "t = start()\n"
-        "for f in sys.argv[1:]:\n"
-        "    with open(f, 'rb') as r:\n"
-        "        while r.read(16 << 20):\n"
-        "            pass\n"
-        "emit(0.0)\n"
     )
-    out, requests, read = cold_run(
-        checkpoint["path"], checkpoint["files"], [sys.executable, "-c", child, *checkpoint["files"]]
+    assert_load_counted(
+        checkpoint, setup, "emit(0.0)\n", lambda s: (s["load_disk_requests"], s["load_disk_bytes"])
     )
-    assert out.returncode == 0, out.stderr
-    sample = json.loads(out.stdout.strip().splitlines()[-1])
-    data = checkpoint["bytes"]
-    print(f"sample: {sample}; process: {requests} requests, {read} bytes")
-    assert data <= sample["load_disk_bytes"] <= 1.10 * data
-    assert 0 < sample["load_disk_requests"] <= requests and sample["load_disk_bytes"] <= read
