@@ -3,7 +3,9 @@
 //! run on a CPU: `runai_streamer`; `fastsafetensors` is tried and reported where it refuses),
 //! each start in a fresh process in vLLM's one-process mode, interleaved, beside a raw read of
 //! the same files: the loader's `load_weights` time (what vLLM logs as "Loading weights
-//! took"), the engine's start, its peak RSS, and the greedy tokens (which must equal
+//! took"), the loader's whole `load_model` (the model built, loaded and processed: a loader
+//! that reads while the model is built moves time out of `load_weights`), the engine's
+//! start, its peak RSS, and the greedy tokens (which must equal
 //! `auto`'s). Cold starts can run on throttled storage (`--storage`).
 
 use crate::bench::{ProfileArg, bindings_ready_in, ensure_transformers, raw_child};

@@ -60,6 +60,10 @@ pub(crate) struct Sample {
     /// vLLM: seconds from `LLM(...)` to a ready engine.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) start_s: Option<f64>,
+    /// vLLM: seconds of the loader's whole `load_model` (the model built, its weights loaded,
+    /// then processed), of which `secs` is the weights' part.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) model_s: Option<f64>,
     /// vLLM: the greedy tokens generated.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) tokens: Option<Vec<u64>>,

@@ -95,6 +95,11 @@ pub(crate) struct Record {
     /// equalled `auto`'s, and the first error.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) start_s: Option<f64>,
+    /// `bench-vllm`: the loader's whole `load_model` (model built, weights loaded and
+    /// processed), min / median / max seconds: a loader that reads while the model is built
+    /// moves time from the weights' part into the building.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) model_s: Option<[f64; 3]>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) same_tokens: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -126,6 +131,7 @@ impl Record {
             median_u64(samples.iter().filter_map(|s| s.disk.as_ref().map(f)))
         };
         let starts: Vec<f64> = samples.iter().filter_map(|s| s.start_s).collect();
+        let models: Vec<f64> = samples.iter().filter_map(|s| s.model_s).collect();
         Record {
             profile: profile.to_string(),
             cache,
@@ -151,6 +157,10 @@ impl Record {
             load_disk_bytes: median_u64(samples.iter().filter_map(|s| s.load_disk_bytes)),
             software: None,
             start_s: (!starts.is_empty()).then(|| Stats::of_secs(&starts).median),
+            model_s: (!models.is_empty()).then(|| {
+                let st = Stats::of_secs(&models);
+                [st.min, st.median, st.max]
+            }),
             same_tokens: None,
             error: samples.iter().find_map(|s| s.error.clone()),
             source: None,
@@ -172,10 +182,11 @@ impl Record {
 /// ranks' reads).
 pub(crate) fn print_table(records: &[Record]) {
     let has = |f: fn(&Record) -> bool| records.iter().any(f);
-    let (disk, load_disk, oom, start, tokens, dist, error) = (
+    let (disk, load_disk, oom, model, start, tokens, dist, error) = (
         has(|r| r.disk_requests.is_some()),
         has(|r| r.load_disk_requests.is_some()),
         has(|r| r.oom_kills.is_some()),
+        has(|r| r.model_s.is_some()),
         has(|r| r.start_s.is_some()),
         has(|r| r.same_tokens.is_some()),
         has(|r| r.rank_read_bytes.is_some()),
@@ -205,6 +216,9 @@ pub(crate) fn print_table(records: &[Record]) {
     }
     if load_disk {
         print!(" {:>9} {:>8}", "load req", "avg KiB");
+    }
+    if model {
+        print!(" {:>20}", "model s min/med/max");
     }
     if start {
         print!(" {:>8}", "start s");
@@ -246,6 +260,10 @@ pub(crate) fn print_table(records: &[Record]) {
         }
         if load_disk {
             requests(r.load_disk_requests, r.load_disk_bytes);
+        }
+        if model {
+            let m = r.model_s.map(|[a, b, c]| format!("{a:.2}/{b:.2}/{c:.2}"));
+            print!(" {:>20}", opt(m));
         }
         if start {
             print!(" {:>8}", opt(r.start_s.map(|s| format!("{s:.3}"))));

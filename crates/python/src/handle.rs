@@ -199,6 +199,24 @@ impl PyCheckpoint {
         py.detach(|| self.warm.get_or_init(|| self.ckpt.warm()).is_active())
     }
 
+    /// Waits (without the GIL) until the warm read started by `warm` has brought in all it
+    /// will of the file at `path` (see `weightlift::Prefetch::wait_for_shard`); at once where
+    /// no warm read runs or `path` is none of this checkpoint's files.
+    fn wait_warm(&self, py: Python<'_>, path: std::path::PathBuf) {
+        let Some(warm) = self.warm.get() else {
+            return;
+        };
+        let wanted = std::fs::canonicalize(&path).unwrap_or(path);
+        let shard = self.ckpt.shards().iter().position(|shard| {
+            shard
+                .path()
+                .is_some_and(|p| p == wanted || std::fs::canonicalize(p).is_ok_and(|p| p == wanted))
+        });
+        if let Some(shard) = shard {
+            py.detach(|| warm.wait_for_shard(shard));
+        }
+    }
+
     /// Starts reading the files into the page cache in the background where they fit the
     /// prefetch window (see `weightlift::Checkpoint::read_ahead`); whether it did.
     fn read_ahead(&self) -> bool {

@@ -165,6 +165,57 @@ def test_cold_files_fill_the_parameters_instead(tmp_path, monkeypatch):
     assert moved == []
 
 
+def test_cold_files_an_early_read_brings_in_are_assembled(tmp_path, monkeypatch):
+    """Where an early read of the files runs (started while vLLM built the model), cold files
+    are assembled all the same: each file's assembly and fills wait until the early read is
+    through with it, then find it in the page cache (no second reader of the file)."""
+    import logging
+
+    from cgroups import evict
+
+    from weightlift import _early
+
+    monkeypatch.setattr(_vllm_place, "_MIN_ASSEMBLED", 0)
+    files = checkpoint(tmp_path, pad=16 << 20)
+    want = Model()
+    want.load_weights(real_weights(files))
+    evict(files)
+    waited = []
+    early = _early.EarlyRead(str(tmp_path), logging.getLogger("test"))
+    wait = early.wait
+    monkeypatch.setattr(early, "wait", lambda path: waited.append(path) or wait(path))
+    try:
+        assert early.active(), "the evicted files are read early"
+        got = Model()
+        source = _vllm_place.Source(
+            open_handle, params=lambda: list(got.params.values()), early=early
+        )
+        got.load_weights(placed_weights(files, source))
+    finally:
+        early.close()
+    for name, p in want.params.items():
+        assert torch.equal(got.params[name], p), name
+    assert source.assembled == 2 * 4
+    assert sorted(set(waited)) == sorted(files)
+    assert all(_vllm_place._cached(f) for f in files)
+
+
+def test_waiting_for_an_early_read_that_reads_nothing_returns_at_once(tmp_path):
+    """Files that are cached already are not read early; waiting on them (or on a file of
+    another checkpoint, or after the read was called off) returns at once."""
+    import logging
+
+    from weightlift import _early
+
+    files = checkpoint(tmp_path)
+    early = _early.EarlyRead(str(tmp_path), logging.getLogger("test"))
+    assert not early.active()
+    early.wait(files[0])
+    early.wait(str(tmp_path / "elsewhere.safetensors"))
+    early.close()
+    early.wait(files[1])
+
+
 class Spoiled(Model):
     """Memory that whole tensors do not cover (w13 has rows of padding) or that a loader
     writes otherwise too (a computed row of qk after q and k, a slice of w2 before the

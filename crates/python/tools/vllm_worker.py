@@ -3,7 +3,9 @@
 ``MODEL=LOAD_FORMAT`` argument, starts ``LLM(model=MODEL, load_format=LOAD_FORMAT)``, generates
 greedily from a fixed prompt, and prints one JSON line (the bench's sample): ``secs``, the
 loader's `load_weights` time (one-process mode; what vLLM logs as "Loading weights took"),
-``peak_rss`` (this process's peak so far, bytes), the engine's ``start_s`` and the ``tokens``,
+``model_s``, the loader's whole ``load_model`` (the model built, loaded and processed: what
+vLLM logs as "Model loading took"), ``peak_rss`` (this process's peak so far, bytes), the
+engine's ``start_s`` and the ``tokens``,
 or the ``error``; in a block-I/O cgroup (the bench's storage profiles), the group's read
 requests and bytes during the load (``load_disk_requests``, ``load_disk_bytes``).
 
@@ -24,6 +26,10 @@ PROMPT = [3, 17, 42, 99, 5, 64, 1, 77]
 
 
 LOADS = []
+# Each loader's whole `load_model`: the model built, its weights loaded, then processed (what
+# vLLM's model runner logs as "Model loading took"). A loader that starts reading while the
+# model is built (weightlift's early read) moves time out of `load_weights` into this.
+MODEL_LOADS = []
 # The disk reads (requests, bytes) of this process's block-I/O cgroup during each load, where
 # it runs in one (the bench's `--storage` profiles): counted around the load alone, since an
 # engine start also reads many small pieces of files (modules, libraries) before and after.
@@ -35,7 +41,27 @@ def time_loads():
     worker is this process), as vLLM's "Loading weights took" does."""
     from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 
+    def wrap_model(cls):
+        original = cls.__dict__.get("load_model")
+        if original is None or getattr(original, "_timed", False):
+            return
+
+        def load_model(self, *a, **k):
+            start = time.perf_counter()
+            outermost = not getattr(self, "_timing_model", False)
+            self._timing_model = True
+            try:
+                return original(self, *a, **k)
+            finally:
+                if outermost:
+                    self._timing_model = False
+                    MODEL_LOADS.append(time.perf_counter() - start)
+
+        load_model._timed = True
+        cls.load_model = load_model
+
     def wrap(cls):
+        wrap_model(cls)
         original = cls.__dict__.get("load_weights")
         if original is None or getattr(original, "_timed", False):
             return
@@ -71,6 +97,7 @@ def run(model, load_format, extra):
 
     time_loads()
     LOADS.clear()
+    MODEL_LOADS.clear()
     LOAD_DISK.clear()
     start = time.perf_counter()
     out = {"model": model, "load_format": load_format, "secs": None}
@@ -95,6 +122,7 @@ def run(model, load_format, extra):
         )
         out["tokens"] = list(result[0].outputs[0].token_ids)
         out["secs"] = LOADS[-1] if LOADS else None
+        out["model_s"] = MODEL_LOADS[-1] if MODEL_LOADS else None
         if LOAD_DISK:
             out["load_disk_requests"], out["load_disk_bytes"] = LOAD_DISK[-1]
         del llm
@@ -109,7 +137,8 @@ def run(model, load_format, extra):
 def test_hooks():
     """For the tests: ``WL_LOG=1`` sends weightlift's log (DEBUG and up) to standard error;
     ``WL_FORCE_DEFAULT=SUBSTRING`` sends the tensors whose names contain it vLLM's default way
-    (as a weight loader that does arithmetic on them would)."""
+    (as a weight loader that does arithmetic on them would); ``WL_COLD=1`` drops each model's
+    files from the page cache before its start (several cold starts in one process)."""
     if os.environ.get("WL_LOG"):
         import logging
 
@@ -128,11 +157,23 @@ def test_hooks():
         _vllm_place.Source.record = record_unless_forced
 
 
+def evict(model):
+    """Drops the files of the checkpoint directory `model` from the page cache."""
+    for name in os.listdir(model):
+        fd = os.open(os.path.join(model, name), os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
 def main():
     test_hooks()
     extra = json.loads(os.environ.get("WL_EXTRA", "{}"))
     for arg in sys.argv[1:]:
         model, _, load_format = arg.rpartition("=")
+        if os.environ.get("WL_COLD"):
+            evict(model)
         print(json.dumps(run(model, load_format, extra)), flush=True)
 
 

@@ -244,6 +244,18 @@ impl Prefetch {
         &self.ckpt
     }
 
+    /// Waits until shard `shard`'s prefetch has brought in all it will (nothing more is
+    /// coming: done, called off, or held back by a full window); at once for a shard not
+    /// prefetched through the window. For a reader of the whole file that reads it on its own
+    /// handle (a planned load) after a [`Checkpoint::warm`]: started before the warm read is
+    /// through, it would be a second reader of the file, and two readers split each other's
+    /// requests.
+    pub fn wait_for_shard(&self, shard: usize) {
+        if let Some(Way::Window(job)) = self.ways.get(shard) {
+            window().wait_settled(job);
+        }
+    }
+
     /// Whether any shard is being prefetched.
     pub fn is_active(&self) -> bool {
         self.ways.iter().any(|w| !matches!(w, Way::None))

@@ -272,6 +272,27 @@ impl State {
         (past, let_go)
     }
 
+    /// Whether job `id` has nothing a populating thread would do for it now: it is done,
+    /// called off (or forgotten), or its next chunk waits for room in the window that only
+    /// readers can make (a warm read's bytes are not read through the window: that room
+    /// may never come).
+    fn settled(&self, id: u64) -> bool {
+        let Some(entry) = self.entries.iter().find(|e| e.job.id == id) else {
+            return true;
+        };
+        if entry.job.cancelled.load(Ordering::Relaxed) {
+            return true;
+        }
+        if entry.in_flight.is_some() {
+            return false;
+        }
+        if !entry.has_untaken() {
+            return true;
+        }
+        let unread = entry.unread_in(entry.next);
+        self.ahead > 0 && self.ahead + unread > entry.limit
+    }
+
     /// A thread finished populating a chunk of job `id`'s file: the file's next chunk can
     /// be taken.
     fn finished(&mut self, id: u64, c: usize) {
@@ -591,6 +612,20 @@ impl Window {
                     state = self.lock();
                 }
             }
+        }
+    }
+
+    /// Waits until `job` is settled (see [`State::settled`]): every chunk of its file
+    /// populated, or none more coming. For a caller about to read a file that a warm read
+    /// is bringing in: reading it beside that read would split both reads' requests.
+    pub(crate) fn wait_settled(&self, job: &Arc<Job>) {
+        let mut state = self.lock();
+        while !state.settled(job.id) {
+            state = self
+                .wake
+                .wait_timeout(state, Duration::from_millis(200))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
         }
     }
 
@@ -951,6 +986,47 @@ mod tests {
             short.consumed(1, t);
         }
         assert_eq!(take(&mut short), Some((1, a_base + 16 * mb)));
+    }
+
+    #[test]
+    fn a_job_is_settled_once_nothing_more_of_it_is_coming() {
+        let dir = tempfile::tempdir().unwrap();
+        let mb = 1u64 << 20;
+        let ckpt = checkpoint(dir.path(), "m.safetensors", 32, mb as usize);
+        let mut state = State::default();
+        state.add(Entry::new(job(1, &ckpt), &window_of(1 << 30)));
+        assert!(!state.settled(1), "two chunks to populate");
+        let take = |state: &mut State| match state.next() {
+            Next::Chunk(_, _, _, c) => c,
+            _ => panic!("a chunk to take"),
+        };
+        let first = take(&mut state);
+        assert!(!state.settled(1), "one chunk being populated, one left");
+        state.finished(1, first);
+        assert!(!state.settled(1), "one chunk left");
+        let last = take(&mut state);
+        assert!(!state.settled(1), "the last chunk being populated");
+        state.finished(1, last);
+        assert!(state.settled(1), "every chunk populated");
+        assert!(state.settled(9), "an unknown (forgotten) job");
+
+        // A window too small for the next chunk, which only readers could make room for: a
+        // caller waiting for the job would wait forever.
+        let mut full = State::default();
+        full.add(Entry::new(job(2, &ckpt), &window_of(20 * mb)));
+        let Next::Chunk(_, _, _, c) = full.next() else {
+            panic!("the first chunk fits")
+        };
+        full.finished(2, c);
+        assert!(matches!(full.next(), Next::Wait));
+        assert!(full.settled(2), "held back by a full window");
+
+        // Called off.
+        let mut off = State::default();
+        let cancelled = job(3, &ckpt);
+        off.add(Entry::new(Arc::clone(&cancelled), &window_of(1 << 30)));
+        cancelled.cancelled.store(true, Ordering::Relaxed);
+        assert!(off.settled(3));
     }
 
     #[test]

@@ -170,58 +170,37 @@ def warming(from_pretrained):
 
     @functools.wraps(from_pretrained)
     def from_pretrained_warming(cls, pretrained_model_name_or_path=None, *args, **kwargs):
-        warm = _Warm(pretrained_model_name_or_path, kwargs)
-        _open.add_early_read(warm)
+        warm = _early_read(pretrained_model_name_or_path, kwargs)
+        if warm is not None:
+            _open.add_early_read(warm)
         try:
             with _gc.frozen():
                 return from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs)
         finally:
-            _open.remove_early_read(warm)
-            warm.close()
+            if warm is not None:
+                _open.remove_early_read(warm)
+                warm.close()
 
     from_pretrained_warming._weightlift_original = from_pretrained
     return from_pretrained_warming
 
 
-class _Warm:
-    """The early read of a ``from_pretrained`` call's checkpoint: opened and started on a
-    thread of its own (opening reads every header, and checking what is cached already takes
-    a few milliseconds per file: the caller goes on meanwhile), called off by ``close``."""
+def _early_read(path, kwargs):
+    """The early read of a ``from_pretrained`` call's checkpoint, or None where there is
+    none to make (a GGUF file, a state dict, a variant, not safetensors, not a local
+    directory)."""
+    import os
 
-    def __init__(self, path, kwargs):
-        import os
-        import threading
+    from . import _early
 
-        self._handle, self._closed, self._lock = None, False, threading.Lock()
-        if any(kwargs.get(k) for k in ("gguf_file", "state_dict", "variant")):
-            return
-        if kwargs.get("use_safetensors") is False or not isinstance(path, (str, os.PathLike)):
-            return
-        path = os.path.join(os.fspath(path), kwargs.get("subfolder") or "")
-        if os.path.isdir(path):
-            threading.Thread(target=self._start, args=(path,), daemon=True).start()
-
-    def _start(self, path):
-        from . import _handle
-
-        try:
-            handle = _handle.open_handle(path)
-        except Exception as e:  # noqa: BLE001 (transformers reports the checkpoint's problems)
-            log.debug("weightlift: no early read of %s: %s", path, e)
-            return
-        with self._lock:
-            if self._closed:
-                return
-            self._handle = handle
-        started = handle.warm()
-        log.debug("weightlift: early read of %s: %s", path, "started" if started else "not needed")
-
-    def close(self):
-        with self._lock:
-            self._closed = True
-            handle, self._handle = self._handle, None
-        if handle is not None:
-            handle.close()
+    if any(kwargs.get(k) for k in ("gguf_file", "state_dict", "variant")):
+        return None
+    if kwargs.get("use_safetensors") is False or not isinstance(path, (str, os.PathLike)):
+        return None
+    path = os.path.join(os.fspath(path), kwargs.get("subfolder") or "")
+    if not os.path.isdir(path):
+        return None
+    return _early.EarlyRead(path, log)
 
 
 def wrap(original):

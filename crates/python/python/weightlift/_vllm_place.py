@@ -165,8 +165,11 @@ class Source:
     file as soon as vLLM has been handed all of its tensors), and the copies that go the
     default way. `open_handle(path)` opens a file's native checkpoint."""
 
-    def __init__(self, open_handle, threads=None, pool=None, params=None):
+    def __init__(self, open_handle, threads=None, pool=None, params=None, early=None):
         self._open_handle = open_handle
+        # An early read of the files (``weightlift._early.EarlyRead``), started before vLLM
+        # built the model: each file's load waits until it is through with that file.
+        self._early = early
         self._threads = threads
         self._pool = pool
         # `params()`: the model's parameters, whose memory an assembled one replaces (None:
@@ -195,11 +198,14 @@ class Source:
         _RECORDING.source = self
         done = False
         try:
-            # No early read of the files ahead of their loads: vLLM's loop only records, so
-            # each file's load starts a few milliseconds after the file's first tensor, and a
-            # read ahead copied every byte once more on the way (hf-moe cold on this 2-core
-            # VM: 1.60 s with it, 1.30 s without; under `--storage netfs` 2.87 s either way).
-            if self._params is not None and not all(_cached(path) for path in files):
+            # An early read that runs while vLLM builds the model brings the files in ahead
+            # of their loads, which wait for it (file by file) and then find them in the page
+            # cache; without one, each file is read by its own load as vLLM's loop reaches it
+            # (a read ahead started here, where vLLM's loop and the loads already share the
+            # cores, copied every byte once more on the way: hf-moe cold on this 2-core VM,
+            # 1.60 s with it, 1.30 s without).
+            early = self._early is not None and self._early.active()
+            if self._params is not None and not early and not all(_cached(p) for p in files):
                 # Decided once per load. Cold, each file is read once, by the load of all its
                 # placements; assembling would read the experts' ranges in a read of their own
                 # beside it, after vLLM's loop (hf-moe cold: 1.3-1.9 s against 1.0 s).
@@ -365,7 +371,8 @@ class Source:
         its own: the process's mappings counted, a pool started)."""
         ready, self._ready = self._ready, []
         if ready:
-            future = self._submit(_assemble, ready)
+            paths = {f.path for fused in ready for f, _, _, _ in fused.held}
+            future = self._submit(self._after_early, paths, _assemble, ready)
             for i, fused in enumerate(ready):
                 fused.future = _Part(future, i)
 
@@ -451,12 +458,14 @@ class Source:
         if f is None or not f.fills:
             return
         fills, dests, pairs = f.take()
-        if self._pool is None:
-            _load(f.handle, fills, dests, pairs, self._threads)
-        else:
-            self._running.append(
-                self._pool.submit(_load, f.handle, fills, dests, pairs, self._threads)
-            )
+        self._submit(self._after_early, (path,), _load, f.handle, fills, dests, pairs, self._threads)
+
+    def _after_early(self, paths, fn, *args):
+        """`fn(*args)`, once the early read is through with every file of `paths`."""
+        if self._early is not None:
+            for path in sorted(paths):
+                self._early.wait(path)
+        return fn(*args)
 
     def wait(self):
         running, self._running = self._running, []

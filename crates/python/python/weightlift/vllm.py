@@ -159,6 +159,16 @@ def _loader(DefaultModelLoader):
             super().__init__(load_config)
             self.weightlift = ours
 
+        def load_model(self, vllm_config, model_config, *args, **kwargs):
+            # The files start coming into the page cache while vLLM builds the model.
+            self._weightlift_early = _early_read(self, vllm_config, model_config)
+            try:
+                return super().load_model(vllm_config, model_config, *args, **kwargs)
+            finally:
+                early, self._weightlift_early = self._weightlift_early, None
+                if early is not None:
+                    early.close()
+
         def _prepare_weights(self, *args, **kwargs):
             # The files are found as for load_format="safetensors".
             saved = self.load_config.load_format
@@ -205,7 +215,8 @@ def _loader(DefaultModelLoader):
                 params = None
                 if model is not None and self.weightlift.get("assemble", True):
                     params = model.parameters
-                weights = place(files, self.weightlift, self.local_expert_ids, params)
+                early = getattr(self, "_weightlift_early", None)
+                weights = place(files, self.weightlift, self.local_expert_ids, params, early)
             else:
                 weights = iterate(files, self.weightlift, self.local_expert_ids)
             return ((source.prefix + name, tensor) for name, tensor in weights)
@@ -237,6 +248,27 @@ def _loader(DefaultModelLoader):
     return WeightliftModelLoader
 
 
+def _early_read(loader, vllm_config, model_config):
+    """The early read of the checkpoint vLLM is about to load (see ``weightlift._early``),
+    started before the model is built; None where the placements do not run (option
+    ``place: false`` reads each file as vLLM comes to it), where experts are split among
+    ranks (the other ranks' experts are never read), or where the checkpoint is not a local
+    directory."""
+    import logging
+
+    from . import _early
+
+    if not loader.weightlift.get("place", True):
+        return None
+    parallel = getattr(vllm_config, "parallel_config", None)
+    if getattr(parallel, "enable_expert_parallel", False):
+        return None
+    path = getattr(model_config, "model", None)
+    if not isinstance(path, (str, os.PathLike)) or not os.path.isdir(path):
+        return None
+    return _early.EarlyRead(path, logging.getLogger("weightlift.vllm"))
+
+
 def _natural(path):
     import re
 
@@ -255,11 +287,12 @@ def _skip(local_expert_ids):
     return skip
 
 
-def place(files, options, local_expert_ids=None, params=None):
+def place(files, options, local_expert_ids=None, params=None, early=None):
     """(name, tensor) of every tensor of `files`, file by file in file order, views of
     mappings nothing reads, whose copies into vLLM's parameters are placements (see
     ``weightlift._vllm_place``): each file's placements load as soon as its last tensor was
-    handed over, in the background; the last step waits for all."""
+    handed over (and `early`, an early read of the files, is through with it), in the
+    background; the last step waits for all."""
     import logging
     import time
     from concurrent.futures import ThreadPoolExecutor
@@ -288,7 +321,9 @@ def place(files, options, local_expert_ids=None, params=None):
     threads = options.get("threads") or max(1, ((os.cpu_count() or 2) - 1) // workers)
     start = time.perf_counter()
     with _gc.frozen(), ThreadPoolExecutor(max_workers=workers) as pool:
-        source = _vllm_place.Source(open_handle, threads=threads, pool=pool, params=params)
+        source = _vllm_place.Source(
+            open_handle, threads=threads, pool=pool, params=params, early=early
+        )
         yield from source.weights(files, skip)
     logging.getLogger("weightlift.vllm").info(
         "weightlift: %d copies into vLLM's parameters placed straight from %d files "
