@@ -201,15 +201,23 @@ def test_cold_files_an_early_read_brings_in_are_assembled(tmp_path, monkeypatch)
 
 
 def test_waiting_for_an_early_read_that_reads_nothing_returns_at_once(tmp_path):
-    """Files that are cached already are not read early; waiting on them (or on a file of
-    another checkpoint, or after the read was called off) returns at once."""
+    """Files that are cached already are not read early, nor a checkpoint larger than half the
+    caller's prefetch window; waiting on them (or on a file of another checkpoint, or after
+    the read was called off) returns at once."""
     import logging
 
     from weightlift import _early
 
-    files = checkpoint(tmp_path)
+    from cgroups import evict
+
+    files = checkpoint(tmp_path, pad=16 << 20)
     early = _early.EarlyRead(str(tmp_path), logging.getLogger("test"))
-    assert not early.active()
+    assert not early.active(), "every file is in the page cache"
+    early.close()
+    # Evicted, but larger than half the caller's window: not read early either.
+    evict(files)
+    early = _early.EarlyRead(str(tmp_path), logging.getLogger("test"), prefetch_window="32MiB")
+    assert not early.active(), "the checkpoint does not fit half the window"
     early.wait(files[0])
     early.wait(str(tmp_path / "elsewhere.safetensors"))
     early.close()

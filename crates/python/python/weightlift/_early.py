@@ -12,20 +12,23 @@ class EarlyRead:
     """The early read of the checkpoint at `path` (a directory, an index or a file): opened
     and started on a thread of its own (opening reads every header, and checking what is
     cached already takes a few milliseconds per file: the caller goes on meanwhile), called
-    off by ``close``. `log`: the logger its debug lines go to."""
+    off by ``close``. `log`: the logger its debug lines go to; `memory_budget` and
+    `prefetch_window`: the caller's (``weightlift._handle.open_handle``'s), whose window the
+    checkpoint must fit."""
 
-    def __init__(self, path, log):
+    def __init__(self, path, log, memory_budget=None, prefetch_window=None):
         self._handle, self._closed, self._lock = None, False, threading.Lock()
         self._started, self._active = threading.Event(), False
         self._log = log
-        threading.Thread(target=self._start, args=(path,), daemon=True).start()
+        budget = dict(memory_budget=memory_budget, prefetch_window=prefetch_window)
+        threading.Thread(target=self._start, args=(path, budget), daemon=True).start()
 
-    def _start(self, path):
+    def _start(self, path, budget):
         from . import _handle
 
         try:
             try:
-                handle = _handle.open_handle(path)
+                handle = _handle.open_handle(path, **budget)
             except Exception as e:  # noqa: BLE001 (the caller's own reads report the problems)
                 self._log.debug("weightlift: no early read of %s: %s", path, e)
                 return
@@ -64,4 +67,3 @@ class EarlyRead:
             handle, self._handle = self._handle, None
         if handle is not None:
             handle.close()
-

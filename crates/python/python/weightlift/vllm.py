@@ -253,7 +253,8 @@ def _early_read(loader, vllm_config, model_config):
     started before the model is built; None where the placements do not run (option
     ``place: false`` reads each file as vLLM comes to it), where experts are split among
     ranks (the other ranks' experts are never read), or where the checkpoint is not a local
-    directory."""
+    directory. The checkpoint must fit the window of the loader's `memory_budget` and
+    `prefetch_window` options (see ``weightlift::Checkpoint::warm``)."""
     import logging
 
     from . import _early
@@ -266,7 +267,12 @@ def _early_read(loader, vllm_config, model_config):
     path = getattr(model_config, "model", None)
     if not isinstance(path, (str, os.PathLike)) or not os.path.isdir(path):
         return None
-    return _early.EarlyRead(path, logging.getLogger("weightlift.vllm"))
+    return _early.EarlyRead(
+        path,
+        logging.getLogger("weightlift.vllm"),
+        memory_budget=loader.weightlift.get("memory_budget"),
+        prefetch_window=loader.weightlift.get("prefetch_window"),
+    )
 
 
 def _natural(path):
