@@ -4,7 +4,6 @@ build the whole model (hundreds of milliseconds for a large MoE) before they ope
 the read overlaps that work. Only local safetensors files that fit the prefetch window and are
 not cached already are read (see ``weightlift::Checkpoint::warm``)."""
 
-import logging
 import threading
 
 
