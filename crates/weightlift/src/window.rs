@@ -289,8 +289,7 @@ impl State {
         if !entry.has_untaken() {
             return true;
         }
-        let unread = entry.unread_in(entry.next);
-        self.ahead > 0 && self.ahead + unread > entry.limit
+        no_room(self.ahead, entry.unread_in(entry.next), entry.limit)
     }
 
     /// A thread finished populating a chunk of job `id`'s file: the file's next chunk can
@@ -433,7 +432,7 @@ impl State {
                 entry.mark_taken(c);
                 continue;
             }
-            if ahead > 0 && ahead + unread > entry.limit {
+            if no_room(ahead, unread, entry.limit) {
                 return Next::Wait;
             }
             let (job, ranges, fits) = self.take(pick, c);
@@ -699,6 +698,13 @@ impl Window {
             }
         }
     }
+}
+
+/// Whether a chunk with `unread` bytes no reader has read would take the bytes ahead of the
+/// readers past a window of `limit`: it waits for readers to read. (Where nothing is ahead, it
+/// is taken all the same: a chunk larger than the window must not wait forever.)
+fn no_room(ahead: u64, unread: u64, limit: u64) -> bool {
+    ahead > 0 && ahead + unread > limit
 }
 
 /// The data region `start..end` in pieces of [`CHUNK`] bytes, each with the tensors (file
