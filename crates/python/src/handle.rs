@@ -206,12 +206,20 @@ impl PyCheckpoint {
         let Some(warm) = self.warm.get() else {
             return;
         };
-        let wanted = std::fs::canonicalize(&path).unwrap_or(path);
-        let shard = self.ckpt.shards().iter().position(|shard| {
-            shard
-                .path()
-                .is_some_and(|p| p == wanted || std::fs::canonicalize(p).is_ok_and(|p| p == wanted))
-        });
+        // The path as given first (the folder the checkpoint was opened from, as a rule);
+        // resolved only where that finds none, a file system call per shard.
+        let shards = self.ckpt.shards();
+        let shard = shards
+            .iter()
+            .position(|shard| shard.path() == Some(path.as_path()))
+            .or_else(|| {
+                let wanted = std::fs::canonicalize(&path).ok()?;
+                shards.iter().position(|shard| {
+                    shard
+                        .path()
+                        .is_some_and(|p| std::fs::canonicalize(p).is_ok_and(|p| p == wanted))
+                })
+            });
         if let Some(shard) = shard {
             py.detach(|| warm.wait_for_shard(shard));
         }
