@@ -38,47 +38,42 @@ LOAD_DISK = []
 
 def time_loads():
     """Times every loader's `load_weights` in this process (one-process mode: the engine's
-    worker is this process), as vLLM's "Loading weights took" does."""
+    worker is this process), as vLLM's "Loading weights took" does, and its whole
+    `load_model`."""
     from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 
-    def wrap_model(cls):
-        original = cls.__dict__.get("load_model")
+    def weights_done(secs, disk, after):
+        LOADS.append(secs)
+        if disk is not None and after is not None:
+            LOAD_DISK.append((after[0] - disk[0], after[1] - disk[1]))
+
+    def model_done(secs, _disk, _after):
+        MODEL_LOADS.append(secs)
+
+    def timed(cls, method, done):
+        """`cls.method`, where `cls` defines it, calling `done(seconds, block-I/O counts
+        before, after)` when its outermost call on an object returns (a loader's override
+        calls the base class's, which is timed too)."""
+        original = cls.__dict__.get(method)
         if original is None or getattr(original, "_timed", False):
             return
+        busy = f"_timing_{method}"
 
-        def load_model(self, *a, **k):
-            start = time.perf_counter()
-            outermost = not getattr(self, "_timing_model", False)
-            self._timing_model = True
-            try:
+        def timing(self, *a, **k):
+            if getattr(self, busy, False):
                 return original(self, *a, **k)
-            finally:
-                if outermost:
-                    self._timing_model = False
-                    MODEL_LOADS.append(time.perf_counter() - start)
-
-        load_model._timed = True
-        cls.load_model = load_model
-
-    def wrap(cls):
-        wrap_model(cls)
-        original = cls.__dict__.get("load_weights")
-        if original is None or getattr(original, "_timed", False):
-            return
-
-        def load_weights(self, *a, **k):
+            setattr(self, busy, True)
             disk = own_group_reads()
             start = time.perf_counter()
             try:
                 return original(self, *a, **k)
             finally:
-                LOADS.append(time.perf_counter() - start)
-                after = own_group_reads()
-                if disk is not None and after is not None:
-                    LOAD_DISK.append((after[0] - disk[0], after[1] - disk[1]))
+                secs = time.perf_counter() - start
+                setattr(self, busy, False)
+                done(secs, disk, own_group_reads())
 
-        load_weights._timed = True
-        cls.load_weights = load_weights
+        timing._timed = True
+        setattr(cls, method, timing)
 
     def every(cls):
         yield cls
@@ -88,7 +83,8 @@ def time_loads():
     import vllm.model_executor.model_loader  # noqa: F401 (registers the loaders)
 
     for cls in every(BaseModelLoader):
-        wrap(cls)
+        timed(cls, "load_model", model_done)
+        timed(cls, "load_weights", weights_done)
 
 
 def run(model, load_format, extra):
