@@ -53,6 +53,10 @@ pub(crate) struct BenchArgs {
     /// The table adds the requests the disk served and their average size.
     #[arg(long, value_parser = crate::harness::parse_storage)]
     storage: Option<Storage>,
+    /// Seconds to wait after each eviction before a cold measurement starts, so that storage
+    /// is cold below the page cache too (see `harness::Eviction`); 0 measures at once.
+    #[arg(long, default_value_t = 12.0)]
+    settle: f64,
     /// Write the records as a JSON array to this file.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -359,7 +363,7 @@ pub(crate) fn run(args: &BenchArgs) -> Result<(), String> {
                 },
                 io: if cold { io.as_ref() } else { None },
             };
-            let mut eviction = Eviction::new(cache, &paths, &disk_paths);
+            let mut eviction = Eviction::new(cache, &paths, &disk_paths, args.settle);
             let samples = interleave(reps, cell.len(), &mut eviction, groups.io.is_some(), |i| {
                 let one = One {
                     contender: cell[i],
@@ -381,6 +385,7 @@ pub(crate) fn run(args: &BenchArgs) -> Result<(), String> {
                         Record::of(profile_arg.name(), cache, c.name(), s, (tensors, bytes));
                     r.storage = groups.io.and(args.storage.as_ref()).map(|s| s.name.clone());
                     r.memory_limit = groups.memory.map(|_| args.memory_limit);
+                    r.settle_s = eviction.settle_s();
                     r.oom_kills = groups
                         .memory
                         .map(|_| s.iter().filter(|x| x.oom_killed).count() as u64);

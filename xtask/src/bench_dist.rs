@@ -43,6 +43,10 @@ pub(crate) struct BenchDistArgs {
     /// --storage` (volume, netfs, slow, or limits such as `800req/s,1GB/s`).
     #[arg(long, value_parser = crate::harness::parse_storage)]
     storage: Option<Storage>,
+    /// Seconds to wait after each eviction before a cold measurement starts, so that storage
+    /// is cold below the page cache too (see `harness::Eviction`); 0 measures at once.
+    #[arg(long, default_value_t = 12.0)]
+    settle: f64,
     /// Where generated checkpoints are kept (default: target/bench-data).
     #[arg(long)]
     data_dir: Option<PathBuf>,
@@ -147,7 +151,7 @@ pub(crate) fn run(args: &BenchDistArgs) -> Result<(), String> {
                 bytes as f64 / (1u64 << 30) as f64,
                 cache.name(),
             );
-            let mut eviction = Eviction::new(cache, &paths, &paths);
+            let mut eviction = Eviction::new(cache, &paths, &paths, args.settle);
             let samples = interleave(
                 reps,
                 1 + modes.len(),
@@ -173,6 +177,7 @@ pub(crate) fn run(args: &BenchDistArgs) -> Result<(), String> {
                     r.reference = Some("each".to_string());
                     r.source = Some(format!("{source:?}").to_lowercase());
                     r.world = Some(world);
+                    r.settle_s = eviction.settle_s();
                     r.storage = groups.io.and(args.storage.as_ref()).map(|s| s.name.clone());
                     r
                 })

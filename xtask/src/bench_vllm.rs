@@ -38,6 +38,10 @@ pub(crate) struct BenchVllmArgs {
     /// such as `800req/s,1GB/s`).
     #[arg(long, value_parser = crate::harness::parse_storage)]
     storage: Option<Storage>,
+    /// Seconds to wait after each eviction before a cold measurement starts, so that storage
+    /// is cold below the page cache too (see `harness::Eviction`); 0 measures at once.
+    #[arg(long, default_value_t = 12.0)]
+    settle: f64,
     /// Where generated models are kept (default: target/bench-data).
     #[arg(long)]
     data_dir: Option<PathBuf>,
@@ -108,7 +112,7 @@ pub(crate) fn run_bench(args: &BenchVllmArgs) -> Result<(), String> {
                     io.as_ref()
                 },
             };
-            let mut eviction = Eviction::new(cache, &files, &disk_files);
+            let mut eviction = Eviction::new(cache, &files, &disk_files, args.settle);
             let samples = interleave(reps, names.len(), &mut eviction, groups.io.is_some(), |i| {
                 let child = match i {
                     0 => raw_child(&dir, cpus.max(2))?,
@@ -124,6 +128,7 @@ pub(crate) fn run_bench(args: &BenchVllmArgs) -> Result<(), String> {
                 .map(|(name, s)| {
                     let mut r = Record::of(profile.name(), cache, name.clone(), s, size);
                     r.reference = Some("auto".to_string());
+                    r.settle_s = eviction.settle_s();
                     r.storage = groups.io.and(args.storage.as_ref()).map(|s| s.name.clone());
                     if name != "raw" {
                         r.same_tokens = Some(

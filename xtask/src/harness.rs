@@ -284,27 +284,56 @@ fn stop(children: &mut [std::process::Child]) {
 }
 
 /// Drops a cell's files from the page cache before each cold measurement (through FUSE, the
-/// mount's cache and the disk's), and remembers the most that stayed resident.
+/// mount's cache and the disk's), waits `settle`, and remembers the most that stayed
+/// resident.
+///
+/// The wait is there because evicting the guest's page cache does not make storage cold at
+/// once: on this VM the same 1.4 GB read back 0.40-0.46 s right after eviction, 0.76 s one
+/// second later, 0.86-0.99 s after four, 1.22 s after eight and 1.58-1.74 s after ten to 45
+/// seconds (`cat`, hf-moe; some cache below the guest). Without it the raw read, which starts
+/// at once, was measured on storage several times faster than the loads that start reading
+/// after seconds of imports, and every contender's speed depended on its import time. With it
+/// every cold measurement reads storage in the state a first load meets: cold all the way down.
 pub(crate) struct Eviction {
     paths: Vec<PathBuf>,
     worst: f64,
+    settle: Duration,
 }
 
 impl Eviction {
-    /// For a measurement in `cache` of `paths` (as read), which are `disk_paths` on the disk.
-    pub(crate) fn new(cache: Cache, paths: &[PathBuf], disk_paths: &[PathBuf]) -> Eviction {
+    /// For a measurement in `cache` of `paths` (as read), which are `disk_paths` on the disk,
+    /// waiting `settle` seconds after each eviction.
+    pub(crate) fn new(
+        cache: Cache,
+        paths: &[PathBuf],
+        disk_paths: &[PathBuf],
+        settle: f64,
+    ) -> Eviction {
         let paths = match cache {
             Cache::Warm => Vec::new(),
             Cache::ColdFuse => paths.iter().chain(disk_paths).cloned().collect(),
             Cache::Cold | Cache::ColdLimited => paths.to_vec(),
         };
-        Eviction { paths, worst: 0.0 }
+        let settle = Duration::try_from_secs_f64(settle).unwrap_or_default();
+        Eviction {
+            paths,
+            worst: 0.0,
+            settle,
+        }
+    }
+
+    /// The wait after each eviction, in seconds, where there is eviction (the records say it).
+    pub(crate) fn settle_s(&self) -> Option<f64> {
+        (!self.paths.is_empty()).then_some(self.settle.as_secs_f64())
     }
 
     pub(crate) fn run(&mut self) -> Result<(), String> {
         for p in &self.paths {
             let r = evict(p).map_err(|e| format!("{}: evicting: {e}", p.display()))?;
             self.worst = self.worst.max(r.fraction());
+        }
+        if !self.paths.is_empty() {
+            std::thread::sleep(self.settle);
         }
         Ok(())
     }
@@ -313,8 +342,9 @@ impl Eviction {
     pub(crate) fn report(&self) {
         if !self.paths.is_empty() {
             eprintln!(
-                "   evicted with posix_fadvise(DONTNEED); at most {:.2}% of pages still cached after eviction",
-                self.worst * 100.0
+                "   evicted with posix_fadvise(DONTNEED); at most {:.2}% of pages still cached after eviction; {:.0} s settled after each",
+                self.worst * 100.0,
+                self.settle.as_secs_f64()
             );
         }
     }
@@ -477,7 +507,7 @@ mod tests {
     #[test]
     fn a_priming_round_runs_every_contender_once_and_is_not_recorded() {
         let mut calls = Vec::new();
-        let mut eviction = Eviction::new(Cache::Warm, &[], &[]);
+        let mut eviction = Eviction::new(Cache::Warm, &[], &[], 12.0);
         let samples = interleave(2, 3, &mut eviction, true, |i| {
             calls.push(i);
             Ok(Some(Sample {
@@ -494,6 +524,28 @@ mod tests {
         assert_eq!(secs, [[4.0, 7.0], [5.0, 8.0], [6.0, 9.0]]);
         let unprimed = interleave(1, 2, &mut eviction, false, |_| Ok(Some(Sample::default())));
         assert_eq!(unprimed.unwrap().iter().map(Vec::len).sum::<usize>(), 2);
+    }
+
+    #[test]
+    fn cold_cells_record_the_wait_after_eviction_and_warm_ones_none() {
+        let files = [PathBuf::from("a.safetensors")];
+        assert_eq!(
+            Eviction::new(Cache::Cold, &files, &files, 12.0).settle_s(),
+            Some(12.0)
+        );
+        assert_eq!(
+            Eviction::new(Cache::Warm, &files, &files, 12.0).settle_s(),
+            None
+        );
+        // A nonsensical wait (negative, not a number) is no wait.
+        assert_eq!(
+            Eviction::new(Cache::Cold, &files, &files, -1.0).settle_s(),
+            Some(0.0)
+        );
+        assert_eq!(
+            Eviction::new(Cache::Cold, &files, &files, f64::NAN).settle_s(),
+            Some(0.0)
+        );
     }
 
     #[test]

@@ -91,6 +91,10 @@ pub(crate) struct Record {
     /// 2.15.0"), for the Python contenders.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) software: Option<String>,
+    /// Cold cells: seconds waited after each eviction before the measurement started (see
+    /// `harness::Eviction`); absent in records written before the wait.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) settle_s: Option<f64>,
     /// `bench-vllm`: the engine's median start time, whether every start's greedy tokens
     /// equalled `auto`'s, and the first error.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -156,6 +160,7 @@ impl Record {
             load_disk_requests: median_u64(samples.iter().filter_map(|s| s.load_disk_requests)),
             load_disk_bytes: median_u64(samples.iter().filter_map(|s| s.load_disk_bytes)),
             software: None,
+            settle_s: None,
             start_s: (!starts.is_empty()).then(|| Stats::of_secs(&starts).median),
             model_s: (!models.is_empty()).then(|| {
                 let st = Stats::of_secs(&models);
