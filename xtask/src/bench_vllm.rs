@@ -40,8 +40,8 @@ pub(crate) struct BenchVllmArgs {
     storage: Option<Storage>,
     /// Seconds to wait after each eviction before a cold measurement starts, so that storage
     /// is cold below the page cache too (see `harness::Eviction`); 0 measures at once.
-    #[arg(long, default_value_t = 12.0)]
-    settle: f64,
+    #[arg(long, default_value = "12", value_parser = crate::harness::parse_settle)]
+    settle: std::time::Duration,
     /// Where generated models are kept (default: target/bench-data).
     #[arg(long)]
     data_dir: Option<PathBuf>,

@@ -302,19 +302,18 @@ pub(crate) struct Eviction {
 
 impl Eviction {
     /// For a measurement in `cache` of `paths` (as read), which are `disk_paths` on the disk,
-    /// waiting `settle` seconds after each eviction.
+    /// waiting `settle` after each eviction.
     pub(crate) fn new(
         cache: Cache,
         paths: &[PathBuf],
         disk_paths: &[PathBuf],
-        settle: f64,
+        settle: Duration,
     ) -> Eviction {
         let paths = match cache {
             Cache::Warm => Vec::new(),
             Cache::ColdFuse => paths.iter().chain(disk_paths).cloned().collect(),
             Cache::Cold | Cache::ColdLimited => paths.to_vec(),
         };
-        let settle = Duration::try_from_secs_f64(settle).unwrap_or_default();
         Eviction {
             paths,
             worst: 0.0,
@@ -453,6 +452,15 @@ impl Storage {
     }
 }
 
+/// `--settle`: seconds, whole or not, zero or more.
+pub(crate) fn parse_settle(text: &str) -> Result<Duration, String> {
+    text.trim()
+        .parse::<f64>()
+        .ok()
+        .and_then(|secs| Duration::try_from_secs_f64(secs).ok())
+        .ok_or_else(|| format!("{text:?}: not a number of seconds (0 or more)"))
+}
+
 /// `volume`, `netfs`, `slow`, or `N req/s` and a size per second, comma-separated; any of
 /// them with `readahead=SIZE` (the disk's readahead while the profile is in force).
 pub(crate) fn parse_storage(text: &str) -> Result<Storage, String> {
@@ -507,7 +515,7 @@ mod tests {
     #[test]
     fn a_priming_round_runs_every_contender_once_and_is_not_recorded() {
         let mut calls = Vec::new();
-        let mut eviction = Eviction::new(Cache::Warm, &[], &[], 12.0);
+        let mut eviction = Eviction::new(Cache::Warm, &[], &[], Duration::ZERO);
         let samples = interleave(2, 3, &mut eviction, true, |i| {
             calls.push(i);
             Ok(Some(Sample {
@@ -529,23 +537,26 @@ mod tests {
     #[test]
     fn cold_cells_record_the_wait_after_eviction_and_warm_ones_none() {
         let files = [PathBuf::from("a.safetensors")];
+        let wait = Duration::from_secs(12);
         assert_eq!(
-            Eviction::new(Cache::Cold, &files, &files, 12.0).settle_s(),
+            Eviction::new(Cache::Cold, &files, &files, wait).settle_s(),
             Some(12.0)
         );
         assert_eq!(
-            Eviction::new(Cache::Warm, &files, &files, 12.0).settle_s(),
+            Eviction::new(Cache::Warm, &files, &files, wait).settle_s(),
             None
         );
-        // A nonsensical wait (negative, not a number) is no wait.
-        assert_eq!(
-            Eviction::new(Cache::Cold, &files, &files, -1.0).settle_s(),
-            Some(0.0)
-        );
-        assert_eq!(
-            Eviction::new(Cache::Cold, &files, &files, f64::NAN).settle_s(),
-            Some(0.0)
-        );
+    }
+
+    #[test]
+    fn settle_parses_seconds_and_refuses_what_is_not_a_wait() {
+        assert_eq!(parse_settle("12"), Ok(Duration::from_secs(12)));
+        assert_eq!(parse_settle("0.5"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_settle("0"), Ok(Duration::ZERO));
+        for bad in ["-1", "NaN", "inf", "12s", ""] {
+            let e = parse_settle(bad).unwrap_err();
+            assert!(e.contains("not a number of seconds"), "{bad}: {e}");
+        }
     }
 
     #[test]
